@@ -1,0 +1,158 @@
+"""Commands: inspect, prune, verify, demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from shardcut_cli.common import byte_progress, console, fail, handle_errors, human_bytes
+
+
+def register(app: typer.Typer) -> None:
+    app.command("inspect")(inspect_cmd)
+    app.command("prune")(prune_cmd)
+    app.command("verify")(verify_cmd)
+    app.command("demo")(demo_cmd)
+
+
+@handle_errors
+def inspect_cmd(
+    model: str = typer.Argument(..., help="Checkpoint folder or Hub repo id (org/name[@revision])."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """Describe a MoE checkpoint: architecture, MoE layers, experts, routing, dtypes, size."""
+    from shardcut.summary import inspect_model
+
+    info = inspect_model(model)
+    if as_json:
+        typer.echo(json.dumps(info, indent=2))
+        return
+    t = Table(title=f"{info['path']}", show_header=False)
+    keys = info["moe_layers"]
+    routing = info["routing"]
+    rows = [
+        ("architecture", f"{info['architecture']} (model_type {info['model_type']})"),
+        ("MoE layers", f"{len(keys)}: {_span(keys)}" + (f" (MTP: {', '.join(info['mtp_layers'])})" if info["mtp_layers"] else "")),
+        ("experts per layer", str(info["num_experts"])),
+        ("top-k", str(info["top_k"])),
+        ("routing", f"{routing['scoring']}" + (f", grouped n_group={routing['n_group']} topk_group={routing['topk_group']}"
+                                              if routing["grouped"] else "")
+         + (f", selection bias {routing['selection_bias']}" if routing["selection_bias"] else "")),
+        ("dtypes", ", ".join(f"{k} {human_bytes(v)}" for k, v in info["dtypes"].items())),
+        ("quantization", str(info["quantization"] or "none")),
+        ("size", f"{human_bytes(info['total_bytes'])} in {info['shards']} shards, {info['tensors']} tensors"),
+        ("expert bytes", f"{human_bytes(info['expert_bytes'])} ({human_bytes(info['bytes_per_expert'])} per expert per layer)"),
+    ]
+    for k, v in rows:
+        t.add_row(k, v)
+    console.print(t)
+
+
+@handle_errors
+def prune_cmd(
+    model: str = typer.Argument(..., help="Checkpoint folder or Hub repo id."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder (must not exist, or be empty)."),
+    plan: Path | None = typer.Option(None, "--plan", help="A shardcut-plan/1 file."),
+    scores: Path | None = typer.Option(None, "--scores", help="A score file to plan from (with --ratio or --experts)."),
+    ratio: float | None = typer.Option(None, "--ratio", help="Fraction of routed experts to remove, in (0, 1)."),
+    experts: int | None = typer.Option(None, "--experts", help="Experts to keep per layer."),
+    criterion: str = typer.Option("reap", "--criterion", help="Saliency criterion when planning from scores."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be written; write nothing."),
+    max_shard_size: str | None = typer.Option(None, "--max-shard-size", help="Re-shard, e.g. 5GB (default: keep source shards)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip re-reading the output against the source."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
+) -> None:
+    """Write a pruned checkpoint: kept tensors byte for byte, experts renumbered, routers sliced."""
+    from shardcut.plan import Plan
+    from shardcut.rewrite import prune
+
+    if (plan is None) == (scores is None):
+        fail("give exactly one of --plan or --scores")
+    if plan is not None:
+        the_plan = Plan.load(plan)
+    else:
+        if (ratio is None) == (experts is None):
+            fail("with --scores give exactly one of --ratio or --experts")
+        from shardcut.select import make_plan
+
+        the_plan, _ = make_plan(model, scores, ratio=ratio, experts=experts, criterion=criterion)
+    with byte_progress("pruning", enabled=not dry_run and not as_json) as progress:
+        report = prune(model, out, the_plan, max_shard_size=max_shard_size, dry_run=dry_run,
+                       verify=not no_verify, progress=progress)
+    if as_json:
+        typer.echo(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(report).items()}, indent=2))
+        return
+    t = Table(title=f"{'dry run: ' if dry_run else ''}{report.architecture}: "
+                    f"{report.experts_before} -> {report.experts_after} experts per layer")
+    t.add_column("layer")
+    t.add_column("kept (original ids)")
+    for key, ids in report.layers.items():
+        t.add_row(key, _ids(ids))
+    console.print(t)
+    saved = report.input_bytes - report.output_bytes
+    console.print(
+        f"size {human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} "
+        f"({saved / max(1, report.input_bytes):.0%} smaller) in {len(report.shards)} shards; "
+        f"tensors: {report.copied} copied, {report.renamed} renumbered, {report.sliced} sliced, {report.dropped} dropped"
+    )
+    if report.config_changes:
+        console.print("config.json: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in report.config_changes.items()))
+    if not dry_run:
+        console.print(f"[green]wrote[/] {report.out}" + (" (verified against the source)" if report.verified else ""))
+
+
+@handle_errors
+def verify_cmd(
+    out: Path = typer.Argument(..., help="A (pruned) checkpoint folder."),
+    source: str | None = typer.Option(None, "--source", help="The source checkpoint: also check every byte."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Prove a checkpoint complete and consistent (and, with --source, byte-exact)."""
+    from shardcut.verify import verify
+
+    report = verify(out, source=source)
+    if as_json:
+        typer.echo(json.dumps({**vars(report), "path": str(report.path), "ok": report.ok}, indent=2))
+    else:
+        for check in report.checks:
+            console.print(f"[green]ok[/] {check}")
+        for problem in report.problems:
+            console.print(f"[red]FAIL[/] {problem}")
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@handle_errors
+def demo_cmd(
+    directory: Path = typer.Argument(Path("shardcut-demo"), help="Where to build the demo model and its pruned copy."),
+) -> None:
+    """Offline end to end: build a small MoE checkpoint, prune half its experts, verify, compare logits."""
+    from shardcut.demo import run_demo
+
+    report = run_demo(directory, log=console.print)
+    t = Table(title="shardcut demo")
+    t.add_column("")
+    t.add_column("original")
+    t.add_column("pruned")
+    t.add_row("experts per layer", str(report["experts_before"]), str(report["experts_after"]))
+    t.add_row("size on disk", human_bytes(report["bytes_before"]), human_bytes(report["bytes_after"]))
+    t.add_row("checkpoint", str(report["source"]), str(report["pruned"]))
+    console.print(t)
+    console.print(
+        f"logits check: max |pruned - masked original| = {report['max_logit_diff']:.2e} "
+        f"(masking changed the original by {report['masking_effect']:.2e}) "
+        + ("[green]PASS[/]" if report["passed"] else "[red]FAIL[/]")
+    )
+    if not report["passed"]:
+        raise typer.Exit(1)
+
+
+def _span(keys: list[str]) -> str:
+    return ", ".join(keys) if len(keys) <= 8 else f"{', '.join(keys[:3])}, …, {', '.join(keys[-2:])}"
+
+
+def _ids(ids: list[int]) -> str:
+    return " ".join(map(str, ids)) if len(ids) <= 24 else f"{' '.join(map(str, ids[:20]))} … ({len(ids)})"

@@ -1,0 +1,7 @@
+"""Commands: hub_cmd (to be built)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

@@ -1,0 +1,7 @@
+"""Commands: scores_cmd (to be built)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    pass

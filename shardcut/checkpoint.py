@@ -1,0 +1,130 @@
+"""A checkpoint folder on disk: config.json, the shard index and every shard's header.
+
+Opening a checkpoint reads only headers, never tensor data, so it is cheap for any size.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from shardcut.container import ShardHeader, TensorInfo, read_header
+from shardcut.errors import ShardcutError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+def read_json_object(path: Path) -> dict:
+    """Load a JSON file that must hold an object; errors name the file."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise ShardcutError("file not found", path) from None
+    try:
+        value = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ShardcutError(f"not valid JSON ({type(exc).__name__}: {str(exc)[:80]})", path) from None
+    if not isinstance(value, dict):
+        raise ShardcutError("expected a JSON object at the top level", path)
+    return value
+
+
+@dataclass
+class Checkpoint:
+    """A local safetensors checkpoint: its config, its shards (in order) and where each tensor lives."""
+
+    root: Path
+    config: dict
+    shards: list[ShardHeader]
+    tensors: dict[str, tuple[ShardHeader, TensorInfo]]
+    index_metadata: dict
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for _, t in self.tensors.values())
+
+    @property
+    def file_bytes(self) -> int:
+        return sum(s.file_size for s in self.shards)
+
+    def side_files(self) -> list[Path]:
+        """Files to carry over unchanged: everything but the shards, the index and config.json."""
+        skip = {s.path.resolve() for s in self.shards}
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for name in sorted(filenames):
+                p = Path(dirpath) / name
+                rel = p.relative_to(self.root)
+                if str(rel) in (INDEX_NAME, CONFIG_NAME) or p.resolve() in skip:
+                    continue
+                if len(rel.parts) == 1 and name.endswith(".safetensors"):
+                    continue  # a stray shard not in the index is not part of the model
+                out.append(rel)
+        return out
+
+
+def _inside(root: Path, candidate: Path) -> bool:
+    try:
+        candidate.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Read config.json, the index and all shard headers of a local checkpoint folder.
+
+    Example:
+        >>> ckpt = open_checkpoint("Qwen3-30B-A3B")
+        >>> ckpt.tensors["model.layers.0.mlp.gate.weight"][1].shape
+        (128, 2048)
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise ShardcutError("not a directory (expected a checkpoint folder or a Hub repo id)", root)
+    config = read_json_object(root / CONFIG_NAME)
+    index_path = root / INDEX_NAME
+    index_metadata: dict = {}
+    if index_path.exists():
+        index = read_json_object(index_path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ShardcutError("'weight_map' must map tensor names to shard file names", index_path)
+        index_metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+        shard_names = list(dict.fromkeys(weight_map.values()))
+    elif (root / SINGLE_NAME).exists():
+        weight_map = None
+        shard_names = [SINGLE_NAME]
+    else:
+        raise ShardcutError(f"neither {INDEX_NAME} nor {SINGLE_NAME} found", root)
+
+    shards: list[ShardHeader] = []
+    tensors: dict[str, tuple[ShardHeader, TensorInfo]] = {}
+    for name in shard_names:
+        if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
+            raise ShardcutError(f"shard name {name!r} points outside the checkpoint folder", index_path)
+        shard_path = root / name
+        if not _inside(root, shard_path):
+            raise ShardcutError(f"shard {name!r} resolves outside the checkpoint folder (symlink?)", index_path)
+        if not shard_path.exists():
+            raise ShardcutError(f"shard {name!r} named in the index is missing", index_path)
+        header = read_header(shard_path)
+        shards.append(header)
+        for tname, info in header.tensors.items():
+            if tname in tensors:
+                raise ShardcutError(f"tensor {tname!r} appears in two shards ({tensors[tname][0].path.name})", shard_path)
+            tensors[tname] = (header, info)
+    if weight_map is not None:
+        for tname, shard in weight_map.items():
+            found = tensors.get(tname)
+            if found is None or found[0].path.name != Path(shard).name:
+                raise ShardcutError(f"index lists tensor {tname!r} in {shard!r} but that shard does not hold it", index_path)
+        extra = set(tensors) - set(weight_map)
+        if extra:
+            raise ShardcutError(f"shards hold {len(extra)} tensors the index does not list, e.g. {min(extra)!r}", index_path)
+    return Checkpoint(root, config, shards, tensors, index_metadata)

@@ -1,0 +1,284 @@
+"""The rewriter: a pruned checkpoint from a source checkpoint and a plan, by byte-range copies.
+
+Every output tensor is described as a list of byte ranges of the source shards (`layout`),
+then written with `container.write_shard`. Kept tensors are one range; expert-axis slices of
+C-contiguous tensors are one range per kept block. Nothing is ever loaded whole, so memory
+stays flat whatever the checkpoint size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shardcut import __version__
+from shardcut.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint
+from shardcut.container import OutTensor, Piece, TensorInfo, merge_pieces, shard_size, tensor_nbytes, write_shard
+from shardcut.errors import ShardcutError
+from shardcut.model import ModelInfo, _sub_config, describe
+from shardcut.plan import Plan, validate_plan
+
+PLAN_COPY_NAME = "shardcut-plan.json"
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Layout:
+    """Where every output tensor's bytes come from, grouped into output shards."""
+
+    shards: list[list[OutTensor]]
+    metadata: list[dict[str, str] | None]
+    copied: int = 0
+    renamed: int = 0
+    sliced: int = 0
+    dropped: int = 0
+    dropped_bytes: int = 0
+
+    @property
+    def tensors(self) -> list[OutTensor]:
+        return [t for shard in self.shards for t in shard]
+
+    @property
+    def total_size(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class PruneReport:
+    """What a prune did (or, for a dry run, would do)."""
+
+    out: Path | None
+    architecture: str
+    layers: dict[str, list[int]]
+    experts_before: int
+    experts_after: int
+    input_bytes: int
+    output_bytes: int
+    shards: list[str]
+    copied: int
+    renamed: int
+    sliced: int
+    dropped: int
+    dry_run: bool
+    verified: bool = False
+    config_changes: dict = field(default_factory=dict)
+
+
+def slice_expert_axis(path: Path, t: TensorInfo, axis: int, num_experts: int, kept: list[int]) -> OutTensor:
+    """Byte ranges of `t` restricted to the kept experts' blocks along `axis`.
+
+    The axis holds `num_experts` equal blocks (one row per expert for routers and fused
+    `[E, …]` tensors, `F` rows for DBRX-style `[E·F, H]`).
+    """
+    if axis >= len(t.shape) or t.shape[axis] % num_experts:
+        raise ShardcutError(
+            f"tensor {t.name!r} {list(t.shape)}: dim {axis} is not a multiple of num_experts={num_experts}", path
+        )
+    block = t.shape[axis] // num_experts
+    try:
+        block_bytes = tensor_nbytes(t.dtype, (block, *t.shape[axis + 1 :]))
+    except ValueError:
+        raise ShardcutError(f"tensor {t.name!r}: expert blocks of {t.dtype} do not fill whole bytes", path) from None
+    outer = math.prod(t.shape[:axis])
+    pieces = [
+        Piece(path, t.start + (o * num_experts + k) * block_bytes, block_bytes) for o in range(outer) for k in kept
+    ]
+    shape = list(t.shape)
+    shape[axis] = block * len(kept)
+    return OutTensor(t.name, t.dtype, tuple(shape), merge_pieces(pieces))
+
+
+def layout(ckpt: Checkpoint, info: ModelInfo, plan: Plan, max_shard_size: int | None = None) -> Layout:
+    """Describe the pruned checkpoint: each output tensor and the source bytes it is made of."""
+    new_ids = {key: {old: new for new, old in enumerate(ids)} for key, ids in plan.keep.items()}
+    result = Layout([], [])
+    for shard in ckpt.shards:
+        out: list[OutTensor] = []
+        for t in shard.tensors.values():
+            role = info.classify(t.name)
+            whole = [Piece(shard.path, t.start, t.nbytes)]
+            if role.kind == "copy":
+                out.append(OutTensor(t.name, t.dtype, t.shape, whole))
+                result.copied += 1
+            elif role.kind == "expert":
+                if role.expert >= info.num_experts:
+                    raise ShardcutError(
+                        f"tensor {t.name!r}: expert id {role.expert} >= num_experts={info.num_experts}", shard.path
+                    )
+                new = new_ids[role.layer.key].get(role.expert)
+                if new is None:
+                    result.dropped += 1
+                    result.dropped_bytes += t.nbytes
+                    continue
+                out.append(OutTensor(info.expert_name(role.layer, new, role.suffix), t.dtype, t.shape, whole))
+                result.renamed += 1
+            else:
+                kept = plan.keep[role.layer.key]
+                sliced = slice_expert_axis(shard.path, t, role.axis, info.num_experts, kept)
+                result.dropped_bytes += t.nbytes - sliced.nbytes
+                out.append(sliced)
+                result.sliced += 1
+        if out:
+            result.shards.append(out)
+            result.metadata.append(shard.metadata)
+    if max_shard_size:
+        result.shards, result.metadata = _reshard(result.tensors, max_shard_size, result.metadata)
+    return result
+
+
+def _reshard(tensors: list[OutTensor], limit: int, metadata: list) -> tuple[list[list[OutTensor]], list]:
+    meta = next((m for m in metadata if m), None)
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards, [meta] * len(shards)
+
+
+def shard_names(n: int) -> list[str]:
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def updated_config(info: ModelInfo, kept: int) -> tuple[dict, dict]:
+    """config.json with every spelling of the expert count set to `kept`, and the changes made."""
+    config = copy.deepcopy(info.config)
+    text = _sub_config(config, info.arch.config_path)
+    changes = {}
+    for node, where in ((text, ".".join(info.arch.config_path)), (config, "")):
+        for key in info.arch.expert_keys:
+            if isinstance(node.get(key), int) and node[key] == info.num_experts and node[key] != kept:
+                node[key] = kept
+                changes[f"{where}.{key}".lstrip(".")] = [info.num_experts, kept]
+    return config, changes
+
+
+def _check_out(out: Path, src: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ShardcutError("output exists and is not an empty directory", out)
+    src_r, out_r = src.resolve(), out.resolve()
+    if out_r == src_r or src_r in out_r.parents:
+        raise ShardcutError(f"output lies inside the input checkpoint {src}", out)
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes (decimal units as in transformers)."""
+    if text is None or isinstance(text, int):
+        return text
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    s = text.strip().upper()
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num) :]
+    try:
+        value = float(num)
+    except ValueError:
+        raise ShardcutError(f"cannot read size {text!r} (try 5GB or 500MB)") from None
+    if unit not in units or value <= 0:
+        raise ShardcutError(f"cannot read size {text!r} (try 5GB or 500MB)")
+    return int(value * units[unit])
+
+
+def prune(
+    model: str | Path,
+    out: str | Path | None,
+    plan: Plan,
+    *,
+    max_shard_size: int | str | None = None,
+    dry_run: bool = False,
+    verify: bool = True,
+    progress: Progress | None = None,
+) -> PruneReport:
+    """Write a pruned copy of `model` to `out`, keeping the experts `plan` lists.
+
+    The input is never modified. OUT is assembled under a hidden temporary name next to it and
+    renamed into place only when complete, so a crash leaves no OUT that looks finished. With
+    `verify` (default) every written tensor is re-read and compared with its source ranges.
+
+    Example:
+        >>> plan = Plan.load("plan.json")
+        >>> report = prune("Qwen3-30B-A3B", "Qwen3-30B-A3B-pruned", plan)
+        >>> report.experts_after
+        64
+    """
+    from shardcut.hub import resolve_model
+
+    src = resolve_model(model)
+    ckpt = open_checkpoint(src)
+    info = describe(ckpt)
+    validate_plan(plan, info, plan.origin)
+    kept = plan.num_experts
+    lay = layout(ckpt, info, plan, parse_size(max_shard_size))
+    names = shard_names(len(lay.shards))
+    config, changes = updated_config(info, kept)
+    total_out = sum(shard_size(s, m) for s, m in zip(lay.shards, lay.metadata))
+    report = PruneReport(
+        None, info.arch.name, dict(plan.keep), info.num_experts, kept, ckpt.file_bytes, total_out, names,
+        lay.copied, lay.renamed, lay.sliced, lay.dropped, dry_run, config_changes=changes,
+    )
+    if dry_run or out is None:
+        return report
+
+    out = Path(out)
+    _check_out(out, src)
+    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
+    if free < total_out:
+        raise ShardcutError(f"not enough disk space: output needs {total_out} bytes, {free} free", out.parent)
+    tmp = out.parent / f".{out.name}.shardcut-partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        done = 0
+
+        def on_bytes(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress:
+                progress(done, lay.total_size)
+
+        for name, tensors, meta in zip(names, lay.shards, lay.metadata):
+            write_shard(tmp / name, tensors, meta, on_bytes)
+        _write_json(tmp / INDEX_NAME, {
+            "metadata": {
+                "total_size": lay.total_size,
+                "shardcut_version": __version__,
+                "plan_sha256": plan.sha256(),
+            },
+            "weight_map": {t.name: name for name, tensors in zip(names, lay.shards) for t in tensors},
+        })
+        _write_json(tmp / CONFIG_NAME, config, indent=2)
+        for rel in ckpt.side_files():
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ckpt.root / rel, tmp / rel)
+        provenance = dict(plan.to_json())
+        provenance.setdefault("source", {})
+        if isinstance(provenance["source"], dict):
+            provenance["source"].setdefault("num_experts", info.num_experts)
+        _write_json(tmp / PLAN_COPY_NAME, provenance, indent=2)
+        if verify:
+            from shardcut.verify import compare_written
+
+            compare_written(tmp, lay.shards, names)
+            report.verified = True
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    report.out = out
+    return report
+
+
+def _write_json(path: Path, data: dict, indent: int | None = 2) -> None:
+    path.write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
