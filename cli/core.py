@@ -7,7 +7,6 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
-
 from shardcut_cli.common import byte_progress, console, fail, handle_errors, human_bytes
 
 
@@ -63,6 +62,7 @@ def prune_cmd(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be written; write nothing."),
     max_shard_size: str | None = typer.Option(None, "--max-shard-size", help="Re-shard, e.g. 5GB (default: keep source shards)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip re-reading the output against the source."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted prune into the same OUT."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
 ) -> None:
     """Write a pruned checkpoint: kept tensors byte for byte, experts renumbered, routers sliced."""
@@ -81,7 +81,7 @@ def prune_cmd(
         the_plan, _ = make_plan(model, scores, ratio=ratio, experts=experts, criterion=criterion)
     with byte_progress("pruning", enabled=not dry_run and not as_json) as progress:
         report = prune(model, out, the_plan, max_shard_size=max_shard_size, dry_run=dry_run,
-                       verify=not no_verify, progress=progress)
+                       verify=not no_verify, resume=resume, progress=progress)
     if as_json:
         typer.echo(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(report).items()}, indent=2))
         return

@@ -8,6 +8,7 @@ writer assembles new shards from byte ranges of existing files with `os.copy_fil
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -107,7 +108,7 @@ def _parse_entry(name: str, entry: object, data_start: int, data_len: int, path:
     if not isinstance(entry, dict):
         raise ShardcutError(f"tensor {name!r}: entry is not an object", path)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in DTYPE_BITS:
+    if not isinstance(dtype, str) or dtype not in DTYPE_BITS:
         raise ShardcutError(f"tensor {name!r}: unknown dtype {dtype!r}", path)
     if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
         raise ShardcutError(f"tensor {name!r}: shape must be a list of non-negative integers", path)
@@ -243,6 +244,8 @@ def _fadvise(fd: int, advice: int | None) -> None:
 
 
 _copy_file_range_ok = hasattr(os, "copy_file_range")
+# errnos meaning "this kernel or filesystem pair cannot do copy_file_range": use read/write instead
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF, errno.EPERM}
 
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, on_bytes) -> None:
@@ -252,8 +255,10 @@ def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, on_bytes) ->
         if _copy_file_range_ok:
             try:
                 n = os.copy_file_range(src_fd, dst_fd, min(length, COPY_CHUNK), offset)
-            except OSError:
-                _copy_file_range_ok = False  # e.g. EXDEV on old kernels, or an unsupported filesystem
+            except OSError as exc:
+                if exc.errno not in _NO_COPY_FILE_RANGE:
+                    raise  # a real failure (disk full, I/O error) must surface, not fall back
+                _copy_file_range_ok = False
                 n = 0
         if n == 0:
             buf = os.pread(src_fd, min(length, COPY_CHUNK), offset)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -162,14 +161,6 @@ def updated_config(info: ModelInfo, kept: int) -> tuple[dict, dict]:
     return config, changes
 
 
-def _check_out(out: Path, src: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ShardcutError("output exists and is not an empty directory", out)
-    src_r, out_r = src.resolve(), out.resolve()
-    if out_r == src_r or src_r in out_r.parents:
-        raise ShardcutError(f"output lies inside the input checkpoint {src}", out)
-
-
 def parse_size(text: str | int | None) -> int | None:
     """'5GB', '500MB', '2GiB' or a byte count -> bytes (decimal units as in transformers)."""
     if text is None or isinstance(text, int):
@@ -196,13 +187,15 @@ def prune(
     max_shard_size: int | str | None = None,
     dry_run: bool = False,
     verify: bool = True,
+    resume: bool = False,
     progress: Progress | None = None,
 ) -> PruneReport:
     """Write a pruned copy of `model` to `out`, keeping the experts `plan` lists.
 
-    The input is never modified. OUT is assembled under a hidden temporary name next to it and
-    renamed into place only when complete, so a crash leaves no OUT that looks finished. With
-    `verify` (default) every written tensor is re-read and compared with its source ranges.
+    The input is never modified. OUT is assembled under a hidden partial folder next to it and
+    renamed into place only when complete, so a crash leaves no OUT that looks finished; with
+    `resume`, shards an interrupted run finished are checked against the source and kept.
+    With `verify` (default) every written tensor is re-read and compared with its source.
 
     Example:
         >>> plan = Plan.load("plan.json")
@@ -211,34 +204,39 @@ def prune(
         64
     """
     from shardcut.hub import resolve_model
+    from shardcut.outdir import OutputTransaction, check_free_space, check_output_path
+    from shardcut.verify import compare_written
 
     src = resolve_model(model)
     ckpt = open_checkpoint(src)
     info = describe(ckpt)
     validate_plan(plan, info, plan.origin)
-    kept = plan.num_experts
     lay = layout(ckpt, info, plan, parse_size(max_shard_size))
     names = shard_names(len(lay.shards))
-    config, changes = updated_config(info, kept)
-    total_out = sum(shard_size(s, m) for s, m in zip(lay.shards, lay.metadata))
+    sizes = [shard_size(s, m) for s, m in zip(lay.shards, lay.metadata)]
     report = PruneReport(
-        None, info.arch.name, dict(plan.keep), info.num_experts, kept, ckpt.file_bytes, total_out, names,
-        lay.copied, lay.renamed, lay.sliced, lay.dropped, dry_run, config_changes=changes,
+        None, info.arch.name, dict(plan.keep), info.num_experts, plan.num_experts, ckpt.file_bytes, sum(sizes),
+        names, lay.copied, lay.renamed, lay.sliced, lay.dropped, dry_run,
+        config_changes=updated_config(info, plan.num_experts)[1],
     )
     if dry_run or out is None:
         return report
 
     out = Path(out)
-    _check_out(out, src)
-    free = shutil.disk_usage(out.parent if out.parent.exists() else Path.cwd()).free
-    if free < total_out:
-        raise ShardcutError(f"not enough disk space: output needs {total_out} bytes, {free} free", out.parent)
-    tmp = out.parent / f".{out.name}.shardcut-partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
-        done = 0
+    check_output_path(out, src)
+    state = {"source": str(src.resolve()), "plan_sha256": plan.sha256(), "shards": names, "sizes": sizes}
+    with OutputTransaction(out, state, resume=resume) as tx:
+        todo = []
+        for name, tensors, size in zip(names, lay.shards, sizes):
+            if tx.finished(name, size):
+                try:  # finished by an interrupted run: trusted only once its bytes match the source
+                    compare_written(tx.dir, [tensors], [name])
+                    continue
+                except ShardcutError:
+                    pass
+            todo.append(name)
+        check_free_space(out.parent, sum(sz for n, sz in zip(names, sizes) if n in todo))
+        done = sum(t.nbytes for n, s in zip(names, lay.shards) if n not in todo for t in s)
 
         def on_bytes(n: int) -> None:
             nonlocal done
@@ -247,37 +245,33 @@ def prune(
                 progress(done, lay.total_size)
 
         for name, tensors, meta in zip(names, lay.shards, lay.metadata):
-            write_shard(tmp / name, tensors, meta, on_bytes)
-        _write_json(tmp / INDEX_NAME, {
-            "metadata": {
-                "total_size": lay.total_size,
-                "shardcut_version": __version__,
-                "plan_sha256": plan.sha256(),
-            },
-            "weight_map": {t.name: name for name, tensors in zip(names, lay.shards) for t in tensors},
-        })
-        _write_json(tmp / CONFIG_NAME, config, indent=2)
-        for rel in ckpt.side_files():
-            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ckpt.root / rel, tmp / rel)
-        provenance = dict(plan.to_json())
-        provenance.setdefault("source", {})
-        if isinstance(provenance["source"], dict):
-            provenance["source"].setdefault("num_experts", info.num_experts)
-        _write_json(tmp / PLAN_COPY_NAME, provenance, indent=2)
+            if name in todo:
+                write_shard(tx.shard_path(name), tensors, meta, on_bytes)
+                tx.shard_done(name)
+        write_checkpoint_files(tx.dir, ckpt, info, plan, lay, names)
         if verify:
-            from shardcut.verify import compare_written
-
-            compare_written(tmp, lay.shards, names)
+            compare_written(tx.dir, [s for n, s in zip(names, lay.shards) if n in todo], todo)
             report.verified = True
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        tx.commit()
     report.out = out
     return report
+
+
+def write_checkpoint_files(dest: Path, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout,
+                           names: list[str]) -> None:
+    """Everything of the output but the shards: index, config.json, side files, the plan."""
+    _write_json(dest / INDEX_NAME, {
+        "metadata": {"total_size": lay.total_size, "shardcut_version": __version__, "plan_sha256": plan.sha256()},
+        "weight_map": {t.name: name for name, tensors in zip(names, lay.shards) for t in tensors},
+    })
+    _write_json(dest / CONFIG_NAME, updated_config(info, plan.num_experts)[0])
+    for rel in ckpt.side_files():
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ckpt.root / rel, dest / rel)
+    provenance = plan.to_json()
+    if isinstance(provenance.setdefault("source", {}), dict):
+        provenance["source"].setdefault("num_experts", info.num_experts)
+    _write_json(dest / PLAN_COPY_NAME, provenance)
 
 
 def _write_json(path: Path, data: dict, indent: int | None = 2) -> None:
