@@ -104,6 +104,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise ShardcutError(f"neither {INDEX_NAME} nor {SINGLE_NAME} found", root)
 
     shards: list[ShardHeader] = []
+    by_name: dict[str, ShardHeader] = {}
     tensors: dict[str, tuple[ShardHeader, TensorInfo]] = {}
     for name in shard_names:
         if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
@@ -115,6 +116,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             raise ShardcutError(f"shard {name!r} named in the index is missing", index_path)
         header = read_header(shard_path)
         shards.append(header)
+        by_name[name] = header
         for tname, info in header.tensors.items():
             if tname in tensors:
                 raise ShardcutError(f"tensor {tname!r} appears in two shards ({tensors[tname][0].path.name})", shard_path)
@@ -122,7 +124,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if weight_map is not None:
         for tname, shard in weight_map.items():
             found = tensors.get(tname)
-            if found is None or found[0].path.name != Path(shard).name:
+            if found is None or found[0] is not by_name[shard]:
                 raise ShardcutError(f"index lists tensor {tname!r} in {shard!r} but that shard does not hold it", index_path)
         extra = set(tensors) - set(weight_map)
         if extra:

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
+
 from shardcut.errors import ShardcutError
 
 # Bits per element of every dtype safetensors defines (sub-byte dtypes are packed).
@@ -63,10 +65,6 @@ def tensor_nbytes(dtype: str, shape: tuple[int, ...] | list[int]) -> int:
     return bits // 8
 
 
-def _reject_constants(value: str) -> None:
-    raise ValueError(f"non-finite number {value}")
-
-
 def parse_header_bytes(raw: bytes, file_size: int, path: Path) -> ShardHeader:
     """Parse and validate a header given the file's first bytes (at least 8 + header length)."""
     if file_size < 8 or len(raw) < 8:
@@ -79,8 +77,8 @@ def parse_header_bytes(raw: bytes, file_size: int, path: Path) -> ShardHeader:
     if len(raw) < 8 + n:
         raise ShardcutError("truncated header", path)
     try:
-        header = json.loads(raw[8 : 8 + n].decode("utf-8"), parse_constant=_reject_constants)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        header = orjson.loads(raw[8 : 8 + n])  # strict: UTF-8 only, no NaN, bounded nesting
+    except (orjson.JSONDecodeError, RecursionError) as exc:
         raise ShardcutError(f"corrupt header JSON ({type(exc).__name__}: {str(exc)[:80]})", path) from None
     if not isinstance(header, dict):
         raise ShardcutError("header JSON is not an object", path)
