@@ -90,8 +90,8 @@ def main() -> None:
     sizes = args.size_gb or [4.0]
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="shardcut-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print(f"| input | written | prune | prune --no-verify | cp written+sync | cp input+sync | "
-          f"prune / cp written | peak RSS |\n|---|---|---|---|---|---|---|---|")
+    print("| input | written | prune | prune --no-verify | cp written+sync | cp input+sync | "
+          "prune / cp written | peak RSS |\n|---|---|---|---|---|---|---|---|")
     try:
         for size in sizes:
             r = bench(size, args.runs, workdir)

@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardcut.checkpoint import INDEX_NAME, open_checkpoint, read_json_object
-from shardcut.container import COPY_CHUNK, OutTensor, read_header
+from shardcut.container import OutTensor, read_header
 from shardcut.errors import ShardcutError
 from shardcut.model import describe
 from shardcut.plan import Plan
 
-_COMPARE_CHUNK = COPY_CHUNK // 4
+_COMPARE_CHUNK = 4 << 20
 
 
 @dataclass
@@ -38,33 +38,37 @@ class VerifyReport:
 def compare_written(out_dir: Path, shards: list[list[OutTensor]], names: list[str]) -> int:
     """Re-read every written tensor and compare it with its source byte ranges.
 
-    Raises ShardcutError at the first difference; returns the bytes compared.
+    Raises ShardcutError at the first difference; returns the bytes compared. Reads in
+    bounded chunks, so memory stays flat.
     """
     compared = 0
-    for name, tensors in zip(names, shards):
-        path = out_dir / name
-        header = read_header(path)
-        with open(path, "rb") as out_f:
-            for t in tensors:
-                info = header.tensors.get(t.name)
-                if info is None or info.shape != t.shape or info.dtype != t.dtype:
-                    raise ShardcutError(f"tensor {t.name!r} missing or with the wrong dtype/shape", path)
-                pos = info.start
-                for piece in t.pieces:
-                    fd = os.open(piece.path, os.O_RDONLY)
-                    try:
-                        done = 0
-                        while done < piece.length:
-                            n = min(_COMPARE_CHUNK, piece.length - done)
-                            want = os.pread(fd, n, piece.offset + done)
-                            out_f.seek(pos)
-                            if out_f.read(n) != want:
+    sources: dict[Path, int] = {}
+    try:
+        for name, tensors in zip(names, shards):
+            path = out_dir / name
+            header = read_header(path)
+            out_fd = os.open(path, os.O_RDONLY)
+            try:
+                for t in tensors:
+                    info = header.tensors.get(t.name)
+                    if info is None or info.shape != t.shape or info.dtype != t.dtype:
+                        raise ShardcutError(f"tensor {t.name!r} missing or with the wrong dtype/shape", path)
+                    pos = info.start
+                    for piece in t.pieces:
+                        if piece.path not in sources:
+                            sources[piece.path] = os.open(piece.path, os.O_RDONLY)
+                        src_fd = sources[piece.path]
+                        for off in range(0, piece.length, _COMPARE_CHUNK):
+                            n = min(_COMPARE_CHUNK, piece.length - off)
+                            if os.pread(out_fd, n, pos + off) != os.pread(src_fd, n, piece.offset + off):
                                 raise ShardcutError(f"tensor {t.name!r} differs from its source bytes", path)
-                            done += n
-                            pos += n
-                            compared += n
-                    finally:
-                        os.close(fd)
+                        pos += piece.length
+                        compared += piece.length
+            finally:
+                os.close(out_fd)
+    finally:
+        for fd in sources.values():
+            os.close(fd)
     return compared
 
 
