@@ -24,6 +24,7 @@ from shardcut.model import ModelInfo, _sub_config, describe
 from shardcut.plan import Plan, validate_plan
 
 PLAN_COPY_NAME = "shardcut-plan.json"
+HF_QUANT_NAME = "hf_quant_config.json"  # ModelOpt's legacy side file
 Progress = Callable[[int, int], None]
 
 
@@ -211,6 +212,7 @@ def prune(
     ckpt = open_checkpoint(src)
     info = describe(ckpt)
     validate_plan(plan, info, plan.origin)
+    pruned_config(ckpt, info, plan)  # refuses quantization configs it cannot renumber, before any write
     lay = layout(ckpt, info, plan, parse_size(max_shard_size))
     names = shard_names(len(lay.shards))
     sizes = [shard_size(s, m) for s, m in zip(lay.shards, lay.metadata)]
@@ -257,6 +259,17 @@ def prune(
     return report
 
 
+def pruned_config(ckpt: Checkpoint, info: ModelInfo, plan: Plan) -> tuple[dict, dict | None]:
+    """config.json and ModelOpt's hf_quant_config.json (None if absent) of the pruned model:
+    expert counts updated, quantization entries naming experts dropped or renumbered."""
+    from shardcut.checkpoint import read_json_object
+    from shardcut.quant_config import rewrite_quantization
+
+    side = ckpt.root / HF_QUANT_NAME
+    return rewrite_quantization(updated_config(info, plan.num_experts)[0], info, plan.keep,
+                                read_json_object(side) if side.exists() else None)
+
+
 def write_checkpoint_files(dest: Path, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout,
                            names: list[str]) -> None:
     """Everything of the output but the shards: index, config.json, side files, the plan."""
@@ -264,10 +277,14 @@ def write_checkpoint_files(dest: Path, ckpt: Checkpoint, info: ModelInfo, plan: 
         "metadata": {"total_size": lay.total_size, "shardcut_version": __version__, "plan_sha256": plan.sha256()},
         "weight_map": {t.name: name for name, tensors in zip(names, lay.shards) for t in tensors},
     })
-    _write_json(dest / CONFIG_NAME, updated_config(info, plan.num_experts)[0])
+    config, quant_side = pruned_config(ckpt, info, plan)
+    _write_json(dest / CONFIG_NAME, config)
     for rel in ckpt.side_files():
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(ckpt.root / rel, dest / rel)
+        if str(rel) == HF_QUANT_NAME and quant_side is not None:
+            _write_json(dest / rel, quant_side)
+        else:
+            shutil.copyfile(ckpt.root / rel, dest / rel)
     provenance = plan.to_json()
     if isinstance(provenance.setdefault("source", {}), dict):
         provenance["source"].setdefault("num_experts", info.num_experts)
