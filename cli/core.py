@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+
 from shardcut_cli.common import byte_progress, console, fail, handle_errors, human_bytes
 
 
@@ -59,15 +60,22 @@ def prune_cmd(
     ratio: float | None = typer.Option(None, "--ratio", help="Fraction of routed experts to remove, in (0, 1)."),
     experts: int | None = typer.Option(None, "--experts", help="Experts to keep per layer."),
     criterion: str = typer.Option("reap", "--criterion", help="Saliency criterion when planning from scores."),
+    protect_super_experts: bool = typer.Option(False, "--protect-super-experts", help="With --scores: keep super "
+                                               "experts (see `shardcut plan --help`)."),
+    protect: list[str] | None = typer.Option(None, "--protect", help="With --scores: always keep LAYER:ID[,ID...]."),
+    mtp_policy: str | None = typer.Option(None, "--mtp-policy", help="With --scores: reuse-last, scores-of:N or "
+                                          "same-ids-as:N for MoE layers without scores (MTP)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be written; write nothing."),
     max_shard_size: str | None = typer.Option(None, "--max-shard-size", help="Re-shard, e.g. 5GB (default: keep source shards)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip re-reading the output against the source."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted prune into the same OUT."),
+    stream: bool = typer.Option(False, "--stream", help="Hub repo: fetch, rewrite and delete one shard at a time "
+                                "(disk = output + one shard); a rerun continues an interrupted stream."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
 ) -> None:
     """Write a pruned checkpoint: kept tensors byte for byte, experts renumbered, routers sliced."""
     from shardcut.plan import Plan
-    from shardcut.rewrite import prune
+    from shardcut.stream import prune_model
 
     if (plan is None) == (scores is None):
         fail("give exactly one of --plan or --scores")
@@ -76,12 +84,17 @@ def prune_cmd(
     else:
         if (ratio is None) == (experts is None):
             fail("with --scores give exactly one of --ratio or --experts")
-        from shardcut.select import make_plan
+        from shardcut.select import make_plan, parse_protect
+        from shardcut_cli.scores_cmd import print_plan_report
 
-        the_plan, _ = make_plan(model, scores, ratio=ratio, experts=experts, criterion=criterion)
+        the_plan, plan_report = make_plan(model, scores, ratio=ratio, experts=experts, criterion=criterion,
+                                          protect_super_experts=protect_super_experts,
+                                          protect=parse_protect(protect), mtp_policy=mtp_policy)
+        if not as_json:
+            print_plan_report(plan_report)
     with byte_progress("pruning", enabled=not dry_run and not as_json) as progress:
-        report = prune(model, out, the_plan, max_shard_size=max_shard_size, dry_run=dry_run,
-                       verify=not no_verify, resume=resume, progress=progress)
+        report = prune_model(model, out, the_plan, stream=stream, max_shard_size=max_shard_size, dry_run=dry_run,
+                             verify=not no_verify, resume=resume, progress=progress)
     if as_json:
         typer.echo(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(report).items()}, indent=2))
         return
@@ -100,8 +113,15 @@ def prune_cmd(
     )
     if report.config_changes:
         console.print("config.json: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in report.config_changes.items()))
-    if not dry_run:
-        console.print(f"[green]wrote[/] {report.out}" + (" (verified against the source)" if report.verified else ""))
+    if dry_run:
+        disk = report.disk
+        missing = disk["input"] - disk["input_on_disk"]
+        console.print(f"disk needed: {human_bytes(disk['plain'])} to prune"
+                      + (f" (output + {human_bytes(missing)} to download into the Hugging Face cache)" if missing else "")
+                      + f"; {human_bytes(disk['stream'])} with --stream (output + one shard not yet on disk)")
+    else:
+        console.print(f"[green]wrote[/] {report.out}" + (" (verified against the source)" if report.verified else "")
+                      + (f"; streamed {len(report.downloaded)} shards" if report.stream else ""))
 
 
 @handle_errors

@@ -76,6 +76,15 @@ def _inside(root: Path, candidate: Path) -> bool:
     return True
 
 
+def _link_area(root: Path) -> Path:
+    """Where a checkpoint's files may resolve to: the folder itself, or for a Hugging Face cache
+    snapshot (`models--org--name/snapshots/<sha>`, whose files link into `../../blobs/`) the
+    repo's cache folder."""
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+        return root.parent.parent
+    return root
+
+
 def open_checkpoint(path: str | Path) -> Checkpoint:
     """Read config.json, the index and all shard headers of a local checkpoint folder.
 
@@ -110,7 +119,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
             raise ShardcutError(f"shard name {name!r} points outside the checkpoint folder", index_path)
         shard_path = root / name
-        if not _inside(root, shard_path):
+        if not _inside(_link_area(root), shard_path):
             raise ShardcutError(f"shard {name!r} resolves outside the checkpoint folder (symlink?)", index_path)
         if not shard_path.exists():
             raise ShardcutError(f"shard {name!r} named in the index is missing", index_path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from shardcut.errors import ShardcutError
 from shardcut.model import ModelInfo
 
 PLAN_FORMAT = "shardcut-plan/1"
+_PLAN_KEY = re.compile(r"(?:[A-Za-z_][\w]*\.)*\d+")  # "3", "mtp.0", "talker.12"
 
 
 @dataclass
@@ -64,6 +66,8 @@ class Plan:
             raise ShardcutError("'keep' must be a non-empty object mapping layer keys to expert id lists", source)
         parsed: dict[str, list[int]] = {}
         for key, ids in keep.items():
+            if not _PLAN_KEY.fullmatch(key):
+                raise ShardcutError(f"layer key {key[:40]!r} is not a plan key (like '3' or 'mtp.0')", source)
             if not isinstance(ids, list) or not all(type(i) is int for i in ids):
                 raise ShardcutError(f"layer {key}: kept experts must be a list of integers", source)
             parsed[str(key)] = ids
@@ -118,7 +122,7 @@ def validate_plan(plan: Plan, info: ModelInfo, source: str | Path = "plan") -> N
         )
     kept = next(iter(counts))
     if kept < info.top_k:
-        raise ShardcutError(f"layer {expected[0]}: keeps {kept} experts, fewer than top_k={info.top_k}", source)
+        raise ShardcutError(f"layer {expected[0]}: keeps {kept} expert{'s' if kept != 1 else ''}, fewer than top_k={info.top_k}", source)
     if info.arch.top_k_exact and info.top_k != info.arch.top_k_exact:
         raise ShardcutError(f"{info.arch.name} needs top_k == {info.arch.top_k_exact}", source)
     if info.grouped:

@@ -1,12 +1,21 @@
 """The score file (`shardcut-scores/1`): per-layer, per-expert calibration sums in safetensors.
 
 Every statistic is a sum or a max over routed (token, expert) pairs, so two runs on different
-data or machines merge exactly. Criteria are derived from the sums, never stored.
-See DESIGN.md for the field table.
+data or machines merge exactly. Criteria are derived from the sums, never stored (see
+`shardcut.select`). See DESIGN.md for the field table.
+
+One exception: a file imported from a published report that holds only a criterion's values
+(no sums) keeps them as `criterion.<name>` tensors with `sums = "absent"` in its metadata.
+Such a file can rank experts by that criterion but cannot be merged or re-derived.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +27,9 @@ SCORES_FORMAT = "shardcut-scores/1"
 SUM_FIELDS = ("count", "gate_sum", "norm_sum", "reap_sum")
 MAX_FIELDS = ("act_max",)
 FIELDS = SUM_FIELDS + MAX_FIELDS
+VALUE_PREFIX = "criterion."  # tensor name prefix of imported criterion values
+_LAYER_KEY = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+_MERGE_IDENTITY = ("model", "revision", "architecture", "num_experts")  # metadata that must agree to merge
 
 
 @dataclass
@@ -26,10 +38,13 @@ class Scores:
 
     layers: plan keys of the scored layers ("3", or "mtp.0" for a separate stack).
     Arrays are float64 `[L, E]`; `tokens` is `[L]`.
+    values: imported criterion values `{name: [L, E]}` (higher = more important to keep).
+    has_sums: False for a file holding only imported criterion values; its sum arrays are
+        zeros in memory and are not written.
 
     Example:
         >>> s = Scores.zeros(["1", "2"], num_experts=8, metadata={"model": "org/name"})
-        >>> s.count[0, 3] += 1
+        >>> s.accumulate("1", experts=[3, 5], gates=[0.6, 0.4], norms=[2.0, 1.0], peaks=[0.9, 0.3], tokens=1)
         >>> s.save("scores.safetensors")
     """
 
@@ -41,6 +56,8 @@ class Scores:
     act_max: np.ndarray
     tokens: np.ndarray
     metadata: dict[str, str] = field(default_factory=dict)
+    values: dict[str, np.ndarray] = field(default_factory=dict)
+    has_sums: bool = True
 
     @property
     def num_experts(self) -> int:
@@ -52,28 +69,101 @@ class Scores:
         z = lambda: np.zeros((L, num_experts), dtype=np.float64)  # noqa: E731
         return cls(list(layers), z(), z(), z(), z(), z(), np.zeros(L, dtype=np.float64), dict(metadata or {}))
 
+    @classmethod
+    def from_values(cls, layers: list[str], values: dict[str, np.ndarray],
+                    metadata: dict[str, str] | None = None) -> Scores:
+        """A file of imported criterion values only (no sums, so no merge and no other criteria).
+
+        Example:
+            >>> Scores.from_values(["1", "2"], {"reap": np.array([[0.1, 0.3], [0.2, 0.0]])})
+        """
+        arrays = {k: np.asarray(v, dtype=np.float64) for k, v in values.items()}
+        if not arrays:
+            raise ShardcutError("no criterion values given")
+        for name, a in arrays.items():
+            if a.ndim != 2 or a.shape[0] != len(layers):
+                raise ShardcutError(f"criterion {name!r} has shape {list(a.shape)}, expected [{len(layers)}, E]")
+        num_experts = next(iter(arrays.values())).shape[-1]
+        scores = cls.zeros(layers, num_experts, metadata)
+        scores.values, scores.has_sums = arrays, False
+        return scores
+
     def row(self, layer: str) -> int:
         return self.layers.index(layer)
 
+    def accumulate(self, layer: str, experts, gates, norms, peaks, tokens: int = 0) -> None:
+        """Add routed (token, expert) pairs of one layer: expert ids, the applied gates g_j(x),
+        ‖f_j(x)‖₂ and max_i |f_j(x)_i|, all 1-D of one length (any array-like); `tokens` is how
+        many tokens the layer saw (each token contributes top_k pairs).
+
+        Example:
+            >>> s.accumulate("3", experts=ids.ravel(), gates=w.ravel(), norms=n.ravel(), peaks=p.ravel(), tokens=T)
+        """
+        r, E = self.row(layer), self.num_experts
+        ids = np.asarray(experts, dtype=np.int64).ravel()
+        g = np.asarray(gates, dtype=np.float64).ravel()
+        n = np.asarray(norms, dtype=np.float64).ravel()
+        p = np.abs(np.asarray(peaks, dtype=np.float64).ravel())
+        if not (len(ids) == len(g) == len(n) == len(p)):
+            raise ValueError("experts, gates, norms and peaks must have one length")
+        if len(ids) and (ids.min() < 0 or ids.max() >= E):
+            raise ValueError(f"expert ids must lie in 0..{E - 1}")
+        self.count[r] += np.bincount(ids, minlength=E)
+        self.gate_sum[r] += np.bincount(ids, weights=g, minlength=E)
+        self.norm_sum[r] += np.bincount(ids, weights=n, minlength=E)
+        self.reap_sum[r] += np.bincount(ids, weights=g * n, minlength=E)
+        np.maximum.at(self.act_max[r], ids, p)
+        self.tokens[r] += tokens
+
     def tensors(self) -> dict[str, np.ndarray]:
+        """The arrays as stored in the file (copies: editing them leaves this object unchanged)."""
         numeric = [_layer_int(k) for k in self.layers]
-        out = {name: np.ascontiguousarray(getattr(self, name), dtype=np.float64) for name in FIELDS}
-        out["tokens"] = np.ascontiguousarray(self.tokens, dtype=np.float64)
+        out = {}
+        if self.has_sums:
+            out = {name: np.array(getattr(self, name), dtype=np.float64) for name in FIELDS}  # copies
+            out["tokens"] = np.array(self.tokens, dtype=np.float64)
+        for name, arr in self.values.items():
+            out[VALUE_PREFIX + name] = np.array(arr, dtype=np.float64)
         out["layers"] = np.array([n if n is not None else -1 for n in numeric], dtype=np.int64)
         return out
 
-    def save(self, path: str | Path) -> None:
-        """Write the file atomically (a crash never leaves a half-written score file)."""
-        from safetensors.numpy import save_file
-
-        self.validate(path)
+    def file_metadata(self) -> dict[str, str]:
         meta = {str(k): str(v) for k, v in self.metadata.items()}
         meta["format"] = SCORES_FORMAT
         meta["layer_keys"] = ",".join(self.layers)
+        meta["num_experts"] = str(self.num_experts)
+        if not self.has_sums:
+            meta["sums"] = "absent"
+        else:
+            meta.pop("sums", None)
+        return meta
+
+    def to_bytes(self) -> bytes:
+        """The exact bytes `save` writes: a safetensors file with tensors in name order and sorted
+        metadata, so equal contents give equal bytes (and one sha256)."""
+        from shardcut.container import OutTensor, Piece, encode_header
+
+        arrays = sorted(self.tensors().items())
+        le = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for _, a in arrays]
+        described = [OutTensor(name, "I64" if a.dtype.kind == "i" else "F64", a.shape, [Piece(Path(), 0, a.nbytes)])
+                     for (name, _), a in zip(arrays, le)]
+        return encode_header(described, dict(sorted(self.file_metadata().items()))) + b"".join(a.tobytes() for a in le)
+
+    def sha256(self) -> str:
+        """sha256 of the file this object saves to (equal to the file's own hash after `save`)."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def save(self, path: str | Path) -> None:
+        """Write the file atomically (a crash never leaves a half-written score file)."""
+        self.validate(path)
         path = Path(path)
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file(self.tensors(), str(tmp), metadata=meta)
-        tmp.replace(path)
+        try:
+            tmp.write_bytes(self.to_bytes())
+            tmp.replace(path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise ShardcutError(f"cannot write ({exc.strerror or exc})", path) from None
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:
@@ -88,7 +178,12 @@ class Scores:
         meta = dict(header.metadata or {})
         if meta.get("format") != SCORES_FORMAT:
             raise ShardcutError(f"not a {SCORES_FORMAT} file (format={meta.get('format')!r})", path)
-        for name in (*FIELDS, "tokens", "layers"):
+        has_sums = meta.pop("sums", "present") != "absent"
+        value_names = [n for n in header.tensors if n.startswith(VALUE_PREFIX)]
+        required = ["layers", *((*FIELDS, "tokens") if has_sums else ())]
+        if not has_sums and not value_names:
+            raise ShardcutError("file says it has no sums but holds no criterion values either", path)
+        for name in required + value_names:
             info = header.tensors.get(name)
             if info is None:
                 raise ShardcutError(f"missing tensor {name!r}", path)
@@ -100,10 +195,18 @@ class Scores:
         except (SafetensorError, OSError, ValueError) as exc:
             raise ShardcutError(f"cannot read tensors ({exc})", path) from None
         layer_ids = arrays["layers"].tolist()
-        keys = meta.get("layer_keys")
+        keys = meta.pop("layer_keys", None)
         layers = keys.split(",") if keys else [str(i) for i in layer_ids]
-        meta.pop("layer_keys", None)
-        scores = cls(layers, *(arrays[n] for n in FIELDS), arrays["tokens"], meta)
+        if len(layers) != len(layer_ids):
+            raise ShardcutError(f"metadata names {len(layers)} layers but 'layers' holds {len(layer_ids)}", path)
+        values = {n[len(VALUE_PREFIX):]: arrays[n] for n in value_names}
+        if has_sums:
+            scores = cls(layers, *(arrays[n] for n in FIELDS), arrays["tokens"], meta, values)
+        else:
+            try:
+                scores = cls.from_values(layers, values, meta)
+            except ShardcutError as exc:
+                raise ShardcutError(str(exc), path) from None
         scores.validate(path)
         return scores
 
@@ -113,6 +216,9 @@ class Scores:
             raise ShardcutError("no layers", source)
         if len(set(self.layers)) != L:
             raise ShardcutError("duplicate layer keys", source)
+        odd = next((k for k in self.layers if not _LAYER_KEY.fullmatch(k)), None)
+        if odd is not None:
+            raise ShardcutError(f"layer key {odd!r} is not a plan key (like '3' or 'mtp.0')", source)
         shape = self.count.shape
         if len(shape) != 2 or shape[0] != L or shape[1] < 1:
             raise ShardcutError(f"'count' has shape {list(shape)}, expected [{L}, E]", source)
@@ -120,12 +226,112 @@ class Scores:
             a = getattr(self, name)
             if a.shape != shape:
                 raise ShardcutError(f"{name!r} has shape {list(a.shape)}, expected {list(shape)}", source)
-            if name in SUM_FIELDS and (not np.all(np.isfinite(a)) or np.any(a < 0)):
+            if not np.all(np.isfinite(a)) or np.any(a < 0):
                 raise ShardcutError(f"{name!r} holds NaN, infinite or negative values", source)
-            if name in MAX_FIELDS and np.any(np.isnan(a)):
-                raise ShardcutError(f"{name!r} holds NaN", source)
         if self.tokens.shape != (L,) or np.any(self.tokens < 0) or not np.all(np.isfinite(self.tokens)):
             raise ShardcutError(f"'tokens' must be [{L}] finite and non-negative", source)
+        for name, a in self.values.items():
+            if not name or not all(c.isalnum() or c in "_-" for c in name):
+                raise ShardcutError(f"criterion name {name!r} must be letters, digits, '_' or '-'", source)
+            if a.shape != shape:
+                raise ShardcutError(f"criterion {name!r} has shape {list(a.shape)}, expected {list(shape)}", source)
+            if not np.all(np.isfinite(a)) or np.any(a < 0):
+                raise ShardcutError(f"criterion {name!r} holds NaN, infinite or negative values", source)
+        declared = self.metadata.get("num_experts")
+        if declared is not None and str(declared) != str(shape[1]):
+            raise ShardcutError(f"metadata num_experts={declared} but the arrays hold {shape[1]} experts", source)
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def parse_weighted(arg: str) -> tuple[Path, float]:
+    """`PATH` or `PATH:WEIGHT` (as `scores merge` takes them) -> (path, weight).
+
+    Example:
+        >>> parse_weighted("code.safetensors:2")
+        (PosixPath('code.safetensors'), 2.0)
+    """
+    path, sep, tail = arg.rpartition(":")
+    if not sep or not path or Path(arg).exists():
+        return Path(arg), 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        return Path(arg), 1.0
+    if not math.isfinite(weight) or weight <= 0:
+        raise ShardcutError(f"weight {tail!r} must be a positive number", path)
+    return Path(path), weight
+
+
+def merge_scores(items: Sequence[tuple[Scores, float]], names: Sequence[str] | None = None) -> Scores:
+    """Merge score files: weighted sums of every sum field, element-wise maxima of `act_max`.
+
+    All inputs must be of one model: same layer set, expert count and (where recorded) model
+    name (a local folder and a Hub id of one name match), revision and architecture. A weight w multiplies a file's sums (counts and tokens included),
+    so `reap = reap_sum/count` becomes the w-weighted blend of the files' routed pairs.
+
+    Example:
+        >>> merged = merge_scores([(Scores.load("code.safetensors"), 2.0), (Scores.load("chat.safetensors"), 1.0)])
+    """
+    if len(items) < 2:
+        raise ShardcutError("merge needs at least two score files")
+    names = list(names or [f"input {i + 1}" for i in range(len(items))])
+    first, _ = items[0]
+    for (s, w), name in zip(items, names):
+        if not s.has_sums:
+            crit = ", ".join(s.values) or "?"
+            raise ShardcutError(f"holds only imported {crit!r} values and no sums: merging is impossible", name)
+        if not (math.isfinite(w) and w > 0):
+            raise ShardcutError(f"weight {w} must be a positive number", name)
+        if s.num_experts != first.num_experts:
+            raise ShardcutError(f"has {s.num_experts} experts per layer, {names[0]} has {first.num_experts}", name)
+        if set(s.layers) != set(first.layers):
+            only_a = sorted(set(first.layers) - set(s.layers))[:5]
+            only_b = sorted(set(s.layers) - set(first.layers))[:5]
+            raise ShardcutError(
+                f"layer sets differ from {names[0]} (missing {only_a or 'none'}, extra {only_b or 'none'})", name
+            )
+        for key in _MERGE_IDENTITY:
+            a, b = first.metadata.get(key), s.metadata.get(key)
+            same = _model_name(a) == _model_name(b) if key == "model" else a == b
+            if a is not None and b is not None and not same:
+                raise ShardcutError(f"scores of another model: {key} is {b!r}, {names[0]} has {a!r}", name)
+    merged = Scores.zeros(first.layers, first.num_experts)
+    for s, w in items:
+        rows = [s.row(k) for k in first.layers]
+        for f in SUM_FIELDS:
+            getattr(merged, f)[:] += w * getattr(s, f)[rows]
+        merged.act_max[:] = np.maximum(merged.act_max, s.act_max[rows])
+        merged.tokens += w * s.tokens[rows]
+    meta = {k: v for k, v in first.metadata.items() if k in (*_MERGE_IDENTITY, "top_k")}
+    for s, _ in items:
+        for key in _MERGE_IDENTITY:
+            if key in s.metadata:
+                meta.setdefault(key, s.metadata[key])
+    for key in ("samples", "tokens"):  # calibration totals, when every input records them
+        counts = [s.metadata.get(key, "") for s, _ in items]
+        if all(c.isdigit() for c in counts):
+            meta[key] = str(sum(int(c) for c in counts))
+    meta["merged_from"] = json.dumps([
+        {"file": name, "weight": w, **{k: s.metadata[k] for k in ("data", "samples", "tokens") if k in s.metadata}}
+        for (s, w), name in zip(items, names)
+    ])
+    merged.metadata = meta
+    merged.validate("merged scores")
+    return merged
+
+
+def _model_name(model: str | None) -> str | None:
+    """The model's name without folder or org: a local copy and its Hub id compare equal
+    (`/data/Qwen3-30B-A3B` and `Qwen/Qwen3-30B-A3B`); revisions are compared separately."""
+    return None if model is None else model.rstrip("/").rsplit("/", 1)[-1].split("@")[0]
 
 
 def _layer_int(key: str) -> int | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from shardcut.checkpoint import open_checkpoint
 from shardcut.model import describe
 
 
@@ -17,9 +16,9 @@ def inspect_model(model: str | Path) -> dict:
         >>> inspect_model("Qwen3-30B-A3B")["num_experts"]
         128
     """
-    from shardcut.hub import resolve_model
+    from shardcut.hub import open_model
 
-    ckpt = open_checkpoint(resolve_model(model))
+    ckpt = open_model(model)  # headers only: a Hub repo's shards are never downloaded
     info = describe(ckpt)
     dtype_bytes: Counter[str] = Counter()
     expert_bytes = 0

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from shardcut_cli.main import app
 from typer.testing import CliRunner
 
 from shardcut.container import parse_header_bytes
@@ -18,6 +17,7 @@ from shardcut.errors import ShardcutError
 from shardcut.plan import Plan
 from shardcut.scores import Scores
 from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
+from shardcut_cli.main import app
 
 runner = CliRunner()
 SPEC = SyntheticSpec(layers=2, experts=4, top_k=2, hidden=16, moe_inter=8, dense_inter=16, vocab=32, shards=2)

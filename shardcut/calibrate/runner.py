@@ -1,0 +1,411 @@
+"""`calibrate()`: REAP statistics of a MoE checkpoint of any size, one decoder layer at a time.
+
+Steps: read and tokenise the data; build the model on the meta device; compute every sample's
+embeddings; then for each decoder layer read its tensors from the shards, run it on every batch
+(recording, in MoE layers, the router's real decisions and the routed experts' outputs), and
+free it. After each layer the accumulators and the position are saved next to the output, so
+`resume=True` continues after a crash from the last finished layer with identical results.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shardcut.calibrate.data import CalibData, load_data
+from shardcut.calibrate.distributed import Distributed
+from shardcut.calibrate.observe import DEFAULT_PAIR_CHUNK, ExpertObserver, check_supported, find_experts
+from shardcut.calibrate.resume import RunState, fingerprint_of, state_dir_for
+from shardcut.calibrate.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory
+from shardcut.calibrate.stream import LayerLoader, capture_call, current_memory, make_skeleton, run_layer
+from shardcut.checkpoint import open_checkpoint
+from shardcut.errors import ShardcutError
+from shardcut.hub import resolve_model
+from shardcut.model import describe
+from shardcut.scores import Scores
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16}
+DEFAULT_MAX_LENGTH = 2048
+DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
+
+
+@dataclass
+class CalibEvent:
+    """What `progress` callbacks receive.
+
+    kind: "info" (a log line in `message`), "layer_start", "batch", "layer_done" (state saved:
+    interrupting here loses nothing) or "done". Steps count the embedding pass as step 0 and
+    decoder layer i as step i + 1; `key` is the plan key of a MoE layer (None for dense layers).
+    """
+
+    kind: str
+    message: str = ""
+    step: int = 0
+    steps: int = 0
+    layer: int = -1
+    key: str | None = None
+    batch: int = 0
+    batches: int = 0
+    tokens: int = 0
+    layer_tokens: int = 0
+    tokens_per_s: float = 0.0
+    memory: int = 0
+
+
+@dataclass
+class Batch:
+    """Samples run together: store rows `[start, start + rows)`, samples back to back."""
+
+    start: int
+    samples: list[int]
+    lengths: list[int]
+
+    @property
+    def rows(self) -> int:
+        return sum(self.lengths)
+
+    @property
+    def width(self) -> int:
+        return max(self.lengths)
+
+
+def make_batches(lengths: list[int], batch_tokens: int) -> list[Batch]:
+    """Longest samples first, greedily packed so that samples x longest length <= batch_tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    batches: list[Batch] = []
+    row = 0
+    for i in order:
+        b = batches[-1] if batches else None
+        if b is None or (len(b.samples) + 1) * b.width > batch_tokens:
+            b = Batch(row, [], [])
+            batches.append(b)
+        b.samples.append(i)
+        b.lengths.append(lengths[i])
+        row += lengths[i]
+    return batches
+
+
+def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """`"2/4"` -> (2, 4): the second of four disjoint sample shards (1-based)."""
+    if shard is None:
+        return None
+    if isinstance(shard, str):
+        head, sep, tail = shard.partition("/")
+        if not (sep and head.strip().isdigit() and tail.strip().isdigit()):
+            raise ShardcutError(f"--shard must look like i/N, e.g. 1/2 (got {shard!r})")
+        shard = (int(head), int(tail))
+    i, n = shard
+    if not 1 <= i <= n:
+        raise ShardcutError(f"--shard {i}/{n}: the shard index runs from 1 to {n}")
+    return i, n
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ShardcutError(f"unknown device {device!r} (use auto, cuda, cuda:N or cpu)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ShardcutError("--device cuda asked for, but torch sees no CUDA device")
+    if dev.type not in ("cuda", "cpu"):
+        raise ShardcutError(f"device {device!r} is not supported (use auto, cuda or cpu)")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ShardcutError(f"unknown dtype {dtype!r} (use bfloat16 or float32)")
+    return DTYPES[dtype]
+
+
+def _revision_of(model: str, path: Path) -> str | None:
+    if "@" in model and not Path(model).exists():
+        return model.rpartition("@")[2]
+    parts = path.resolve().parts
+    if "snapshots" in parts and parts.index("snapshots") + 1 < len(parts):
+        return parts[parts.index("snapshots") + 1]
+    return None
+
+
+@dataclass
+class Calibrator:
+    """One calibration run; `calibrate()` is `Calibrator(...).run()`.
+
+    `on_layer(step, calibrator)` (tests, tools) is called after every step with the store
+    holding that step's output; `hidden_states(j)` reads sample j's rows from it.
+    """
+
+    model: str
+    data: str
+    out: Path
+    samples: int | None = None
+    max_length: int = DEFAULT_MAX_LENGTH
+    device: str = "auto"
+    dtype: str | torch.dtype | None = None
+    seed: int = 0
+    resume: bool = False
+    max_memory: int | str | None = None
+    shard: str | tuple[int, int] | None = None
+    trust_remote_code: bool = False
+    batch_tokens: int | None = None
+    work_dir: Path | None = None
+    progress: Callable[[CalibEvent], None] | None = None
+    on_layer: Callable[[int, Calibrator], None] | None = None
+    pair_chunk: int = DEFAULT_PAIR_CHUNK
+
+    # -- setup -------------------------------------------------------------------------------
+
+    def _emit(self, event: CalibEvent) -> None:
+        if self.progress is not None:
+            self.progress(event)
+
+    def _info(self, message: str) -> None:
+        if self.dist.rank == 0:
+            self._emit(CalibEvent("info", message))
+
+    def _prepare(self) -> None:
+        self.out = Path(self.out)
+        if not self.out.parent.is_dir():
+            raise ShardcutError("the output's folder does not exist", self.out.parent)
+        self.model_dir = resolve_model(self.model)
+        self.ckpt = open_checkpoint(self.model_dir)
+        self.info = describe(self.ckpt)
+        check_supported(self.info, self.model_dir / "config.json")
+        self.torch_device = resolve_device(self.device)
+        self.dist = Distributed.from_env(self.torch_device)
+        if self.dist.world > 1:
+            self.torch_device = self.dist.device
+        self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
+        self.shard_of = parse_shard(self.shard)
+        self.budget_tokens = self.batch_tokens or DEFAULT_BATCH_TOKENS[self.torch_device.type]
+        if self.budget_tokens < 1:
+            raise ShardcutError(f"the batch token budget must be positive (got {self.budget_tokens})")
+        text = self.info.text_config
+        vocab = text.get("vocab_size")
+        if not isinstance(vocab, int):
+            raise ShardcutError("config has no integer vocab_size", self.model_dir / "config.json")
+        self.all_data: CalibData = load_data(self.data, self.model_dir, samples=self.samples, max_length=self.max_length,
+                                             seed=self.seed, vocab_size=vocab, trust_remote_code=self.trust_remote_code)
+        picked = self.all_data.samples
+        if self.shard_of:
+            i, n = self.shard_of
+            picked = picked[i - 1 :: n]
+            if not picked:
+                raise ShardcutError(f"shard {i}/{n} holds no samples ({len(self.all_data.samples)} in all)")
+        self.shard_samples, self.shard_tokens = len(picked), int(sum(len(s) for s in picked))
+        self.local = picked[self.dist.rank :: self.dist.world]
+        self.lengths = [len(s) for s in self.local]
+        self.batches = make_batches(self.lengths, self.budget_tokens)
+        self.rows = sum(self.lengths)
+        self.sample_rows: dict[int, tuple[int, int]] = {}
+        for b in self.batches:
+            row = b.start
+            for j, n in zip(b.samples, b.lengths):
+                self.sample_rows[j] = (row, n)
+                row += n
+
+        self.skeleton = make_skeleton(self.ckpt, self.info, self.torch_dtype, self.trust_remote_code)
+        self.loader = LayerLoader(self.skeleton, self.ckpt, self.info, self.torch_device)
+        n = self.skeleton.num_layers
+        self.keys = {layer.index: layer.key for layer in self.info.layers if not layer.mtp and layer.index < n}
+        if not self.keys:
+            raise ShardcutError("the model's forward reaches no MoE layer", self.model_dir / "config.json")
+        self.steps = n + 1
+        self.hidden_size = int(self.skeleton.model.config.get_text_config().hidden_size)
+
+    def _metadata(self) -> dict[str, str]:
+        from shardcut import __version__
+
+        meta = {
+            "model": str(self.model), "architecture": self.info.arch.name,
+            "model_type": str(self.info.config.get("model_type")), "num_experts": str(self.info.num_experts),
+            "top_k": str(self.info.top_k), "data": self.data, "samples": str(self.shard_samples),
+            "tokens": str(self.shard_tokens), "max_length": str(self.max_length), "seed": str(self.seed),
+            "dtype": str(self.torch_dtype).removeprefix("torch."), "shardcut_version": __version__,
+            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        }
+        revision = _revision_of(str(self.model), self.model_dir)
+        if revision:
+            meta["revision"] = revision
+        if self.shard_of:
+            meta["shard"] = f"{self.shard_of[0]}/{self.shard_of[1]}"
+        return meta
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def run(self) -> Scores:
+        """Calibrate and write the score file; returns the scores (on every rank)."""
+        self._prepare()
+        state_dir = Path(self.work_dir) if self.work_dir else state_dir_for(self.out)
+        fingerprint = fingerprint_of(self)
+        state = RunState(state_dir, self.dist)
+        start = state.begin(fingerprint, self.resume, self._info)
+        keys = [self.keys[i] for i in sorted(self.keys)]
+        scores = state.load_scores() if start > 0 else None
+        if scores is None:
+            start = 0
+            scores = Scores.zeros(keys, self.info.num_experts)
+        scores.metadata = self._metadata()
+        self.scores = scores
+
+        budget = self._budget()
+        if state.store_mode == "disk" and start > 0:
+            budget = 0  # the finished layer's hidden states are on disk: use them
+        self.store = ActivationStore(self.rows, self.hidden_size, self.torch_dtype, budget, state.rank_dir,
+                                     resume_current=state.store_current if start > 0 else None)
+        self._info(f"data: {self.all_data.tokens} tokens in {len(self.all_data.samples)} samples "
+                   f"({'; '.join(self.all_data.notes)}); max length {self.max_length}")
+        if self.shard_of or self.dist.world > 1:
+            self._info(f"this {'shard' if self.shard_of else 'run'}: {self.shard_samples} samples, "
+                       f"{self.shard_tokens} tokens" + (f", {self.dist.world} ranks" if self.dist.world > 1 else ""))
+        self._info(f"{self.store.describe()}; device {self.torch_device}, dtype "
+                   f"{str(self.torch_dtype).removeprefix('torch.')}, {len(self.batches)} batches of <= "
+                   f"{self.budget_tokens} tokens")
+        replay = start if self.store.mode == "ram" else 0
+        if start > 0:
+            self._info(f"resuming at step {start} of {self.steps}" + (
+                f" (replaying {start} steps to rebuild the activations held in RAM)" if replay else ""))
+        first = 0 if replay else start
+        prefetch = ThreadPoolExecutor(1) if self.torch_device.type == "cuda" else None
+        try:
+            pending = None
+            for step in range(first, self.steps):
+                record = step >= start
+                pending = self._step(step, record, pending, prefetch)
+                if record:
+                    state.save(step + 1, scores, self.store)
+                if self.on_layer is not None:
+                    self.on_layer(step, self)
+                if record:
+                    self._emit(CalibEvent("layer_done", step=step + 1, steps=self.steps, layer=step - 1,
+                                          key=self.keys.get(step - 1), memory=current_memory(self.torch_device)))
+        finally:
+            if prefetch is not None:
+                prefetch.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
+        state.finish(scores, self.out)
+        self._emit(CalibEvent("done", message=str(self.out), step=self.steps, steps=self.steps))
+        return scores
+
+    def _budget(self) -> int:
+        if self.max_memory is None:
+            return int(available_memory() * DEFAULT_RAM_FRACTION)
+        from shardcut.rewrite import parse_size
+
+        return int(parse_size(self.max_memory)) // max(1, self.dist.local_world)
+
+    def hidden_states(self, sample: int) -> torch.Tensor:
+        """Sample `sample`'s (local index) rows of the last finished step's output."""
+        start, n = self.sample_rows[sample]
+        return self.store.read(start, start + n).clone()
+
+    def _step(self, step: int, record: bool, pending, prefetch):
+        """Run step `step` on every batch; returns the prefetch of the next layer's tensors."""
+        layer_index = step - 1
+        key = self.keys.get(layer_index)
+        self._emit(CalibEvent("layer_start", step=step, steps=self.steps, layer=layer_index, key=key,
+                              batches=len(self.batches), layer_tokens=self.rows))
+        t0 = time.perf_counter()
+        if step == 0:
+            self.loader.load_outside()
+            layer = observer = None
+        else:
+            raw = pending.result() if pending is not None else self.loader.read_layer(layer_index)
+            layer = self.loader.load_layer(layer_index, raw)
+            observer = None
+            if key is not None:
+                experts = find_experts(layer)
+                if experts is None:
+                    raise ShardcutError(f"layer {key}: no routed-experts module found in {type(layer).__name__}")
+                if record:
+                    _zero_row(self.scores, key)
+                observer = ExpertObserver(experts, self.scores, key, self.info.top_k, self.pair_chunk)
+                observer.record = record
+        nxt = step  # decoder layer index of the next step
+        pending = prefetch.submit(self.loader.read_layer, nxt) if prefetch is not None and nxt < self.steps - 1 else None
+        done = 0
+        with torch.inference_mode():
+            for b_idx, batch in enumerate(self.batches):
+                self._run_batch(step, layer, observer, batch)
+                done += batch.rows
+                dt = max(time.perf_counter() - t0, 1e-9)
+                self._emit(CalibEvent("batch", step=step, steps=self.steps, layer=layer_index, key=key, batch=b_idx + 1,
+                                      batches=len(self.batches), tokens=done, layer_tokens=self.rows,
+                                      tokens_per_s=done / dt, memory=current_memory(self.torch_device)))
+        if step == 0:
+            self.loader.free_outside_params()
+        else:
+            self.loader.free(layer)
+        if observer is not None and record:
+            self.dist.reduce_row(self.scores, key)
+        self.store.commit()
+        return pending
+
+    def _run_batch(self, step: int, layer, observer, batch: Batch) -> None:
+        dev = self.torch_device
+        B, T = len(batch.samples), batch.width
+        lengths = torch.tensor(batch.lengths, device=dev)
+        mask = torch.arange(T, device=dev)[None, :] < lengths[:, None]  # right padding
+        attention = None if bool(mask.all()) else mask.long()
+        if step == 0:
+            ids = torch.zeros((B, T), dtype=torch.long, device=dev)
+            ids[mask] = torch.from_numpy(np.concatenate([self.local[j] for j in batch.samples])).to(dev)
+            call = capture_call(self.skeleton, 0, input_ids=ids, attention_mask=attention)
+            out = call.hidden
+        else:
+            flat = self.store.read(batch.start, batch.start + batch.rows).to(dev)
+            hidden = flat.new_zeros((B, T, flat.shape[-1]))
+            hidden[mask] = flat
+            call = capture_call(self.skeleton, step - 1, inputs_embeds=hidden, attention_mask=attention)
+            if observer is not None:
+                observer.valid = mask.reshape(-1)
+                with observer:
+                    out = run_layer(layer, hidden, call)
+            else:
+                out = run_layer(layer, hidden, call)
+        self.store.write(batch.start, batch.start + batch.rows, out[mask].to("cpu"))
+
+
+def _zero_row(scores: Scores, key: str) -> None:
+    r = scores.row(key)
+    for name in ("count", "gate_sum", "norm_sum", "reap_sum", "act_max"):
+        getattr(scores, name)[r] = 0.0
+    scores.tokens[r] = 0.0
+
+
+def calibrate(model: str | Path, data: str, out: str | Path, *, samples: int | None = None,
+              max_length: int = DEFAULT_MAX_LENGTH, device: str = "auto", dtype: str | None = None, seed: int = 0,
+              resume: bool = False, max_memory: int | str | None = None, shard: str | tuple[int, int] | None = None,
+              trust_remote_code: bool = False, progress: Callable[[CalibEvent], None] | None = None,
+              batch_tokens: int | None = None, work_dir: str | Path | None = None) -> Scores:
+    """Compute the `shardcut-scores/1` statistics of MODEL on the calibration DATA and write OUT.
+
+    Streams one decoder layer at a time from the shards (never the whole model in memory),
+    records the router's real top-k decisions and gates and the routed experts' outputs, and
+    saves its position after every layer (`resume=True` continues an interrupted run).
+    Under `torchrun` the samples are split across ranks and only rank 0 writes; `shard="i/N"`
+    computes the i-th of N disjoint sample shards, whose files `scores merge` adds up exactly.
+
+    Example:
+        >>> scores = calibrate("Qwen/Qwen3-30B-A3B", "code.jsonl:700,chat.jsonl:300", "scores.safetensors",
+        ...                    max_length=4096)
+        >>> scores.count.sum(axis=1) == scores.tokens * 8
+    """
+    return Calibrator(str(model), data, Path(out), samples=samples, max_length=max_length, device=device, dtype=dtype,
+                      seed=seed, resume=resume, max_memory=max_memory, shard=shard,
+                      trust_remote_code=trust_remote_code, batch_tokens=batch_tokens,
+                      work_dir=Path(work_dir) if work_dir else None, progress=progress).run()

@@ -1,0 +1,458 @@
+"""Run a transformers model one decoder layer at a time, straight from its safetensors shards.
+
+The model is built from config.json with every parameter on the meta device (buffers such as
+rotary frequencies are real: they are computed at construction, not loaded). A layer's tensors
+are read from the shards by byte range (only that layer's), pushed through transformers' own
+weight-conversion machinery (per-expert -> fused parameters, renames), moved to the device,
+run on every batch, and put back on the meta device.
+
+What a decoder layer receives besides its hidden states (position embeddings, the causal or
+sliding-window mask of its attention type, position ids) is captured from the model's own
+forward: every layer's `forward` is temporarily replaced by a recorder, the model runs on a
+batch of the right shape, and the recorder of the wanted layer keeps its arguments and stops
+the pass. Nothing about masks or rotary embeddings is re-implemented here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from shardcut.checkpoint import Checkpoint
+from shardcut.errors import ShardcutError
+from shardcut.model import ModelInfo
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+# model_type spellings of config.json that transformers does not register, and the class that runs them
+CONFIG_ALIASES = {"kimi_k2": "deepseek_v3"}
+READ_THREADS = 4
+
+
+@contextmanager
+def params_on_meta() -> Iterator[None]:
+    """Inside the block, new parameters land on the meta device; buffers stay real (rotary
+    frequencies and the like are computed at construction and never loaded)."""
+    original = torch.nn.Module.register_parameter
+
+    def register(self, name, param):
+        original(self, name, param)
+        p = self._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            self._parameters[name] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
+
+    torch.nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No "Loading weights" bars or init warnings from transformers while we drive it."""
+    from transformers.utils import logging
+
+    bars, level = logging.is_progress_bar_enabled(), logging.get_verbosity()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def load_config(ckpt: Checkpoint, trust_remote_code: bool = False):
+    """The transformers config of a checkpoint, without its quantization section (weights are
+    dequantised when read, so the skeleton is a plain floating-point model)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    raw = dict(ckpt.config)
+    model_type = raw.get("model_type")
+    try:
+        if model_type in CONFIG_ALIASES:
+            raw = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")}
+            raw.pop("quantization_config", None)
+            config = CONFIG_MAPPING[CONFIG_ALIASES[model_type]].from_dict(raw)
+        else:
+            with quiet_transformers():
+                config = AutoConfig.from_pretrained(str(ckpt.root), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or remote-code configs
+        hint = " (try --trust-remote-code)" if "trust_remote_code" in str(exc) else ""
+        raise ShardcutError(f"transformers cannot build this config ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:120]}){hint}", ckpt.root / "config.json") from None
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    config.use_cache = False
+    return config
+
+
+def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False):
+    """A causal LM of `config` whose parameters are all on the meta device (costs no memory).
+
+    Parameters that transformers keeps in float32 whatever the dtype (`_keep_in_fp32_modules_strict`,
+    e.g. DeepSeek's selection bias) are float32 here too, as `from_pretrained` would make them.
+    """
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with quiet_transformers(), params_on_meta():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # an architecture transformers has no causal-LM class for
+        raise ShardcutError(f"transformers cannot build a causal LM for model_type={config.model_type!r} "
+                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    model.eval()
+    plan = model._get_dtype_plan(dtype)
+    if plan:
+        patterns = [re.compile(p) for p in plan]
+        for name, module in model.named_modules():
+            for attr, store in (("_parameters", True), ("_buffers", False)):
+                for key, t in list(getattr(module, attr).items()):
+                    full = f"{name}.{key}" if name else key
+                    if t is not None and t.is_floating_point() and any(p.search(full) for p in patterns):
+                        t32 = t.to(torch.float32)
+                        getattr(module, attr)[key] = torch.nn.Parameter(t32, requires_grad=False) if store else t32
+    return model, plan
+
+
+@dataclass
+class Skeleton:
+    """The meta model and where its decoder layers are, in the model and in the checkpoint."""
+
+    model: object
+    base: object  # the decoder stack module (model.model), whose forward builds masks and rotary
+    layers: object  # the decoder ModuleList
+    module_prefix: str  # "model.layers." in the model's own parameter names
+    ckpt_prefix: str  # "model.layers." in the checkpoint's tensor names
+    num_layers: int
+    dtype: torch.dtype
+    dtype_plan: dict
+
+
+def make_skeleton(ckpt: Checkpoint, info: ModelInfo, dtype: torch.dtype, trust_remote_code: bool = False) -> Skeleton:
+    config = load_config(ckpt, trust_remote_code)
+    model, plan = build_skeleton(config, dtype, trust_remote_code)
+    base = getattr(model, model.base_model_prefix, None)
+    layers = getattr(base, "layers", None)
+    if base is None or not isinstance(layers, torch.nn.ModuleList):
+        raise ShardcutError(f"{type(model).__name__} has no decoder layer list at "
+                            f"{model.base_model_prefix}.layers; calibration cannot stream it")
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_layers = min(len(layers), int(getattr(text, "num_hidden_layers", len(layers))))
+    module_prefix = next(name for name, m in model.named_modules() if m is layers) + "."
+    main = [layer for layer in info.layers if not layer.mtp]
+    ckpt_prefix = main[0].prefix[: -len(f"{main[0].index}.")]
+    return Skeleton(model, base, layers, module_prefix, ckpt_prefix, num_layers, dtype, plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading tensors
+
+
+class TensorReader:
+    """Reads named tensors of a checkpoint by byte range into owned CPU memory (FP8 stays FP8:
+    it is dequantised one tensor at a time when used, so a layer never sits in RAM as float32)."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+        config = ckpt.config
+        quant = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
+        self.fp8_block: tuple[int, int] | None = None
+        if quant:
+            method = quant.get("quant_method")
+            if method != "fp8":
+                raise ShardcutError(f"calibration reads unquantized or FP8-block checkpoints; this one is quantized "
+                                    f"with {method!r}", ckpt.root / "config.json")
+            block = quant.get("weight_block_size") or [128, 128]
+            self.fp8_block = (int(block[0]), int(block[1]))
+
+    def read(self, name: str) -> torch.Tensor:
+        header, info = self.ckpt.tensors[name]
+        if info.dtype not in TORCH_DTYPES:
+            raise ShardcutError(f"tensor {name!r} has dtype {info.dtype}, which calibration cannot read", header.path)
+        dtype = TORCH_DTYPES[info.dtype]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        buf = bytearray(info.nbytes)
+        view = memoryview(buf)
+        with open(header.path, "rb", buffering=0) as f:
+            f.seek(info.start)
+            done = 0
+            while done < info.nbytes:
+                n = f.readinto(view[done:])
+                if not n:
+                    raise ShardcutError(f"unexpected end of file reading {name!r}", header.path)
+                done += n
+        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+
+    def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Read `names` with a few threads (large layers are I/O bound)."""
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            return dict(zip(names, pool.map(self.read, names)))
+
+    def take(self, raw: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+        """Pop `name` (and its FP8 scale) from `raw`, dequantised when it is FP8."""
+        t = raw.pop(name)
+        scale = raw.pop(name + "_scale_inv", None)
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            if scale is None or self.fp8_block is None:
+                raise ShardcutError(f"FP8 tensor {name!r} has no {name}_scale_inv block scale", self.ckpt.root)
+            return dequantize_fp8(t, scale, self.fp8_block)
+        return t
+
+    def take_all(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every tensor of `raw` (emptied), FP8 weights dequantised and their scales consumed."""
+        names = [n for n in raw if not (n.endswith("_scale_inv") and n.removesuffix("_scale_inv") in raw)]
+        return {name: self.take(raw, name) for name in names}
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """The float32 value of a DeepSeek-V3-style FP8 weight: one float32 scale per `block` tile.
+
+    Example:
+        >>> dequantize_fp8(w8, s, (128, 128)).dtype
+        torch.float32
+    """
+    rows, cols = weight.shape
+    s = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
+    return weight.float() * s
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and freeing layers
+
+
+@dataclass(frozen=True)
+class FusedPart:
+    """A checkpoint tensor that becomes slice `part` of expert `expert` of a fused parameter."""
+
+    target: str  # the model's parameter name, e.g. model.layers.3.mlp.experts.gate_up_proj
+    expert: int
+    part: int
+    parts: int
+    dim: int  # the dimension of one expert's slice that the parts are concatenated along
+
+
+class LayerLoader:
+    """Fills the skeleton's decoder layer `i` (or everything outside the layers) from the shards.
+
+    Per-expert tensors that transformers would stack into fused `[E, ...]` parameters are
+    copied one by one into a parameter allocated on the device (no stacked CPU copy, no
+    concatenation buffer); every other tensor goes through transformers' own conversion.
+    """
+
+    def __init__(self, skeleton: Skeleton, ckpt: Checkpoint, info: ModelInfo, device: torch.device):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        self.sk, self.ckpt, self.device = skeleton, ckpt, device
+        self.reader = TensorReader(ckpt)
+        self.mapping = get_model_conversion_mapping(skeleton.model)
+        stacks = "|".join(re.escape(p) for s in info.arch.stacks for p in s.layer_prefixes)
+        in_stack = re.compile(rf"^(?:{stacks})\.(\d+)\.")
+        self._by_layer: dict[int, list[str]] = {}
+        self.outside: list[str] = []
+        for name in ckpt.tensors:
+            if name.startswith(skeleton.ckpt_prefix):
+                m = re.match(r"(\d+)\.", name[len(skeleton.ckpt_prefix):])
+                if m:
+                    self._by_layer.setdefault(int(m.group(1)), []).append(name)
+                    continue
+            if in_stack.match(name) or name.startswith("lm_head."):
+                continue  # MTP stacks and the output head are never run
+            self.outside.append(name)
+
+    def read_layer(self, i: int) -> dict[str, torch.Tensor]:
+        names = self._by_layer.get(i, [])
+        if not names:
+            raise ShardcutError(f"the checkpoint has no tensors for decoder layer {i} "
+                                f"({self.sk.ckpt_prefix}{i}.*)", self.ckpt.root)
+        return self.reader.read_many(names)
+
+    def load_layer(self, i: int, raw: dict[str, torch.Tensor]) -> torch.nn.Module:
+        """Put layer `i`'s tensors (consumed from `raw`) into the skeleton, on the device."""
+        layer = self.sk.layers[i]
+        self._assemble_fused(raw, f"decoder layer {i}")
+        self._convert(self.reader.take_all(raw), f"decoder layer {i}")
+        missing = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise ShardcutError(f"decoder layer {i}: the checkpoint lacks {len(missing)} of its parameters, "
+                                f"e.g. {self.sk.module_prefix}{i}.{missing[0]}", self.ckpt.root)
+        return layer.to(self.device)
+
+    def load_outside(self) -> None:
+        """Embedding, final norm and the like: everything the stack needs outside its layers."""
+        raw = self.reader.read_many(self.outside)
+        self._convert(self.reader.take_all(raw), "embeddings")
+        for module in self._outside_modules():
+            module.to(self.device)
+
+    def free_outside_params(self) -> None:
+        """Drop the embedding & co from memory once the first hidden states exist (buffers stay)."""
+        for module in self._outside_modules():
+            for sub in module.modules():
+                for key, p in list(sub._parameters.items()):
+                    if p is not None:
+                        sub._parameters[key] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
+
+    def _outside_modules(self) -> list[torch.nn.Module]:
+        return [m for _, m in self.sk.base.named_children() if m is not self.sk.layers]
+
+    @staticmethod
+    def free(layer: torch.nn.Module) -> None:
+        layer.to("meta")
+
+    def fused_parts(self, names: list[str]) -> dict[str, FusedPart]:
+        """Which of `names` transformers stacks (and concatenates) into fused expert parameters."""
+        from transformers.core_model_loading import (
+            Concatenate,
+            MergeModulelist,
+            WeightConverter,
+            WeightRenaming,
+            apply_renamings,
+            rename_source_key,
+        )
+
+        renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
+        converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
+        params = dict(self.sk.model.named_parameters())
+        out = {}
+        for name in names:
+            target, pattern = rename_source_key(name, renamings, converters, self.sk.model.base_model_prefix, params)
+            if pattern is None or target not in params:
+                continue
+            conv = next(c for c in converters if pattern in c.source_patterns)
+            ops = conv.operations
+            if not (isinstance(ops[0], MergeModulelist) and ops[0].dim == 0 and (
+                    len(ops) == 1 or len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim >= 1)):
+                continue  # any other recipe goes through transformers' own conversion
+            regex = r"(\d+)".join(re.escape(p) for p in pattern.split("*"))
+            m = re.search(regex, apply_renamings(name, renamings))
+            if m is None or m.lastindex != 1:
+                continue
+            dim = ops[1].dim - 1 if len(ops) == 2 else 0
+            out[name] = FusedPart(target, int(m.group(1)), conv.source_patterns.index(pattern),
+                                  len(conv.source_patterns) if len(ops) == 2 else 1, dim)
+        return out
+
+    def _assemble_fused(self, raw: dict[str, torch.Tensor], what: str) -> None:
+        parts = self.fused_parts([n for n in raw if not n.endswith("_scale_inv")])
+        targets: dict[str, torch.Tensor] = {}
+        filled: dict[str, int] = {}
+        for name, fp in parts.items():
+            module_path, _, attr = fp.target.rpartition(".")
+            module = self.sk.model.get_submodule(module_path)
+            meta = getattr(module, attr)
+            if fp.target not in targets:
+                targets[fp.target] = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
+            t = self.reader.take(raw, name)
+            dst = targets[fp.target][fp.expert]
+            if fp.parts > 1:
+                size = t.shape[fp.dim]
+                dst = dst.narrow(fp.dim, fp.part * size, size)
+            if tuple(dst.shape) != tuple(t.shape):
+                raise ShardcutError(f"{what}: {name} has shape {list(t.shape)}, {fp.target} expects "
+                                    f"{list(dst.shape)} per expert", self.ckpt.root)
+            dst.copy_(t)
+            filled[fp.target] = filled.get(fp.target, 0) + 1
+        for target, tensor in targets.items():
+            module_path, _, attr = target.rpartition(".")
+            expected = tensor.shape[0] * max(fp.parts for fp in parts.values() if fp.target == target)
+            if filled[target] != expected:
+                raise ShardcutError(f"{what}: {target} needs {expected} per-expert tensors, the checkpoint has "
+                                    f"{filled[target]}", self.ckpt.root)
+            setattr(self.sk.model.get_submodule(module_path), attr, torch.nn.Parameter(tensor, requires_grad=False))
+
+    def _convert(self, tensors: dict[str, torch.Tensor], what: str) -> None:
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        if not tensors:
+            return
+        config = LoadStateDictConfig(device_map={"": "cpu"}, dtype=self.sk.dtype, dtype_plan=self.sk.dtype_plan,
+                                     weight_mapping=self.mapping)
+        with quiet_transformers():
+            info, _ = convert_and_load_state_dict_in_model(self.sk.model, tensors, config)
+        if info.mismatched_keys:
+            name, got, want = sorted(info.mismatched_keys, key=str)[0]
+            raise ShardcutError(f"{what}: tensor for {name} has shape {list(got)}, the model expects {list(want)}",
+                                self.ckpt.root)
+        if info.conversion_errors:
+            name, err = next(iter(info.conversion_errors.items()))
+            raise ShardcutError(f"{what}: cannot convert {name} ({str(err)[:120]})", self.ckpt.root)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the model's own forward hands each layer
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class LayerCall:
+    """The arguments the model's forward passes to one decoder layer, hidden states aside."""
+
+    hidden: torch.Tensor  # the hidden states it was given (the embeddings, for layer 0)
+    args: tuple
+    kwargs: dict
+
+
+def capture_call(sk: Skeleton, target: int, **forward_kwargs) -> LayerCall:
+    """Run the stack's forward with every layer replaced by a recorder; return what layer
+    `target` receives. Layers before it pass hidden states through unchanged (their outputs do
+    not influence masks or position embeddings)."""
+    captured: list[LayerCall] = []
+
+    def recorder(i: int):
+        def forward(*args, **kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if i == target:
+                captured.append(LayerCall(hidden, tuple(args[1:]), kwargs))
+                raise _Stop
+            return hidden
+
+        return forward
+
+    for i in range(target + 1):
+        sk.layers[i].forward = recorder(i)
+    try:
+        sk.base(use_cache=False, **forward_kwargs)
+    except _Stop:
+        pass
+    finally:
+        for i in range(target + 1):
+            sk.layers[i].__dict__.pop("forward", None)
+    if not captured:
+        raise ShardcutError(f"the model's forward never reached decoder layer {target}")
+    return captured[0]
+
+
+def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
+    out = layer(hidden, *call.args, **call.kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def current_memory(device: torch.device) -> int:
+    """Bytes in use: allocated device memory on CUDA, resident set size on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.memory_allocated(device))
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0

@@ -1,0 +1,543 @@
+"""Choosing which experts stay: criteria derived from a score file, per-layer selection under
+the routing constraints, and `make_plan` (score file + model headers -> plan + report).
+
+Criteria (higher = more important = kept; an expert never routed scores 0), over the
+calibration tokens x routed to expert j, g_j(x) the gate the layer applied, f_j(x) the
+expert's output before gating:
+
+    reap                mean of g_j(x)·‖f_j(x)‖₂           = reap_sum / count   (REAP, eq. 9)
+    ean                 Σ ‖f_j(x)‖₂                        = norm_sum
+    ean_mean            mean of ‖f_j(x)‖₂                  = norm_sum / count
+    frequency           number of tokens routed to j       = count
+    weighted_frequency  Σ g_j(x)                           = gate_sum
+    random              uniform in [0, 1), seeded (a baseline)
+
+Rounding (the REAP reference's): experts pruned per layer = floor(E x ratio), the same in
+every layer (256 x 0.30 -> 76 pruned, 180 kept), computed on the ratio as written (decimal),
+so 100 x 0.29 prunes 29. With grouped routing (n_group > 1) the pruned count is rounded
+down to a multiple of n_group (an explicit kept count up to one), so every group drops the
+same number; the report says when this happened.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from shardcut.errors import ShardcutError
+from shardcut.model import ModelInfo
+from shardcut.plan import Plan, validate_plan
+from shardcut.scores import Scores, file_sha256
+
+CRITERIA: dict[str, str] = {
+    "reap": "mean over routed tokens of g_j(x)·‖f_j(x)‖₂ (reap_sum / count)",
+    "ean": "Σ ‖f_j(x)‖₂ over routed tokens (norm_sum)",
+    "ean_mean": "mean over routed tokens of ‖f_j(x)‖₂ (norm_sum / count)",
+    "frequency": "tokens routed to j (count)",
+    "weighted_frequency": "Σ g_j(x) over routed tokens (gate_sum)",
+    "random": "seeded uniform random values (baseline)",
+}
+# The REAP reference's names for the same quantities.
+ALIASES = {"ean_sum": "ean", "expert_frequency": "frequency", "weighted_expert_frequency_sum": "weighted_frequency"}
+MTP_POLICIES = ("reuse-last", "scores-of:N", "same-ids-as:N")
+SUPER_PERCENTILE = 99.5
+SUPER_MAX_FRACTION = 10.0
+SUPER_LAYER_FRACTION = 0.75
+
+
+def canonical_criterion(name: str | None, scores: Scores | None = None) -> str:
+    """The criterion's canonical name; raises for an unknown one (imported values count as known).
+
+    None means the default: `reap`, or for a file holding only one imported criterion, that one.
+    """
+    if name is None:
+        only = list(scores.values) if scores is not None and not scores.has_sums else []
+        return only[0] if len(only) == 1 else "reap"
+    name = ALIASES.get(name, name)
+    if name in CRITERIA or (scores is not None and name in scores.values):
+        return name
+    extra = f"; this file also holds imported values of {', '.join(scores.values)}" if scores and scores.values else ""
+    raise ShardcutError(f"unknown criterion {name!r} (known: {', '.join(CRITERIA)}{extra})")
+
+
+def criterion_values(scores: Scores, criterion: str | None = "reap", seed: int = 0) -> np.ndarray:
+    """Per-layer, per-expert values `[L, E]` of a criterion (higher = keep); formulas in the module doc.
+
+    Example:
+        >>> criterion_values(Scores.load("scores.safetensors"), "ean_mean")[0].argmax()
+    """
+    name = canonical_criterion(criterion, scores)
+    if name in scores.values:
+        return scores.values[name]
+    if name == "random":
+        return np.random.default_rng(seed).random(scores.count.shape)
+    if not scores.has_sums:
+        held = ", ".join(scores.values)
+        raise ShardcutError(f"this score file holds only imported {held!r} values (no sums), so {name!r} cannot "
+                            f"be derived; use --criterion {next(iter(scores.values))}")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if name == "reap":
+            return np.where(scores.count > 0, scores.reap_sum / scores.count, 0.0)
+        if name == "ean_mean":
+            return np.where(scores.count > 0, scores.norm_sum / scores.count, 0.0)
+    return {"ean": scores.norm_sum, "frequency": scores.count, "weighted_frequency": scores.gate_sum}[name].copy()
+
+
+def rank(values: np.ndarray) -> np.ndarray:
+    """Expert ids from most to least important: higher value first, on equal values the lower id."""
+    values = np.asarray(values, dtype=np.float64)
+    return np.lexsort((np.arange(len(values)), -values))
+
+
+# ---------------------------------------------------------------------------------------------
+# Counts
+
+
+@dataclass(frozen=True)
+class Counts:
+    """How many experts every layer keeps, and how that number was reached."""
+
+    num_experts: int
+    kept: int
+    ratio: float | None
+    rule: str  # human-readable: "pruned per layer = floor(256 x 0.3) = 76 -> 180 kept"
+    rounded: str | None = None  # set when group balance changed the count
+
+    @property
+    def pruned(self) -> int:
+        return self.num_experts - self.kept
+
+
+def kept_count(num_experts: int, top_k: int, *, ratio: float | None = None, experts: int | None = None,
+               n_group: int = 1, topk_group: int = 1) -> Counts:
+    """Experts kept per layer for `ratio` (fraction removed) or `experts` (kept), with the floors.
+
+    Example:
+        >>> kept_count(256, 8, ratio=0.30).kept
+        180
+        >>> kept_count(256, 8, ratio=0.30, n_group=8, topk_group=4).kept
+        184
+    """
+    E, G = num_experts, max(1, n_group)
+    if (ratio is None) == (experts is None):
+        raise ShardcutError("give exactly one of ratio (fraction of experts removed) or experts (kept per layer)")
+    rounded = None
+    if ratio is not None:
+        if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio < 1):
+            raise ShardcutError(f"ratio {ratio} must lie strictly between 0 and 1 (the fraction of experts removed)")
+        pruned = math.floor(E * Fraction(repr(float(ratio))))
+        rule = f"pruned per layer = floor({E} x {ratio:g}) = {pruned}"
+        if pruned == 0:
+            raise ShardcutError(f"ratio {ratio:g} removes no expert of {E} (floor({E} x {ratio:g}) = 0)")
+        if G > 1 and pruned % G:
+            down = pruned - pruned % G
+            rounded = (f"rounded down to {down}, a multiple of n_group={G}, so every group drops {down // G}")
+            if down == 0:
+                raise ShardcutError(f"ratio {ratio:g} prunes {pruned} of {E} experts, fewer than one per group "
+                                    f"(n_group={G}); use a ratio of at least {G / E:g}")
+            pruned = down
+            rule += f", {rounded}"
+        kept = E - pruned
+        rule += f" -> {kept} kept"
+    else:
+        if isinstance(experts, bool) or not isinstance(experts, int):
+            raise ShardcutError(f"experts {experts!r} must be an integer")
+        if experts >= E or experts < 1:
+            raise ShardcutError(f"experts {experts} must be below the model's {E} experts per layer (and at least 1)")
+        if experts < top_k:
+            raise ShardcutError(f"experts {experts} is fewer than top_k={top_k}: every token routes to {top_k} experts")
+        kept = experts
+        rule = f"{kept} kept per layer as requested"
+        if G > 1 and kept % G:
+            up = kept + G - kept % G
+            rounded = f"rounded up to {up}, a multiple of n_group={G}, so every group keeps {up // G}"
+            kept = up
+            rule = f"{experts} kept per layer requested, {rounded}"
+        if kept >= E:
+            raise ShardcutError(f"experts {experts} rounded to a multiple of n_group={G} keeps all {E} experts")
+    if kept < top_k:
+        raise ShardcutError(f"{rule}: fewer than top_k={top_k}; use a ratio of at most {(E - top_k) / E:g}")
+    if G > 1:
+        per = kept // G
+        if per < 2:
+            raise ShardcutError(f"{rule}: {per} per group with n_group={G}; grouped routing needs at least 2 per group")
+        if topk_group * per < top_k:
+            raise ShardcutError(f"{rule}: topk_group={topk_group} x {per} per group < top_k={top_k}, so a token "
+                                f"could not find {top_k} experts in its {topk_group} groups")
+    return Counts(E, kept, ratio, rule, rounded)
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection from arrays (no model I/O)
+
+
+@dataclass
+class Selection:
+    """One layer's choice: kept ids (ascending) and how the order was honoured."""
+
+    kept: list[int]
+    lowest_kept: float | None
+    highest_pruned: float | None
+    protected: list[int]
+    protection_overrode: bool  # a protected expert displaced a higher-scoring one
+    group_balance_overrode: bool  # per-group quotas kept an expert scoring below one pruned in another group
+
+
+def select_layer(values, kept: int, n_group: int = 1, protect=()) -> Selection:
+    """Keep `kept` experts of one layer by `values` (higher = keep; ties keep the lower id).
+
+    With `n_group` > 1 experts form `n_group` contiguous groups and each keeps kept/n_group,
+    ranked within the group. `protect` ids are kept whatever their value (they count against
+    their group's quota).
+
+    Example:
+        >>> select_layer([0.5, 0.1, 0.9, 0.1], 2).kept
+        [0, 2]
+        >>> select_layer([0.5, 0.1, 0.9, 0.1], 2, n_group=2).kept
+        [0, 2]
+    """
+    v = np.asarray(values, dtype=np.float64)
+    E, G = len(v), max(1, n_group)
+    if E % G or kept % G:
+        raise ShardcutError(f"{kept} kept of {E} experts cannot split evenly over n_group={G}")
+    size, per = E // G, kept // G
+    prot = sorted({int(i) for i in protect})
+    bad = [i for i in prot if not 0 <= i < E]
+    if bad:
+        raise ShardcutError(f"protected expert ids {bad[:5]} out of range 0..{E - 1}")
+    chosen: list[int] = []
+    for g in range(G):
+        lo = g * size
+        in_group = [i for i in prot if lo <= i < lo + size]
+        if len(in_group) > per:
+            where = f"group {g} (experts {lo}..{lo + size - 1})" if G > 1 else "the layer"
+            raise ShardcutError(f"{len(in_group)} protected experts in {where} but only {per} kept there")
+        order = [lo + int(i) for i in rank(v[lo : lo + size]) if lo + int(i) not in in_group]
+        chosen += in_group + order[: per - len(in_group)]
+    chosen.sort()
+    pruned = np.setdiff1d(np.arange(E), chosen)
+    plain = _plain(v, kept, G)
+    return Selection(
+        chosen,
+        float(v[chosen].min()) if chosen else None,
+        float(v[pruned].max()) if len(pruned) else None,
+        prot,
+        protection_overrode=bool(prot) and chosen != plain,
+        group_balance_overrode=G > 1 and plain != _plain(v, kept, 1),
+    )
+
+
+def _plain(v: np.ndarray, kept: int, G: int) -> list[int]:
+    size, per = len(v) // G, kept // G
+    return sorted(g * size + int(i) for g in range(G) for i in rank(v[g * size : (g + 1) * size])[:per])
+
+
+def super_experts(scores: Scores, layer_fraction: float = SUPER_LAYER_FRACTION) -> tuple[dict[str, list[int]], float]:
+    """Experts with outlier activations, by layer key, and the threshold used.
+
+    threshold = max(99.5th percentile of act_max over every scored layer, global max / 10);
+    an expert is super when its act_max exceeds it and its layer is among the first
+    `layer_fraction` of the scored layers (int(L x 0.75), as the REAP reference). Unlike the
+    reference, rows map to their own layer keys (not to decoder indices 0..L-1).
+
+    Example:
+        >>> super_experts(Scores.load("scores.safetensors"))
+        ({'5': [17]}, 812.5)
+    """
+    if not scores.has_sums:
+        raise ShardcutError("this score file has no act_max (imported criterion values only): "
+                            "super experts cannot be found")
+    a = scores.act_max
+    threshold = max(float(np.percentile(a, SUPER_PERCENTILE)), float(a.max()) / SUPER_MAX_FRACTION)
+    order = sorted(range(len(scores.layers)), key=lambda r: _layer_sort_key(scores.layers[r]))
+    considered = order[: int(len(order) * layer_fraction)]
+    found = {scores.layers[r]: [int(i) for i in np.flatnonzero(a[r] > threshold)] for r in considered}
+    return {k: v for k, v in found.items() if v}, threshold
+
+
+def _layer_sort_key(key: str) -> tuple[str, int]:
+    m = re.fullmatch(r"(.*?)(\d+)", key)
+    return (m.group(1), int(m.group(2))) if m else (key, -1)
+
+
+def parse_protect(specs: list[str] | None) -> dict[str, list[int]]:
+    """`["3:0,5", "mtp.0:1"]` -> `{"3": [0, 5], "mtp.0": [1]}` (the `--protect` syntax).
+
+    Example:
+        >>> parse_protect(["3:0,5"])
+        {'3': [0, 5]}
+    """
+    out: dict[str, list[int]] = {}
+    for spec in specs or []:
+        layer, sep, ids = spec.partition(":")
+        try:
+            parsed = [int(x) for x in ids.split(",") if x.strip()]
+        except ValueError:
+            parsed = []
+        if not sep or not layer.strip() or not parsed:
+            raise ShardcutError(f"--protect {spec!r}: expected LAYER:ID[,ID...], e.g. 3:0,17")
+        out.setdefault(layer.strip(), []).extend(parsed)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans for a model
+
+
+@dataclass
+class LayerRow:
+    """One MoE layer of a plan report."""
+
+    layer: str
+    kept: int
+    pruned: int
+    lowest_kept: float | None
+    highest_pruned: float | None
+    protected: list[int]
+    protection_overrode: bool
+    group_balance_overrode: bool
+    source: str  # "scores", "scores of layer 3" (MTP policy), or "same ids as layer 3"
+
+
+@dataclass
+class PlanReport:
+    """What `make_plan` chose and why: counts, per-layer rows, notes, size estimate."""
+
+    model: str
+    architecture: str
+    criterion: str
+    num_experts: int
+    kept: int
+    ratio: float | None
+    rule: str
+    rows: list[LayerRow]
+    input_bytes: int
+    output_bytes: int
+    scores_sha256: str
+    mtp_policy: str | None = None
+    super_threshold: float | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def pruned(self) -> int:
+        return self.num_experts - self.kept
+
+    def to_json(self) -> dict:
+        out = asdict(self)
+        out["pruned"] = self.pruned
+        return out
+
+
+def make_plan(
+    model: str | Path,
+    scores: Scores | str | Path,
+    *,
+    ratio: float | None = None,
+    experts: int | None = None,
+    criterion: str | None = "reap",
+    seed: int = 0,
+    protect_super_experts: bool = False,
+    protect: dict[str, list[int]] | None = None,
+    mtp_policy: str | None = None,
+) -> tuple[Plan, PlanReport]:
+    """Plan a prune of `model` from a score file: the same number kept in every MoE layer, the
+    highest by `criterion` (see the module doc for formulas and the rounding rule; None: reap,
+    or the one criterion a values-only imported file holds).
+
+    Reads only the model's config and shard headers. MoE layers the scores do not cover (MTP
+    layers, which calibration through transformers cannot see) need `mtp_policy`:
+    `reuse-last` (rank with the last scored layer's scores), `scores-of:N` (with layer N's),
+    or `same-ids-as:N` (keep exactly layer N's ids).
+
+    Example:
+        >>> plan, report = make_plan("Qwen3-30B-A3B", "scores.safetensors", ratio=0.5)
+        >>> plan.save("plan.json"); report.kept, report.output_bytes
+    """
+    from shardcut.checkpoint import open_checkpoint
+    from shardcut.container import shard_size
+    from shardcut.hub import resolve_model
+    from shardcut.model import describe
+    from shardcut.rewrite import layout
+
+    ckpt = open_checkpoint(resolve_model(model))
+    info = describe(ckpt)
+    if isinstance(scores, Scores):
+        origin, sha = "scores", scores.sha256()
+    else:
+        origin, sha = str(scores), file_sha256(scores) if Path(scores).is_file() else ""
+        scores = Scores.load(scores)
+    crit = canonical_criterion(criterion, scores)
+    counts = kept_count(info.num_experts, info.top_k, ratio=ratio, experts=experts,
+                        n_group=info.n_group, topk_group=info.topk_group)
+    sources = _ranking_sources(info, scores, mtp_policy, origin)
+    values = criterion_values(scores, crit, seed)
+    row_of = {k: i for i, k in enumerate(scores.layers)}
+
+    protected = {k: list(v) for k, v in _check_protect(protect or {}, info).items()}
+    notes: list[str] = []
+    threshold, supers = None, {}
+    if protect_super_experts:
+        supers, threshold = super_experts(scores)
+        notes.append(f"super-expert threshold {threshold:.6g}: "
+                     + (", ".join(f"layer {k}: {v}" for k, v in supers.items()) if supers else "none found"))
+    if counts.rounded:
+        notes.append(f"grouped routing: {counts.rounded}")
+
+    keep: dict[str, list[int]] = {}
+    rows: list[LayerRow] = []
+    pending: list[tuple[str, str]] = []
+    for layer in info.layers:
+        kind, src = sources[layer.key]
+        if kind == "same-ids":
+            pending.append((layer.key, src))
+            continue
+        r = row_of[src]
+        # a layer ranked with another layer's scores takes that layer's super experts too
+        prot = sorted(set(protected.get(layer.key, [])) | set(supers.get(src, [])))
+        if prot:
+            protected[layer.key] = prot
+        try:
+            sel = select_layer(values[r], counts.kept, info.n_group, prot)
+        except ShardcutError as exc:
+            raise ShardcutError(f"layer {layer.key}: {exc}") from None
+        keep[layer.key] = sel.kept
+        rows.append(LayerRow(layer.key, len(sel.kept), counts.pruned, sel.lowest_kept, sel.highest_pruned,
+                             sel.protected, sel.protection_overrode, sel.group_balance_overrode,
+                             "scores" if src == layer.key else f"ranked with the scores of layer {src}"))
+    for key, src in pending:
+        keep[key] = list(keep[src])
+        if protected.get(key) and not set(protected[key]) <= set(keep[key]):
+            raise ShardcutError(f"layer {key}: protected experts {protected[key]} are not all among layer {src}'s "
+                                f"kept ids, which mtp policy same-ids-as:{src} copies")
+        rows.append(LayerRow(key, counts.kept, counts.pruned, None, None, protected.get(key, []), False, False,
+                             f"keeps the same ids as layer {src}"))
+    order = {layer.key: i for i, layer in enumerate(info.layers)}
+    rows.sort(key=lambda row: order[row.layer])
+    keep = {layer.key: keep[layer.key] for layer in info.layers}
+
+    model_text = str(model)
+    source = {"model": model_text, "num_experts": info.num_experts}
+    if "@" in model_text and not Path(model_text).exists():
+        source["model"], source["revision"] = model_text.split("@", 1)
+    extra: dict = {
+        "source": source,
+        "criterion": crit,
+        **({"ratio": ratio} if ratio is not None else {}),
+        "experts": counts.kept,
+        "pruned_per_layer": counts.pruned,
+        "rounding": counts.rule,
+        "scores_sha256": sha,
+    }
+    if crit == "random":
+        extra["seed"] = seed
+    if mtp_policy and any(kind != "own" for kind, _ in sources.values()):
+        extra["mtp_policy"] = mtp_policy
+        notes += [f"mtp policy {mtp_policy}: layer {row.layer} has no scores, {row.source}"
+                  for row in rows if row.source != "scores"]
+    elif mtp_policy:
+        notes.append(f"mtp policy {mtp_policy!r} not needed: every MoE layer has scores")
+    if protected:
+        extra["protected"] = {k: sorted(set(v)) for k, v in protected.items()}
+    if protect_super_experts:
+        extra["super_expert_threshold"] = threshold
+    plan = Plan(keep, extra, "plan")
+    validate_plan(plan, info, "plan")
+
+    lay = layout(ckpt, info, plan)
+    output = sum(shard_size(s, m) for s, m in zip(lay.shards, lay.metadata))
+    report = PlanReport(model_text, info.arch.name, crit, info.num_experts, counts.kept, ratio, counts.rule, rows,
+                        ckpt.file_bytes, output, sha, extra.get("mtp_policy"), threshold, notes)
+    return plan, report
+
+
+def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin: str) -> dict[str, tuple[str, str]]:
+    """For each MoE layer: ("own", key), ("scores", N) or ("same-ids", N); checks the scores fit the model."""
+    E = info.num_experts
+    if scores.num_experts != E:
+        raise ShardcutError(f"holds scores of {scores.num_experts} experts per layer, the model has {E} "
+                            "(scores of another model?)", origin)
+    model_keys = [layer.key for layer in info.layers]
+    foreign = [k for k in scores.layers if k not in info.layer_by_key]
+    if foreign:
+        raise ShardcutError(f"covers layers {foreign[:5]} that are not MoE layers of the model (its MoE layers: "
+                            f"{_span(model_keys)}; scores of another model?)", origin)
+    scored = set(scores.layers)
+    missing_main = [layer.key for layer in info.layers if not layer.mtp and layer.key not in scored]
+    if missing_main:
+        raise ShardcutError(f"lacks MoE layers {missing_main[:5]} of the model ({len(scores.layers)} scored, "
+                            f"{len(model_keys)} in the model; scores of another model?)", origin)
+    unscored = [layer.key for layer in info.layers if layer.key not in scored]
+    out = {k: ("own", k) for k in model_keys if k in scored}
+    if not unscored:
+        return out
+    if not policy:
+        raise ShardcutError(
+            f"MoE layers {', '.join(unscored)} (MTP) have no scores; choose how to prune them with mtp_policy "
+            f"(--mtp-policy): reuse-last, scores-of:N or same-ids-as:N", origin)
+    name, _, arg = policy.partition(":")
+    if name == "reuse-last" and not arg:
+        main_scored = [layer.key for layer in info.layers if layer.key in scored and not layer.mtp]
+        last = (main_scored or [k for k in model_keys if k in scored])[-1]
+        out.update({k: ("scores", last) for k in unscored})
+    elif name in ("scores-of", "same-ids-as") and arg:
+        if arg not in scored:
+            raise ShardcutError(f"mtp policy {policy!r}: layer {arg} has no scores (scored: {_span(scores.layers)})")
+        out.update({k: ("scores" if name == "scores-of" else "same-ids", arg) for k in unscored})
+    else:
+        raise ShardcutError(f"unknown mtp policy {policy!r} (known: {', '.join(MTP_POLICIES)}, N a scored layer key)")
+    return out
+
+
+def _check_protect(protect: dict[str, list[int]], info: ModelInfo) -> dict[str, list[int]]:
+    for key, ids in protect.items():
+        if key not in info.layer_by_key:
+            raise ShardcutError(f"--protect: layer {key} is not a MoE layer of the model "
+                                f"(MoE layers: {_span([layer.key for layer in info.layers])})")
+        bad = [i for i in ids if not 0 <= i < info.num_experts]
+        if bad:
+            raise ShardcutError(f"--protect: layer {key}: expert ids {bad[:5]} out of range 0..{info.num_experts - 1}")
+    return protect
+
+
+def _span(keys: list[str]) -> str:
+    return ", ".join(keys) if len(keys) <= 6 else f"{', '.join(keys[:3])}, …, {', '.join(keys[-2:])}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Summaries for `scores show`
+
+
+def summarize_scores(scores: Scores, criterion: str | None = None, seed: int = 0, n: int = 3) -> dict:
+    """A JSON-ready per-layer summary: tokens, never-routed experts, lowest and highest experts.
+
+    Example:
+        >>> summarize_scores(Scores.load("scores.safetensors"), "reap")["layers"][0]["lowest"]
+        [[12, 0.0031], [40, 0.0040], [7, 0.0052]]
+    """
+    crit = canonical_criterion(criterion, scores)
+    values = criterion_values(scores, crit, seed)
+    layers = []
+    for r, key in enumerate(scores.layers):
+        order = rank(values[r])
+        layers.append({
+            "layer": key,
+            "tokens": float(scores.tokens[r]) if scores.has_sums else None,
+            "never_routed": [int(i) for i in np.flatnonzero(scores.count[r] == 0)] if scores.has_sums else None,
+            "lowest": [[int(i), float(values[r, i])] for i in order[::-1][:n]],
+            "highest": [[int(i), float(values[r, i])] for i in order[:n]],
+        })
+    return {
+        "format": "shardcut-scores/1",
+        "criterion": crit,
+        "criterion_definition": CRITERIA.get(crit, "imported values"),
+        "num_experts": scores.num_experts,
+        "has_sums": scores.has_sums,
+        "imported_criteria": list(scores.values),
+        "metadata": dict(scores.metadata),
+        "layers": layers,
+    }

@@ -1,0 +1,203 @@
+"""`shardcut push`: the generated model card (parsed back with ModelCard.load), the exact file
+list of a dry run, the upload through a recording HfApi-compatible fake, and refusals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+
+import pytest
+from fixtures.hub_fixtures import REPO, SCORE_META, FakeHubApi, http_error, set_token, tiny
+from huggingface_hub import ModelCard
+from typer.testing import CliRunner
+
+from shardcut import hub
+from shardcut.checkpoint import open_checkpoint
+from shardcut.errors import ShardcutError
+from shardcut.model import describe
+from shardcut.plan import Plan
+from shardcut.push import PROVENANCE_NAME, TAGS, count_parameters, push
+from shardcut.scores import file_sha256
+from shardcut_cli.main import app
+
+TARGET = "me/tiny-qwen3-moe-reap-50"
+SECRET = "hf_TopSecretTokenForTests0123456789"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def t(tmp_path_factory):
+    return tiny(tmp_path_factory)
+
+
+@pytest.fixture
+def fake(tmp_path, monkeypatch):
+    set_token(monkeypatch, SECRET, tmp_path)
+    api = FakeHubApi()
+    monkeypatch.setattr(hub, "hub_api", lambda: api)
+    return api
+
+
+def expected_files(t) -> set[str]:
+    """OUT's files (its README, the source's card, replaced) plus what push adds."""
+    own = {p.relative_to(t.pruned).as_posix() for p in t.pruned.rglob("*") if p.is_file()}
+    return own | {"README.md", "calibration/plan.json", "calibration/scores.safetensors", PROVENANCE_NAME}
+
+
+def test_parameter_counts_follow_from_the_pruned_checkpoint(t):
+    """Counts for the original expert count derived from the pruned checkpoint alone equal the
+    counts of the source itself, and the other way round."""
+    src, out = open_checkpoint(t.source), open_checkpoint(t.pruned)
+    c_src, c_out = count_parameters(src, describe(src)), count_parameters(out, describe(out))
+    E, kept = describe(src).num_experts, describe(out).num_experts
+    assert c_out.at(E) == c_src.at(E) and c_src.at(kept) == c_out.at(kept)
+    assert c_src.at(E)["total"] == sum(a.size for a in _all_tensors(t.source))
+    assert c_src.at(E)["bytes"] == src.total_bytes and c_out.at(kept)["bytes"] == out.total_bytes
+    assert c_out.at(kept)["total"] < c_src.at(E)["total"]
+    # top-k experts per token either way; only the router rows of the pruned experts go
+    H = src.config["hidden_size"]
+    assert c_src.at(E)["active"] - c_out.at(kept)["active"] == len(describe(src).layers) * (E - kept) * H
+
+
+def _all_tensors(path):
+    from safetensors import safe_open
+
+    for f in path.glob("*.safetensors"):
+        with safe_open(str(f), "np") as st:
+            for name in st.keys():
+                yield st.get_tensor(name)
+
+
+def test_card_parses_back_field_by_field(t, tmp_path, fake):
+    report = push(t.pruned, TARGET, scores=t.scores, dry_run=True)
+    path = tmp_path / "README.md"
+    path.write_text(report.card)
+    card = ModelCard.load(path)
+    data = card.data
+    assert data.base_model == REPO
+    assert data.library_name == "transformers"
+    assert data.license == "apache-2.0" and data.pipeline_tag == "text-generation"  # from the source's card
+    assert data.language == ["en"]
+    assert data.tags == TAGS
+    text = card.text
+    assert "SOURCE-CARD-BODY" not in text and f"https://huggingface.co/{REPO}" in text  # credited, not copied
+    src, out = open_checkpoint(t.source), open_checkpoint(t.pruned)
+    before, after = count_parameters(src, describe(src)).at(16), count_parameters(out, describe(out)).at(8)
+    assert "| routed experts per MoE layer | 16 | 8 |" in text
+    rows = {line.split("|")[1].strip(): line.split("|")[2:4] for line in text.splitlines() if line.startswith("| ")}
+    assert f"({before['total']:,})" in rows["total parameters"][0]
+    assert f"({after['total']:,})" in rows["total parameters"][1]
+    assert f"({before['active']:,})" in rows["active parameters per token"][0]
+    assert f"({after['active']:,})" in rows["active parameters per token"][1]
+    assert "Criterion: `reap`" in text
+    for key, value in SCORE_META.items():
+        assert f"- {key}: {value}" in text
+    assert f"shardcut calibrate {REPO} --data notes.txt:32 --samples 32 --max-length 64" in text
+    assert f"hf download {TARGET} calibration/scores.safetensors" in text
+    assert f"shardcut prune {REPO} -o pruned --scores calibration/scores.safetensors --ratio" in text
+    plan_sha = json.loads((t.pruned / "model.safetensors.index.json").read_text())["metadata"]["plan_sha256"]
+    assert plan_sha in text
+
+
+def test_dry_run_lists_exactly_the_files_and_uploads_nothing(t, fake):
+    result = runner.invoke(app, ["push", str(t.pruned), TARGET, "--scores", str(t.scores), "--dry-run", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = json.loads(result.output)
+    assert {f["path"] for f in listed["files"]} == expected_files(t)
+    assert len(listed["files"]) == len(expected_files(t))
+    assert listed["card"].startswith("---\nbase_model: " + REPO)
+    assert fake.calls == []  # a dry run talks to nobody
+
+    human = runner.invoke(app, ["push", str(t.pruned), TARGET, "--scores", str(t.scores), "--dry-run"])
+    assert human.exit_code == 0 and "calibration/scores.safetensors" in human.output
+    assert "Re-prune at another ratio" in human.output
+
+
+def test_upload_through_recording_api(t, fake, caplog):
+    caplog.set_level(logging.DEBUG)
+    dry = push(t.pruned, TARGET, scores=t.scores, dry_run=True)
+    result = runner.invoke(app, ["push", str(t.pruned), TARGET, "--scores", str(t.scores), "--private"])
+    assert result.exit_code == 0, result.output
+    assert [c[0] for c in fake.calls] == ["create_repo", "upload_folder"]
+    assert fake.calls[0][1] == (TARGET,) and fake.calls[0][2]["private"] is True and fake.calls[0][2]["exist_ok"]
+    assert fake.calls[1][2]["revision"] is None and not fake.calls[1][2]["create_pr"]
+    (uploaded,) = fake.uploaded
+    assert set(uploaded) == {f.path_in_repo for f in dry.files} == expected_files(t)
+    for rel in expected_files(t) - {"README.md", PROVENANCE_NAME, "calibration/plan.json",
+                                    "calibration/scores.safetensors"}:
+        assert hashlib.sha256(uploaded[rel]).digest() == hashlib.sha256((t.pruned / rel).read_bytes()).digest()
+    assert uploaded["calibration/scores.safetensors"] == t.scores.read_bytes()
+    assert uploaded["calibration/plan.json"] == (t.pruned / "shardcut-plan.json").read_bytes()
+    provenance = json.loads(uploaded[PROVENANCE_NAME])
+    assert provenance["source"]["model"] == REPO and provenance["scores_sha256"] == file_sha256(t.scores)
+    assert provenance["experts_per_layer"] == {"before": 16, "after": 8}
+    assert ModelCard(uploaded["README.md"].decode()).data.base_model == REPO
+    assert "https://huggingface.co/" + TARGET in result.output
+    assert SECRET not in result.output and SECRET not in caplog.text
+
+
+def test_branch_and_pull_request(t, fake):
+    push(t.pruned, TARGET, revision="pruned-50")
+    assert [c[0] for c in fake.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert fake.calls[1][2]["branch"] == "pruned-50" and fake.calls[2][2]["revision"] == "pruned-50"
+    report = push(t.pruned, TARGET, create_pr=True)
+    assert fake.calls[-1][2]["create_pr"] is True and report.url.endswith("/discussions/1")
+    line = _error(["push", str(t.pruned), TARGET, "--create-pr", "--revision", "dev"])
+    assert "--create-pr" in line and "'dev'" in line
+
+
+def _error(args) -> str:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+def test_refuses_an_out_that_verify_rejects(t, tmp_path, fake):
+    broken = tmp_path / "broken"
+    shutil.copytree(t.pruned, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    index["metadata"]["total_size"] += 1
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    line = _error(["push", str(broken), TARGET])
+    assert "verify rejects it" in line and "total_size" in line
+    victim = sorted(broken.glob("model-*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:-8])
+    assert victim.name in _error(["push", str(broken), TARGET])
+    assert fake.calls == []
+
+
+def test_bad_push_inputs(t, tmp_path, fake, monkeypatch):
+    assert "malformed Hub repo id" in _error(["push", str(t.pruned), "me/bad--name"])
+    other = tmp_path / "other.safetensors"
+    shutil.copyfile(t.scores, other)
+    with other.open("ab") as f:
+        f.write(b" ")
+    with pytest.raises(ShardcutError):
+        push(t.pruned, TARGET, scores=other, dry_run=True)
+    no_plan = tmp_path / "no-plan"
+    shutil.copytree(t.pruned, no_plan)
+    (no_plan / "shardcut-plan.json").unlink()
+    assert "not an output of shardcut prune" in _error(["push", str(no_plan), TARGET, "--dry-run"])
+    set_token(monkeypatch, None, tmp_path)
+    line = _error(["push", str(t.pruned), TARGET])
+    assert "no Hugging Face token" in line and "HF_TOKEN" in line
+    assert fake.calls == []
+
+
+def test_hub_failure_during_upload_is_one_line_without_the_token(t, tmp_path, monkeypatch):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    set_token(monkeypatch, SECRET, tmp_path)
+    leaky = FakeHubApi(fail={"upload_folder": http_error(HfHubHTTPError, 500, f"500 upstream said token={SECRET}")})
+    monkeypatch.setattr(hub, "hub_api", lambda: leaky)
+    result = runner.invoke(app, ["push", str(t.pruned), TARGET])
+    assert result.exit_code == 2 and "***" in result.output and SECRET not in result.output
+    denied = FakeHubApi(fail={"create_repo": http_error(HfHubHTTPError, 403, "403 Forbidden: no rights to create")})
+    monkeypatch.setattr(hub, "hub_api", lambda: denied)
+    line = _error(["push", str(t.pruned), "someone-else/model"])
+    assert "someone-else/model" in line and "403 Forbidden" in line
+    assert Plan.load(t.pruned / "shardcut-plan.json").keep  # OUT untouched
