@@ -48,7 +48,7 @@ class _Display:
         if event.kind == "info":
             self.print(event.message)
             return
-        name = "embeddings" if event.step == 0 else f"layer {event.layer}" + (f" (MoE {event.key})" if event.key else "")
+        name = "embeddings" if event.layer < 0 else f"layer {event.layer}" + (f" (MoE {event.key})" if event.key else "")
         if event.kind == "layer_start":
             self.layer_started = time.perf_counter()
             if self.bar is not None:

@@ -7,6 +7,7 @@ The public API, one call per CLI command:
     >>> plan = shardcut.Plan.load("plan.json")
     >>> shardcut.prune("Qwen3-30B-A3B", "out", plan)     # shardcut prune --plan
     >>> shardcut.verify("out", source="Qwen3-30B-A3B")   # shardcut verify --source
+    >>> plan, report = shardcut.make_plan("Qwen3-30B-A3B", "scores.safetensors", ratio=0.5)  # shardcut plan
 
 Submodules import lazily, so `import shardcut` stays fast and needs neither torch nor numpy.
 """
@@ -28,6 +29,13 @@ _EXPORTS = {
     "Scores": "shardcut.scores",
     "open_checkpoint": "shardcut.checkpoint",
     "describe": "shardcut.model",
+    "make_plan": "shardcut.select",
+    "import_scores": "shardcut.score_import",
+    "merge_scores": "shardcut.scores",
+    "open_model": "shardcut.hub",
+    "prune_model": "shardcut.stream",
+    "push": "shardcut.push",
+    "calibrate": "shardcut.calibrate",
 }
 
 

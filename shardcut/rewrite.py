@@ -286,8 +286,14 @@ def write_checkpoint_files(dest: Path, ckpt: Checkpoint, info: ModelInfo, plan: 
         else:
             shutil.copyfile(ckpt.root / rel, dest / rel)
     provenance = plan.to_json()
-    if isinstance(provenance.setdefault("source", {}), dict):
-        provenance["source"].setdefault("num_experts", info.num_experts)
+    source = provenance.setdefault("source", {})
+    if isinstance(source, dict):
+        source.setdefault("num_experts", info.num_experts)
+        root = ckpt.root.resolve() if ckpt.root.exists() else ckpt.root
+        if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+            # a Hugging Face cache snapshot: name the repo and the exact commit pruned
+            source.setdefault("model", root.parent.parent.name.removeprefix("models--").replace("--", "/"))
+            source.setdefault("revision", root.name)
     _write_json(dest / PLAN_COPY_NAME, provenance)
 
 

@@ -64,14 +64,13 @@ def import_scores(path: str | Path, model: str | Path, *, fmt: str = "auto",
         >>> scores, report = import_scores("observations_1024_cosine-seed_42.pt", "Qwen/Qwen3-30B-A3B")
         >>> scores.save("scores.safetensors")
     """
-    from shardcut.checkpoint import open_checkpoint
-    from shardcut.hub import resolve_model
+    from shardcut.hub import open_model
     from shardcut.model import describe
 
     path = Path(path)
     if not path.is_file():
         raise ShardcutError("file not found", path)
-    info = describe(open_checkpoint(resolve_model(model)))
+    info = describe(open_model(model))  # headers only: no shard data
     if fmt not in FORMATS:
         raise ShardcutError(f"unknown import format {fmt!r} (known: {', '.join(FORMATS)})")
     data = None

@@ -358,13 +358,12 @@ def make_plan(
         >>> plan, report = make_plan("Qwen3-30B-A3B", "scores.safetensors", ratio=0.5)
         >>> plan.save("plan.json"); report.kept, report.output_bytes
     """
-    from shardcut.checkpoint import open_checkpoint
     from shardcut.container import shard_size
-    from shardcut.hub import resolve_model
+    from shardcut.hub import open_model
     from shardcut.model import describe
     from shardcut.rewrite import layout
 
-    ckpt = open_checkpoint(resolve_model(model))
+    ckpt = open_model(model)  # headers only: no shard data
     info = describe(ckpt)
     if isinstance(scores, Scores):
         origin, sha = "scores", scores.sha256()

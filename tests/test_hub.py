@@ -13,6 +13,7 @@ from fixtures.hub_fixtures import (
     FakeHubApi,
     http_error,
     lay_out_cache,
+    pruned_digest,
     set_token,
     tiny,
     tree_digest,
@@ -97,7 +98,9 @@ def test_offline_inspect_plan_prune_on_repo_id(t, tmp_path, monkeypatch):
     out = tmp_path / "out"
     result = run("prune", REPO, "-o", out, "--plan", t.plan_path)
     assert result.exit_code == 0, result.output
-    assert tree_digest(out) == tree_digest(t.pruned)  # byte for byte the prune of the local folder
+    provenance = Plan.load(out / "shardcut-plan.json").extra["source"]
+    assert provenance["model"] == REPO and provenance["revision"] == SHA  # the exact commit pruned
+    assert pruned_digest(out) == pruned_digest(t.pruned)  # byte for byte the prune of the local folder
     assert tree_digest(t.reference_cache) == before  # the cache is read, never written
 
 
@@ -206,7 +209,7 @@ def test_online_prune_downloads_into_the_cache(t, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["disk"]["plain"] == report["disk"]["output"] + report["disk"]["input"]
-    assert tree_digest(out) == tree_digest(t.pruned)
+    assert pruned_digest(out) == pruned_digest(t.pruned)
     (snap,) = fake.called("snapshot_download")
     assert "*.bin" in snap[2]["ignore_patterns"] and snap[2]["revision"] == SHA
     assert len(list((cache / "models--tiny-org--tiny-qwen3-moe" / "blobs").iterdir())) == len(tree_digest(t.source))

@@ -9,7 +9,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import pytest
-from fixtures.hub_fixtures import REPO, SHA, FakeHubApi, tiny, tree_digest, use_cache
+from fixtures.hub_fixtures import REPO, SHA, FakeHubApi, pruned_digest, tiny, tree_digest, use_cache
 from typer.testing import CliRunner
 
 from shardcut import hub
@@ -71,7 +71,7 @@ def test_stream_output_is_the_plain_prune_and_disk_is_output_plus_one_shard(t, t
     report = prune_model(REPO, work / "out", plan, stream=True, download=fetch, progress=fetch.measure)
 
     out = work / "out"
-    assert tree_digest(out) == tree_digest(t.pruned)  # byte for byte what the local prune writes
+    assert pruned_digest(out) == pruned_digest(t.pruned)  # byte for byte what the local prune writes
     assert verify(out, source=t.source).ok
     shards = sorted(t.source.glob("*.safetensors"))
     assert fetch.fetched == [p.name for p in shards] == report.downloaded
@@ -108,7 +108,7 @@ def test_failure_mid_way_then_rerun_completes(t, tmp_path, online):
     report = prune_model(REPO, out, plan, stream=True, download=rerun)
     assert rerun.fetched == sorted(p.name for p in t.source.glob("*.safetensors"))[3:]
     assert len(report.resumed) == 3
-    assert tree_digest(out) == tree_digest(t.pruned)
+    assert pruned_digest(out) == pruned_digest(t.pruned)
     assert not partial.exists()
     after = tree_digest(tmp_path / "cache")
     assert {k: v for k, v in after.items() if k in cache_before} == cache_before  # the cache only grows
@@ -123,7 +123,7 @@ def test_cached_shards_are_read_in_place_and_kept(t, tmp_path, monkeypatch):
     never = Downloader(t.source, tmp_path, fail_at=1)
     report = prune_model(REPO, tmp_path / "out", Plan.load(t.plan_path), stream=True, api=fake, download=never)
     assert report.downloaded == [] and report.disk["stream"] == report.output_bytes
-    assert tree_digest(tmp_path / "out") == tree_digest(t.pruned)
+    assert pruned_digest(tmp_path / "out") == pruned_digest(t.pruned)
     assert tree_digest(cache) == before
 
 

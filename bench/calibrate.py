@@ -1,0 +1,159 @@
+"""Streaming calibration against a plain full-model forward on the same tokens.
+
+    .venv/bin/python bench/calibrate.py                       # 8 layers, 64 experts, hidden 512, CPU
+    .venv/bin/python bench/calibrate.py --device cuda --dtype bfloat16 --layers 16 --hidden 2048 \\
+        --experts 128 --samples 256 --length 1024              # on a GPU machine
+
+Builds a random Qwen3-MoE checkpoint (saved in the Hub layout, float32 or bf16), writes
+pre-tokenised samples, then runs, each in its own process: (1) the imports alone (baseline
+RSS), (2) `from_pretrained` + a plain forward of every batch (the same batches calibration
+uses; logits of the last position only), (3) `shardcut.calibrate.calibrate`. Reports tokens/s
+(forward alone, and load + forward, against calibrate end to end) and peak RSS (from wait4)
+against the model's size, one layer's size and the activations' size.
+Targets (issue 4): calibrate <= 1.5x the plain forward; peak RSS <= one layer + activations
+(above the import baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_FORWARD = r"""
+import json, sys, time, torch
+from transformers import AutoModelForCausalLM
+from shardcut.calibrate.runner import make_batches
+model_dir, data, batch_tokens, device, dtype = sys.argv[1:6]
+dtype = getattr(torch, dtype)
+samples = [json.loads(line)["input_ids"] for line in open(data)]
+t0 = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+t1 = time.perf_counter()
+with torch.inference_mode():
+    for b in make_batches([len(s) for s in samples], int(batch_tokens)):
+        T = b.width
+        ids = torch.zeros((len(b.samples), T), dtype=torch.long)
+        mask = torch.zeros((len(b.samples), T), dtype=torch.long)
+        for r, j in enumerate(b.samples):
+            ids[r, : len(samples[j])] = torch.tensor(samples[j])
+            mask[r, : len(samples[j])] = 1
+        model(ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None, logits_to_keep=1)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+t2 = time.perf_counter()
+print(json.dumps({"load": t1 - t0, "forward": t2 - t1}))
+"""
+
+_CALIBRATE = r"""
+import json, sys, time
+from shardcut.calibrate.runner import calibrate
+model_dir, data, out, batch_tokens, device, dtype = sys.argv[1:7]
+t0 = time.perf_counter()
+messages = []
+calibrate(model_dir, data, out, max_length=1 << 20, batch_tokens=int(batch_tokens), device=device, dtype=dtype,
+          progress=lambda e: messages.append(e.message) if e.kind == "info" else None)
+print(json.dumps({"calibrate": time.perf_counter() - t0, "log": messages}))
+"""
+
+_IMPORTS = "import torch, transformers, shardcut.calibrate.runner, transformers.models.qwen3_moe.modeling_qwen3_moe"
+
+
+def run(args: list[str]) -> tuple[dict, int]:
+    """The JSON a child process prints, and its peak RSS in bytes."""
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(args[:2])}")
+    lines = [line for line in out.splitlines() if line.startswith("{")]
+    return (json.loads(lines[-1]) if lines else {}), usage.ru_maxrss * 1024
+
+
+def build(path: Path, a: argparse.Namespace) -> tuple[int, int]:
+    """Save the model; returns (checkpoint bytes, bytes of one decoder layer)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(
+        "qwen3_moe", hidden_size=a.hidden, intermediate_size=a.hidden * 2, moe_intermediate_size=a.moe_inter,
+        num_hidden_layers=a.layers, num_attention_heads=max(4, a.hidden // 64), num_key_value_heads=4, head_dim=64,
+        vocab_size=a.vocab, num_experts=a.experts, num_experts_per_tok=a.top_k, norm_topk_prob=True,
+        max_position_embeddings=max(4096, a.length), tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, a.dtype)).eval()
+    model.save_pretrained(path, max_shard_size="500MB")
+    layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total, layer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--moe-inter", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=16384)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
+    a = p.parse_args()
+
+    import numpy as np
+
+    work = a.dir or Path(tempfile.mkdtemp(prefix="shardcut-bench-calib-"))
+    model_dir, data, out = work / "model", work / "ids.jsonl", work / "scores.safetensors"
+    if not (model_dir / "config.json").exists():
+        total, layer = build(model_dir, a)
+        (work / "sizes.json").write_text(json.dumps({"total": total, "layer": layer}))
+    sizes = json.loads((work / "sizes.json").read_text())
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(a.length // 2, a.length + 1, a.samples)
+    data.write_text("".join(json.dumps({"input_ids": rng.integers(0, a.vocab, n).tolist()}) + "\n" for n in lengths))
+    tokens = int(lengths.sum())
+    itemsize = 4 if a.dtype == "float32" else 2
+    activations = tokens * a.hidden * itemsize
+
+    _, base_rss = run(["-c", _IMPORTS])
+    fwd, fwd_rss = run(["-c", _FORWARD, str(model_dir), str(data), str(a.batch_tokens), a.device, a.dtype])
+    cal, cal_rss = run(["-c", _CALIBRATE, str(model_dir), str(data), str(out), str(a.batch_tokens), a.device, a.dtype])
+
+    def mb(n: float) -> str:
+        return f"{n / 1e6:,.0f} MB"
+
+    rows = [
+        ("model", f"qwen3_moe {a.layers} layers x {a.experts} experts (top {a.top_k}), hidden {a.hidden}, {a.dtype}"),
+        ("tokens", f"{tokens:,} in {a.samples} samples, batches of <= {a.batch_tokens} tokens, device {a.device}"),
+        ("sizes", f"model {mb(sizes['total'])}, one layer {mb(sizes['layer'])}, activations {mb(activations)}"),
+        ("plain forward", f"{tokens / fwd['forward']:,.0f} tok/s forward only ({fwd['forward']:.1f} s); "
+                          f"{tokens / (fwd['forward'] + fwd['load']):,.0f} tok/s with from_pretrained "
+                          f"({fwd['load']:.1f} s load)"),
+        ("calibrate", f"{tokens / cal['calibrate']:,.0f} tok/s end to end ({cal['calibrate']:.1f} s, "
+                      "reading every layer from disk and recording the statistics)"),
+        ("ratio", f"calibrate / forward only = {cal['calibrate'] / fwd['forward']:.2f}x; "
+                  f"/ load + forward = {cal['calibrate'] / (fwd['forward'] + fwd['load']):.2f}x (target <= 1.5x)"),
+        ("peak RSS", f"imports alone {mb(base_rss)}; plain forward {mb(fwd_rss)} (+{mb(fwd_rss - base_rss)}); "
+                     f"calibrate {mb(cal_rss)} (+{mb(cal_rss - base_rss)})"),
+        ("RSS bound", f"one layer + activations = {mb(sizes['layer'] + activations)}; calibrate above imports "
+                      f"= {(cal_rss - base_rss) / (sizes['layer'] + activations):.2f}x of it (target <= 1x)"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    for line in cal.get("log", []):
+        print(f"{'':<{width}}  calibrate: {line}")
+    if a.dir is None:
+        print(f"(work folder {work} left in place; pass --dir to reuse the model)")
+
+
+if __name__ == "__main__":
+    main()
