@@ -284,4 +284,33 @@ def _hub_download(api, ref: RepoRef) -> Download:
     def fetch(filename: str, dest: Path) -> Path:
         return Path(api.hf_hub_download(ref.repo_id, filename, revision=ref.revision, local_dir=dest))
 
-    return fetch
+    return with_retries(fetch)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Network hiccups and server-side errors are worth retrying; a 4xx or bad input is not."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status is not None:
+        return status >= 500 or status == 429
+    return isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in (
+        "ConnectError", "ReadTimeout", "ConnectTimeout", "RemoteProtocolError", "ReadError")
+
+
+def with_retries(fetch: Download, attempts: int = 5, base_delay: float = 2.0, sleep=None) -> Download:
+    """Retry a shard download on transient failures with exponential backoff (2, 4, 8, 16 s).
+    A partially downloaded file is resumed by huggingface_hub on the next attempt."""
+    import time
+
+    sleep = sleep or time.sleep
+
+    def retrying(filename: str, dest: Path) -> Path:
+        for attempt in range(attempts):
+            try:
+                return fetch(filename, dest)
+            except Exception as exc:
+                if attempt == attempts - 1 or not is_transient(exc):
+                    raise
+                sleep(base_delay * 2**attempt)
+        raise AssertionError("unreachable")
+
+    return retrying

@@ -164,3 +164,34 @@ def test_refuses_to_start_when_disk_is_short(t, tmp_path, online, monkeypatch):
 def test_stream_rejects_resharding(t, tmp_path, online):
     with pytest.raises(ShardcutError, match="--stream keeps the source's shards"):
         prune_model(REPO, tmp_path / "out", Plan.load(t.plan_path), stream=True, max_shard_size="1MB")
+
+
+def test_transient_download_failures_are_retried_with_backoff():
+    from shardcut.stream import with_retries
+
+    class Flaky(ConnectionError):
+        pass
+
+    class NotFound(Exception):
+        class response:  # noqa: N801 - mimics an HTTP error's response attribute
+            status_code = 404
+
+    calls, slept = [], []
+
+    def fetch(filename, dest):
+        calls.append(filename)
+        if len(calls) < 3:
+            raise Flaky("connection reset")
+        return dest / filename
+
+    assert with_retries(fetch, sleep=slept.append)("a.safetensors", Path("/x")) == Path("/x/a.safetensors")
+    assert len(calls) == 3 and slept == [2.0, 4.0]
+
+    def missing(filename, dest):
+        calls.append(filename)
+        raise NotFound("404")
+
+    calls.clear()
+    with pytest.raises(NotFound):
+        with_retries(missing, sleep=slept.append)("b.safetensors", Path("/x"))
+    assert calls == ["b.safetensors"]  # a 404 is final: no retry
