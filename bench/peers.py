@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 KEEP_EVERY = 2  # keep experts 0, 2, 4, ...
@@ -92,13 +90,6 @@ def peer_per_shard(src: Path, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return time.perf_counter() - t0, usage.ru_maxrss * 1024
 
 
 def main() -> None:
@@ -114,6 +105,8 @@ def main() -> None:
         else:
             {"load-save": peer_load_save, "per-shard": peer_per_shard}[args.peer](*args.paths)
         return
+
+    from measure import timed
 
     from shardcut.plan import Plan
 

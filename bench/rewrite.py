@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from measure import timed
+
 from shardcut.plan import Plan
 from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
 
@@ -34,15 +36,6 @@ def spec_for(size_gb: float) -> SyntheticSpec:
                          hidden=1024, moe_inter=512, dense_inter=2048, vocab=8192, shards=max(4, layers // 2))
 
 
-def run(cmd: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS (bytes) of one command."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(cmd)}")
-    return wall, usage.ru_maxrss * 1024
 
 
 def du(path: Path) -> int:
@@ -65,7 +58,7 @@ def bench(size_gb: float, runs: int, workdir: Path) -> dict:
     for _ in range(runs):
         for key, extra in (("prune", []), ("prune_noverify", ["--no-verify"])):
             shutil.rmtree(out, ignore_errors=True)
-            wall, peak = run([*shardcut, "-o", str(out), *extra])
+            wall, peak = timed([*shardcut, "-o", str(out), *extra])
             results[key].append(wall)
             rss.append(peak)
         for key, what in (("cp_out", out), ("cp_in", src)):

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from measure import timed
 
 from shardcut.checkpoint import INDEX_NAME
 from shardcut.plan import Plan
@@ -28,13 +28,6 @@ KIMI_K2 = SyntheticSpec(layers=61, first_dense=1, experts=384, top_k=8, hidden=6
                         vocab=256, mtp_layers=1, int4=True, group_size=32, shards=60, model_type="kimi_k2")
 
 
-def timed(cmd: list[str]) -> tuple[float, int]:
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status):
-        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()}")
-    return time.perf_counter() - t0, usage.ru_maxrss * 1024
 
 
 def main() -> None:

@@ -1,0 +1,19 @@
+"""What every benchmark measures the same way: wall time and peak RSS of a fresh process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+
+def timed(cmd: list[str]) -> tuple[float, int]:
+    """Run `cmd`; return its wall seconds and peak RSS in bytes (from wait4, so only that
+    process counts; ru_maxrss survives fork+exec, so call this from a small parent)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stderr.read().decode()[-2000:]}")
+    return wall, usage.ru_maxrss * 1024
