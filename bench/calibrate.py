@@ -12,7 +12,7 @@ uses; logits of the last position only), (3) `shardcut.calibrate.calibrate`. Rep
 against the model's size and against one layer + the activations: the stored hidden states
 plus one batch's working memory, measured as the plain forward's peak above its loaded model.
 Targets (issue 4): calibrate <= 1.5x the plain forward; peak RSS <= one layer + activations
-(above the import baseline). Timings on a shared machine are noisy: run it twice.
+(above the import baseline). Each run is repeated `--runs` times, interleaved; the best time counts.
 """
 
 from __future__ import annotations
@@ -117,6 +117,7 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=4096)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--runs", type=int, default=3, help="best of N interleaved runs of each")
     p.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     a = p.parse_args()
 
@@ -137,8 +138,17 @@ def main() -> None:
     activations = tokens * a.hidden * itemsize
 
     _, base_rss = run(["-c", _IMPORTS])
-    fwd, fwd_rss = run(["-c", _FORWARD, str(model_dir), str(data), str(a.batch_tokens), a.device, a.dtype])
-    cal, cal_rss = run(["-c", _CALIBRATE, str(model_dir), str(data), str(out), str(a.batch_tokens), a.device, a.dtype])
+    fwds, cals, fwd_rss, cal_rss = [], [], 0, 0
+    for _ in range(a.runs):  # interleaved, best of N: timings on a shared machine are noisy
+        fwd, rss = run(["-c", _FORWARD, str(model_dir), str(data), str(a.batch_tokens), a.device, a.dtype])
+        fwds.append(fwd)
+        fwd_rss = max(fwd_rss, rss)
+        cal, rss = run(["-c", _CALIBRATE, str(model_dir), str(data), str(out), str(a.batch_tokens), a.device, a.dtype])
+        cals.append(cal)
+        cal_rss = max(cal_rss, rss)
+    fwd = {"forward": min(f["forward"] for f in fwds), "load": min(f["load"] for f in fwds),
+           "working": max(f["working"] for f in fwds)}
+    cal = min(cals, key=lambda c: c["calibrate"])
 
     working = fwd["working"]
     bound = sizes["layer"] + activations + working
@@ -148,7 +158,8 @@ def main() -> None:
 
     rows = [
         ("model", f"qwen3_moe {a.layers} layers x {a.experts} experts (top {a.top_k}), hidden {a.hidden}, {a.dtype}"),
-        ("tokens", f"{tokens:,} in {a.samples} samples, batches of <= {a.batch_tokens} tokens, device {a.device}"),
+        ("tokens", f"{tokens:,} in {a.samples} samples, batches of <= {a.batch_tokens} tokens, device {a.device}, "
+                   f"best of {a.runs} runs"),
         ("sizes", f"model {mb(sizes['total'])}, one layer {mb(sizes['layer'])}, activations {mb(activations)}"),
         ("plain forward", f"{tokens / fwd['forward']:,.0f} tok/s forward only ({fwd['forward']:.1f} s); "
                           f"{tokens / (fwd['forward'] + fwd['load']):,.0f} tok/s with from_pretrained "

@@ -17,7 +17,10 @@ from shardcut.calibrate.runner import Calibrator, calibrate
 from shardcut.scores import FIELDS, Scores, merge_scores
 
 PROOF_FAMILIES = ["qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss"]
-MORE_FAMILIES = ["qwen2_moe", "glm4_moe", "minimax_m2", "ernie4_5_moe", "kimi_k2"]
+# every other family the adapter table lists, on the same reference
+MORE_FAMILIES = ["qwen2_moe", "olmoe", "qwen3_next", "qwen3_5_moe", "phimoe", "minimax", "minimax_m2", "deepseek_v2",
+                 "kimi_k2", "glm4_moe", "dots1", "ernie4_5_moe", "granitemoe", "kimi_linear", "bailing_hybrid", "afmoe",
+                 "lfm2_moe", "nemotron_h", "hunyuan_v1_moe", "jamba"]
 # lengths up to the tiny models' 64 positions; a batch budget of 96 tokens forces padded batches
 LENGTHS = [3, 17, 40, 9, 64, 25, 33, 12, 50, 7]
 BATCH_TOKENS = 96
@@ -75,6 +78,8 @@ def test_streamed_hidden_states_equal_full_forward(name, families, streamed):
 
 @pytest.mark.parametrize("name", PROOF_FAMILIES + MORE_FAMILIES)
 def test_statistics_equal_hook_reference(name, families, streamed):
+    if name in MORE_FAMILIES:  # the proof families have their own hidden-state test
+        test_streamed_hidden_states_equal_full_forward(name, families, streamed)
     scores, _, cal = streamed(name)
     keys = _keys(name)
     assert scores.layers == list(keys.values())  # reachable MoE layers only (no MTP layer)
@@ -176,6 +181,26 @@ def test_shard_halves_merge_to_full_run(name, families, ids_data, streamed, tmp_
     np.testing.assert_array_equal(merged.tokens, full.tokens)
     for f in ("gate_sum", "norm_sum", "reap_sum", "act_max"):
         np.testing.assert_allclose(getattr(merged, f), getattr(full, f), rtol=1e-6, err_msg=f)
+
+
+def test_bfloat16_spilled_run_resumes_exactly_and_tracks_float32(families, ids_data, streamed, tmp_path):
+    """bfloat16 activations on disk (the GPU default dtype, here on the CPU): a resumed run equals
+    an uninterrupted one bit for bit, and the statistics stay close to the float32 run's."""
+    full32, _, _ = streamed("qwen3_moe")
+    source = families("qwen3_moe").source
+    straight = _run(source, ids_data[0], tmp_path / "a.safetensors", dtype="bfloat16", max_memory="1")
+
+    def stop(event):
+        if event.kind == "layer_done" and event.step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        _run(source, ids_data[0], tmp_path / "b.safetensors", dtype="bfloat16", max_memory="1", progress=stop)
+    resumed = _run(source, ids_data[0], tmp_path / "b.safetensors", dtype="bfloat16", max_memory="1", resume=True)
+    _assert_identical(resumed, straight)
+    assert straight.metadata["dtype"] == "bfloat16"
+    np.testing.assert_array_equal(straight.count.sum(1), TOP_K * straight.tokens)
+    np.testing.assert_allclose(straight.norm_sum.sum(1), full32.norm_sum.sum(1), rtol=0.05)
 
 
 def test_score_file_metadata(streamed):

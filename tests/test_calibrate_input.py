@@ -241,3 +241,40 @@ def test_cli_calibrates_text_with_json_summary(model_with_tokenizer, tmp_path):
     assert summary["layers"] == scores.layers == ["1", "2", "3"]
     assert summary["samples"] == 2 and summary["tokens"] == int(scores.tokens[0])
     np.testing.assert_array_equal(scores.count.sum(1), 2 * scores.tokens)
+
+
+def test_saved_dataset_folder_needs_datasets(tmp_path, tokenizer_dir):
+    import importlib.util
+
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    (folder / "dataset_info.json").write_text("{}")
+    if importlib.util.find_spec("datasets") is None:
+        with pytest.raises(ShardcutError, match="datasets"):
+            _load(str(folder), tokenizer_dir)
+    else:
+        with pytest.raises(ShardcutError, match="cannot load dataset"):
+            _load(str(folder), tokenizer_dir)
+
+
+def test_demo_calibrates_plans_prunes_and_verifies(tmp_path):
+    from shardcut.demo import run_demo
+
+    lines = []
+    report = run_demo(tmp_path / "demo", log=lines.append)
+    assert report["passed"] and report["verify_ok"] and report["experts_after"] == 8
+    scores = Scores.load(report["scores"])
+    assert scores.metadata["data"].endswith("demo.txt") and report["calibration_tokens"] > 500
+    assert any("blank-line-separated" in line for line in lines)
+
+
+def test_unreadable_quantization_is_refused(families, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(families("qwen3_moe").source, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+    (model / "config.json").write_text(json.dumps(cfg))
+    data = tmp_path / "ids.jsonl"
+    write_ids_jsonl(data, [5], VOCAB)
+    with pytest.raises(ShardcutError, match="quantized with 'compressed-tensors'"):
+        calibrate(model, str(data), tmp_path / "s.safetensors")

@@ -24,7 +24,15 @@ from shardcut.calibrate.distributed import Distributed
 from shardcut.calibrate.observe import DEFAULT_PAIR_CHUNK, ExpertObserver, check_supported, find_experts
 from shardcut.calibrate.resume import RunState, fingerprint_of, state_dir_for
 from shardcut.calibrate.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory
-from shardcut.calibrate.stream import LayerLoader, capture_call, current_memory, make_skeleton, run_layer
+from shardcut.calibrate.stream import (
+    LayerLoader,
+    TensorReader,
+    capture_call,
+    current_memory,
+    make_skeleton,
+    release_free_memory,
+    run_layer,
+)
 from shardcut.checkpoint import open_checkpoint
 from shardcut.errors import ShardcutError
 from shardcut.hub import resolve_model
@@ -185,6 +193,7 @@ class Calibrator:
         self.ckpt = open_checkpoint(self.model_dir)
         self.info = describe(self.ckpt)
         check_supported(self.info, self.model_dir / "config.json")
+        TensorReader(self.ckpt)  # refuses quantization schemes it cannot read, before any data is loaded
         self.torch_device = resolve_device(self.device)
         self.dist = Distributed.from_env(self.torch_device)
         if self.dist.world > 1:
@@ -194,8 +203,7 @@ class Calibrator:
         self.budget_tokens = self.batch_tokens or DEFAULT_BATCH_TOKENS[self.torch_device.type]
         if self.budget_tokens < 1:
             raise ShardcutError(f"the batch token budget must be positive (got {self.budget_tokens})")
-        text = self.info.text_config
-        vocab = text.get("vocab_size")
+        vocab = self.info.text_config.get("vocab_size", self.info.config.get("vocab_size"))
         if not isinstance(vocab, int):
             raise ShardcutError("config has no integer vocab_size", self.model_dir / "config.json")
         self.all_data: CalibData = load_data(self.data, self.model_dir, samples=self.samples, max_length=self.max_length,
@@ -280,6 +288,8 @@ class Calibrator:
             self._info(f"resuming at step {start} of {self.steps}" + (
                 f" (replaying {start} steps to rebuild the activations held in RAM)" if replay else ""))
         first = 0 if replay else start
+        if first > 0:
+            self.loader.buffers_to_device()  # rotary frequencies & co; the embedding is not needed any more
         prefetch = ThreadPoolExecutor(1) if self.torch_device.type == "cuda" else None
         try:
             pending = None
@@ -335,8 +345,10 @@ class Calibrator:
                     _zero_row(self.scores, key)
                 observer = ExpertObserver(experts, self.scores, key, self.info.top_k, self.pair_chunk)
                 observer.record = record
-        nxt = step  # decoder layer index of the next step
-        pending = prefetch.submit(self.loader.read_layer, nxt) if prefetch is not None and nxt < self.steps - 1 else None
+        next_layer = step  # the decoder layer of step + 1
+        pending = None
+        if prefetch is not None and next_layer < self.steps - 1:
+            pending = prefetch.submit(self.loader.read_layer, next_layer)
         done = 0
         with torch.inference_mode():
             for b_idx, batch in enumerate(self.batches):
@@ -350,6 +362,7 @@ class Calibrator:
             self.loader.free_outside_params()
         else:
             self.loader.free(layer)
+        release_free_memory()
         if observer is not None and record:
             self.dist.reduce_row(self.scores, key)
         self.store.commit()

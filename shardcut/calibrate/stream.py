@@ -204,13 +204,16 @@ class TensorReader:
         with ThreadPoolExecutor(READ_THREADS) as pool:
             return dict(zip(names, pool.map(self.read, names)))
 
-    def take(self, raw: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        """Pop `name` (and its FP8 scale) from `raw`, dequantised when it is FP8."""
+    def take(self, raw: dict[str, torch.Tensor], name: str, device: torch.device | None = None) -> torch.Tensor:
+        """Pop `name` (and its FP8 scale) from `raw`, dequantised when it is FP8 (on `device`
+        when given: a GPU dequantises a layer's experts far faster than the CPU)."""
         t = raw.pop(name)
         scale = raw.pop(name + "_scale_inv", None)
         if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
             if scale is None or self.fp8_block is None:
                 raise ShardcutError(f"FP8 tensor {name!r} has no {name}_scale_inv block scale", self.ckpt.root)
+            if device is not None:
+                t, scale = t.to(device), scale.to(device)
             return dequantize_fp8(t, scale, self.fp8_block)
         return t
 
@@ -300,6 +303,14 @@ class LayerLoader:
         for module in self._outside_modules():
             module.to(self.device)
 
+    def buffers_to_device(self) -> None:
+        """Move the buffers outside the layers (rotary frequencies) to the device, weights left unloaded."""
+        for module in self._outside_modules():
+            for sub in module.modules():
+                for key, b in list(sub._buffers.items()):
+                    if b is not None and b.device.type != "meta":
+                        sub._buffers[key] = b.to(self.device)
+
     def free_outside_params(self) -> None:
         """Drop the embedding & co from memory once the first hidden states exist (buffers stay)."""
         for module in self._outside_modules():
@@ -358,7 +369,7 @@ class LayerLoader:
             meta = getattr(module, attr)
             if fp.target not in targets:
                 targets[fp.target] = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
-            t = self.reader.take(raw, name)
+            t = self.reader.take(raw, name, self.device)
             dst = targets[fp.target][fp.expert]
             if fp.parts > 1:
                 size = t.shape[fp.dim]
@@ -445,6 +456,24 @@ def capture_call(sk: Skeleton, target: int, **forward_kwargs) -> LayerCall:
 def run_layer(layer: torch.nn.Module, hidden: torch.Tensor, call: LayerCall) -> torch.Tensor:
     out = layer(hidden, *call.args, **call.kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+def release_free_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it after a layer's large buffers are
+    freed; without this the resident size creeps up layer after layer). A no-op elsewhere."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 def current_memory(device: torch.device) -> int:
