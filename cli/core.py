@@ -43,8 +43,10 @@ def inspect_cmd(
          + (f", selection bias {routing['selection_bias']}" if routing["selection_bias"] else "")),
         ("dtypes", ", ".join(f"{k} {human_bytes(v)}" for k, v in info["dtypes"].items())),
         ("quantization", str(info["quantization"] or "none")),
+        *((f"  {group} tensors", _group_line(g)) for group, g in info["quantization_groups"].items()),
         ("size", f"{human_bytes(info['total_bytes'])} in {info['shards']} shards, {info['tensors']} tensors"),
         ("expert bytes", f"{human_bytes(info['expert_bytes'])} ({human_bytes(info['bytes_per_expert'])} per expert per layer)"),
+        ("pruning saves", _savings_line(info["bytes_saved_per_expert_removed"])),
     ]
     for k, v in rows:
         t.add_row(k, v)
@@ -168,6 +170,18 @@ def demo_cmd(
     )
     if not report["passed"]:
         raise typer.Exit(1)
+
+
+def _group_line(group: dict) -> str:
+    schemes = ", ".join(f"{name} x{n}" for name, n in group["schemes"].items())
+    parts = ", ".join(f"{suffix} {'/'.join(c['dtypes'])}" for suffix, c in group["companions"].items())
+    return f"{schemes} ({human_bytes(group['bytes'])}; {parts})"
+
+
+def _savings_line(saved: dict) -> str:
+    low, high = saved["per_layer_min"], saved["per_layer_max"]
+    per = human_bytes(low) if low == high else f"{human_bytes(low)}-{human_bytes(high)}"
+    return f"{human_bytes(saved['total'])} per expert removed from every MoE layer ({per} per layer)"
 
 
 def _span(keys: list[str]) -> str:

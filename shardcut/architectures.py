@@ -40,6 +40,50 @@ def ernie_interval(cfg: dict, layer: int) -> bool:
     return (layer + 1) % (cfg.get("moe_layer_interval") or 1) == 0 and start <= layer <= end
 
 
+def jamba_period(cfg: dict, layer: int) -> bool:
+    return layer % (cfg.get("expert_layer_period") or 1) == (cfg.get("expert_layer_offset") or 0)
+
+
+def after_dense_layers(cfg: dict, layer: int) -> bool:
+    """AFMoE, LFM2-MoE: the first `num_dense_layers` layers are dense."""
+    return layer >= (cfg.get("num_dense_layers") or 0)
+
+
+def moe_block_enabled(cfg: dict, layer: int) -> bool:
+    """Gemma-4: every layer carries the MoE block when `enable_moe_block` is set."""
+    return bool(cfg.get("enable_moe_block"))
+
+
+def step3_moe_layers(cfg: dict, layer: int) -> bool:
+    """Step3: `moe_layers_enum` ("1,2,…" or a list), else every layer but the first."""
+    enum = cfg.get("moe_layers_enum")
+    if enum is None:
+        return layer >= 1
+    items = enum.split(",") if isinstance(enum, str) else enum
+    return layer in {int(i) for i in items if str(i).strip()}
+
+
+def nemotron_h_pattern(cfg: dict, layer: int) -> bool:
+    """Nemotron-H: `layers_block_type[L] == "moe"` (transformers), or `E` in the Hub's `hybrid_override_pattern`."""
+    types = cfg.get("layers_block_type")
+    if isinstance(types, list) and layer < len(types):
+        return types[layer] == "moe"
+    pattern = cfg.get("hybrid_override_pattern") or ""
+    return layer < len(pattern) and pattern[layer] == "E"
+
+
+def per_layer_types(key: str, moe_values: tuple[str, ...], otherwise: MoeRule) -> MoeRule:
+    """A rule reading a per-layer list (`mlp_layer_types`) when the config has one, else `otherwise`."""
+
+    def rule(cfg: dict, layer: int) -> bool:
+        types = cfg.get(key)
+        if isinstance(types, list) and layer < len(types):
+            return types[layer] in moe_values
+        return otherwise(cfg, layer)
+
+    return rule
+
+
 def llama4_moe_layers(cfg: dict, layer: int) -> bool:
     if cfg.get("moe_layers") is not None:
         return layer in cfg["moe_layers"]
@@ -60,9 +104,25 @@ class Stack:
     expert_rows: tensors of a layer sliced along dim 0 (router rows, selection/logit biases,
         fused tensors outside `experts`). Absent ones are fine; the first must exist in every
         MoE layer (it marks the layer as MoE).
-    expert_cols: tensors sliced along dim 1 (ERNIE's `[1, E]` selection bias).
+    expert_cols: tensors sliced along dim 1 (ERNIE's `[1, E]` selection bias, ERNIE-VL's `[H, E]`
+        routers). The marker is the first of `expert_rows + expert_cols`.
+    fused: module paths inside a layer whose tensors, whatever their suffix (`weight`,
+        `weight_scale_inv`, …), are fused `[E, …]` (Step3's `moe.gate_proj`); for fused tensors
+        that sit outside `experts`.
     plan_prefix: prefix of this stack's plan keys (`"mtp."` makes `mtp.0`).
     follows_rule: False for stacks that are MoE wherever present (Qwen3-Next `mtp.layers`).
+    config_path: sub-config holding this stack's expert count, top-k and layer rule, when it
+        differs from the architecture's (Qwen3-Omni's thinker and talker each have their own).
+    zero_experts_key: config key of Z, the zero-computation experts that own the last Z rows of
+        the router tensors but have no weights (LongCat-Flash): router rows become
+        `kept ++ [E … E+Z-1]`.
+    expert_block: for stacks sharing one layer and one `experts` ModuleList (ERNIE-4.5-VL's
+        text and vision experts), the block of ids this stack owns: `block·E … block·E+E-1`.
+        The halves share one config count, so they keep equal numbers.
+    block_cols: `[blocks, E]` tensors shared by such stacks: row `b` belongs to the stack of
+        `expert_block` b and is sliced along dim 1 with that stack's kept experts.
+    unprunable: (tensor inside a MoE layer, reason): its presence makes pruning impossible
+        (DeepSeek-V4's hash-routed layers fix each token's experts in `gate.tid2eid`).
     """
 
     layer_prefixes: tuple[str, ...]
@@ -71,18 +131,35 @@ class Stack:
     expert_cols: tuple[str, ...] = ()
     plan_prefix: str = ""
     follows_rule: bool = True
+    fused: tuple[str, ...] = ()
+    config_path: tuple[str, ...] | None = None
+    zero_experts_key: str | None = None
+    expert_block: int = 0
+    block_cols: tuple[str, ...] = ()
+    unprunable: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def marker(self) -> str:
+        """The tensor whose presence makes a layer of this stack a MoE layer (its router)."""
+        return (self.expert_rows + self.expert_cols)[0]
 
 
 @dataclass(frozen=True)
 class Architecture:
     """One MoE family.
 
-    config_path: sub-config holding the counts when present (`text_config`), else top level.
+    config_path: sub-config holding the counts when present (`text_config`, DBRX's
+        `ffn_config`), else top level; a stack may name its own.
     expert_keys: every spelling of the routed-expert count; all present ones are rewritten.
-    top_k_keys: spellings of top-k. group_keys: (n_group, topk_group) for grouped routing.
+    top_k_keys: spellings of top-k (a per-layer list counts as its largest entry).
+    layer_count_keys: spellings of the decoder layer count, looked up in the sub-config, then
+        in its parents (DBRX keeps `n_layers` at top level, its counts in `ffn_config`); a list
+        or string value (Nemotron-H's per-layer pattern) counts by its length.
+    group_keys: (n_group, topk_group) for grouped routing; each may list several spellings.
     grouped_when: config `topk_method` values under which n_group applies (None: always).
     scoring: how the router turns logits into gates (`softmax` or `sigmoid`), for reports.
     top_k_exact: engines assert top-k equals this (PhiMoE in vLLM needs 2).
+    unsupported: why this family cannot be pruned (`describe` refuses it with this reason).
     """
 
     name: str
@@ -92,11 +169,13 @@ class Architecture:
     top_k_keys: tuple[str, ...] = ("num_experts_per_tok",)
     moe_rule: MoeRule = every_layer
     config_path: tuple[str, ...] = ()
-    group_keys: tuple[str, str] | None = None
+    layer_count_keys: tuple[str, ...] = ("num_hidden_layers", "n_layers")
+    group_keys: tuple[str | tuple[str, ...], str | tuple[str, ...]] | None = None
     grouped_when: tuple[str, ...] | None = None
     scoring: str = "softmax"
     selection_bias: str | None = None
     top_k_exact: int | None = None
+    unsupported: str | None = None
     notes: tuple[str, ...] = field(default=())
 
 
@@ -220,6 +299,114 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                 "block_sparse_moe.output_linear.weight")),),
         ("num_local_experts",),
     ),
+)
+
+_SPARSE = ("sparse",)
+
+
+def _ernie_vl_half(block: int, plan_prefix: str, router: str) -> Stack:
+    return Stack(("model.layers", "model.language_model.layers"), "mlp.experts", (), (router,),
+                 plan_prefix=plan_prefix, expert_block=block,
+                 block_cols=("mlp.moe_statics.e_score_correction_bias",))
+
+
+def _qwen_omni(stack: str, config: str, plan_prefix: str) -> Stack:
+    return Stack((f"{stack}.model.layers",), "mlp.experts", ("mlp.gate.weight",), plan_prefix=plan_prefix,
+                 config_path=(config, "text_config"))
+
+
+ARCHITECTURES += (
+    # ---- vision-language and omni variants of the Qwen / GLM families ------------------------
+    Architecture("qwen3_vl_moe", ("qwen3_vl_moe",),
+                 (_qwen_layers(("model.language_model.layers",)),),  # fused, [E,H,2I] / [E,I,H] on the Hub
+                 _QWEN_KEYS, moe_rule=qwen_sparse_step, config_path=("text_config",)),
+    Architecture("qwen3_5_moe", ("qwen3_5_moe", "qwen3_5_moe_text"),
+                 (_qwen_layers(("model.language_model.layers", "model.layers")),
+                  Stack(("mtp.layers",), "mlp.experts", ("mlp.gate.weight",), plan_prefix="mtp.", follows_rule=False)),
+                 _QWEN_KEYS, moe_rule=qwen_sparse_step, config_path=("text_config",)),
+    Architecture("qwen3_omni_moe", ("qwen3_omni_moe",),
+                 (_qwen_omni("thinker", "thinker_config", ""), _qwen_omni("talker", "talker_config", "talker.")),
+                 _QWEN_KEYS, moe_rule=qwen_sparse_step,
+                 notes=("thinker and talker have their own expert counts; plan keys 'L' and 'talker.L'",)),
+    Architecture("glm4v_moe", ("glm4v_moe",), (_deepseek_layers(("model.language_model.layers",)),), _DEEPSEEK_KEYS,
+                 moe_rule=first_k_dense, config_path=("text_config",), group_keys=_GROUPS, scoring="sigmoid",
+                 selection_bias="mlp.gate.e_score_correction_bias"),
+    Architecture("ernie4_5_vl_moe", ("ernie4_5_vl_moe",),
+                 (_ernie_vl_half(0, "", "mlp.gate.weight"), _ernie_vl_half(1, "vision.", "mlp.gate.weight_1")),
+                 ("moe_num_experts", "num_experts"), top_k_keys=("moe_k", "num_experts_per_tok"),
+                 moe_rule=per_layer_types("mlp_layer_types", _SPARSE, ernie_interval), config_path=("text_config",),
+                 selection_bias="mlp.moe_statics.e_score_correction_bias",
+                 notes=("text experts are ids 0..E-1, vision experts E..2E-1 of one ModuleList; routers are [H, E]; "
+                        "plan keys 'L' (text) and 'vision.L', kept counts equal",)),
+    # ---- DeepSeek-style routers elsewhere ---------------------------------------------------
+    Architecture("kimi_linear", ("kimi_linear",),
+                 (Stack(("model.layers",), "block_sparse_moe.experts",
+                        ("block_sparse_moe.gate.weight", "block_sparse_moe.gate.e_score_correction_bias")),),
+                 ("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_token", "num_experts_per_tok"),
+                 moe_rule=per_layer_types("mlp_layer_types", _SPARSE, first_k_dense),
+                 group_keys=(("num_expert_group", "n_group"), "topk_group"), scoring="sigmoid",
+                 selection_bias="block_sparse_moe.gate.e_score_correction_bias"),
+    Architecture("bailing_moe", ("bailing_moe", "bailing_moe_v2", "bailing_hybrid"),  # Ling / Ring 2.x
+                 (Stack(("model.layers",), "mlp.experts", ("mlp.gate.weight", "mlp.gate.expert_bias")),),
+                 ("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok", "num_experts_per_token"),
+                 moe_rule=per_layer_types("mlp_layer_types", _SPARSE, first_k_dense),
+                 group_keys=(("n_group", "num_expert_group"), "topk_group"), scoring="sigmoid",
+                 selection_bias="mlp.gate.expert_bias"),
+    Architecture("afmoe", ("afmoe",),
+                 (Stack(("model.layers",), "mlp.experts", ("mlp.router.gate.weight", "mlp.expert_bias")),),
+                 ("num_experts",), moe_rule=after_dense_layers, scoring="sigmoid", selection_bias="mlp.expert_bias"),
+    Architecture("lfm2_moe", ("lfm2_moe",),
+                 (Stack(("model.layers",), "feed_forward.experts",
+                        ("feed_forward.gate.weight", "feed_forward.expert_bias")),),
+                 ("num_experts",), moe_rule=after_dense_layers, scoring="sigmoid",
+                 selection_bias="feed_forward.expert_bias"),
+    Architecture("nemotron_h", ("nemotron_h",),
+                 (Stack(("backbone.layers", "model.layers"), "mixer.experts",  # non-gated: up_proj, down_proj
+                        ("mixer.gate.weight", "mixer.gate.e_score_correction_bias")),),
+                 ("n_routed_experts", "num_local_experts"), moe_rule=nemotron_h_pattern, group_keys=_GROUPS,
+                 layer_count_keys=("num_hidden_layers", "layers_block_type", "hybrid_override_pattern"),
+                 scoring="sigmoid", selection_bias="mixer.gate.e_score_correction_bias"),
+    Architecture("deepseek_v4", ("deepseek_v4",),
+                 (Stack(("layers", "model.layers"), "ffn.experts", ("ffn.gate.weight", "ffn.gate.bias"),
+                        unprunable=(("ffn.gate.tid2eid", "is hash-routed: gate.tid2eid fixes each token's expert ids, "
+                                     "so removing experts would leave tokens routed to experts that no longer exist"),)),),
+                 ("n_routed_experts", "num_local_experts"), moe_rule=per_layer_types("mlp_layer_types", ("moe", "hash_moe"), every_layer),
+                 scoring="sqrtsoftplus", selection_bias="ffn.gate.bias"),
+    Architecture("longcat_flash", ("longcat_flash",),
+                 (Stack(("model.layers",), "mlp.experts",
+                        ("mlp.router.classifier.weight", "mlp.router.classifier.bias", "mlp.router.e_score_correction_bias"),
+                        zero_experts_key="zero_expert_num"),),
+                 ("n_routed_experts", "num_local_experts"), top_k_keys=("moe_topk", "num_experts_per_tok"),
+                 layer_count_keys=("num_layers",), selection_bias="mlp.router.e_score_correction_bias",
+                 notes=("zero-computation experts keep router rows E..E+Z-1 after the kept real experts",)),
+    # ---- other layouts ------------------------------------------------------------------------
+    Architecture("hunyuan_v1_moe", ("hunyuan_v1_moe",),
+                 (Stack(("model.layers",), "mlp.experts", ("mlp.gate.wg.weight",)),),
+                 ("num_experts",), top_k_keys=("moe_topk", "num_experts_per_tok")),
+    Architecture("jamba", ("jamba",), (Stack(("model.layers",), "feed_forward.experts", ("feed_forward.router.weight",)),),
+                 ("num_experts",), moe_rule=jamba_period),
+    Architecture("dbrx", ("dbrx",),
+                 (Stack(("transformer.blocks",), "ffn.experts", ("ffn.router.layer.weight",)),),  # 2-D [E·F, H] blocks
+                 ("moe_num_experts",), top_k_keys=("moe_top_k",), config_path=("ffn_config",)),
+    Architecture("minimax", ("minimax",), (_MIXTRAL,), ("num_local_experts", "num_experts")),
+    Architecture("step3", ("step3_text", "step3_vl", "step3p5", "step3p7"),
+                 (Stack(("model.layers", "model.language_model.layers", "language_model.model.layers"), "moe.experts",
+                        ("moe.gate.weight", "moe.router_bias"),
+                        fused=("moe.gate_proj", "moe.up_proj", "moe.down_proj")),),
+                 ("moe_num_experts", "n_routed_experts", "num_local_experts"),
+                 top_k_keys=("moe_top_k", "num_experts_per_tok"),
+                 moe_rule=per_layer_types("mlp_layer_types", _SPARSE, step3_moe_layers), config_path=("text_config",),
+                 selection_bias="moe.router_bias"),
+    Architecture("gemma4", ("gemma4", "gemma4_text"),
+                 (Stack(("model.language_model.layers", "model.layers"), "experts",
+                        ("router.proj.weight", "router.per_expert_scale")),),
+                 ("num_experts",), top_k_keys=("top_k_experts",), moe_rule=moe_block_enabled,
+                 config_path=("text_config",)),
+    Architecture("jetmoe", ("jetmoe",),
+                 (Stack(("model.layers",), None, ("mlp.router.layer.weight",)),), ("num_local_experts",),
+                 unsupported=("JetMoE's num_local_experts counts both its FFN experts and its attention (MoA) "
+                              "experts, and shardcut cannot prune the attention experts; pruning the FFN experts "
+                              "alone would leave a config no engine can load")),
 )
 
 _BY_MODEL_TYPE = {mt: a for a in ARCHITECTURES for mt in a.model_types}

@@ -18,13 +18,22 @@ _EXPERT_SEGMENT = re.compile(r"(?:^|\.)experts(?:\.|$)")
 
 @dataclass(frozen=True)
 class MoELayer:
-    """One MoE block: its plan key, the tensor-name prefix of its layer, and whether it is MTP."""
+    """One MoE block: its plan key, the tensor-name prefix of its layer, and whether it is MTP.
+
+    num_experts / top_k come from the layer's own (sub-)config, `config_path`, so stacks with
+    their own counts (Qwen3-Omni's talker) differ from the main stack. zero_experts: trailing
+    router rows that are not experts (LongCat's zero-computation experts).
+    """
 
     key: str
     index: int
     prefix: str  # e.g. "model.layers.3."
     stack: Stack
     mtp: bool
+    num_experts: int = 0
+    top_k: int = 0
+    zero_experts: int = 0
+    config_path: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -32,7 +41,9 @@ class Role:
     """What the rewrite does with one tensor.
 
     kind: "copy" (unchanged), "expert" (belongs to expert `expert` of `layer`: dropped or
-    renamed), or "slice" (one block per expert along `axis`, sliced to the kept experts).
+    renamed), or "slice" (`blocks` equal blocks along `axis`, sliced to the kept experts;
+    see `ModelInfo.kept_blocks`). `per_row`: row r of the tensor belongs to the stack whose
+    `expert_block` is r (ERNIE-VL's `[2, E]` statics).
     """
 
     kind: str
@@ -40,6 +51,8 @@ class Role:
     expert: int = -1
     suffix: str = ""
     axis: int = 0
+    blocks: int = 0
+    per_row: bool = False
 
 
 COPY = Role("copy")
@@ -57,7 +70,10 @@ def _sub_config(config: dict, path: tuple[str, ...]) -> dict:
 
 @dataclass
 class ModelInfo:
-    """The MoE facts of a checkpoint that planning, rewriting and verifying rely on."""
+    """The MoE facts of a checkpoint that planning, rewriting and verifying rely on.
+
+    num_experts / top_k / text_config are the main stack's; a layer's own are on the layer.
+    """
 
     arch: Architecture
     config: dict
@@ -77,39 +93,47 @@ class ModelInfo:
         return {layer.key: layer for layer in self.layers}
 
     @cached_property
-    def _patterns(self) -> list[tuple[Stack, re.Pattern]]:
+    def _patterns(self) -> list[tuple[int, re.Pattern]]:
         out = []
-        for stack in self.arch.stacks:
+        for s_idx, stack in enumerate(self.arch.stacks):
             alt = "|".join(re.escape(p) for p in stack.layer_prefixes)
-            out.append((stack, re.compile(rf"^(?:{alt})\.(\d+)\.(.+)$")))
+            out.append((s_idx, re.compile(rf"^(?:{alt})\.(\d+)\.(.+)$")))
         return out
 
     @cached_property
+    def _layer_at(self) -> dict[tuple[int, str], MoELayer]:
+        index = {id(stack): i for i, stack in enumerate(self.arch.stacks)}
+        return {(index[id(layer.stack)], layer.prefix): layer for layer in self.layers}
+
+    @cached_property
     def _by_prefix(self) -> dict[str, MoELayer]:
-        return {layer.prefix: layer for layer in self.layers}
+        """Layer prefix -> its MoE layer (the block-0 one where stacks share a layer)."""
+        out: dict[str, MoELayer] = {}
+        for layer in sorted(self.layers, key=lambda x: x.stack.expert_block):
+            out.setdefault(layer.prefix, layer)
+        return out
+
+    @cached_property
+    def _siblings(self) -> dict[str, list[MoELayer]]:
+        """Layer prefix -> the MoE layers sharing it, by `expert_block` (one unless halves)."""
+        out: dict[str, list[MoELayer]] = {}
+        for layer in sorted(self.layers, key=lambda x: x.stack.expert_block):
+            out.setdefault(layer.prefix, []).append(layer)
+        return out
 
     def classify(self, name: str) -> Role:
         """The role of tensor `name`; raises for an expert-looking tensor the table does not know."""
-        for stack, pattern in self._patterns:
+        for s_idx, pattern in self._patterns:
             m = pattern.match(name)
             if not m:
                 continue
             rest = m.group(2)
-            layer = self._by_prefix.get(name[: len(name) - len(rest)])
+            layer = self._layer_at.get((s_idx, name[: len(name) - len(rest)]))
             if layer is None:
-                break  # a dense layer of this stack
-            if rest in stack.expert_rows:
-                return Role("slice", layer, axis=0)
-            if rest in stack.expert_cols:
-                return Role("slice", layer, axis=1)
-            if stack.experts and rest.startswith(stack.experts + "."):
-                tail = rest[len(stack.experts) + 1 :]
-                head, _, suffix = tail.partition(".")
-                if head.isdigit() and suffix:
-                    return Role("expert", layer, expert=int(head), suffix=suffix)
-                if not head.isdigit():
-                    return Role("slice", layer, axis=0)  # fused [E, ...] tensor
-            break
+                continue  # a dense layer of this stack
+            role = self._role_in(layer, rest)
+            if role is not None:
+                return role
         if _EXPERT_SEGMENT.search(name):
             raise ShardcutError(
                 f"tensor {name!r} looks like an expert tensor of a layout the {self.arch.name!r} "
@@ -117,11 +141,70 @@ class ModelInfo:
             )
         return COPY
 
+    def _role_in(self, layer: MoELayer, rest: str) -> Role | None:
+        stack, E = layer.stack, layer.num_experts
+        if rest in stack.expert_rows:
+            return Role("slice", layer, axis=0, blocks=E + layer.zero_experts)
+        if rest in stack.expert_cols:
+            return Role("slice", layer, axis=1, blocks=E + layer.zero_experts)
+        if rest in stack.block_cols:
+            return Role("slice", self._siblings[layer.prefix][0], axis=1, blocks=E, per_row=True)
+        if any(rest.startswith(f + ".") for f in stack.fused):
+            return Role("slice", layer, axis=0, blocks=E)
+        if stack.experts and rest.startswith(stack.experts + "."):
+            head, _, suffix = rest[len(stack.experts) + 1 :].partition(".")
+            if head.isdigit() and suffix:
+                owner, local = self._owner(layer, int(head))
+                return Role("expert", owner, expert=local, suffix=suffix)
+            if not head.isdigit():
+                return Role("slice", layer, axis=0, blocks=E)  # fused [E, ...] tensor
+        return None
+
+    def _owner(self, layer: MoELayer, expert: int) -> tuple[MoELayer, int]:
+        """The layer owning ModuleList entry `expert`, and its id within that layer's stack."""
+        siblings = self._siblings[layer.prefix]
+        if len(siblings) > 1:
+            block = expert // layer.num_experts
+            for sib in siblings:
+                if sib.stack.expert_block == block and sib.stack.experts == layer.stack.experts:
+                    return sib, expert - block * layer.num_experts
+        return layer, expert
+
+    def new_expert_id(self, layer: MoELayer, expert: int, keep: dict[str, list[int]]) -> int | None:
+        """The id expert `expert` of `layer` gets in the pruned ModuleList (None when pruned).
+
+        Example:
+            >>> info.new_expert_id(info.layer_by_key["3"], 7, {"3": [2, 7, 9]})
+            1
+        """
+        try:
+            position = keep[layer.key].index(expert)
+        except ValueError:
+            return None
+        before = [s for s in self._siblings[layer.prefix] if s.stack.expert_block < layer.stack.expert_block]
+        return sum(len(keep[s.key]) for s in before) + position
+
+    def kept_blocks(self, role: Role, keep: dict[str, list[int]]) -> list[int] | list[list[int]]:
+        """The blocks of a "slice" tensor that stay, in output order: the kept experts, then
+        any zero-computation rows; for `per_row` tensors one such list per row."""
+        layer = role.layer
+        if role.per_row:
+            return [keep[s.key] for s in self._siblings[layer.prefix]]
+        zero = range(layer.num_experts, role.blocks)
+        return list(keep[layer.key]) + list(zero)
+
+    def count_groups(self) -> dict[tuple[str, ...], list[MoELayer]]:
+        """MoE layers by the config node holding their expert count (each keeps one count)."""
+        out: dict[tuple[str, ...], list[MoELayer]] = {}
+        for layer in self.layers:
+            out.setdefault(layer.config_path, []).append(layer)
+        return out
+
     def expert_name(self, layer: MoELayer, expert: int, suffix: str) -> str:
         return f"{layer.prefix}{layer.stack.experts}.{expert}.{suffix}"
 
     def summary(self) -> dict:
-        return {
+        out = {
             "architecture": self.arch.name,
             "model_type": self.config.get("model_type"),
             "num_experts": self.num_experts,
@@ -132,14 +215,67 @@ class ModelInfo:
             "moe_layers": [layer.key for layer in self.layers],
             "mtp_layers": [layer.key for layer in self.layers if layer.mtp],
         }
+        counts = {".".join(path) or "config": group[0].num_experts for path, group in self.count_groups().items()}
+        if len(counts) > 1:
+            out["num_experts_by_config"] = counts
+        return out
 
 
-def _first_int(cfg: dict, keys: tuple[str, ...], what: str, arch: Architecture) -> int:
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _first_int(cfg: dict, keys: tuple[str, ...], what: str, arch: Architecture, element: int = 0,
+               largest: bool = False) -> int:
+    """The first integer among `keys`; a list of integers gives its `element` entry (ERNIE-VL's
+    `[text, vision]` counts) or, with `largest`, its maximum (per-layer top-k lists)."""
     for key in keys:
         value = cfg.get(key)
-        if isinstance(value, int) and not isinstance(value, bool):
+        if _is_int(value):
             return value
+        if isinstance(value, list) and value and all(_is_int(v) for v in value):
+            return max(value) if largest else value[min(element, len(value) - 1)]
     raise ShardcutError(f"{arch.name} config has no integer {what} (looked for {', '.join(keys)})", CONFIG_NAME)
+
+
+def _layer_count(config: dict, path: tuple[str, ...], arch: Architecture) -> int:
+    """The decoder layer count, from the sub-config at `path` or the nearest parent holding it."""
+    for depth in range(len(path), -1, -1):
+        node = _sub_config(config, path[:depth])
+        for key in arch.layer_count_keys:
+            value = node.get(key)
+            if _is_int(value):
+                return value
+            if isinstance(value, (list, str)) and value:  # a per-layer list or pattern: its length
+                return len(value)
+    raise ShardcutError(f"{arch.name} config has no integer layer count "
+                        f"(looked for {', '.join(arch.layer_count_keys)})", CONFIG_NAME)
+
+
+def _group_value(cfg: dict, spellings: str | tuple[str, ...]) -> int:
+    for key in (spellings,) if isinstance(spellings, str) else spellings:
+        if cfg.get(key) is not None:
+            return int(cfg[key] or 1)
+    return 1
+
+
+@dataclass(frozen=True)
+class _StackCounts:
+    path: tuple[str, ...]
+    cfg: dict
+    num_experts: int
+    top_k: int
+    num_hidden: int
+    zero_experts: int
+
+
+def _stack_counts(config: dict, arch: Architecture, stack: Stack) -> _StackCounts:
+    path = arch.config_path if stack.config_path is None else stack.config_path
+    cfg = _sub_config(config, path)
+    E = _first_int(cfg, arch.expert_keys, "expert count", arch, element=stack.expert_block)
+    top_k = _first_int(cfg, arch.top_k_keys, "top-k", arch, largest=True)
+    zero = cfg.get(stack.zero_experts_key) if stack.zero_experts_key else 0
+    return _StackCounts(path, cfg, E, top_k, _layer_count(config, path, arch), zero if _is_int(zero) else 0)
 
 
 def describe(ckpt: Checkpoint) -> ModelInfo:
@@ -159,54 +295,67 @@ def describe(ckpt: Checkpoint) -> ModelInfo:
             f"supported: {', '.join(supported_model_types())}",
             cfg_file,
         )
-    text = _sub_config(config, arch.config_path)
+    if arch.unsupported:
+        raise ShardcutError(f"cannot prune {arch.name}: {arch.unsupported}", cfg_file)
     try:
-        num_experts = _first_int(text, arch.expert_keys, "expert count", arch)
-        top_k = _first_int(text, arch.top_k_keys, "top-k", arch)
-        num_hidden = _first_int(text, ("num_hidden_layers", "n_layers"), "layer count", arch)
+        main = _stack_counts(config, arch, arch.stacks[0])
+        layers = _find_layers(ckpt, arch, main, cfg_file)
     except ShardcutError as exc:
+        if exc.path != CONFIG_NAME:
+            raise
         raise ShardcutError(str(exc).removeprefix(f"{CONFIG_NAME}: "), cfg_file) from None
+    text = main.cfg
     n_group = topk_group = 1
     if arch.group_keys and (arch.grouped_when is None or text.get("topk_method") in arch.grouped_when):
-        n_group = int(text.get(arch.group_keys[0]) or 1)
-        topk_group = int(text.get(arch.group_keys[1]) or 1)
-
-    layers = _find_layers(ckpt, arch, text, num_hidden, cfg_file)
-    return ModelInfo(arch, config, text, layers, num_experts, top_k, n_group, topk_group)
+        n_group = _group_value(text, arch.group_keys[0])
+        topk_group = _group_value(text, arch.group_keys[1])
+    return ModelInfo(arch, config, text, layers, main.num_experts, main.top_k, n_group, topk_group)
 
 
-def _find_layers(ckpt: Checkpoint, arch: Architecture, text: dict, num_hidden: int, cfg_file) -> list[MoELayer]:
-    """MoE layers are those whose marker tensor (the first of `expert_rows`) exists; the main
-    stack's layers below num_hidden_layers must match the config's rule exactly."""
+def _find_layers(ckpt: Checkpoint, arch: Architecture, main: _StackCounts, cfg_file) -> list[MoELayer]:
+    """MoE layers are those whose marker tensor (the stack's router) exists; each rule-following
+    stack's layers below its num_hidden_layers must match its config's rule exactly."""
     found: dict[tuple[int, int], MoELayer] = {}
     for s_idx, stack in enumerate(arch.stacks):
-        marker = stack.expert_rows[0]
+        hits: list[tuple[str, int]] = []
         for prefix in stack.layer_prefixes:
-            pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.{re.escape(marker)}$")
-            for name in ckpt.tensors:
-                m = pattern.match(name)
-                if not m:
-                    continue
-                idx = int(m.group(1))
-                if (s_idx, idx) in found:
-                    continue
-                mtp = stack.follows_rule and idx >= num_hidden or not stack.follows_rule
-                key = f"{stack.plan_prefix}{idx}"
-                found[(s_idx, idx)] = MoELayer(key, idx, f"{prefix}.{idx}.", stack, mtp)
+            pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.{re.escape(stack.marker)}$")
+            hits += [(prefix, int(m.group(1))) for name in ckpt.tensors if (m := pattern.match(name))]
+        if not hits and s_idx > 0:
+            continue  # an optional stack (MTP, a talker) this checkpoint does not have
+        counts = main if s_idx == 0 else _stack_counts(ckpt.config, arch, stack)
+        for prefix, idx in hits:
+            if (s_idx, idx) in found:
+                continue
+            mtp = stack.follows_rule and idx >= counts.num_hidden or not stack.follows_rule
+            key = f"{stack.plan_prefix}{idx}"
+            found[(s_idx, idx)] = MoELayer(key, idx, f"{prefix}.{idx}.", stack, mtp, counts.num_experts,
+                                           counts.top_k, counts.zero_experts, counts.path)
+        if stack.follows_rule:
+            _check_rule(arch, stack, counts, {i for (s, i), layer in found.items() if s == s_idx and not layer.mtp},
+                        cfg_file)
     layers = [found[k] for k in sorted(found)]
-    main = {layer.index for layer in layers if layer.stack.follows_rule and not layer.mtp}
-    expected = {i for i in range(num_hidden) if arch.moe_rule(text, i)}
-    if main != expected:
-        missing, extra = sorted(expected - main), sorted(main - expected)
-        detail = []
-        if missing:
-            detail.append(f"config makes layers {missing[:5]} MoE but the checkpoint has no router there")
-        if extra:
-            detail.append(f"layers {extra[:5]} have a router but the config says they are dense")
-        raise ShardcutError("; ".join(detail), cfg_file)
     if not layers:
         raise ShardcutError(f"no MoE layers found for architecture {arch.name}", cfg_file)
     dup = [k for k, n in Counter(layer.key for layer in layers).items() if n > 1]
     if dup:
         raise ShardcutError(f"MoE layer key {dup[0]!r} appears twice", cfg_file)
+    for layer in layers:
+        for rel, reason in layer.stack.unprunable:
+            if layer.prefix + rel in ckpt.tensors:
+                raise ShardcutError(f"cannot prune {arch.name}: MoE layer {layer.key} {reason}", cfg_file)
     return layers
+
+
+def _check_rule(arch: Architecture, stack: Stack, counts: _StackCounts, present: set[int], cfg_file) -> None:
+    expected = {i for i in range(counts.num_hidden) if arch.moe_rule(counts.cfg, i)}
+    if present == expected:
+        return
+    missing, extra = sorted(expected - present), sorted(present - expected)
+    where = f"{stack.plan_prefix.rstrip('.')} " if stack.plan_prefix else ""
+    detail = []
+    if missing:
+        detail.append(f"config makes {where}layers {missing[:5]} MoE but the checkpoint has no router there")
+    if extra:
+        detail.append(f"{where}layers {extra[:5]} have a router but the config says they are dense")
+    raise ShardcutError("; ".join(detail), cfg_file)

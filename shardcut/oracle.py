@@ -10,10 +10,12 @@ which every transformers MoE router calls, so no family needs its own patch.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
-_LAYER = re.compile(r"layers\.(\d+)\.")
+_LAYER = re.compile(r"(?:layers|blocks)\.(\d+)\.")
+# router weights: `gate`, `router`, `router.proj|layer|classifier|gate`, `gate.wg` (not `forget_gate.f_a_proj`)
+_ROUTER = re.compile(r"(?:^|\.)(?:gate|router|router\.\w+|gate\.wg)\.weight$")
 _BIAS_WORDS = ("e_score_correction_bias", "expert_bias", "router_bias", "moe_statics", "router.bias", "gate.bias")
 
 
@@ -23,10 +25,17 @@ def _layer_key(name: str) -> str | None:
 
 
 @contextmanager
-def forbid_pruned_experts(model, keep: dict[str, list[int]], num_experts: int) -> Iterator[int]:
+def forbid_pruned_experts(model, keep: dict[str, list[int]], num_experts: int | Mapping[str, int],
+                          layer_key: Callable[[str], str | None] | None = None,
+                          zero_experts: int = 0) -> Iterator[int]:
     """Inside the block, `model`'s routers cannot choose experts missing from `keep`.
 
     Yields the number of routers masked (a test should check it equals the MoE layer count).
+    num_experts: one count, or one per plan key (Qwen3-Omni's talker has its own).
+    layer_key: parameter name -> plan key (default: the number after `layers.`/`blocks.`),
+    for models whose stacks share layer numbers (`talker.…layers.1.` is plan key `talker.1`).
+    zero_experts: routers with this many extra trailing rows (LongCat's zero-computation
+    experts) are masked on their first `num_experts` rows only.
 
     Example:
         >>> with forbid_pruned_experts(model, plan.keep, 8) as n:
@@ -35,25 +44,35 @@ def forbid_pruned_experts(model, keep: dict[str, list[int]], num_experts: int) -
     import torch
     import torch.nn.functional as F
 
+    key_of = layer_key or _layer_key
+
+    def pruned_mask(key: str, width: int):
+        E = num_experts[key] if isinstance(num_experts, Mapping) else num_experts
+        if width not in (E, E + zero_experts):
+            return None
+        pruned = torch.zeros(width, dtype=torch.bool)
+        pruned[:E] = True
+        pruned[keep[key]] = False
+        return pruned
+
     masks: dict[int, torch.Tensor] = {}
     saved: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name, param in model.named_parameters():
-        key = _layer_key(name)
+        key = key_of(name)
         if key not in keep or "experts." in name.replace("shared_experts.", ""):
             continue
-        pruned = torch.ones(num_experts, dtype=torch.bool)
-        pruned[keep[key]] = False
-        if param.ndim == 2 and param.shape[0] == num_experts and any(w in name for w in ("gate", "router")):
+        if param.ndim == 2 and _ROUTER.search(name) and \
+                (pruned := pruned_mask(key, param.shape[0])) is not None:
             masks[param.data_ptr()] = pruned
-        elif any(w in name for w in _BIAS_WORDS) and param.shape[-1] == num_experts and param.ndim <= 2:
+        elif any(w in name for w in _BIAS_WORDS) and param.ndim <= 2 and \
+                (pruned := pruned_mask(key, param.shape[-1])) is not None:
             saved.append((param, param.detach().clone()))
             with torch.no_grad():
                 param[..., pruned] = float("-inf")
     for name, buf in model.named_buffers():  # some families keep the selection bias as a buffer
-        key = _layer_key(name)
-        if key in keep and any(w in name for w in _BIAS_WORDS) and buf.shape[-1] == num_experts:
-            pruned = torch.ones(num_experts, dtype=torch.bool)
-            pruned[keep[key]] = False
+        key = key_of(name)
+        if key in keep and any(w in name for w in _BIAS_WORDS) and buf.ndim >= 1 and \
+                (pruned := pruned_mask(key, buf.shape[-1])) is not None:
             saved.append((buf, buf.clone()))
             buf[..., pruned] = float("-inf")
 

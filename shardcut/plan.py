@@ -90,10 +90,10 @@ def validate_plan(plan: Plan, info: ModelInfo, source: str | Path = "plan") -> N
     """Refuse a plan that the model's routing cannot run; the message names layer and rule.
 
     Checks: every MoE layer (MTP included) present and no others; ids unique, in range and
-    ascending; one count for all layers; top_k <= E'; for grouped routing, the same number
-    kept in every group, >= 2 per group, and topk_group * E'/n_group >= top_k.
+    ascending; one count for all layers sharing a config count (stacks with their own config,
+    such as Qwen3-Omni's talker, have their own); top_k <= E'; for grouped routing, the same
+    number kept in every group, >= 2 per group, and topk_group * E'/n_group >= top_k.
     """
-    E = info.num_experts
     expected = [layer.key for layer in info.layers]
     for key in expected:
         if key not in plan.keep:
@@ -101,9 +101,8 @@ def validate_plan(plan: Plan, info: ModelInfo, source: str | Path = "plan") -> N
     for key in plan.keep:
         if key not in info.layer_by_key:
             raise ShardcutError(f"layer {key} is not a MoE layer of the model (MoE layers: {_span(expected)})", source)
-    counts: dict[int, str] = {}
-    for key in expected:
-        ids = plan.keep[key]
+    for layer in info.layers:
+        ids, key, E = plan.keep[layer.key], layer.key, layer.num_experts
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
             raise ShardcutError(f"layer {key}: duplicate expert ids {dup[:5]}", source)
@@ -112,21 +111,28 @@ def validate_plan(plan: Plan, info: ModelInfo, source: str | Path = "plan") -> N
             raise ShardcutError(f"layer {key}: expert ids {bad[:5]} out of range 0..{E - 1}", source)
         if ids != sorted(ids):
             raise ShardcutError(f"layer {key}: kept expert ids must be ascending", source)
-        counts.setdefault(len(ids), key)
-    if len(counts) > 1:
-        (n1, k1), (n2, k2) = list(counts.items())[:2]
-        raise ShardcutError(
-            f"unequal counts: layer {k1} keeps {n1} experts, layer {k2} keeps {n2} "
-            "(one expert count per config: every MoE layer must keep the same number)",
-            source,
-        )
-    kept = next(iter(counts))
-    if kept < info.top_k:
-        raise ShardcutError(f"layer {expected[0]}: keeps {kept} expert{'s' if kept != 1 else ''}, fewer than top_k={info.top_k}", source)
+    for path, layers in info.count_groups().items():
+        counts: dict[int, str] = {}
+        for layer in layers:
+            counts.setdefault(len(plan.keep[layer.key]), layer.key)
+        if len(counts) > 1:
+            (n1, k1), (n2, k2) = list(counts.items())[:2]
+            raise ShardcutError(
+                f"unequal counts: layer {k1} keeps {n1} experts, layer {k2} keeps {n2} "
+                f"(one expert count per config{' (' + '.'.join(path) + ')' if len(info.count_groups()) > 1 else ''}: "
+                "every MoE layer sharing it must keep the same number)",
+                source,
+            )
+        kept = next(iter(counts))
+        if kept < layers[0].top_k:
+            raise ShardcutError(f"layer {layers[0].key}: keeps {kept} expert{'s' if kept != 1 else ''}, "
+                                f"fewer than top_k={layers[0].top_k}", source)
     if info.arch.top_k_exact and info.top_k != info.arch.top_k_exact:
         raise ShardcutError(f"{info.arch.name} needs top_k == {info.arch.top_k_exact}", source)
     if info.grouped:
-        _validate_groups(plan, info, kept, source)
+        main = info.count_groups()[info.layers[0].config_path]
+        _validate_groups(Plan({layer.key: plan.keep[layer.key] for layer in main}), info,
+                         len(plan.keep[main[0].key]), source)
 
 
 def _validate_groups(plan: Plan, info: ModelInfo, kept: int, source) -> None:

@@ -27,7 +27,7 @@ _DROP = object()
 class _Renamer:
     def __init__(self, info: ModelInfo, keep: dict[str, list[int]]) -> None:
         self.info = info
-        self.new_ids = {k: {old: new for new, old in enumerate(ids)} for k, ids in keep.items()}
+        self.keep = keep
         self.patterns = []
         for stack in info.arch.stacks:
             if stack.experts is None:
@@ -46,7 +46,8 @@ class _Renamer:
             layer = self.info._by_prefix.get(m.group(1))
             if layer is None:
                 return name
-            new = self.new_ids[layer.key].get(int(m.group(2)))
+            layer, expert = self.info._owner(layer, int(m.group(2)))  # ERNIE-VL: the vision half's ids follow the text half's
+            new = self.info.new_expert_id(layer, expert, self.keep)
             if new is None:
                 return _DROP
             if excluded_list:
@@ -129,9 +130,8 @@ def rewrite_quantization(config: dict, info: ModelInfo, keep: dict[str, list[int
         side_file = copy.deepcopy(side_file)
         if isinstance(side_file.get("quantization"), dict):
             side_file["quantization"] = rewrite_quant_section(side_file["quantization"], renamer, "hf_quant_config.json")
-    kept = len(next(iter(keep.values())))
     for (layer_key, module), ids in renamer.excluded.items():
-        if 0 < len(ids) < kept:
+        if 0 < len(ids) < len(keep[layer_key]):
             raise ShardcutError(
                 f"layer {layer_key}: experts {sorted(ids)[:5]} ({module.lstrip('.') or 'whole expert'}) are excluded "
                 "from quantization but the others are not; "

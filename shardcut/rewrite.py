@@ -70,11 +70,14 @@ class PruneReport:
     config_changes: dict = field(default_factory=dict)
 
 
-def slice_expert_axis(path: Path, t: TensorInfo, axis: int, num_experts: int, kept: list[int]) -> OutTensor:
+def slice_expert_axis(path: Path, t: TensorInfo, axis: int, num_experts: int,
+                      kept: list[int] | list[list[int]]) -> OutTensor:
     """Byte ranges of `t` restricted to the kept experts' blocks along `axis`.
 
     The axis holds `num_experts` equal blocks (one row per expert for routers and fused
-    `[E, …]` tensors, `F` rows for DBRX-style `[E·F, H]`).
+    `[E, …]` tensors, `F` rows for DBRX-style `[E·F, H]`). `kept` lists the blocks to keep, in
+    output order; a list of lists gives each index of the dims before `axis` its own
+    (ERNIE-VL's `[2, E]` statics: text row, vision row).
     """
     if axis >= len(t.shape) or t.shape[axis] % num_experts:
         raise ShardcutError(
@@ -86,17 +89,20 @@ def slice_expert_axis(path: Path, t: TensorInfo, axis: int, num_experts: int, ke
     except ValueError:
         raise ShardcutError(f"tensor {t.name!r}: expert blocks of {t.dtype} do not fill whole bytes", path) from None
     outer = math.prod(t.shape[:axis])
+    per_outer = kept if kept and isinstance(kept[0], list) else [kept] * outer
+    if len(per_outer) != outer or len({len(k) for k in per_outer}) != 1:
+        raise ShardcutError(f"tensor {t.name!r} {list(t.shape)}: {outer} rows need equal kept lists for each", path)
     pieces = [
-        Piece(path, t.start + (o * num_experts + k) * block_bytes, block_bytes) for o in range(outer) for k in kept
+        Piece(path, t.start + (o * num_experts + k) * block_bytes, block_bytes)
+        for o in range(outer) for k in per_outer[o]
     ]
     shape = list(t.shape)
-    shape[axis] = block * len(kept)
+    shape[axis] = block * len(per_outer[0])
     return OutTensor(t.name, t.dtype, tuple(shape), merge_pieces(pieces))
 
 
 def layout(ckpt: Checkpoint, info: ModelInfo, plan: Plan, max_shard_size: int | None = None) -> Layout:
     """Describe the pruned checkpoint: each output tensor and the source bytes it is made of."""
-    new_ids = {key: {old: new for new, old in enumerate(ids)} for key, ids in plan.keep.items()}
     result = Layout([], [])
     for shard in ckpt.shards:
         out: list[OutTensor] = []
@@ -107,11 +113,12 @@ def layout(ckpt: Checkpoint, info: ModelInfo, plan: Plan, max_shard_size: int | 
                 out.append(OutTensor(t.name, t.dtype, t.shape, whole))
                 result.copied += 1
             elif role.kind == "expert":
-                if role.expert >= info.num_experts:
+                if role.expert >= role.layer.num_experts:
                     raise ShardcutError(
-                        f"tensor {t.name!r}: expert id {role.expert} >= num_experts={info.num_experts}", shard.path
+                        f"tensor {t.name!r}: expert id {role.expert} >= num_experts={role.layer.num_experts}",
+                        shard.path,
                     )
-                new = new_ids[role.layer.key].get(role.expert)
+                new = info.new_expert_id(role.layer, role.expert, plan.keep)
                 if new is None:
                     result.dropped += 1
                     result.dropped_bytes += t.nbytes
@@ -119,8 +126,8 @@ def layout(ckpt: Checkpoint, info: ModelInfo, plan: Plan, max_shard_size: int | 
                 out.append(OutTensor(info.expert_name(role.layer, new, role.suffix), t.dtype, t.shape, whole))
                 result.renamed += 1
             else:
-                kept = plan.keep[role.layer.key]
-                sliced = slice_expert_axis(shard.path, t, role.axis, info.num_experts, kept)
+                kept = info.kept_blocks(role, plan.keep)
+                sliced = slice_expert_axis(shard.path, t, role.axis, role.blocks, kept)
                 result.dropped_bytes += t.nbytes - sliced.nbytes
                 out.append(sliced)
                 result.sliced += 1
@@ -149,16 +156,31 @@ def shard_names(n: int) -> list[str]:
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
 
-def updated_config(info: ModelInfo, kept: int) -> tuple[dict, dict]:
-    """config.json with every spelling of the expert count set to `kept`, and the changes made."""
+def updated_config(info: ModelInfo, kept: int | dict[str, list[int]]) -> tuple[dict, dict]:
+    """config.json with every spelling of the expert count set to the kept count, and the changes.
+
+    `kept` is one count for all layers, or a plan's keep lists (stacks with their own config,
+    such as Qwen3-Omni's talker, get their own count). A count stored as a list (ERNIE-VL's
+    `[text, vision]`) gets each entry set.
+    """
     config = copy.deepcopy(info.config)
-    text = _sub_config(config, info.arch.config_path)
     changes = {}
-    for node, where in ((text, ".".join(info.arch.config_path)), (config, "")):
-        for key in info.arch.expert_keys:
-            if isinstance(node.get(key), int) and node[key] == info.num_experts and node[key] != kept:
-                node[key] = kept
-                changes[f"{where}.{key}".lstrip(".")] = [info.num_experts, kept]
+    main_path = info.layers[0].config_path if info.layers else info.arch.config_path
+    for path, layers in info.count_groups().items():
+        n = kept if isinstance(kept, int) else len(kept[layers[0].key])
+        before = layers[0].num_experts
+        text = _sub_config(config, path)
+        where = ".".join(path) if text is not config else ""
+        nodes = [(text, where)] + ([(config, "")] if path == main_path and text is not config else [])
+        for node, at in nodes:
+            for key in info.arch.expert_keys:
+                value = node.get(key)
+                if isinstance(value, int) and value == before and value != n:
+                    node[key] = n
+                    changes[f"{at}.{key}".lstrip(".")] = [before, n]
+                elif isinstance(value, list) and value and all(v == before for v in value) and before != n:
+                    node[key] = [n] * len(value)
+                    changes[f"{at}.{key}".lstrip(".")] = [value, node[key]]
     return config, changes
 
 
@@ -219,7 +241,7 @@ def prune(
     report = PruneReport(
         None, info.arch.name, dict(plan.keep), info.num_experts, plan.num_experts, ckpt.file_bytes, sum(sizes),
         names, lay.copied, lay.renamed, lay.sliced, lay.dropped, dry_run,
-        config_changes=updated_config(info, plan.num_experts)[1],
+        config_changes=updated_config(info, plan.keep)[1],
     )
     if dry_run or out is None:
         return report
@@ -266,7 +288,7 @@ def pruned_config(ckpt: Checkpoint, info: ModelInfo, plan: Plan) -> tuple[dict, 
     from shardcut.quant_config import rewrite_quantization
 
     side = ckpt.root / HF_QUANT_NAME
-    return rewrite_quantization(updated_config(info, plan.num_experts)[0], info, plan.keep,
+    return rewrite_quantization(updated_config(info, plan.keep)[0], info, plan.keep,
                                 read_json_object(side) if side.exists() else None)
 
 

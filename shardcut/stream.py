@@ -147,7 +147,7 @@ def _report(ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout, sizes: l
     return PruneReport(
         None, info.arch.name, dict(plan.keep), info.num_experts, plan.num_experts, ckpt.file_bytes, sum(sizes),
         shard_names(len(lay.shards)), lay.copied, lay.renamed, lay.sliced, lay.dropped, dry_run,
-        config_changes=updated_config(info, plan.num_experts)[1],
+        config_changes=updated_config(info, plan.keep)[1],
     )
 
 

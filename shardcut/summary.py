@@ -1,20 +1,145 @@
-"""`inspect`: what a checkpoint is, from its config and shard headers only."""
+"""`inspect`: what a checkpoint is, from its config and shard headers only.
+
+Besides the MoE structure it reports, per tensor group (experts, routers, everything else), the
+quantization scheme the stored tensors are in (recognised from their companion suffixes and
+dtypes, e.g. `weight` F8_E4M3 + `weight_scale_inv` is FP8 block), and the bytes pruning saves for
+every expert removed, per layer and in total.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
-from shardcut.model import describe
+from shardcut.model import ModelInfo, describe
+
+# Tensor-name endings that belong to one quantized Linear (longest first): the module is the rest.
+_COMPANIONS = (
+    ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4", ".weight.nested_quant_map",
+    ".weight.nested_absmax", ".weight.quant_map", ".weight.absmax", ".weight_scale_inv", ".weight_global_scale",
+    ".weight_zero_point", ".weight_scale_2", ".weight_packed", ".weight_format", ".weight_g_idx", ".weight_scale",
+    ".weight_shape", ".input_global_scale", ".input_zero_point", ".input_scale", ".activation_scale",
+    ".qscale_weight", ".qscale_act", ".qweight", ".qzeros", ".scales", ".g_idx", ".SCB", ".scale", ".weight",
+    ".bias", "_scale_inv", "_blocks", "_scales", "_bias",
+)  # a leading "_" marks companions of fused projections (`gate_up_proj_blocks`)
+GROUPS = ("expert", "router", "other")
+
+
+def split_companion(name: str) -> tuple[str, str]:
+    """(module, companion suffix) of a tensor name; a bare fused tensor is its own module.
+
+    Example:
+        >>> split_companion("model.layers.3.mlp.experts.7.down_proj.weight_packed")
+        ('model.layers.3.mlp.experts.7.down_proj', '.weight_packed')
+    """
+    for suffix in _COMPANIONS:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            module = name[: -len(suffix)]
+            if suffix.startswith("_") and not module.endswith("proj"):
+                continue  # `_blocks`, `_bias`…: only on fused projections (gpt-oss `gate_up_proj_blocks`)
+            return module, suffix
+    return name, ""
+
+
+def scheme_of(suffixes: dict[str, str], quant: dict) -> str:
+    """The quantization scheme of one module from its companions (suffix -> dtype) and the config."""
+    s = set(suffixes)
+    main = suffixes.get(".weight") or suffixes.get("") or next(iter(suffixes.values()))
+    bits = quant.get("bits") or _ct_bits(quant)
+    if "_blocks" in s:
+        return "mxfp4"
+    if ".qweight" in s:
+        method = quant.get("quant_method") if quant.get("quant_method") in ("gptq", "awq") else "gptq/awq"
+        return f"{method} int{bits or 4}"
+    if ".weight.absmax" in s:
+        return "bitsandbytes " + ("fp4" if ".weight.quant_state.bitsandbytes__fp4" in s else "nf4")
+    if ".SCB" in s:
+        return "bitsandbytes int8"
+    if ".weight_packed" in s:
+        if suffixes[".weight_packed"] == "I32":
+            return f"int{bits or '?'} pack-quantized"
+        return "nvfp4" if ".weight_global_scale" in s else "mxfp4 (compressed-tensors)"
+    if ".weight_scale_inv" in s or "_scale_inv" in s or (".scale" in s and main.startswith("F8")):
+        block = quant.get("weight_block_size")
+        return "fp8 block" + (f" {list(block)}" if block else "")
+    if ".weight_scale_2" in s:
+        return "nvfp4 (modelopt)"
+    if ".weight_scale" in s:
+        return {"F8_E4M3": "fp8", "I8": "int8"}.get(main, f"{main.lower()} scaled")
+    return main.lower()
+
+
+def _ct_bits(quant: dict) -> int | None:
+    for group in (quant.get("config_groups") or {}).values():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if isinstance(weights, dict) and weights.get("num_bits"):
+            return weights["num_bits"]
+    return None
+
+
+def _group(name: str, role, ndim: int) -> str:
+    """expert: per-expert and fused expert tensors; router: router rows, selection biases, scales."""
+    if role.kind == "copy":
+        return "other"
+    if role.kind == "expert" or ndim >= 3:
+        return "expert"
+    stack, rest = role.layer.stack, name[len(role.layer.prefix):]
+    fused = (stack.experts and rest.startswith(stack.experts + ".")) or any(rest.startswith(f + ".") for f in stack.fused)
+    return "expert" if fused else "router"
+
+
+def quantization_groups(info: ModelInfo, tensors: dict, quant: dict) -> dict:
+    """Per group (expert / router / other): schemes with their module counts, and the companion
+    suffixes with their dtypes and bytes."""
+    modules: dict[str, dict[str, str]] = defaultdict(dict)
+    group_of: dict[str, str] = {}
+    out = {g: {"tensors": 0, "bytes": 0, "schemes": Counter(), "companions": {}} for g in GROUPS}
+    for name, (_, t) in tensors.items():
+        group = _group(name, info.classify(name), len(t.shape))
+        module, suffix = split_companion(name)
+        modules[module][suffix] = t.dtype
+        group_of[module] = group
+        g = out[group]
+        g["tensors"] += 1
+        g["bytes"] += t.nbytes
+        entry = g["companions"].setdefault(suffix or "(fused)", {"dtypes": [], "tensors": 0, "bytes": 0})
+        if t.dtype not in entry["dtypes"]:
+            entry["dtypes"].append(t.dtype)
+        entry["tensors"] += 1
+        entry["bytes"] += t.nbytes
+    for module, suffixes in modules.items():
+        out[group_of[module]]["schemes"][scheme_of(suffixes, quant)] += 1
+    for g in out.values():
+        g["schemes"] = dict(g["schemes"].most_common())
+        g["companions"] = dict(sorted(g["companions"].items()))
+    return {g: v for g, v in out.items() if v["tensors"]}
+
+
+def savings_per_expert(info: ModelInfo, tensors: dict) -> dict[str, float]:
+    """Plan key -> bytes one fewer expert in that layer saves (its expert tensors, its rows of the
+    routers and fused tensors); zero-computation router rows are not counted (they stay)."""
+    saved: dict[str, float] = {layer.key: 0.0 for layer in info.layers}
+    for name, (_, t) in tensors.items():
+        role = info.classify(name)
+        if role.kind == "expert":
+            saved[role.layer.key] += t.nbytes / role.layer.num_experts
+        elif role.kind == "slice":
+            owners = info._siblings[role.layer.prefix] if role.per_row else [role.layer]
+            for layer in owners:
+                saved[layer.key] += t.nbytes / role.blocks / len(owners)
+    return saved
 
 
 def inspect_model(model: str | Path) -> dict:
     """A JSON-ready description of a MoE checkpoint: architecture, MoE layers (with their plan
-    keys), experts, top-k, routing, dtypes, quantization, sizes and shards.
+    keys), experts, top-k, routing, dtypes, quantization per tensor group, sizes and shards, and
+    the bytes pruning saves per expert removed.
 
     Example:
-        >>> inspect_model("Qwen3-30B-A3B")["num_experts"]
-        128
+        >>> d = inspect_model("Kimi-K2-Thinking")
+        >>> d["num_experts"], d["quantization_groups"]["expert"]["schemes"]
+        (384, {'int4 pack-quantized': 46080})
+        >>> d["bytes_saved_per_expert_removed"]["total"]   # one expert fewer in every MoE layer
     """
     from shardcut.hub import open_model
 
@@ -30,12 +155,14 @@ def inspect_model(model: str | Path) -> dict:
             expert_bytes += t.nbytes
             per_layer[role.layer.key] += t.nbytes
     quant = info.config.get("quantization_config") or info.text_config.get("quantization_config")
+    quant = quant if isinstance(quant, dict) else {}
+    saved = savings_per_expert(info, ckpt.tensors)
     out = info.summary()
     out.update({
         "path": str(ckpt.root),
         "layers": [
             {"key": layer.key, "prefix": layer.prefix.rstrip("."), "mtp": layer.mtp,
-             "expert_bytes": per_layer[layer.key]}
+             "expert_bytes": per_layer[layer.key], "bytes_saved_per_expert_removed": round(saved[layer.key])}
             for layer in info.layers
         ],
         "routing": {
@@ -46,10 +173,14 @@ def inspect_model(model: str | Path) -> dict:
             "selection_bias": info.arch.selection_bias,
         },
         "dtypes": dict(sorted(dtype_bytes.items())),
-        "quantization": (quant or {}).get("quant_method") if isinstance(quant, dict) else None,
+        "quantization": quant.get("quant_method"),
+        "quantization_groups": quantization_groups(info, ckpt.tensors, quant),
         "total_bytes": ckpt.total_bytes,
         "expert_bytes": expert_bytes,
         "bytes_per_expert": expert_bytes // max(1, info.num_experts * len(info.layers)),
+        "bytes_saved_per_expert_removed": {"total": round(sum(saved.values())),
+                                           "per_layer_min": round(min(saved.values())),
+                                           "per_layer_max": round(max(saved.values()))},
         "shards": len(ckpt.shards),
         "tensors": len(ckpt.tensors),
     })

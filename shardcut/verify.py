@@ -104,17 +104,18 @@ def verify(path: str | Path, source: str | Path | None = None) -> VerifyReport:
             experts[role.layer.key][role.expert].add(role.suffix)
         elif role.kind == "slice":
             dim = t.shape[role.axis] if role.axis < len(t.shape) else -1
-            if dim <= 0 or dim % info.num_experts:
+            if dim <= 0 or dim % role.blocks:
                 report.problems.append(
-                    f"{name}: dim {role.axis} is {dim}, not a multiple of num_experts={info.num_experts}"
+                    f"{name}: dim {role.axis} is {dim}, not a multiple of {role.blocks} (num_experts"
+                    f"{' + zero experts' if role.blocks != role.layer.num_experts else ''})"
                 )
     for layer in info.layers:
         if layer.stack.experts is None:
             continue
         ids = experts.get(layer.key, {})
-        if sorted(ids) != list(range(info.num_experts)) and ids:
+        if sorted(ids) != list(range(layer.num_experts)) and ids:
             report.problems.append(
-                f"layer {layer.key}: expert ids {_ids(sorted(ids))} are not exactly 0..{info.num_experts - 1}"
+                f"layer {layer.key}: expert ids {_ids(sorted(ids))} are not exactly 0..{layer.num_experts - 1}"
             )
         suffix_sets = {frozenset(s) for s in ids.values()}
         if len(suffix_sets) > 1:
