@@ -36,7 +36,7 @@ def inspect_cmd(
     rows = [
         ("architecture", f"{info['architecture']} (model_type {info['model_type']})"),
         ("MoE layers", f"{len(keys)}: {_span(keys)}" + (f" (MTP: {', '.join(info['mtp_layers'])})" if info["mtp_layers"] else "")),
-        ("experts per layer", str(info["num_experts"])),
+        ("experts per layer", _by_config(info.get("num_experts_by_config")) or str(info["num_experts"])),
         ("top-k", str(info["top_k"])),
         ("routing", f"{routing['scoring']}" + (f", grouped n_group={routing['n_group']} topk_group={routing['topk_group']}"
                                               if routing["grouped"] else "")
@@ -59,8 +59,10 @@ def prune_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="Output folder (must not exist, or be empty)."),
     plan: Path | None = typer.Option(None, "--plan", help="A shardcut-plan/1 file."),
     scores: Path | None = typer.Option(None, "--scores", help="A score file to plan from (with --ratio or --experts)."),
-    ratio: float | None = typer.Option(None, "--ratio", help="Fraction of routed experts to remove, in (0, 1)."),
-    experts: int | None = typer.Option(None, "--experts", help="Experts to keep per layer."),
+    ratio: float | None = typer.Option(None, "--ratio", help="Fraction of routed experts to remove, in (0, 1); "
+                                       "pruned per layer = floor(E x ratio), E each stack's own count."),
+    experts: int | None = typer.Option(None, "--experts", help="Experts to keep per layer, the same in every stack "
+                                       "of a model with several expert counts (refused where it does not fit one)."),
     criterion: str = typer.Option("reap", "--criterion", help="Saliency criterion when planning from scores."),
     protect_super_experts: bool = typer.Option(False, "--protect-super-experts", help="With --scores: keep super "
                                                "experts (see `shardcut plan --help`)."),
@@ -98,10 +100,14 @@ def prune_cmd(
         report = prune_model(model, out, the_plan, stream=stream, max_shard_size=max_shard_size, dry_run=dry_run,
                              verify=not no_verify, resume=resume, progress=progress)
     if as_json:
-        typer.echo(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in vars(report).items()}, indent=2))
+        body = {k: str(v) if isinstance(v, Path) else v for k, v in vars(report).items()}
+        if not body["experts_by_config"]:  # only for several expert counts, as inspect's num_experts_by_config
+            del body["experts_by_config"]
+        typer.echo(json.dumps(body, indent=2))
         return
-    t = Table(title=f"{'dry run: ' if dry_run else ''}{report.architecture}: "
-                    f"{report.experts_before} -> {report.experts_after} experts per layer")
+    counts = (", ".join(f"{name} {a} -> {b}" for name, (a, b) in report.experts_by_config.items())
+              or f"{report.experts_before} -> {report.experts_after}")
+    t = Table(title=f"{'dry run: ' if dry_run else ''}{report.architecture}: {counts} experts per layer")
     t.add_column("layer")
     t.add_column("kept (original ids)")
     for key, ids in report.layers.items():
@@ -182,6 +188,11 @@ def _savings_line(saved: dict) -> str:
     low, high = saved["per_layer_min"], saved["per_layer_max"]
     per = human_bytes(low) if low == high else f"{human_bytes(low)}-{human_bytes(high)}"
     return f"{human_bytes(saved['total'])} per expert removed from every MoE layer ({per} per layer)"
+
+
+def _by_config(counts: dict[str, int] | None) -> str:
+    """"8 (thinker_config.text_config), 6 (talker_config.text_config)" for several expert counts."""
+    return ", ".join(f"{n} ({name})" for name, n in counts.items()) if counts else ""
 
 
 def _span(keys: list[str]) -> str:

@@ -48,13 +48,16 @@ def show_cmd(
         typer.echo(json.dumps({"file": str(scores), **summary}, indent=2))
         return
     meta = summary["metadata"]
-    t = Table(title=f"{scores}: {len(s.layers)} layers x {s.num_experts} experts, criterion {summary['criterion']}")
-    for col in ("layer", "tokens", "never routed", f"lowest {top}", f"highest {top}"):
-        t.add_column(col, justify="right" if col == "tokens" else "left")
+    multi = "layer_experts" in summary  # stacks with their own expert counts
+    widths = " or ".join(str(n) for n in sorted(set(s.experts_per_row), reverse=True))
+    t = Table(title=f"{scores}: {len(s.layers)} layers x {widths} experts, criterion {summary['criterion']}")
+    for col in ("layer", *(("experts",) if multi else ()), "tokens", "never routed", f"lowest {top}", f"highest {top}"):
+        t.add_column(col, justify="right" if col in ("tokens", "experts") else "left")
     for row in summary["layers"]:
         never = row["never_routed"]
         t.add_row(
             row["layer"],
+            *((str(row["experts"]),) if multi else ()),
             "-" if row["tokens"] is None else f"{row['tokens']:.0f}",
             "-" if never is None else (f"{len(never)}: {_ids(never)}" if never else "0"),
             _pairs(row["lowest"]), _pairs(row["highest"]),
@@ -86,6 +89,7 @@ def merge_cmd(
     if as_json:
         typer.echo(json.dumps({"out": str(out), "inputs": [{"file": str(p), "weight": w} for p, w in parsed],
                                "layers": merged.layers, "num_experts": merged.num_experts,
+                               **({"layer_experts": merged.layer_experts} if merged.layer_experts else {}),
                                "tokens": merged.tokens.tolist(), "sha256": merged.sha256()}, indent=2))
         return
     console.print(f"[green]wrote[/] {out}: {len(parsed)} files merged ("
@@ -131,8 +135,11 @@ def plan_cmd(
     model: str = typer.Argument(..., help="Checkpoint folder or Hub repo id (only headers are read)."),
     scores: Path = typer.Option(..., "--scores", "-s", help="A shardcut-scores/1 file."),
     ratio: float | None = typer.Option(None, "--ratio", help="Fraction of routed experts removed, in (0, 1); "
-                                       "pruned per layer = floor(E x ratio)."),
-    experts: int | None = typer.Option(None, "--experts", help="Experts kept per layer."),
+                                       "pruned per layer = floor(E x ratio), with E each stack's own count where "
+                                       "stacks differ (Qwen3-Omni's talker)."),
+    experts: int | None = typer.Option(None, "--experts", help="Experts kept per layer. A model with several expert "
+                                       "counts keeps this many in every stack; refused, naming the stack, where it "
+                                       "does not fit one (not below its count, or below its top-k): use --ratio."),
     criterion: str | None = typer.Option(None, "--criterion", "-c", help=CRITERION_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the random criterion."),
     protect_super_experts: bool = typer.Option(False, "--protect-super-experts", help=SUPER_HELP),
@@ -171,8 +178,9 @@ def plan_cmd(
 
 def print_plan_report(report) -> None:
     """The per-layer plan table (also printed by `prune --scores`)."""
-    t = Table(title=f"{report.architecture}: {report.num_experts} -> {report.kept} experts per layer "
-                    f"(criterion {report.criterion})")
+    counts = (", ".join(f"{name} {g['num_experts']} -> {g['kept']}" for name, g in report.by_config.items())
+              or f"{report.num_experts} -> {report.kept}")
+    t = Table(title=f"{report.architecture}: {counts} experts per layer (criterion {report.criterion})")
     for col in ("layer", "kept", "pruned", "lowest kept", "highest pruned", "protected", "note"):
         t.add_column(col, justify="right" if col in ("kept", "pruned") else "left")
     for row in report.rows:

@@ -34,12 +34,24 @@ class Plan:
 
     @property
     def num_experts(self) -> int:
+        """Experts every layer keeps; where stacks keep their own counts (Qwen3-Omni's talker),
+        the main stack's, whose keys are bare layer numbers (as `inspect`'s `num_experts`);
+        -1 when even those disagree (a plan `validate_plan` refuses).
+
+        Example:
+            >>> Plan({"0": [1, 2, 5, 7], "talker.0": [0, 2, 3]}).num_experts
+            4
+        """
         counts = {len(v) for v in self.keep.values()}
+        if len(counts) != 1:
+            counts = {len(v) for k, v in self.keep.items() if k.isdigit()}
         return counts.pop() if len(counts) == 1 else -1
 
     def to_json(self) -> dict:
+        """The plan file's JSON: `num_experts` (see the property) unless undefined, then `extra`
+        (provenance; `make_plan` adds `num_experts_by_config` for several expert counts)."""
         body = {"format": PLAN_FORMAT, "keep": {k: list(v) for k, v in self.keep.items()}}
-        if self.keep:
+        if self.keep and self.num_experts >= 0:
             body["num_experts"] = self.num_experts
         for k, v in self.extra.items():
             if k not in body:

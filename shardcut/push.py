@@ -10,7 +10,8 @@ interrupted upload already sent):
 
 Parameter counts come from tensor shapes (headers only). A pruned checkpoint holds one
 expert's share of every expert tensor, so the counts for the original expert count follow
-exactly without the source: `Counts.at(E)` for any E.
+exactly without the source: `Counts.at(E)` for any E (or one E per layer, for models whose
+stacks have their own counts, such as Qwen3-Omni's talker).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,6 +46,7 @@ class Counts:
     expert / router: per MoE layer key, one routed expert's elements (its FFN, fused shares
     included) and its share of the router tensors (rows computed for every token).
     Quantized tensors count as stored (a packed INT4 word is one element).
+    layer_top_k: a layer's own top-k where its stack has one (default `top_k`).
     """
 
     top_k: int
@@ -52,15 +55,23 @@ class Counts:
     expert: dict[str, tuple[int, int]] = field(default_factory=dict)
     router: dict[str, tuple[int, int]] = field(default_factory=dict)
     mtp: set[str] = field(default_factory=set)
+    layer_top_k: dict[str, int] = field(default_factory=dict)
 
-    def at(self, num_experts: int) -> dict[str, int]:
-        """Total and active parameters and tensor bytes with `num_experts` experts per layer."""
+    def at(self, num_experts: int | Mapping[str, int]) -> dict[str, int]:
+        """Total and active parameters and tensor bytes with `num_experts` experts per layer
+        (one count, or one per MoE layer key).
+
+        Example:
+            >>> counts.at({"0": 8, "1": 8, "talker.0": 6, "talker.1": 6})["total"]
+        """
         keys = self.expert.keys() | self.router.keys()
+        E = {k: num_experts[k] if isinstance(num_experts, Mapping) else num_experts for k in keys}
         per = {k: [a + b for a, b in zip(self.expert.get(k, (0, 0)), self.router.get(k, (0, 0)))] for k in keys}
-        total = self.base[0] + sum(num_experts * p[0] for p in per.values())
-        size = self.base[1] + sum(num_experts * p[1] for p in per.values())
+        total = self.base[0] + sum(E[k] * p[0] for k, p in per.items())
+        size = self.base[1] + sum(E[k] * p[1] for k, p in per.items())
         active = self.base_active + sum(
-            min(self.top_k, num_experts) * self.expert.get(k, (0, 0))[0] + num_experts * self.router.get(k, (0, 0))[0]
+            min(self.layer_top_k.get(k, self.top_k), E[k]) * self.expert.get(k, (0, 0))[0]
+            + E[k] * self.router.get(k, (0, 0))[0]
             for k in keys if k not in self.mtp
         )
         return {"total": total, "active": active, "bytes": size}
@@ -73,7 +84,6 @@ def count_parameters(ckpt: Checkpoint, info: ModelInfo) -> Counts:
         >>> c = count_parameters(open_checkpoint("pruned"), describe(open_checkpoint("pruned")))
         >>> c.at(128)["total"], c.at(64)["total"]
     """
-    E = info.num_experts
     mtp_prefixes = tuple(layer.prefix for layer in info.layers if layer.mtp)
     base = [0, 0]
     base_active = 0
@@ -94,9 +104,11 @@ def count_parameters(ckpt: Checkpoint, info: ModelInfo) -> Counts:
         acc = bucket.setdefault(layer.key, [0, 0])
         acc[0] += n
         acc[1] += t.nbytes
-    per = lambda d: {k: (v[0] // E, v[1] // E) for k, v in d.items()}  # noqa: E731
+    E = {layer.key: layer.num_experts for layer in info.layers}  # a stack's own count (Qwen3-Omni's talker)
+    per = lambda d: {k: (v[0] // E[k], v[1] // E[k]) for k, v in d.items()}  # noqa: E731
     return Counts(info.top_k, (base[0], base[1]), base_active, per(expert), per(router),
-                  {layer.key for layer in info.layers if layer.mtp})
+                  {layer.key for layer in info.layers if layer.mtp},
+                  {layer.key: layer.top_k for layer in info.layers if layer.top_k != info.top_k})
 
 
 @dataclass
@@ -179,7 +191,7 @@ def push(
     source_model = str(source.get("model") or "")
     base = base_model or (source_model if _is_repo_id(source_model) else None)
     card_meta = source_card(out, base, source, api)
-    provenance = _provenance(out, plan, source, base, score_file)
+    provenance = _provenance(out, plan, source, base, score_file, info)
     card = str(model_card(target, base, plan, ckpt, info, card_meta, scores_meta, provenance))
 
     files = [PushFile(CARD_NAME, len(card.encode()), content=card.encode())]
@@ -208,8 +220,8 @@ def push(
                 api.create_branch(target, branch=revision, exist_ok=True)
             info_commit = api.upload_folder(
                 repo_id=target, folder_path=staging, revision=revision, create_pr=create_pr or None,
-                commit_message=f"Expert-pruned {provenance['experts_per_layer']['before'] or '?'} -> "
-                               f"{plan.num_experts} experts per layer with shardcut {__version__}",
+                commit_message=f"Expert-pruned {_counts_text(info, provenance)} experts per layer with "
+                               f"shardcut {__version__}",
             )
     report.url = getattr(info_commit, "pr_url", None) or getattr(info_commit, "commit_url", None) or \
         f"https://huggingface.co/{target}"
@@ -295,9 +307,16 @@ def source_card(out: Path, base: str | None, source: dict, api=None) -> dict:
     return {}
 
 
-def _provenance(out: Path, plan: Plan, source: dict, base: str | None, score_file: Path | None) -> dict:
+def _provenance(out: Path, plan: Plan, source: dict, base: str | None, score_file: Path | None,
+                info: ModelInfo) -> dict:
+    from shardcut.select import count_groups
+
     index = out / INDEX_NAME
     meta = read_json_object(index).get("metadata", {}) if index.is_file() else {}
+    groups = count_groups(info)  # of the pruned checkpoint: its counts are the kept ones
+    before = source.get("num_experts_by_config") if isinstance(source.get("num_experts_by_config"), dict) else {}
+    by_config = {"experts_per_layer_by_config": {g.name: {"before": before.get(g.name), "after": g.num_experts}
+                                                 for g in groups}} if len(groups) > 1 else {}
     return {
         "format": "shardcut-provenance/1",
         "shardcut_version": __version__,
@@ -309,8 +328,33 @@ def _provenance(out: Path, plan: Plan, source: dict, base: str | None, score_fil
         "scores_file": SCORES_IN_REPO if score_file else None,
         "criterion": plan.extra.get("criterion"),
         "experts_per_layer": {"before": source.get("num_experts"), "after": plan.num_experts},
+        **by_config,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _stacks(info: ModelInfo, provenance: dict) -> list[tuple]:
+    """(count group, experts before, after) for each expert count of the pruned model; a count
+    the provenance does not record reads as unchanged, as a single-count card always did."""
+    from shardcut.select import count_groups
+
+    main = provenance["experts_per_layer"]
+    by_config = provenance.get("experts_per_layer_by_config") or {}
+    out = []
+    for i, g in enumerate(count_groups(info)):
+        rec = by_config.get(g.name) or (main if i == 0 else {})
+        after = int(rec.get("after") or g.num_experts)
+        out.append((g, int(rec.get("before") or after), after))
+    return out
+
+
+def _counts_text(info: ModelInfo, provenance: dict) -> str:
+    """"16 -> 8", or "thinker_config.text_config 8 -> 4, talker_config.text_config 6 -> 3"."""
+    stacks = _stacks(info, provenance)
+    if len(stacks) == 1:
+        return f"{provenance['experts_per_layer']['before'] or '?'} -> {stacks[0][2]}"
+    by_config = provenance.get("experts_per_layer_by_config") or {}
+    return ", ".join(f"{g.name} {(by_config.get(g.name) or {}).get('before') or '?'} -> {a}" for g, _, a in stacks)
 
 
 def _stage(root: Path, files: list[PushFile]) -> Path:
@@ -346,10 +390,11 @@ def model_card(repo_id: str, base: str | None, plan: Plan, ckpt: Checkpoint, inf
 
     from shardcut.select import CRITERIA
 
-    E_after = plan.num_experts
-    E_before = int(provenance["experts_per_layer"]["before"] or E_after)
+    stacks = _stacks(info, provenance)
+    E_before, E_after = stacks[0][1], stacks[0][2]  # the main stack's
     counts = count_parameters(ckpt, info)
-    before, after = counts.at(E_before), counts.at(E_after)
+    before = counts.at({layer.key: b for g, b, _ in stacks for layer in g.layers})
+    after = counts.at({layer.key: a for g, _, a in stacks for layer in g.layers})
     criterion = str(plan.extra.get("criterion") or "unrecorded")
     source_name = base or str(provenance["source"]["model"] or "the source model")
     data = ModelCardData(
@@ -358,9 +403,12 @@ def model_card(repo_id: str, base: str | None, plan: Plan, ckpt: Checkpoint, inf
     )
     link = f"[{base}](https://huggingface.co/{base})" if base else f"`{source_name}`"
     pct = (E_before - E_after) / max(1, E_before)
+    multi = len(stacks) > 1
+    top_ks = {g.top_k for g, _, _ in stacks}
     rows = [
-        ("routed experts per MoE layer", str(E_before), str(E_after)),
-        ("experts per token (top-k)", str(info.top_k), str(info.top_k)),
+        *((f"routed experts per MoE layer{f' ({g.name})' if multi else ''}", str(b), str(a)) for g, b, a in stacks),
+        *((f"experts per token (top-k){f' ({g.name})' if len(top_ks) > 1 else ''}", str(g.top_k), str(g.top_k))
+          for g, _, _ in (stacks if len(top_ks) > 1 else stacks[:1])),
         ("MoE layers", str(len(info.layers)), str(len(info.layers))),
         ("total parameters", _fmt_count(before["total"]), _fmt_count(after["total"])),
         ("active parameters per token", _fmt_count(before["active"]), _fmt_count(after["active"])),
@@ -370,12 +418,20 @@ def model_card(repo_id: str, base: str | None, plan: Plan, ckpt: Checkpoint, inf
     how = CRITERIA.get(criterion, "see the plan file")
     calib = _calibration_section(scores_meta, source_name, criterion)
     commands = _commands(repo_id, source_name, plan, scores_meta, criterion)
+    if multi:
+        removed = "routed experts removed in every MoE layer: " + ", ".join(
+            f"{b - a} of {b} in the {g.name} layers ({(b - a) / max(1, b):.0%})" for g, b, a in stacks)
+        renumbered, keeps = "0..(kept - 1) in each layer", " / ".join(f"{a} ({g.name})" for g, _, a in stacks)
+    else:
+        removed = f"{E_before - E_after} of its {E_before} routed experts removed in every MoE layer ({pct:.0%})"
+        renumbered, keeps = f"0..{E_after - 1}", str(E_after)
+    picks = f"the {top_ks.pop()} routed experts it picks" if len(top_ks) == 1 else "the top-k routed experts it picks"
     body = f"""
 # {repo_id.split("/")[-1]}
 
-{link} with {E_before - E_after} of its {E_before} routed experts removed in every MoE layer ({pct:.0%}),
+{link} with {removed},
 by expert pruning with shardcut {__version__}. Every tensor that stays is byte-identical
-to the source: the kept experts were renumbered 0..{E_after - 1} and the router rows of the pruned ones
+to the source: the kept experts were renumbered {renumbered} and the router rows of the pruned ones
 dropped; nothing was retrained or merged. For what the model is, how to use it and its terms, see the
 card of {link}: this card credits it and does not repeat it.
 
@@ -384,13 +440,13 @@ card of {link}: this card credits it and does not repeat it.
 {table}
 
 Parameters are counted from the tensor shapes in the safetensors headers ("active" counts everything
-a token runs through: the {info.top_k} routed experts it picks, every router row, and all non-expert
+a token runs through: {picks}, every router row, and all non-expert
 weights{", MTP layers excluded" if counts.mtp else ""}{"; quantized tensors count as stored" if _quantized(info) else ""}).
 
 ## Method
 
 - Expert pruning in the manner of REAP (Router-weighted Expert Activation Pruning, [arXiv 2510.13999](https://arxiv.org/abs/2510.13999)):
-  each MoE layer keeps the {E_after} experts with the highest saliency on calibration data and drops the
+  each MoE layer keeps the {keeps} experts with the highest saliency on calibration data and drops the
   rest together with their router rows; the router's choice among the kept experts is unchanged.
 - Criterion: `{criterion}`: {how}.
 - Architecture: {info.arch.name}; MoE layers: {len(info.layers)}; kept expert ids per layer (original
@@ -440,13 +496,17 @@ def _calibration_section(meta: dict | None, source: str, criterion: str) -> str:
 
 def _commands(repo_id: str, source: str, plan: Plan, meta: dict | None, criterion: str) -> str:
     lines = []
+    one_count = len({len(ids) for ids in plan.keep.values()}) == 1
+    how = (f"--ratio {plan.extra['ratio']}" if "ratio" in plan.extra else
+           f"--experts {plan.num_experts}" if one_count else None)  # stacks keeping their own counts: no flag says it
     if meta is not None:
         opts = "".join(f" --{flag} {meta[key]}" for key, flag in (("samples", "samples"), ("max_length", "max-length"))
                        if key in meta)
         lines.append(f"shardcut calibrate {source} --data {meta.get('data', 'DATA')}{opts} -o scores.safetensors")
-        how = (f"--ratio {plan.extra['ratio']}" if "ratio" in plan.extra else f"--experts {plan.num_experts}")
-        lines.append(f"shardcut plan {source} --scores scores.safetensors {how} --criterion {criterion} -o plan.json")
-    lines.append(f"shardcut prune {source} -o pruned --plan {'plan.json' if meta is not None else PLAN_IN_REPO}")
+        if how:
+            lines.append(f"shardcut plan {source} --scores scores.safetensors {how} --criterion {criterion} "
+                         "-o plan.json")
+    lines.append(f"shardcut prune {source} -o pruned --plan {'plan.json' if meta is not None and how else PLAN_IN_REPO}")
     lines.append("shardcut verify pruned --source " + source)
     lines.append(f"shardcut push pruned {repo_id}" + (" --scores scores.safetensors" if meta is not None else ""))
     return "\n".join(lines)

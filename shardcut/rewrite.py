@@ -51,7 +51,12 @@ class Layout:
 
 @dataclass
 class PruneReport:
-    """What a prune did (or, for a dry run, would do)."""
+    """What a prune did (or, for a dry run, would do).
+
+    experts_before / experts_after are the main stack's counts; a model with several expert
+    counts (Qwen3-Omni's talker) also gets `experts_by_config`: count group (the config node,
+    as `inspect --json` names it) -> [before, after].
+    """
 
     out: Path | None
     architecture: str
@@ -68,6 +73,23 @@ class PruneReport:
     dry_run: bool
     verified: bool = False
     config_changes: dict = field(default_factory=dict)
+    experts_by_config: dict[str, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def planned(cls, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout, sizes: list[int],
+                dry_run: bool) -> PruneReport:
+        """The report of pruning `ckpt` by `plan` into `lay` (not yet written: out None, unverified).
+
+        Example:
+            >>> PruneReport.planned(ckpt, info, plan, layout(ckpt, info, plan), sizes, dry_run=True).experts_after
+            4
+        """
+        from shardcut.select import experts_by_config
+
+        return cls(None, info.arch.name, dict(plan.keep), info.num_experts, plan.num_experts, ckpt.file_bytes,
+                   sum(sizes), shard_names(len(lay.shards)), lay.copied, lay.renamed, lay.sliced, lay.dropped,
+                   dry_run, config_changes=updated_config(info, plan.keep)[1],
+                   experts_by_config=experts_by_config(info, plan.keep))
 
 
 def slice_expert_axis(path: Path, t: TensorInfo, axis: int, num_experts: int,
@@ -238,11 +260,7 @@ def prune(
     lay = layout(ckpt, info, plan, parse_size(max_shard_size))
     names = shard_names(len(lay.shards))
     sizes = [shard_size(s, m) for s, m in zip(lay.shards, lay.metadata)]
-    report = PruneReport(
-        None, info.arch.name, dict(plan.keep), info.num_experts, plan.num_experts, ckpt.file_bytes, sum(sizes),
-        names, lay.copied, lay.renamed, lay.sliced, lay.dropped, dry_run,
-        config_changes=updated_config(info, plan.keep)[1],
-    )
+    report = PruneReport.planned(ckpt, info, plan, lay, sizes, dry_run)
     if dry_run or out is None:
         return report
 
@@ -311,6 +329,8 @@ def write_checkpoint_files(dest: Path, ckpt: Checkpoint, info: ModelInfo, plan: 
     source = provenance.setdefault("source", {})
     if isinstance(source, dict):
         source.setdefault("num_experts", info.num_experts)
+        if len(info.count_groups()) > 1:  # the card's "before" for every stack (push)
+            source.setdefault("num_experts_by_config", info.summary()["num_experts_by_config"])
         root = ckpt.root.resolve() if ckpt.root.exists() else ckpt.root
         if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
             # a Hugging Face cache snapshot: name the repo and the exact commit pruned

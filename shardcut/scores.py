@@ -7,6 +7,12 @@ data or machines merge exactly. Criteria are derived from the sums, never stored
 One exception: a file imported from a published report that holds only a criterion's values
 (no sums) keeps them as `criterion.<name>` tensors with `sums = "absent"` in its metadata.
 Such a file can rank experts by that criterion but cannot be merged or re-derived.
+
+Stacks with their own expert count (Qwen3-Omni: thinker 8, talker 6) share one file: every
+array is `[L, E]` with E the largest count, a layer with fewer experts has zeros in its
+columns past its own count (zero is what "no token routed there" sums to, so every name keeps
+its meaning), and `layer_experts` in the metadata lists each layer's count in `layer_keys`
+order. Single-count files carry no `layer_experts` and read exactly as before.
 """
 
 from __future__ import annotations
@@ -38,6 +44,8 @@ class Scores:
 
     layers: plan keys of the scored layers ("3", or "mtp.0" for a separate stack).
     Arrays are float64 `[L, E]`; `tokens` is `[L]`.
+    layer_experts: each layer's own expert count where stacks differ (`None`: every layer has
+        E); a row's columns past its count are padding and stay zero.
     values: imported criterion values `{name: [L, E]}` (higher = more important to keep).
     has_sums: False for a file holding only imported criterion values; its sum arrays are
         zeros in memory and are not written.
@@ -46,6 +54,8 @@ class Scores:
         >>> s = Scores.zeros(["1", "2"], num_experts=8, metadata={"model": "org/name"})
         >>> s.accumulate("1", experts=[3, 5], gates=[0.6, 0.4], norms=[2.0, 1.0], peaks=[0.9, 0.3], tokens=1)
         >>> s.save("scores.safetensors")
+        >>> Scores.zeros(["0", "talker.0"], num_experts=[8, 6]).experts_of("talker.0")
+        6
     """
 
     layers: list[str]
@@ -58,21 +68,50 @@ class Scores:
     metadata: dict[str, str] = field(default_factory=dict)
     values: dict[str, np.ndarray] = field(default_factory=dict)
     has_sums: bool = True
+    layer_experts: list[int] | None = None
 
     @property
     def num_experts(self) -> int:
+        """The width of the arrays: the expert count, or the largest one where stacks differ."""
         return int(self.count.shape[1])
 
+    @property
+    def experts_per_row(self) -> list[int]:
+        """Each scored layer's own expert count, in `layers` order."""
+        return list(self.layer_experts) if self.layer_experts is not None else [self.num_experts] * len(self.layers)
+
+    def experts_of(self, layer: str) -> int:
+        """The expert count of scored layer `layer` (its row's columns past it are padding)."""
+        return self.experts_per_row[self.row(layer)]
+
+    def valid_mask(self) -> np.ndarray:
+        """`[L, E]` booleans: True where the column is a real expert of the row's layer."""
+        return np.arange(self.num_experts)[None, :] < np.array(self.experts_per_row)[:, None]
+
     @classmethod
-    def zeros(cls, layers: list[str], num_experts: int, metadata: dict[str, str] | None = None) -> Scores:
+    def zeros(cls, layers: list[str], num_experts: int | Sequence[int],
+              metadata: dict[str, str] | None = None) -> Scores:
+        """Empty accumulators; `num_experts` is one count, or one per layer (stacks with their own)."""
         L = len(layers)
+        per_layer = None
+        if not isinstance(num_experts, int):
+            per_layer = [int(n) for n in num_experts]
+            if len(per_layer) != L:
+                raise ShardcutError(f"{len(per_layer)} expert counts for {L} layers")
+            num_experts = max(per_layer, default=0)
+            if all(n == num_experts for n in per_layer):
+                per_layer = None  # one count: a plain single-count file
         z = lambda: np.zeros((L, num_experts), dtype=np.float64)  # noqa: E731
-        return cls(list(layers), z(), z(), z(), z(), z(), np.zeros(L, dtype=np.float64), dict(metadata or {}))
+        return cls(list(layers), z(), z(), z(), z(), z(), np.zeros(L, dtype=np.float64), dict(metadata or {}),
+                   layer_experts=per_layer)
 
     @classmethod
     def from_values(cls, layers: list[str], values: dict[str, np.ndarray],
-                    metadata: dict[str, str] | None = None) -> Scores:
+                    metadata: dict[str, str] | None = None, layer_experts: Sequence[int] | None = None) -> Scores:
         """A file of imported criterion values only (no sums, so no merge and no other criteria).
+
+        `layer_experts`: each layer's expert count where stacks differ (the arrays are padded
+        with zeros to the largest).
 
         Example:
             >>> Scores.from_values(["1", "2"], {"reap": np.array([[0.1, 0.3], [0.2, 0.0]])})
@@ -84,7 +123,10 @@ class Scores:
             if a.ndim != 2 or a.shape[0] != len(layers):
                 raise ShardcutError(f"criterion {name!r} has shape {list(a.shape)}, expected [{len(layers)}, E]")
         num_experts = next(iter(arrays.values())).shape[-1]
-        scores = cls.zeros(layers, num_experts, metadata)
+        scores = cls.zeros(layers, num_experts if layer_experts is None else layer_experts, metadata)
+        if scores.num_experts != num_experts:
+            raise ShardcutError(f"criterion values hold {num_experts} experts per layer, the layers' largest "
+                                f"count is {scores.num_experts}")
         scores.values, scores.has_sums = arrays, False
         return scores
 
@@ -99,7 +141,7 @@ class Scores:
         Example:
             >>> s.accumulate("3", experts=ids.ravel(), gates=w.ravel(), norms=n.ravel(), peaks=p.ravel(), tokens=T)
         """
-        r, E = self.row(layer), self.num_experts
+        r, E = self.row(layer), self.experts_of(layer)
         ids = np.asarray(experts, dtype=np.int64).ravel()
         g = np.asarray(gates, dtype=np.float64).ravel()
         n = np.asarray(norms, dtype=np.float64).ravel()
@@ -132,6 +174,10 @@ class Scores:
         meta["format"] = SCORES_FORMAT
         meta["layer_keys"] = ",".join(self.layers)
         meta["num_experts"] = str(self.num_experts)
+        if self.layer_experts is not None and any(n != self.num_experts for n in self.layer_experts):
+            meta["layer_experts"] = ",".join(str(n) for n in self.layer_experts)
+        else:
+            meta.pop("layer_experts", None)
         if not self.has_sums:
             meta["sums"] = "absent"
         else:
@@ -199,12 +245,13 @@ class Scores:
         layers = keys.split(",") if keys else [str(i) for i in layer_ids]
         if len(layers) != len(layer_ids):
             raise ShardcutError(f"metadata names {len(layers)} layers but 'layers' holds {len(layer_ids)}", path)
+        per_layer = _parse_layer_experts(meta.pop("layer_experts", None), len(layers), path)
         values = {n[len(VALUE_PREFIX):]: arrays[n] for n in value_names}
         if has_sums:
-            scores = cls(layers, *(arrays[n] for n in FIELDS), arrays["tokens"], meta, values)
+            scores = cls(layers, *(arrays[n] for n in FIELDS), arrays["tokens"], meta, values, layer_experts=per_layer)
         else:
             try:
-                scores = cls.from_values(layers, values, meta)
+                scores = cls.from_values(layers, values, meta, per_layer)
             except ShardcutError as exc:
                 raise ShardcutError(str(exc), path) from None
         scores.validate(path)
@@ -240,6 +287,39 @@ class Scores:
         declared = self.metadata.get("num_experts")
         if declared is not None and str(declared) != str(shape[1]):
             raise ShardcutError(f"metadata num_experts={declared} but the arrays hold {shape[1]} experts", source)
+        self._validate_padding(source)
+
+    def _validate_padding(self, source: str | Path) -> None:
+        """Per-layer counts: one per layer, the largest fills the arrays, padding holds zeros."""
+        if self.layer_experts is None:
+            return
+        per, L, E = self.layer_experts, len(self.layers), self.num_experts
+        if len(per) != L or not all(isinstance(n, int) and 1 <= n <= E for n in per):
+            raise ShardcutError(f"layer_experts must be {L} counts in 1..{E}, got {per[:8]}", source)
+        if max(per) != E:
+            raise ShardcutError(f"layer_experts {max(per)} at most, but the arrays hold {E} experts", source)
+        padding = ~self.valid_mask()
+        arrays = {**({n: getattr(self, n) for n in FIELDS} if self.has_sums else {}),
+                  **{f"criterion {n!r}": a for n, a in self.values.items()}}
+        for name, a in arrays.items():
+            bad = np.argwhere(padding & (a != 0))
+            if len(bad):
+                r, j = (int(x) for x in bad[0])
+                raise ShardcutError(f"{name} holds a value for expert {j} of layer {self.layers[r]}, which has "
+                                    f"{per[r]} experts (layer_experts)", source)
+
+
+def _parse_layer_experts(text: str | None, n_layers: int, path: Path) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        counts = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ShardcutError(f"metadata layer_experts {text[:60]!r} is not a comma-separated list of counts",
+                            path) from None
+    if len(counts) != n_layers:
+        raise ShardcutError(f"metadata layer_experts names {len(counts)} counts for {n_layers} layers", path)
+    return counts
 
 
 def file_sha256(path: str | Path) -> str:
@@ -298,12 +378,16 @@ def merge_scores(items: Sequence[tuple[Scores, float]], names: Sequence[str] | N
             raise ShardcutError(
                 f"layer sets differ from {names[0]} (missing {only_a or 'none'}, extra {only_b or 'none'})", name
             )
+        other = next((k for k in first.layers if s.experts_of(k) != first.experts_of(k)), None)
+        if other is not None:
+            raise ShardcutError(f"layer {other} has {s.experts_of(other)} experts, in {names[0]} "
+                                f"{first.experts_of(other)}", name)
         for key in _MERGE_IDENTITY:
             a, b = first.metadata.get(key), s.metadata.get(key)
             same = _model_name(a) == _model_name(b) if key == "model" else a == b
             if a is not None and b is not None and not same:
                 raise ShardcutError(f"scores of another model: {key} is {b!r}, {names[0]} has {a!r}", name)
-    merged = Scores.zeros(first.layers, first.num_experts)
+    merged = Scores.zeros(first.layers, first.experts_per_row)
     for s, w in items:
         rows = [s.row(k) for k in first.layers]
         for f in SUM_FIELDS:

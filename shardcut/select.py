@@ -17,6 +17,12 @@ every layer (256 x 0.30 -> 76 pruned, 180 kept), computed on the ratio as writte
 so 100 x 0.29 prunes 29. With grouped routing (n_group > 1) the pruned count is rounded
 down to a multiple of n_group (an explicit kept count up to one), so every group drops the
 same number; the report says when this happened.
+
+Models with several expert counts (Qwen3-Omni: thinker 8, talker 6; one count per config
+node, see `ModelInfo.count_groups`) apply all of this per count group: `ratio` prunes
+floor(E x ratio) of each group's own E, with its own top_k (grouped routing is the main
+stack's); `experts=N` keeps N in every layer of every group and is refused, naming the group,
+where N does not fit one (not below its E, or below its top_k).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from shardcut.errors import ShardcutError
-from shardcut.model import ModelInfo
+from shardcut.model import ModelInfo, MoELayer
 from shardcut.plan import Plan, validate_plan
 from shardcut.scores import Scores, file_sha256
 
@@ -74,8 +80,8 @@ def criterion_values(scores: Scores, criterion: str | None = "reap", seed: int =
     name = canonical_criterion(criterion, scores)
     if name in scores.values:
         return scores.values[name]
-    if name == "random":
-        return np.random.default_rng(seed).random(scores.count.shape)
+    if name == "random":  # padding past a layer's own count stays 0, as in every other criterion
+        return np.where(scores.valid_mask(), np.random.default_rng(seed).random(scores.count.shape), 0.0)
     if not scores.has_sums:
         held = ", ".join(scores.values)
         raise ShardcutError(f"this score file holds only imported {held!r} values (no sums), so {name!r} cannot "
@@ -172,6 +178,73 @@ def kept_count(num_experts: int, top_k: int, *, ratio: float | None = None, expe
     return Counts(E, kept, ratio, rule, rounded)
 
 
+@dataclass
+class CountGroup:
+    """MoE layers sharing one config expert count, and the routing facts of that count.
+
+    name: the config node holding the count, as `inspect --json`'s `num_experts_by_config`
+    names it ("thinker_config.text_config"; "config" for the top level). Grouped routing
+    (n_group > 1) belongs to the main stack's group only, as `validate_plan` checks it.
+    """
+
+    name: str
+    layers: list[MoELayer]
+    num_experts: int
+    top_k: int
+    n_group: int = 1
+    topk_group: int = 1
+
+
+def count_groups(info: ModelInfo) -> list[CountGroup]:
+    """The model's count groups, the main stack's first (one group for most models).
+
+    Example:
+        >>> [(g.name, g.num_experts) for g in count_groups(describe(open_checkpoint("tiny-qwen3-omni")))]
+        [('thinker_config.text_config', 8), ('talker_config.text_config', 6)]
+    """
+    main = info.layers[0].config_path
+    return [CountGroup(".".join(path) or "config", layers, layers[0].num_experts, layers[0].top_k,
+                       *((info.n_group, info.topk_group) if path == main else (1, 1)))
+            for path, layers in info.count_groups().items()]
+
+
+def experts_by_config(info: ModelInfo, keep: dict[str, list[int]]) -> dict[str, list[int]]:
+    """`{count group: [experts before, kept]}` for a model with several expert counts; `{}` for one.
+
+    Example:
+        >>> experts_by_config(info, plan.keep)
+        {'thinker_config.text_config': [8, 4], 'talker_config.text_config': [6, 3]}
+    """
+    groups = count_groups(info)
+    if len(groups) < 2:
+        return {}
+    return {g.name: [g.num_experts, len(keep[g.layers[0].key])] for g in groups if g.layers[0].key in keep}
+
+
+def group_counts(info: ModelInfo, *, ratio: float | None = None, experts: int | None = None
+                 ) -> list[tuple[CountGroup, Counts]]:
+    """Each count group with the experts its layers keep (`kept_count` on the group's own facts).
+
+    Example:
+        >>> [(g.name, c.kept) for g, c in group_counts(info, ratio=0.5)]
+        [('thinker_config.text_config', 4), ('talker_config.text_config', 3)]
+    """
+    groups = count_groups(info)
+    out = []
+    for g in groups:
+        try:
+            counts = kept_count(g.num_experts, g.top_k, ratio=ratio, experts=experts, n_group=g.n_group,
+                                topk_group=g.topk_group)
+        except ShardcutError as exc:
+            if len(groups) == 1:
+                raise
+            hint = ("; experts N keeps N in every layer of every stack, a ratio prunes each its own share"
+                    if experts is not None else "")
+            raise ShardcutError(f"{g.name} ({g.num_experts} experts per layer, top_k={g.top_k}): {exc}{hint}") from None
+        out.append((g, counts))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Selection from arrays (no model I/O)
 
@@ -253,7 +326,8 @@ def super_experts(scores: Scores, layer_fraction: float = SUPER_LAYER_FRACTION) 
         raise ShardcutError("this score file has no act_max (imported criterion values only): "
                             "super experts cannot be found")
     a = scores.act_max
-    threshold = max(float(np.percentile(a, SUPER_PERCENTILE)), float(a.max()) / SUPER_MAX_FRACTION)
+    real = a[scores.valid_mask()]  # padding past a layer's own count is no expert
+    threshold = max(float(np.percentile(real, SUPER_PERCENTILE)), float(real.max()) / SUPER_MAX_FRACTION)
     order = sorted(range(len(scores.layers)), key=lambda r: _layer_sort_key(scores.layers[r]))
     considered = order[: int(len(order) * layer_fraction)]
     found = {scores.layers[r]: [int(i) for i in np.flatnonzero(a[r] > threshold)] for r in considered}
@@ -306,7 +380,12 @@ class LayerRow:
 
 @dataclass
 class PlanReport:
-    """What `make_plan` chose and why: counts, per-layer rows, notes, size estimate."""
+    """What `make_plan` chose and why: counts, per-layer rows, notes, size estimate.
+
+    num_experts / kept / pruned are the main stack's; a model with several expert counts also
+    gets `by_config` (count group -> num_experts, top_k, kept, pruned, rule, rounded), and
+    `rule` then names each group.
+    """
 
     model: str
     architecture: str
@@ -322,6 +401,7 @@ class PlanReport:
     mtp_policy: str | None = None
     super_threshold: float | None = None
     notes: list[str] = field(default_factory=list)
+    by_config: dict[str, dict] = field(default_factory=dict)  # several expert counts: each group's
 
     @property
     def pruned(self) -> int:
@@ -330,6 +410,8 @@ class PlanReport:
     def to_json(self) -> dict:
         out = asdict(self)
         out["pruned"] = self.pruned
+        if not self.by_config:
+            del out["by_config"]  # as inspect's num_experts_by_config: only for several expert counts
         return out
 
 
@@ -345,9 +427,10 @@ def make_plan(
     protect: dict[str, list[int]] | None = None,
     mtp_policy: str | None = None,
 ) -> tuple[Plan, PlanReport]:
-    """Plan a prune of `model` from a score file: the same number kept in every MoE layer, the
-    highest by `criterion` (see the module doc for formulas and the rounding rule; None: reap,
-    or the one criterion a values-only imported file holds).
+    """Plan a prune of `model` from a score file: the same number kept in every MoE layer (in
+    every layer of a count group, for models with several expert counts), the highest by
+    `criterion` (see the module doc for formulas and the rounding rule; None: reap, or the one
+    criterion a values-only imported file holds).
 
     Reads only the model's config and shard headers. MoE layers the scores do not cover (MTP
     layers, which calibration through transformers cannot see) need `mtp_policy`:
@@ -371,8 +454,10 @@ def make_plan(
         origin, sha = str(scores), file_sha256(scores) if Path(scores).is_file() else ""
         scores = Scores.load(scores)
     crit = canonical_criterion(criterion, scores)
-    counts = kept_count(info.num_experts, info.top_k, ratio=ratio, experts=experts,
-                        n_group=info.n_group, topk_group=info.topk_group)
+    per_group = group_counts(info, ratio=ratio, experts=experts)
+    multi = len(per_group) > 1
+    counts = per_group[0][1]  # the main stack's
+    group_of = {layer.key: (g, c) for g, c in per_group for layer in g.layers}
     sources = _ranking_sources(info, scores, mtp_policy, origin)
     values = criterion_values(scores, crit, seed)
     row_of = {k: i for i, k in enumerate(scores.layers)}
@@ -384,8 +469,9 @@ def make_plan(
         supers, threshold = super_experts(scores)
         notes.append(f"super-expert threshold {threshold:.6g}: "
                      + (", ".join(f"layer {k}: {v}" for k, v in supers.items()) if supers else "none found"))
-    if counts.rounded:
-        notes.append(f"grouped routing: {counts.rounded}")
+    for g, c in per_group:
+        if c.rounded:
+            notes.append(f"grouped routing{f' ({g.name})' if multi else ''}: {c.rounded}")
 
     keep: dict[str, list[int]] = {}
     rows: list[LayerRow] = []
@@ -396,16 +482,17 @@ def make_plan(
             pending.append((layer.key, src))
             continue
         r = row_of[src]
+        group, c = group_of[layer.key]
         # a layer ranked with another layer's scores takes that layer's super experts too
         prot = sorted(set(protected.get(layer.key, [])) | set(supers.get(src, [])))
         if prot:
             protected[layer.key] = prot
         try:
-            sel = select_layer(values[r], counts.kept, info.n_group, prot)
+            sel = select_layer(values[r, : layer.num_experts], c.kept, group.n_group, prot)
         except ShardcutError as exc:
             raise ShardcutError(f"layer {layer.key}: {exc}") from None
         keep[layer.key] = sel.kept
-        rows.append(LayerRow(layer.key, len(sel.kept), counts.pruned, sel.lowest_kept, sel.highest_pruned,
+        rows.append(LayerRow(layer.key, len(sel.kept), c.pruned, sel.lowest_kept, sel.highest_pruned,
                              sel.protected, sel.protection_overrode, sel.group_balance_overrode,
                              "scores" if src == layer.key else f"ranked with the scores of layer {src}"))
     for key, src in pending:
@@ -413,7 +500,8 @@ def make_plan(
         if protected.get(key) and not set(protected[key]) <= set(keep[key]):
             raise ShardcutError(f"layer {key}: protected experts {protected[key]} are not all among layer {src}'s "
                                 f"kept ids, which mtp policy same-ids-as:{src} copies")
-        rows.append(LayerRow(key, counts.kept, counts.pruned, None, None, protected.get(key, []), False, False,
+        c = group_of[key][1]
+        rows.append(LayerRow(key, c.kept, c.pruned, None, None, protected.get(key, []), False, False,
                              f"keeps the same ids as layer {src}"))
     order = {layer.key: i for i, layer in enumerate(info.layers)}
     rows.sort(key=lambda row: order[row.layer])
@@ -421,15 +509,23 @@ def make_plan(
 
     model_text = str(model)
     source = {"model": model_text, "num_experts": info.num_experts}
+    if multi:
+        source["num_experts_by_config"] = {g.name: g.num_experts for g, _ in per_group}
     if "@" in model_text and not Path(model_text).exists():
         source["model"], source["revision"] = model_text.split("@", 1)
+    if not multi:
+        chosen = {"experts": counts.kept, "pruned_per_layer": counts.pruned, "rounding": counts.rule}
+    else:  # "experts" only where it is one number (experts=N); each group's count, pruned and rule
+        kept_all = {c.kept for _, c in per_group}
+        chosen = {**({"experts": kept_all.pop()} if len(kept_all) == 1 else {}),
+                  "num_experts_by_config": {g.name: c.kept for g, c in per_group},
+                  "pruned_per_layer_by_config": {g.name: c.pruned for g, c in per_group},
+                  "rounding_by_config": {g.name: c.rule for g, c in per_group}}
     extra: dict = {
         "source": source,
         "criterion": crit,
         **({"ratio": ratio} if ratio is not None else {}),
-        "experts": counts.kept,
-        "pruned_per_layer": counts.pruned,
-        "rounding": counts.rule,
+        **chosen,
         "scores_sha256": sha,
     }
     if crit == "random":
@@ -449,15 +545,18 @@ def make_plan(
 
     lay = layout(ckpt, info, plan)
     output = sum(shard_size(s, m) for s, m in zip(lay.shards, lay.metadata))
-    report = PlanReport(model_text, info.arch.name, crit, info.num_experts, counts.kept, ratio, counts.rule, rows,
-                        ckpt.file_bytes, output, sha, extra.get("mtp_policy"), threshold, notes)
+    rule = "; ".join(f"{g.name}: {c.rule}" for g, c in per_group) if multi else counts.rule
+    by_config = {g.name: {"num_experts": g.num_experts, "top_k": g.top_k, "kept": c.kept, "pruned": c.pruned,
+                          "rule": c.rule, "rounded": c.rounded} for g, c in per_group} if multi else {}
+    report = PlanReport(model_text, info.arch.name, crit, info.num_experts, counts.kept, ratio, rule, rows,
+                        ckpt.file_bytes, output, sha, extra.get("mtp_policy"), threshold, notes, by_config)
     return plan, report
 
 
 def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin: str) -> dict[str, tuple[str, str]]:
     """For each MoE layer: ("own", key), ("scores", N) or ("same-ids", N); checks the scores fit the model."""
     E = info.num_experts
-    if scores.num_experts != E:
+    if len(info.count_groups()) == 1 and scores.layer_experts is None and scores.num_experts != E:
         raise ShardcutError(f"holds scores of {scores.num_experts} experts per layer, the model has {E} "
                             "(scores of another model?)", origin)
     model_keys = [layer.key for layer in info.layers]
@@ -470,6 +569,11 @@ def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin
     if missing_main:
         raise ShardcutError(f"lacks MoE layers {missing_main[:5]} of the model ({len(scores.layers)} scored, "
                             f"{len(model_keys)} in the model; scores of another model?)", origin)
+    for key in scores.layers:
+        have, want = scores.experts_of(key), info.layer_by_key[key].num_experts
+        if have != want:
+            raise ShardcutError(f"layer {key}: holds scores of {have} experts, the model's layer has {want} (scores "
+                                "of another model, or a file without per-layer counts (layer_experts)?)", origin)
     unscored = [layer.key for layer in info.layers if layer.key not in scored]
     out = {k: ("own", k) for k in model_keys if k in scored}
     if not unscored:
@@ -480,15 +584,24 @@ def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin
             f"(--mtp-policy): reuse-last, scores-of:N or same-ids-as:N", origin)
     name, _, arg = policy.partition(":")
     if name == "reuse-last" and not arg:
-        main_scored = [layer.key for layer in info.layers if layer.key in scored and not layer.mtp]
-        last = (main_scored or [k for k in model_keys if k in scored])[-1]
-        out.update({k: ("scores", last) for k in unscored})
+        for key in unscored:  # the last scored layer of the same count group (the main stack's, for MTP)
+            layer = info.layer_by_key[key]
+            same = [x for x in info.layers if x.key in scored and x.config_path == layer.config_path]
+            last = ([x for x in same if not x.mtp] or same or [x for x in info.layers if x.key in scored])[-1]
+            out[key] = ("scores", last.key)
     elif name in ("scores-of", "same-ids-as") and arg:
         if arg not in scored:
             raise ShardcutError(f"mtp policy {policy!r}: layer {arg} has no scores (scored: {_span(scores.layers)})")
         out.update({k: ("scores" if name == "scores-of" else "same-ids", arg) for k in unscored})
     else:
         raise ShardcutError(f"unknown mtp policy {policy!r} (known: {', '.join(MTP_POLICIES)}, N a scored layer key)")
+    for key, (_, src) in out.items():  # another stack's scores or ids fit only where the counts match
+        layer, other = info.layer_by_key[key], info.layer_by_key[src]
+        if layer.num_experts != other.num_experts or (out[key][0] == "same-ids" and
+                                                      layer.config_path != other.config_path):
+            raise ShardcutError(f"mtp policy {policy!r}: layer {key} ({layer.num_experts} experts) cannot take "
+                                f"layer {src}'s {'ids' if out[key][0] == 'same-ids' else 'scores'} "
+                                f"({other.num_experts} experts, expert count of {'.'.join(other.config_path) or 'config'})")
     return out
 
 
@@ -497,9 +610,10 @@ def _check_protect(protect: dict[str, list[int]], info: ModelInfo) -> dict[str, 
         if key not in info.layer_by_key:
             raise ShardcutError(f"--protect: layer {key} is not a MoE layer of the model "
                                 f"(MoE layers: {_span([layer.key for layer in info.layers])})")
-        bad = [i for i in ids if not 0 <= i < info.num_experts]
+        E = info.layer_by_key[key].num_experts
+        bad = [i for i in ids if not 0 <= i < E]
         if bad:
-            raise ShardcutError(f"--protect: layer {key}: expert ids {bad[:5]} out of range 0..{info.num_experts - 1}")
+            raise ShardcutError(f"--protect: layer {key}: expert ids {bad[:5]} out of range 0..{E - 1}")
     return protect
 
 
@@ -520,13 +634,15 @@ def summarize_scores(scores: Scores, criterion: str | None = None, seed: int = 0
     """
     crit = canonical_criterion(criterion, scores)
     values = criterion_values(scores, crit, seed)
+    multi = scores.layer_experts is not None
     layers = []
-    for r, key in enumerate(scores.layers):
-        order = rank(values[r])
+    for r, (key, E) in enumerate(zip(scores.layers, scores.experts_per_row)):
+        order = rank(values[r, :E])  # a layer's own experts only, never the padding
         layers.append({
             "layer": key,
+            **({"experts": E} if multi else {}),
             "tokens": float(scores.tokens[r]) if scores.has_sums else None,
-            "never_routed": [int(i) for i in np.flatnonzero(scores.count[r] == 0)] if scores.has_sums else None,
+            "never_routed": [int(i) for i in np.flatnonzero(scores.count[r, :E] == 0)] if scores.has_sums else None,
             "lowest": [[int(i), float(values[r, i])] for i in order[::-1][:n]],
             "highest": [[int(i), float(values[r, i])] for i in order[:n]],
         })
@@ -535,6 +651,7 @@ def summarize_scores(scores: Scores, criterion: str | None = None, seed: int = 0
         "criterion": crit,
         "criterion_definition": CRITERIA.get(crit, "imported values"),
         "num_experts": scores.num_experts,
+        **({"layer_experts": scores.experts_per_row} if multi else {}),
         "has_sums": scores.has_sums,
         "imported_criteria": list(scores.values),
         "metadata": dict(scores.metadata),

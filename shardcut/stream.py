@@ -36,7 +36,6 @@ from shardcut.rewrite import (
     parse_size,
     prune,
     shard_names,
-    updated_config,
     write_checkpoint_files,
 )
 
@@ -144,11 +143,7 @@ def _rel(ckpt: Checkpoint, shard: ShardHeader) -> str:
 
 def _report(ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout, sizes: list[int], dry_run: bool
             ) -> PruneReport:
-    return PruneReport(
-        None, info.arch.name, dict(plan.keep), info.num_experts, plan.num_experts, ckpt.file_bytes, sum(sizes),
-        shard_names(len(lay.shards)), lay.copied, lay.renamed, lay.sliced, lay.dropped, dry_run,
-        config_changes=updated_config(info, plan.keep)[1],
-    )
+    return PruneReport.planned(ckpt, info, plan, lay, sizes, dry_run)
 
 
 def _check_space(needs: dict[Path, int]) -> None:

@@ -23,12 +23,13 @@ BLOCK = 16
 
 
 def test_dequantize_fp8_applies_one_scale_per_block():
-    from shardcut.calibrate.stream import dequantize_fp8
+    from shardcut.dequant import dequantize  # what the calibrator dequantises FP8 block weights with
 
     gen = torch.Generator().manual_seed(0)
     w8 = torch.randn(6, 10, generator=gen).to(torch.float8_e4m3fn)
     scale = torch.rand(2, 3, generator=gen) + 0.5  # blocks of 4 x 4, the last ones partial
-    got = dequantize_fp8(w8, scale, (4, 4))
+    got = dequantize({"m.weight": w8, "m.weight_scale_inv": scale},
+                     {"quant_method": "fp8", "weight_block_size": [4, 4]})["m.weight"]
     for r in range(6):
         for c in range(10):
             assert got[r, c].item() == (w8[r, c].float() * scale[r // 4, c // 4]).item()

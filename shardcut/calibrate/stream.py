@@ -2,9 +2,10 @@
 
 The model is built from config.json with every parameter on the meta device (buffers such as
 rotary frequencies are real: they are computed at construction, not loaded). A layer's tensors
-are read from the shards by byte range (only that layer's), pushed through transformers' own
-weight-conversion machinery (per-expert -> fused parameters, renames), moved to the device,
-run on every batch, and put back on the meta device.
+are read from the shards by byte range (only that layer's, as stored: FP8 block, compressed-tensors
+INT4 and MXFP4 stay quantized in RAM), moved to the device and dequantised there a few modules at
+a time (`shardcut.dequant`), pushed through transformers' own weight-conversion machinery
+(per-expert -> fused parameters, renames), run on every batch, and put back on the meta device.
 
 What a decoder layer receives besides its hidden states (position embeddings, the causal or
 sliding-window mask of its attention type, position ids) is captured from the model's own
@@ -28,15 +29,20 @@ from shardcut.checkpoint import Checkpoint
 from shardcut.errors import ShardcutError
 from shardcut.model import ModelInfo
 
-TORCH_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
+# safetensors dtype -> torch dtype (quantized checkpoints store packed ints and scales in most of them)
+TORCH_DTYPES = {key: getattr(torch, name) for key, name in {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "C64": "complex64",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
+    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+}.items() if hasattr(torch, name)}
 # model_type spellings of config.json that transformers does not register, and the class that runs them
 CONFIG_ALIASES = {"kimi_k2": "deepseek_v3"}
 READ_THREADS = 4
+# stored bytes dequantised at once (whole modules, at least one): bounds the float copies in flight
+# besides the layer itself to tens of MB; smaller chunks cost nothing measurable (one Python call each)
+DEQUANT_CHUNK_BYTES = 8 << 20
 
 
 @contextmanager
@@ -164,21 +170,19 @@ def make_skeleton(ckpt: Checkpoint, info: ModelInfo, dtype: torch.dtype, trust_r
 
 
 class TensorReader:
-    """Reads named tensors of a checkpoint by byte range into owned CPU memory (FP8 stays FP8:
-    it is dequantised one tensor at a time when used, so a layer never sits in RAM as float32)."""
+    """Reads named tensors of a checkpoint by byte range into owned CPU memory, as stored: FP8,
+    packed INT4 and MXFP4 blocks stay quantized in RAM and are dequantised a few modules at a
+    time on the device (`shardcut.dequant.dequantize`), so a layer never sits in RAM as floats.
+    Refuses, when built, quantization schemes `dequantize` cannot read."""
 
     def __init__(self, ckpt: Checkpoint):
+        from shardcut.dequant import check_dequantizable
+
         self.ckpt = ckpt
         config = ckpt.config
         quant = config.get("quantization_config") or (config.get("text_config") or {}).get("quantization_config")
-        self.fp8_block: tuple[int, int] | None = None
-        if quant:
-            method = quant.get("quant_method")
-            if method != "fp8":
-                raise ShardcutError(f"calibration reads unquantized or FP8-block checkpoints; this one is quantized "
-                                    f"with {method!r}", ckpt.root / "config.json")
-            block = quant.get("weight_block_size") or [128, 128]
-            self.fp8_block = (int(block[0]), int(block[1]))
+        self.quant: dict | None = quant or None
+        check_dequantizable(self.quant, ckpt.root / "config.json")
 
     def read(self, name: str) -> torch.Tensor:
         header, info = self.ckpt.tensors[name]
@@ -204,35 +208,44 @@ class TensorReader:
         with ThreadPoolExecutor(READ_THREADS) as pool:
             return dict(zip(names, pool.map(self.read, names)))
 
-    def take(self, raw: dict[str, torch.Tensor], name: str, device: torch.device | None = None) -> torch.Tensor:
-        """Pop `name` (and its FP8 scale) from `raw`, dequantised when it is FP8 (on `device`
-        when given: a GPU dequantises a layer's experts far faster than the CPU)."""
-        t = raw.pop(name)
-        scale = raw.pop(name + "_scale_inv", None)
-        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            if scale is None or self.fp8_block is None:
-                raise ShardcutError(f"FP8 tensor {name!r} has no {name}_scale_inv block scale", self.ckpt.root)
-            if device is not None:
-                t, scale = t.to(device), scale.to(device)
-            return dequantize_fp8(t, scale, self.fp8_block)
-        return t
+    def dequantize(self, raw: dict[str, torch.Tensor], names: list[str], device: torch.device,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Pop `names` (whole modules: a weight with its companions) from `raw`; their float values
+        on `device` under the plain names transformers loads (`X.weight`), unquantized ones as stored."""
+        from shardcut.dequant import dequantize
 
-    def take_all(self, raw: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Every tensor of `raw` (emptied), FP8 weights dequantised and their scales consumed."""
-        names = [n for n in raw if not (n.endswith("_scale_inv") and n.removesuffix("_scale_inv") in raw)]
-        return {name: self.take(raw, name) for name in names}
+        try:
+            return dequantize({n: raw.pop(n) for n in names}, self.quant, device, dtype)
+        except ShardcutError as exc:  # name the checkpoint, not a bare config.json
+            if exc.path not in (None, "config.json"):
+                raise
+            where = self.ckpt.root / "config.json" if exc.path else self.ckpt.root
+            raise ShardcutError(str(exc).removeprefix(f"{exc.path}: "), where) from None
 
 
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """The float32 value of a DeepSeek-V3-style FP8 weight: one float32 scale per `block` tile.
+def module_chunks(raw: dict[str, torch.Tensor], budget: int) -> Iterator[list[str]]:
+    """`raw`'s names in runs of whole modules (`X.weight_packed`, `X.weight_scale`, ... stay
+    together; so do gpt-oss `experts.gate_up_proj_blocks` and `_scales`) of at most `budget`
+    stored bytes; a module larger than `budget` comes alone.
 
     Example:
-        >>> dequantize_fp8(w8, s, (128, 128)).dtype
-        torch.float32
+        >>> for names in module_chunks(raw, 8 << 20):
+        ...     floats = dequantize({n: raw.pop(n) for n in names}, quant_config, "cuda")
     """
-    rows, cols = weight.shape
-    s = scale_inv.float().repeat_interleave(block[0], 0)[:rows].repeat_interleave(block[1], 1)[:, :cols]
-    return weight.float() * s
+    modules: dict[str, list[str]] = {}
+    for name in raw:
+        modules.setdefault(name.rpartition(".")[0], []).append(name)
+    chunk: list[str] = []
+    size = 0
+    for names in modules.values():
+        n = sum(raw[x].nbytes for x in names)
+        if chunk and size + n > budget:
+            yield chunk
+            chunk, size = [], 0
+        chunk += names
+        size += n
+    if chunk:
+        yield chunk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,17 +266,26 @@ class FusedPart:
 class LayerLoader:
     """Fills the skeleton's decoder layer `i` (or everything outside the layers) from the shards.
 
-    Per-expert tensors that transformers would stack into fused `[E, ...]` parameters are
-    copied one by one into a parameter allocated on the device (no stacked CPU copy, no
-    concatenation buffer); every other tensor goes through transformers' own conversion.
+    A layer's stored tensors are dequantised on the device a few modules at a time
+    (`DEQUANT_CHUNK_BYTES` of stored bytes; float checkpoints are just moved there). Per-expert
+    tensors that transformers would stack into fused `[E, ...]` parameters are copied one by one
+    into a parameter allocated on the device (no stacked copy, no concatenation buffer); every
+    other tensor goes through transformers' own conversion. So the device holds the layer plus
+    one chunk, never the model.
     """
 
     def __init__(self, skeleton: Skeleton, ckpt: Checkpoint, info: ModelInfo, device: torch.device):
         from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
 
         self.sk, self.ckpt, self.device = skeleton, ckpt, device
         self.reader = TensorReader(ckpt)
         self.mapping = get_model_conversion_mapping(skeleton.model)
+        self._renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
+        self._converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
+        self._params = dict(skeleton.model.named_parameters())  # names only are used: they never change
+        # parameters transformers keeps in float32 whatever the dtype are dequantised in float32
+        self._fp32 = [re.compile(p) for p in skeleton.dtype_plan or ()]
         stacks = "|".join(re.escape(p) for s in info.arch.stacks for p in s.layer_prefixes)
         in_stack = re.compile(rf"^(?:{stacks})\.(\d+)\.")
         self._by_layer: dict[int, list[str]] = {}
@@ -288,8 +310,7 @@ class LayerLoader:
     def load_layer(self, i: int, raw: dict[str, torch.Tensor]) -> torch.nn.Module:
         """Put layer `i`'s tensors (consumed from `raw`) into the skeleton, on the device."""
         layer = self.sk.layers[i]
-        self._assemble_fused(raw, f"decoder layer {i}")
-        self._convert(self.reader.take_all(raw), f"decoder layer {i}")
+        self._convert(self._load(raw, f"decoder layer {i}"), f"decoder layer {i}")
         missing = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
         if missing:
             raise ShardcutError(f"decoder layer {i}: the checkpoint lacks {len(missing)} of its parameters, "
@@ -299,7 +320,7 @@ class LayerLoader:
     def load_outside(self) -> None:
         """Embedding, final norm and the like: everything the stack needs outside its layers."""
         raw = self.reader.read_many(self.outside)
-        self._convert(self.reader.take_all(raw), "embeddings")
+        self._convert(self._load(raw, "embeddings"), "embeddings")
         for module in self._outside_modules():
             module.to(self.device)
 
@@ -327,31 +348,23 @@ class LayerLoader:
         layer.to("meta")
 
     def fused_parts(self, names: list[str]) -> dict[str, FusedPart]:
-        """Which of `names` transformers stacks (and concatenates) into fused expert parameters."""
-        from transformers.core_model_loading import (
-            Concatenate,
-            MergeModulelist,
-            WeightConverter,
-            WeightRenaming,
-            apply_renamings,
-            rename_source_key,
-        )
+        """Which of `names` (float tensor names) transformers stacks (and concatenates) into fused
+        expert parameters."""
+        from transformers.core_model_loading import Concatenate, MergeModulelist, apply_renamings, rename_source_key
 
-        renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
-        converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
-        params = dict(self.sk.model.named_parameters())
         out = {}
         for name in names:
-            target, pattern = rename_source_key(name, renamings, converters, self.sk.model.base_model_prefix, params)
-            if pattern is None or target not in params:
+            target, pattern = rename_source_key(name, self._renamings, self._converters,
+                                                self.sk.model.base_model_prefix, self._params)
+            if pattern is None or target not in self._params:
                 continue
-            conv = next(c for c in converters if pattern in c.source_patterns)
+            conv = next(c for c in self._converters if pattern in c.source_patterns)
             ops = conv.operations
             if not (isinstance(ops[0], MergeModulelist) and ops[0].dim == 0 and (
                     len(ops) == 1 or len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim >= 1)):
                 continue  # any other recipe goes through transformers' own conversion
             regex = r"(\d+)".join(re.escape(p) for p in pattern.split("*"))
-            m = re.search(regex, apply_renamings(name, renamings))
+            m = re.search(regex, apply_renamings(name, self._renamings))
             if m is None or m.lastindex != 1:
                 continue
             dim = ops[1].dim - 1 if len(ops) == 2 else 0
@@ -359,33 +372,52 @@ class LayerLoader:
                                   len(conv.source_patterns) if len(ops) == 2 else 1, dim)
         return out
 
-    def _assemble_fused(self, raw: dict[str, torch.Tensor], what: str) -> None:
-        parts = self.fused_parts([n for n in raw if not n.endswith("_scale_inv")])
+    def _dtype_of(self, names: list[str]) -> torch.dtype:
+        """The dtype a chunk is dequantised to: the skeleton's (dequantising straight to bfloat16
+        rounds exactly as dequantising to float32 and casting), float32 for parameters the
+        skeleton keeps in float32."""
+        if self.sk.dtype == torch.float32 or any(p.search(n) for p in self._fp32 for n in names):
+            return torch.float32
+        return self.sk.dtype
+
+    def _load(self, raw: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+        """Dequantise `raw` (consumed) chunk by chunk on the device; per-expert tensors of fused
+        parameters go straight into them; returns the other float tensors for `_convert`."""
         targets: dict[str, torch.Tensor] = {}
         filled: dict[str, int] = {}
-        for name, fp in parts.items():
-            module_path, _, attr = fp.target.rpartition(".")
-            module = self.sk.model.get_submodule(module_path)
-            meta = getattr(module, attr)
-            if fp.target not in targets:
-                targets[fp.target] = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
-            t = self.reader.take(raw, name, self.device)
-            dst = targets[fp.target][fp.expert]
-            if fp.parts > 1:
-                size = t.shape[fp.dim]
-                dst = dst.narrow(fp.dim, fp.part * size, size)
-            if tuple(dst.shape) != tuple(t.shape):
-                raise ShardcutError(f"{what}: {name} has shape {list(t.shape)}, {fp.target} expects "
-                                    f"{list(dst.shape)} per expert", self.ckpt.root)
-            dst.copy_(t)
-            filled[fp.target] = filled.get(fp.target, 0) + 1
+        parts_per_expert: dict[str, int] = {}
+        rest: dict[str, torch.Tensor] = {}
+        for names in list(module_chunks(raw, DEQUANT_CHUNK_BYTES)):
+            floats = self.reader.dequantize(raw, names, self.device, self._dtype_of(names))
+            parts = self.fused_parts(list(floats))
+            for name, t in floats.items():
+                fp = parts.get(name)
+                if fp is None:
+                    rest[name] = t
+                    continue
+                if fp.target not in targets:
+                    module_path, _, attr = fp.target.rpartition(".")
+                    meta = getattr(self.sk.model.get_submodule(module_path), attr)
+                    targets[fp.target] = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
+                dst = targets[fp.target][fp.expert]
+                if fp.parts > 1:
+                    size = t.shape[fp.dim]
+                    dst = dst.narrow(fp.dim, fp.part * size, size)
+                if tuple(dst.shape) != tuple(t.shape):
+                    raise ShardcutError(f"{what}: {name} has shape {list(t.shape)}, {fp.target} expects "
+                                        f"{list(dst.shape)} per expert", self.ckpt.root)
+                dst.copy_(t)
+                filled[fp.target] = filled.get(fp.target, 0) + 1
+                parts_per_expert[fp.target] = fp.parts
+            del floats
         for target, tensor in targets.items():
-            module_path, _, attr = target.rpartition(".")
-            expected = tensor.shape[0] * max(fp.parts for fp in parts.values() if fp.target == target)
+            expected = tensor.shape[0] * parts_per_expert[target]
             if filled[target] != expected:
                 raise ShardcutError(f"{what}: {target} needs {expected} per-expert tensors, the checkpoint has "
                                     f"{filled[target]}", self.ckpt.root)
+            module_path, _, attr = target.rpartition(".")
             setattr(self.sk.model.get_submodule(module_path), attr, torch.nn.Parameter(tensor, requires_grad=False))
+        return rest
 
     def _convert(self, tensors: dict[str, torch.Tensor], what: str) -> None:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
@@ -393,7 +425,8 @@ class LayerLoader:
 
         if not tensors:
             return
-        config = LoadStateDictConfig(device_map={"": "cpu"}, dtype=self.sk.dtype, dtype_plan=self.sk.dtype_plan,
+        # the tensors are on the device already: materialise the parameters there too
+        config = LoadStateDictConfig(device_map={"": str(self.device)}, dtype=self.sk.dtype, dtype_plan=self.sk.dtype_plan,
                                      weight_mapping=self.mapping)
         with quiet_transformers():
             info, _ = convert_and_load_state_dict_in_model(self.sk.model, tensors, config)
