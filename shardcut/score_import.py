@@ -113,8 +113,8 @@ def _torch_load(path: Path):
         m = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
         if m:
             raise ShardcutError(f"refused: the file needs arbitrary unpickling (it references {m.group(1)}, which "
-                                "torch.load(weights_only=True) does not allow); shardcut never unpickles with "
-                                "weights_only=False", path) from None
+                                "torch.load(weights_only=True) does not allow); shardcut never runs code from a "
+                                "data file", path) from None
         detail = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("Unsupported")), "corrupt")
         raise ShardcutError(f"not a readable torch file (weights-only unpickling failed: {detail[:120]})",
                             path) from None

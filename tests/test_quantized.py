@@ -14,7 +14,7 @@ import json
 import re
 
 import pytest
-from fixtures.families import LOGIT_DIFFS, expected_layout, load, read_tensors, take_blocks
+from fixtures.families import LOGIT_DIFFS, assert_pruned_bytes, load, read_tensors
 from fixtures.quant_fixtures import SCHEME_NAMES, dequantized_copy, expert_modules
 
 from shardcut.checkpoint import open_checkpoint
@@ -47,13 +47,7 @@ def test_kept_tensors_and_companions_are_the_source_bytes(built):
     else:  # fused (MXFP4): blocks and scales per fused tensor
         assert {n.rsplit("_", 1)[1] for n in src if n.endswith(("_blocks", "_scales"))} == {"blocks", "scales"}
 
-    expected = expected_layout(fam, built.keep, src)
-    assert set(out) == set(expected)
-    for new_name, (old_name, blocks) in expected.items():
-        (_, old_dtype, old), (_, new_dtype, new) = src[old_name], out[new_name]
-        want = old if blocks is None else take_blocks(old, blocks)
-        assert new_dtype == old_dtype and new.shape == want.shape, new_name
-        assert new.tobytes() == want.tobytes(), f"{new_name} differs from {old_name}"
+    assert_pruned_bytes(fam, built.keep, src, out)
     if fam.experts:
         kept = _companions(out, fam.experts)
         for key, prefix in fam.moe_layers.items():
