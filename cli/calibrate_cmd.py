@@ -99,7 +99,7 @@ def calibrate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary at the end."),
 ) -> None:
     """Compute REAP saliency statistics of a MoE checkpoint, one decoder layer at a time."""
-    from shardcut.calibrate.runner import calibrate
+    from shardcut.calibration.runner import calibrate
 
     live = err_console.is_terminal and not as_json
     try:

@@ -139,7 +139,7 @@ def verify_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Prove a checkpoint complete and consistent (and, with --source, byte-exact)."""
-    from shardcut.verify import verify
+    from shardcut.verification import verify
 
     report = verify(out, source=source)
     if as_json:

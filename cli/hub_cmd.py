@@ -35,7 +35,7 @@ def push_cmd(
 
     Authenticates with HF_TOKEN or the stored login (`hf auth login`); the token is never printed.
     """
-    from shardcut.push import push
+    from shardcut.publish import push
 
     report = push(out, repo_id, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run,
                   scores=scores, base_model=base_model)

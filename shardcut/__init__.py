@@ -15,16 +15,20 @@ Submodules import lazily, so `import shardcut` stays fast and needs neither torc
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# exported name -> module defining it. No exported name is also a submodule's name: importing
+# `shardcut.verify` as a module would rebind `shardcut.verify` (tests/test_api.py checks it).
 _EXPORTS = {
     "ShardcutError": "shardcut.errors",
     "Plan": "shardcut.plan",
     "validate_plan": "shardcut.plan",
     "prune": "shardcut.rewrite",
     "PruneReport": "shardcut.rewrite",
-    "verify": "shardcut.verify",
+    "verify": "shardcut.verification",
+    "VerifyReport": "shardcut.verification",
     "inspect_model": "shardcut.summary",
     "Scores": "shardcut.scores",
     "open_checkpoint": "shardcut.checkpoint",
@@ -34,14 +38,36 @@ _EXPORTS = {
     "merge_scores": "shardcut.scores",
     "open_model": "shardcut.hub",
     "prune_model": "shardcut.stream",
-    "push": "shardcut.push",
-    "calibrate": "shardcut.calibrate",
+    "push": "shardcut.publish",
+    "calibrate": "shardcut.calibration.runner",
 }
 
+if TYPE_CHECKING:
+    from shardcut.calibration.runner import calibrate as calibrate
+    from shardcut.checkpoint import open_checkpoint as open_checkpoint
+    from shardcut.errors import ShardcutError as ShardcutError
+    from shardcut.hub import open_model as open_model
+    from shardcut.model import describe as describe
+    from shardcut.plan import Plan as Plan
+    from shardcut.plan import validate_plan as validate_plan
+    from shardcut.publish import push as push
+    from shardcut.rewrite import PruneReport as PruneReport
+    from shardcut.rewrite import prune as prune
+    from shardcut.score_import import import_scores as import_scores
+    from shardcut.scores import Scores as Scores
+    from shardcut.scores import merge_scores as merge_scores
+    from shardcut.select import make_plan as make_plan
+    from shardcut.stream import prune_model as prune_model
+    from shardcut.summary import inspect_model as inspect_model
+    from shardcut.verification import VerifyReport as VerifyReport
+    from shardcut.verification import verify as verify
 
-def __getattr__(name: str):
+
+def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # bind once: later lookups skip __getattr__
+        return value
     raise AttributeError(f"module 'shardcut' has no attribute {name!r}")
 
 

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from shardcut.rewrite import prune
-from shardcut.verify import verify
+from shardcut.verification import verify
 
 DEMO_CONFIG = dict(
     model_type="qwen3_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=4,
@@ -64,7 +64,7 @@ def build_demo_model(path: Path, seed: int = 0):
     torch.manual_seed(seed)
     cfg = dict(DEMO_CONFIG)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    from shardcut.calibrate.stream import quiet_transformers
+    from shardcut.calibration.stream import quiet_transformers
 
     model = AutoModelForCausalLM.from_config(config).eval()
     with quiet_transformers():
@@ -80,8 +80,8 @@ def run_demo(directory: str | Path, log: Callable[[str], None] = print) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shardcut.calibrate.runner import calibrate
-    from shardcut.calibrate.stream import quiet_transformers
+    from shardcut.calibration.runner import calibrate
+    from shardcut.calibration.stream import quiet_transformers
     from shardcut.oracle import forbid_pruned_experts
     from shardcut.select import make_plan
 

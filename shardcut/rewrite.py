@@ -250,7 +250,7 @@ def prune(
     """
     from shardcut.hub import resolve_model
     from shardcut.outdir import OutputTransaction, check_free_space, check_output_path
-    from shardcut.verify import compare_written
+    from shardcut.verification import compare_written
 
     src = resolve_model(model)
     ckpt = open_checkpoint(src)

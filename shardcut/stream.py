@@ -175,7 +175,7 @@ def _stream(ref: RepoRef, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: La
             out: Path, needs: DiskNeeds, *, verify: bool, progress: Progress | None, api, download: Download | None
             ) -> HubPruneReport:
     from shardcut.outdir import OutputTransaction, check_free_space, check_output_path
-    from shardcut.verify import compare_written
+    from shardcut.verification import compare_written
 
     names = shard_names(len(lay.shards))
     # Source shard -> its output shard (shards whose every tensor is dropped produce none).

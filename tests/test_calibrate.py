@@ -13,7 +13,7 @@ import pytest
 from fixtures.calib_fixtures import layer_outputs, reference_statistics, write_ids_jsonl
 from fixtures.families import TOP_K, E, family
 
-from shardcut.calibrate.runner import Calibrator, calibrate
+from shardcut.calibration.runner import Calibrator, calibrate
 from shardcut.scores import FIELDS, Scores, merge_scores
 
 PROOF_FAMILIES = ["qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss"]

@@ -11,8 +11,8 @@ import pytest
 from fixtures.calib_fixtures import save_tokenizer, write_ids_jsonl
 from typer.testing import CliRunner
 
-from shardcut.calibrate.data import load_data, parse_spec
-from shardcut.calibrate.runner import calibrate, parse_shard
+from shardcut.calibration.data import load_data, parse_spec
+from shardcut.calibration.runner import calibrate, parse_shard
 from shardcut.errors import ShardcutError
 from shardcut.scores import Scores
 from shardcut_cli.main import app

@@ -18,7 +18,7 @@ import pytest
 from fixtures.calib_fixtures import reference_statistics, write_ids_jsonl
 from fixtures.families import TOP_K, E, load_tensors, save_sharded
 
-from shardcut.calibrate.runner import calibrate
+from shardcut.calibration.runner import calibrate
 from shardcut.errors import ShardcutError
 from shardcut.scores import FIELDS, Scores
 
@@ -98,7 +98,7 @@ def test_quantized_checkpoint_calibrates_like_its_dequantized_float_model(name, 
 def test_dequantizing_one_module_at_a_time_changes_nothing(runs, monkeypatch, tmp_path):
     """With a chunk budget of one byte every `dequantize` call gets one module (a weight and its
     companions): the bounded-memory path gives the same statistics as whole-layer chunks."""
-    from shardcut.calibrate import stream
+    from shardcut.calibration import stream
 
     built, _, data, _, whole, _ = runs("ct_int4")
     modules_per_call = []

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from fixtures.calib_fixtures import write_ids_jsonl
 
-from shardcut.calibrate.runner import calibrate
+from shardcut.calibration.runner import calibrate
 from shardcut.scores import FIELDS, Scores
 
 torch = pytest.importorskip("torch")
@@ -86,7 +86,7 @@ def test_fp8_checkpoint_calibrates_like_its_dequantized_twin(families, tmp_path)
 
 _RANK_SCRIPT = """
 import sys
-from shardcut.calibrate.runner import calibrate
+from shardcut.calibration.runner import calibrate
 calibrate(sys.argv[1], sys.argv[2], sys.argv[3], max_length=64, batch_tokens=96, device="cpu")
 """
 

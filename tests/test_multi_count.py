@@ -274,7 +274,7 @@ def _elements(path) -> int:
 def test_card_counts_every_stack(omni, planned, which, tmp_path, monkeypatch):
     from huggingface_hub import ModelCard
 
-    from shardcut.push import PROVENANCE_NAME, push
+    from shardcut.publish import PROVENANCE_NAME, push
 
     out = planned[0] / "pruned" if which == "from scores" else omni.pruned
     set_token(monkeypatch, "hf_FakeTokenForTests0123456789", tmp_path)

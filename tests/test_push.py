@@ -18,7 +18,7 @@ from shardcut.checkpoint import open_checkpoint
 from shardcut.errors import ShardcutError
 from shardcut.model import describe
 from shardcut.plan import Plan
-from shardcut.push import PROVENANCE_NAME, TAGS, count_parameters, push
+from shardcut.publish import PROVENANCE_NAME, TAGS, count_parameters, push
 from shardcut.scores import file_sha256
 from shardcut_cli.main import app
 

@@ -12,7 +12,7 @@ from shardcut.errors import ShardcutError
 from shardcut.plan import Plan
 from shardcut.rewrite import prune
 from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
-from shardcut.verify import verify
+from shardcut.verification import verify
 
 SPEC = SyntheticSpec(layers=3, experts=8, top_k=2, hidden=64, moe_inter=32, int4=True, shards=3)
 KEEP = {"1": [0, 2, 3, 7], "2": [1, 2, 5, 6]}

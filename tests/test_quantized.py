@@ -143,7 +143,7 @@ def test_reference_dequantization_recovers_the_float_weights(built):
 
 
 def test_verify_with_source_passes(built):
-    from shardcut.verify import verify
+    from shardcut.verification import verify
 
     report = verify(built.pruned, source=built.source)
     assert report.ok, report.problems

@@ -18,7 +18,7 @@ from shardcut.outdir import OutputTransaction, lock_path, partial_dir
 from shardcut.plan import Plan
 from shardcut.rewrite import prune
 from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
-from shardcut.verify import verify
+from shardcut.verification import verify
 
 SPEC = SyntheticSpec(layers=3, experts=8, top_k=2, hidden=512, moe_inter=256, shards=12, vocab=512)
 KEEP = {"1": [0, 2, 3, 7], "2": [1, 2, 5, 6]}

@@ -16,7 +16,7 @@ from shardcut import hub
 from shardcut.errors import ShardcutError
 from shardcut.plan import Plan
 from shardcut.stream import STAGING, prune_model
-from shardcut.verify import verify
+from shardcut.verification import verify
 from shardcut_cli.main import app
 
 

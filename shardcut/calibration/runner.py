@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shardcut.calibrate.data import CalibData, load_data
-from shardcut.calibrate.distributed import Distributed
-from shardcut.calibrate.observe import DEFAULT_PAIR_CHUNK, ExpertObserver, check_supported, find_experts
-from shardcut.calibrate.resume import RunState, fingerprint_of, state_dir_for
-from shardcut.calibrate.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory
-from shardcut.calibrate.stream import (
+from shardcut.calibration.data import CalibData, load_data
+from shardcut.calibration.distributed import Distributed
+from shardcut.calibration.observe import DEFAULT_PAIR_CHUNK, ExpertObserver, check_supported, find_experts
+from shardcut.calibration.resume import RunState, fingerprint_of, state_dir_for
+from shardcut.calibration.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory
+from shardcut.calibration.stream import (
     LayerLoader,
     TensorReader,
     capture_call,

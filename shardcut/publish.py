@@ -171,7 +171,7 @@ def push(
         >>> [f.path_in_repo for f in report.files][:2]
         ['README.md', 'calibration/plan.json']
     """
-    from shardcut.verify import verify
+    from shardcut.verification import verify
 
     out = Path(out)
     target = _check_target(repo_id, revision, create_pr)

@@ -17,7 +17,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from shardcut.calibrate.distributed import Distributed
+from shardcut.calibration.distributed import Distributed
 from shardcut.errors import ShardcutError
 from shardcut.scores import Scores
 
