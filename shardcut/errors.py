@@ -1,7 +1,13 @@
-"""The one exception type shardcut raises for bad input.
+"""The exceptions shardcut raises for bad input, one kind per thing that can be wrong.
 
 Every message is one line that names the file (or layer) and the problem, so the CLI can print
-it as is and exit with code 2.
+it as is and exit with code 2. Every kind is a `ShardcutError`, so `except ShardcutError` still
+catches them all; a caller that must tell them apart catches the kind.
+
+    >>> try:
+    ...     shardcut.prune("model", "out", plan)
+    ... except OutputExistsError:
+    ...     ...
 """
 
 from __future__ import annotations
@@ -19,3 +25,31 @@ class ShardcutError(Exception):
     def __init__(self, message: str, path: str | Path | None = None) -> None:
         self.path = str(path) if path is not None else None
         super().__init__(f"{path}: {message}" if path is not None else message)
+
+
+class CheckpointError(ShardcutError):
+    """The checkpoint (shards, index, config, side files) is malformed or contradicts itself."""
+
+
+class PlanError(ShardcutError):
+    """A plan is malformed or breaks a routing constraint of the checkpoint."""
+
+
+class ScoresError(ShardcutError):
+    """A score file (native or imported) is malformed or does not fit the model."""
+
+
+class DataError(ShardcutError):
+    """Calibration or evaluation data cannot be read or formatted."""
+
+
+class OutputError(ShardcutError):
+    """An output path is unusable: it exists, is one of the inputs, or cannot be written."""
+
+
+class OutputExistsError(OutputError):
+    """The output exists and overwriting was not asked for."""
+
+
+class HubError(ShardcutError):
+    """The Hugging Face Hub refused or failed a request."""
