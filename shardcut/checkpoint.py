@@ -51,22 +51,6 @@ class Checkpoint:
     def file_bytes(self) -> int:
         return sum(s.file_size for s in self.shards)
 
-    def side_files(self) -> list[Path]:
-        """Files to carry over unchanged: everything but the shards, the index and config.json."""
-        skip = {s.path.resolve() for s in self.shards}
-        out = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for name in sorted(filenames):
-                p = Path(dirpath) / name
-                rel = p.relative_to(self.root)
-                if str(rel) in (INDEX_NAME, CONFIG_NAME) or p.resolve() in skip:
-                    continue
-                if len(rel.parts) == 1 and name.endswith(".safetensors"):
-                    continue  # a stray shard not in the index is not part of the model
-                out.append(rel)
-        return out
-
 
 def _inside(root: Path, candidate: Path) -> bool:
     try:
@@ -83,6 +67,9 @@ def _link_area(root: Path) -> Path:
     if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
         return root.parent.parent
     return root
+
+
+link_area = _link_area  # public: side_files checks side files against the same area as shards
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -2,7 +2,7 @@
 
 What goes up, in one commit (`HfApi.upload_folder`, which with hf-xet skips the chunks an
 interrupted upload already sent):
-- every file of OUT, its README.md (the source's card, copied by prune) replaced by a card
+- every file of OUT (prune does not copy the source's README.md) and a card
   generated with `ModelCard`/`ModelCardData` that credits the source card instead;
 - `calibration/plan.json` and, when given, `calibration/scores.safetensors`, so anyone can
   re-prune at another ratio;
@@ -274,11 +274,14 @@ def _scores_metadata(path: Path, plan: Plan) -> dict:
 
 def source_card(out: Path, base: str | None, source: dict, api=None) -> dict:
     """License, license name/link, pipeline tag and language of the source model's card: from
-    OUT/README.md (prune copies the source's), else the source folder or the local cache, else
+    the fields prune recorded in the plan copy, else OUT/README.md, else the source folder or the local cache, else
     (online) the Hub's model info. Missing fields stay missing."""
     from huggingface_hub import ModelCard
 
     keys = ("license", "license_name", "license_link", "pipeline_tag", "language")
+    recorded = source.get("card")  # prune records the source card's fields (it does not copy the card)
+    if isinstance(recorded, dict) and any(recorded.get(k) for k in keys):
+        return {k: recorded[k] for k in keys if recorded.get(k)}
     candidates = [out / CARD_NAME]
     model = str(source.get("model") or "")
     if model and hub.is_local(model):

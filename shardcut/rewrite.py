@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,9 +22,8 @@ from shardcut.container import OutTensor, Piece, TensorInfo, merge_pieces, shard
 from shardcut.errors import ShardcutError
 from shardcut.model import ModelInfo, _sub_config, describe
 from shardcut.plan import Plan, validate_plan
+from shardcut.side_files import HF_QUANT_NAME, PLAN_COPY_NAME
 
-PLAN_COPY_NAME = "shardcut-plan.json"
-HF_QUANT_NAME = "hf_quant_config.json"  # ModelOpt's legacy side file
 Progress = Callable[[int, int], None]
 
 
@@ -39,6 +38,7 @@ class Layout:
     sliced: int = 0
     dropped: int = 0
     dropped_bytes: int = 0
+    resharded: bool = False
 
     @property
     def tensors(self) -> list[OutTensor]:
@@ -74,6 +74,7 @@ class PruneReport:
     verified: bool = False
     config_changes: dict = field(default_factory=dict)
     experts_by_config: dict[str, list[int]] = field(default_factory=dict)
+    side_files: list[dict] = field(default_factory=list)  # what is not copied unchanged, and why
 
     @classmethod
     def planned(cls, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout, sizes: list[int],
@@ -85,11 +86,13 @@ class PruneReport:
             4
         """
         from shardcut.select import experts_by_config
+        from shardcut.side_files import COPY, side_files
 
+        sides = [f.to_json() for f in side_files(ckpt, info, plan) if f.action != COPY]
         return cls(None, info.arch.name, dict(plan.keep), info.num_experts, plan.num_experts, ckpt.file_bytes,
-                   sum(sizes), shard_names(len(lay.shards)), lay.copied, lay.renamed, lay.sliced, lay.dropped,
+                   sum(sizes), output_names(ckpt, lay), lay.copied, lay.renamed, lay.sliced, lay.dropped,
                    dry_run, config_changes=updated_config(info, plan.keep)[1],
-                   experts_by_config=experts_by_config(info, plan.keep))
+                   experts_by_config=experts_by_config(info, plan.keep), side_files=sides)
 
 
 def slice_expert_axis(path: Path, t: TensorInfo, axis: int, num_experts: int,
@@ -158,6 +161,7 @@ def layout(ckpt: Checkpoint, info: ModelInfo, plan: Plan, max_shard_size: int | 
             result.metadata.append(shard.metadata)
     if max_shard_size:
         result.shards, result.metadata = _reshard(result.tensors, max_shard_size, result.metadata)
+        result.resharded = True
     return result
 
 
@@ -177,6 +181,37 @@ def _reshard(tensors: list[OutTensor], limit: int, metadata: list) -> tuple[list
 def shard_names(n: int) -> list[str]:
     return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
 
+
+def output_names(ckpt: Checkpoint, lay: Layout) -> list[str]:
+    """Output shard file names: the source's own when each output shard is one source shard
+    (same count, no resharding), so gpt-oss keeps `model-00000-of-00002` and DeepSeek-V3
+    `-of-000163`; otherwise transformers' `model-0000i-of-0000n`."""
+    if not lay.resharded and len(lay.shards) == len(ckpt.shards):
+        names = []
+        for shard in ckpt.shards:
+            try:
+                names.append(shard.path.relative_to(ckpt.root).as_posix())
+            except ValueError:
+                break
+        if len(names) == len(lay.shards) and all("/" not in n for n in names) and len(set(names)) == len(names):
+            return names
+    return shard_names(len(lay.shards))
+
+
+def index_metadata(ckpt: Checkpoint, lay: Layout, plan: Plan) -> dict:
+    """The output index's `metadata`: the source's keys in its order, with the counts pruning
+    changes recomputed (`total_size`; `total_parameters` minus the pruned elements), plus
+    shardcut's own."""
+    meta = dict(ckpt.index_metadata)
+    meta["total_size"] = lay.total_size
+    params = meta.get("total_parameters")
+    if isinstance(params, int) and not isinstance(params, bool):
+        removed = (sum(math.prod(t.shape) for _, t in ckpt.tensors.values())
+                   - sum(math.prod(t.shape) for t in lay.tensors))
+        meta["total_parameters"] = params - removed
+    meta["shardcut_version"] = __version__
+    meta["plan_sha256"] = plan.sha256()
+    return meta
 
 def updated_config(info: ModelInfo, kept: int | dict[str, list[int]]) -> tuple[dict, dict]:
     """config.json with every spelling of the expert count set to the kept count, and the changes.
@@ -258,7 +293,7 @@ def prune(
     validate_plan(plan, info, plan.origin)
     pruned_config(ckpt, info, plan)  # refuses quantization configs it cannot renumber, before any write
     lay = layout(ckpt, info, plan, parse_size(max_shard_size))
-    names = shard_names(len(lay.shards))
+    names = output_names(ckpt, lay)
     sizes = [shard_size(s, m) for s, m in zip(lay.shards, lay.metadata)]
     report = PruneReport.planned(ckpt, info, plan, lay, sizes, dry_run)
     if dry_run or out is None:
@@ -312,19 +347,35 @@ def pruned_config(ckpt: Checkpoint, info: ModelInfo, plan: Plan) -> tuple[dict, 
 
 def write_checkpoint_files(dest: Path, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout,
                            names: list[str]) -> None:
-    """Everything of the output but the shards: index, config.json, side files, the plan."""
+    """Everything of the output but the shards' bytes: index, config.json, side files (by the
+    rules of `shardcut.side_files`), the plan; every file with its source's permission bits."""
+    from shardcut.side_files import output_mode, set_mode, side_files, write_side_files
+
+    def mode_of(*paths: Path) -> int:
+        for p in paths:
+            if p.is_file():
+                return output_mode(os.stat(p).st_mode)
+        return 0o644
+
+    files = side_files(ckpt, info, plan)  # refuses symlinks out of MODEL and special files
+    for name, tensors in zip(names, lay.shards):  # a shard made of several keeps the strictest bits
+        sources = {p.path for t in tensors for p in t.pieces}
+        bits = 0o777
+        for src in sources:
+            bits &= os.stat(src).st_mode if src.is_file() else 0o644
+        path = dest / name
+        if not path.exists():
+            path = dest / f"{name}.part"
+        if path.exists():
+            set_mode(path, output_mode(bits))
+    config_mode = mode_of(ckpt.root / CONFIG_NAME)
     _write_json(dest / INDEX_NAME, {
-        "metadata": {"total_size": lay.total_size, "shardcut_version": __version__, "plan_sha256": plan.sha256()},
+        "metadata": index_metadata(ckpt, lay, plan),
         "weight_map": {t.name: name for name, tensors in zip(names, lay.shards) for t in tensors},
-    })
+    }, mode=mode_of(ckpt.root / INDEX_NAME, ckpt.root / CONFIG_NAME))
     config, quant_side = pruned_config(ckpt, info, plan)
-    _write_json(dest / CONFIG_NAME, config)
-    for rel in ckpt.side_files():
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        if str(rel) == HF_QUANT_NAME and quant_side is not None:
-            _write_json(dest / rel, quant_side)
-        else:
-            shutil.copyfile(ckpt.root / rel, dest / rel)
+    _write_json(dest / CONFIG_NAME, config, mode=config_mode)
+    write_side_files(dest, ckpt, info, plan, files, quant_side)
     provenance = plan.to_json()
     source = provenance.setdefault("source", {})
     if isinstance(source, dict):
@@ -336,8 +387,29 @@ def write_checkpoint_files(dest: Path, ckpt: Checkpoint, info: ModelInfo, plan: 
             # a Hugging Face cache snapshot: name the repo and the exact commit pruned
             source.setdefault("model", root.parent.parent.name.removeprefix("models--").replace("--", "/"))
             source.setdefault("revision", root.name)
-    _write_json(dest / PLAN_COPY_NAME, provenance)
+        card = _card_metadata(ckpt.root / "README.md")
+        if card:  # the source's card is not copied (push writes a new one); its license etc. are kept here
+            source.setdefault("card", card)
+    _write_json(dest / PLAN_COPY_NAME, provenance, mode=config_mode)
+    root_mode = os.stat(ckpt.root).st_mode if ckpt.root.is_dir() else 0o755
+    os.chmod(dest, (root_mode & 0o777) | 0o700)
 
 
-def _write_json(path: Path, data: dict, indent: int | None = 2) -> None:
-    path.write_text(json.dumps(data, indent=indent, ensure_ascii=False) + "\n")
+def _card_metadata(path: Path) -> dict:
+    """License, pipeline tag and language from a model card's YAML front matter ({} if none)."""
+    if not path.is_file() or path.stat().st_size > 4 << 20:
+        return {}
+    try:
+        from huggingface_hub import ModelCard
+
+        data = ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # a card that does not parse has nothing to keep
+        return {}
+    keys = ("license", "license_name", "license_link", "pipeline_tag", "language")
+    return {k: data[k] for k in keys if data.get(k)}
+
+
+def _write_json(path: Path, data: dict, indent: int | None = 2, mode: int | None = None) -> None:
+    from shardcut.durable import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n", mode)

@@ -33,11 +33,12 @@ from shardcut.rewrite import (
     Progress,
     PruneReport,
     layout,
+    output_names,
     parse_size,
     prune,
-    shard_names,
     write_checkpoint_files,
 )
+from shardcut.side_files import download_ignore_patterns
 
 # download(filename in the repo, folder to put it in) -> path of the downloaded file
 Download = Callable[[str, Path], Path]
@@ -177,7 +178,7 @@ def _stream(ref: RepoRef, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: La
     from shardcut.outdir import OutputTransaction, check_free_space, check_output_path
     from shardcut.verification import compare_written
 
-    names = shard_names(len(lay.shards))
+    names = output_names(ckpt, lay)
     # Source shard -> its output shard (shards whose every tensor is dropped produce none).
     jobs: list[tuple[ShardHeader, str, list[OutTensor], dict | None, int]] = []
     for header in ckpt.shards:
@@ -190,9 +191,9 @@ def _stream(ref: RepoRef, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: La
 
     check_output_path(out, ckpt.root)
     if not hub.offline():  # tokenizer, templates, remote code: small files, into the cache
-        with hub_errors(ref):
+        with hub_errors(ref):  # what the side-file rules leave out is not even downloaded
             api.snapshot_download(ref.repo_id, revision=ref.revision,
-                                  ignore_patterns=["*.safetensors", *OTHER_WEIGHTS])
+                                  ignore_patterns=sorted({"*.safetensors", *OTHER_WEIGHTS, *download_ignore_patterns()}))
     fetch = download or _hub_download(api, ref)
     report = HubPruneReport(**vars(_report(ckpt, info, plan, lay, sizes, dry_run=False)),
                             disk=needs.to_json(), stream=True)
