@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from shardcut_cli.common import byte_progress, console, fail, handle_errors, human_bytes
@@ -121,6 +122,10 @@ def prune_cmd(
     )
     if report.config_changes:
         console.print("config.json: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in report.config_changes.items()))
+    verbs = {"leave": "left out", "prune": "pruned", "rewrite": "rewrote"}
+    for side in report.side_files:  # every side file not copied unchanged, and why
+        console.print(f"{verbs.get(side['action'], side['action'])} {escape(side['path'])}: {escape(side['why'])}",
+                      highlight=False)
     if dry_run:
         disk = report.disk
         missing = disk["input"] - disk["input_on_disk"]

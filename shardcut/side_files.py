@@ -197,7 +197,9 @@ def side_files(ckpt: Checkpoint, info, plan=None) -> list[SideFile]:
     derived = {d.folder: d for d in DERIVED_SETS if d.architecture == info.arch.name}
     set_problems = {folder: _derived_problem(root, d, info, plan) for folder, d in derived.items()
                     if (root / d.folder).is_dir()}
-    counts = {layer.num_experts for layer in info.layers} or {info.num_experts}
+    # the counts the output will state: a copied JSON stating any other would contradict it
+    counts = ({len(v) for v in plan.keep.values()} if plan is not None else
+              {layer.num_experts for layer in info.layers}) or {info.num_experts}
     out = []
     for rel, st in files:
         folder = rel.split("/", 1)[0] if "/" in rel else None
