@@ -217,11 +217,33 @@ def side_files(ckpt: Checkpoint, info, plan=None) -> list[SideFile]:
             if not any(fnmatch.fnmatchcase(inner, p) for p in WEIGHT_PATTERNS):
                 out.append(_checked_copy(root, rel, st, counts))
                 continue
-        rule = next(r for r in SIDE_RULES if any(fnmatch.fnmatchcase(rel, p) for p in r.patterns))
+        rule = rule_for(rel)
         if rule.action == COPY:
             out.append(_checked_copy(root, rel, st, counts))
         else:
             out.append(SideFile(rel, rule.action, rule.why, st.st_mode))
+    return out
+
+
+def rule_for(rel: str) -> Rule:
+    """The first rule of SIDE_RULES matching `rel` (the last one matches everything)."""
+    return next(r for r in SIDE_RULES if any(fnmatch.fnmatchcase(rel, p) for p in r.patterns))
+
+
+def not_downloaded(ckpt: Checkpoint, info, listing: list[str]) -> list[SideFile]:
+    """The lines for files of a Hub repo (`listing`) that `--stream` did not download, by the
+    same rules: what the table leaves out, with its reason."""
+    skip = main_files(ckpt)
+    derived = {d.folder: d for d in DERIVED_SETS if d.architecture == info.arch.name}
+    out = []
+    for rel in sorted(listing):
+        if rel in skip or (ckpt.root / rel).exists() or any(part.startswith(".") for part in rel.split("/")):
+            continue
+        folder, _, inner = rel.partition("/")
+        if folder in derived and inner in derived[folder].weights:
+            continue  # the derived set's own line says why it is left out
+        rule = rule_for(rel)
+        out.append(SideFile(rel, LEAVE, rule.why if rule.action == LEAVE else "not downloaded by --stream"))
     return out
 
 
@@ -296,7 +318,8 @@ def derived_layout(root: Path, d: DerivedSet, info, plan) -> tuple[dict[str, lis
     for wname in d.weights:
         path = folder / wname
         if not path.is_file():
-            raise ShardcutError(f"{d.folder}/{wname} is missing (not downloaded?)")
+            raise ShardcutError(f"{d.folder}/{wname} is not on disk (prune --stream never downloads it: "
+                                "prune without --stream to keep it, pruned)")
         header = read_header(path)
         metadata[wname] = header.metadata
         out = []

@@ -194,6 +194,7 @@ def _stream(ref: RepoRef, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: La
         with hub_errors(ref):  # what the side-file rules leave out is not even downloaded
             api.snapshot_download(ref.repo_id, revision=ref.revision,
                                   ignore_patterns=sorted({"*.safetensors", *OTHER_WEIGHTS, *download_ignore_patterns()}))
+    listing = _repo_files(api, ref)
     fetch = download or _hub_download(api, ref)
     report = HubPruneReport(**vars(_report(ckpt, info, plan, lay, sizes, dry_run=False)),
                             disk=needs.to_json(), stream=True)
@@ -245,6 +246,7 @@ def _stream(ref: RepoRef, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: La
             shutil.rmtree(staging, ignore_errors=True)
             write_checkpoint_files(tx.dir, ckpt, info, plan, lay, names)
             tx.commit()
+            report.side_files = stream_side_report(ckpt, info, plan, listing)
         except Exception as exc:
             shutil.rmtree(staging, ignore_errors=True)
             nothing_kept = not current and not report.resumed
@@ -258,6 +260,23 @@ def _stream(ref: RepoRef, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: La
     report.verified = verify
     report.out = out
     return report
+
+
+def _repo_files(api, ref: RepoRef) -> list[str]:
+    """Every file of the repo at the pinned commit ([] offline or where the API cannot list)."""
+    if hub.offline() or not hasattr(api, "list_repo_files"):
+        return []
+    with hub_errors(ref):
+        return list(api.list_repo_files(ref.repo_id, revision=ref.revision))
+
+
+def stream_side_report(ckpt: Checkpoint, info: ModelInfo, plan: Plan, listing: list[str]) -> list[dict]:
+    """The side-file lines of a stream: the same rules as a local prune, plus the files the
+    rules kept from being downloaded at all."""
+    from shardcut.side_files import COPY, not_downloaded, side_files
+
+    lines = [f for f in side_files(ckpt, info, plan) if f.action != COPY] + not_downloaded(ckpt, info, listing)
+    return [f.to_json() for f in sorted(lines, key=lambda f: f.rel)]
 
 
 def _signature_of(path: Path) -> list[tuple]:

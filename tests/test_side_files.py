@@ -363,3 +363,36 @@ def test_verify_source_catches_a_config_count_that_divides_the_real_one(hub, tmp
     assert any("mlp.router.weight: dim 0 is 4, but config.json's count makes it 2 x 1 = 2" in p for p in problems), \
         problems
     assert any(p.startswith("config.json differs") and "num_local_experts 4 -> 2" in p for p in problems)
+
+
+def test_stream_applies_the_same_rules(hub, tmp_path, monkeypatch):
+    """`prune --stream` from the Hub: the same side-file rules. The card, metal/ and original/
+    (whose weights a stream never downloads) are left out with their reasons; everything else
+    equals the local prune byte for byte."""
+    import hashlib
+
+    from shardcut import hub as hub_mod
+    from shardcut.stream import prune_model
+    from tests.fixtures.hub_fixtures import FakeHubApi, use_cache
+
+    source, local, _ = hub
+    repo, sha = "openai/gpt-oss-tiny", hashlib.sha1(b"gpt-oss-tiny").hexdigest()
+    use_cache(monkeypatch, tmp_path / "cache", offline=False)
+    fake = FakeHubApi({repo: (source, sha)})
+    monkeypatch.setattr(hub_mod, "hub_api", lambda: fake)
+
+    def fetch(filename: str, dest: Path) -> Path:
+        assert filename in SHARDS, filename  # only main shards are fetched
+        shutil.copyfile(source / filename, dest / filename)
+        return dest / filename
+
+    out = tmp_path / "out"
+    report = prune_model(repo, out, Plan(keep(), {"criterion": "test"}), stream=True, download=fetch)
+    lines = {f["path"]: f["why"] for f in report.side_files if f["action"] == "leave"}
+    assert {"README.md", "metal/model.bin", "original/config.json", "original/dtypes.json"} <= set(lines)
+    assert "--stream never downloads it" in lines["original/config.json"]
+    assert not (out / "original").exists() and not (out / "metal").exists() and not (out / "README.md").exists()
+    assert report.shards == SHARDS
+    for rel in _files(out) - {"shardcut-plan.json"}:
+        assert (out / rel).read_bytes() == (local / rel).read_bytes(), rel
+    assert verify(out).ok
