@@ -25,11 +25,11 @@ from pathlib import Path
 from shardcut.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint, read_json_object
 from shardcut.container import ShardHeader, TensorInfo, parse_header_bytes
 from shardcut.errors import ShardcutError
+from shardcut.side_files import WEIGHT_PATTERNS
 
 # Weights in other formats that a repo may carry next to its safetensors: never downloaded
-# (they would cost disk and, copied as side files, put unpruned weights into the output).
-OTHER_WEIGHTS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.onnx", "*.gguf",
-                 "consolidated*.safetensors"]
+# (they would cost disk, and the side-file rules leave them out of every output anyway).
+OTHER_WEIGHTS = [p for p in WEIGHT_PATTERNS if p != "*.safetensors"] + ["consolidated*.safetensors", "metal/*"]
 _REVISION = re.compile(r"^[\w][\w./-]*$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 LOGIN_HINT = "set HF_TOKEN or run `hf auth login`"

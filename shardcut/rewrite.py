@@ -349,6 +349,7 @@ def write_checkpoint_files(dest: Path, ckpt: Checkpoint, info: ModelInfo, plan: 
                            names: list[str]) -> None:
     """Everything of the output but the shards' bytes: index, config.json, side files (by the
     rules of `shardcut.side_files`), the plan; every file with its source's permission bits."""
+    from shardcut.durable import fsync_dir
     from shardcut.side_files import output_mode, set_mode, side_files, write_side_files
 
     def mode_of(*paths: Path) -> int:
@@ -393,6 +394,7 @@ def write_checkpoint_files(dest: Path, ckpt: Checkpoint, info: ModelInfo, plan: 
     _write_json(dest / PLAN_COPY_NAME, provenance, mode=config_mode)
     root_mode = os.stat(ckpt.root).st_mode if ckpt.root.is_dir() else 0o755
     os.chmod(dest, (root_mode & 0o777) | 0o700)
+    fsync_dir(dest)
 
 
 def _card_metadata(path: Path) -> dict:

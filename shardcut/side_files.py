@@ -256,9 +256,15 @@ def _checked_copy(root: Path, rel: str, st: os.stat_result, counts: set[int]) ->
     return SideFile(rel, COPY, "", st.st_mode)
 
 
+# Vocabularies map token strings to ids: a token spelled like a count key is not a count.
+VOCAB_PATTERNS = ("tokenizer*.json", "*vocab*.json", "special_tokens_map.json", "added_tokens.json", "merges*.json")
+
+
 def stale_counts(path: Path, counts: set[int]) -> list[str]:
     """`key=value` of every expert-count key in the JSON file `path` whose integer value is
-    not one of `counts` (a file that is not a JSON object has none)."""
+    not one of `counts` (a file that is not a JSON object, or a vocabulary, has none)."""
+    if any(fnmatch.fnmatchcase(path.name, p) for p in VOCAB_PATTERNS):
+        return []
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError, RecursionError):

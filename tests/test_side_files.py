@@ -396,3 +396,13 @@ def test_stream_applies_the_same_rules(hub, tmp_path, monkeypatch):
     for rel in _files(out) - {"shardcut-plan.json"}:
         assert (out / rel).read_bytes() == (local / rel).read_bytes(), rel
     assert verify(out).ok
+
+
+def test_a_vocabulary_token_spelled_like_a_count_is_not_a_count(tiny, tmp_path):
+    src = tmp_path / "model"
+    shutil.copytree(tiny, src)
+    tok = json.loads((src / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["num_experts"] = len(tok["model"]["vocab"])
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    prune(src, tmp_path / "out", _demo_plan(src))
+    assert (tmp_path / "out/tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
