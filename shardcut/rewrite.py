@@ -213,6 +213,7 @@ def index_metadata(ckpt: Checkpoint, lay: Layout, plan: Plan) -> dict:
     meta["plan_sha256"] = plan.sha256()
     return meta
 
+
 def updated_config(info: ModelInfo, kept: int | dict[str, list[int]]) -> tuple[dict, dict]:
     """config.json with every spelling of the expert count set to the kept count, and the changes.
 

@@ -108,6 +108,7 @@ class SideFile:
     why: str = ""
     mode: int = 0o644  # permission bits of the source file
     derived: DerivedSet | None = None
+    st: os.stat_result | None = None  # the file as `walk` found it: a copy must open this very file
 
     def to_json(self) -> dict:
         return {"path": self.rel, "action": self.action, "why": self.why}
@@ -221,7 +222,7 @@ def side_files(ckpt: Checkpoint, info, plan=None) -> list[SideFile]:
         if rule.action == COPY:
             out.append(_checked_copy(root, rel, st, counts))
         else:
-            out.append(SideFile(rel, rule.action, rule.why, st.st_mode))
+            out.append(SideFile(rel, rule.action, rule.why, st.st_mode, st=st))
     return out
 
 
@@ -253,7 +254,7 @@ def _checked_copy(root: Path, rel: str, st: os.stat_result, counts: set[int]) ->
         if stale:
             return SideFile(rel, LEAVE, f"states the source's expert count ({stale[0]}), which the pruned "
                                         "config no longer has", st.st_mode)
-    return SideFile(rel, COPY, "", st.st_mode)
+    return SideFile(rel, COPY, "", st.st_mode, st=st)
 
 
 # Vocabularies map token strings to ids: a token spelled like a count key is not a count.
@@ -370,7 +371,7 @@ def write_side_files(dest: Path, ckpt: Checkpoint, info, plan, files: list[SideF
         _make_parents(dest, ckpt.root, Path(f.rel).parent)
         folders.add(target.parent)
         if f.action == COPY:
-            copy_file(ckpt.root / f.rel, target, expected=None)
+            copy_file(ckpt.root / f.rel, target, expected=f.st)
         elif f.derived is not None:
             d = f.derived
             if d.folder in done_sets:
@@ -389,7 +390,7 @@ def write_side_files(dest: Path, ckpt: Checkpoint, info, plan, files: list[SideF
             atomic_write_text(target, json.dumps(quant_side, indent=2, ensure_ascii=False) + "\n",
                               output_mode(f.mode))
         else:
-            copy_file(ckpt.root / f.rel, target, expected=None)
+            copy_file(ckpt.root / f.rel, target, expected=f.st)
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         fsync_dir(folder)
 
