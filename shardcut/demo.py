@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 
+from shardcut.errors import OutputError
 from shardcut.rewrite import prune
 from shardcut.verification import verify
 
@@ -23,6 +24,10 @@ DEMO_CONFIG = dict(
 )
 DEMO_TEXT = "demo.txt"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+# The file that says a folder is the demo's own: only then may a rerun replace what it made there.
+MARKER = ".shardcut-demo"
+MARKER_TEXT = "made by `shardcut demo`; a rerun replaces original/, pruned/ and scores.safetensors here\n"
+DEMO_OUTPUTS = ("original", "pruned", "scores.safetensors", "scores.safetensors.calib")
 
 
 def demo_text_path() -> Path:
@@ -100,10 +105,44 @@ def build_demo_model(path: Path, seed: int = 0):
     return model
 
 
+def claim_demo_dir(directory: str | Path) -> Path:
+    """Make `directory` the demo's folder, or refuse it before anything is written.
+
+    Accepted: a missing or empty folder (it gets the MARKER file), or a folder carrying the marker
+    of an earlier demo, whose own outputs (DEMO_OUTPUTS) are then removed. Refused with an
+    OutputError: an existing file, or a non-empty folder without the marker (the user's files,
+    e.g. a real `original/` checkpoint, are never deleted or overwritten).
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OutputError("exists and is not a folder: give the demo a new or empty folder", directory)
+    if directory.is_dir() and not (directory / MARKER).is_file():
+        if any(directory.iterdir()):
+            raise OutputError(f"is not empty and was not made by `shardcut demo` (no {MARKER} file): "
+                              "give the demo a new or empty folder", directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MARKER).write_text(MARKER_TEXT)
+        for name in DEMO_OUTPUTS:
+            p = directory / name
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                shutil.rmtree(p)
+    except OSError as exc:
+        raise OutputError(f"cannot prepare the demo folder ({exc.strerror or exc})", directory) from None
+    return directory
+
+
 def run_demo(directory: str | Path, log: Callable[[str], None] = print) -> dict:
     """Build, calibrate on the bundled text, prune half the experts by REAP score, verify byte
     for byte, and compare logits with the original model whose router is forbidden from
-    choosing the pruned experts."""
+    choosing the pruned experts.
+
+    `directory` must be new, empty, or an earlier demo's (see `claim_demo_dir`); anything else is
+    refused with an OutputError before any work.
+    """
+    directory = claim_demo_dir(directory)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -112,12 +151,7 @@ def run_demo(directory: str | Path, log: Callable[[str], None] = print) -> dict:
     from shardcut.oracle import forbid_pruned_experts
     from shardcut.select import make_plan
 
-    directory = Path(directory)
     source, pruned, scores_path = directory / "original", directory / "pruned", directory / "scores.safetensors"
-    for p in (source, pruned):
-        if p.exists():
-            shutil.rmtree(p)
-    directory.mkdir(parents=True, exist_ok=True)
     log(f"building a small Qwen3-MoE checkpoint in {source}")
     model = build_demo_model(source)
     E = DEMO_CONFIG["num_experts"]
