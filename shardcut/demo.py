@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
 
+from shardcut.errors import OutputError
 from shardcut.rewrite import prune
 from shardcut.verification import verify
 
@@ -23,6 +24,10 @@ DEMO_CONFIG = dict(
 )
 DEMO_TEXT = "demo.txt"
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+# The file that says a folder is the demo's own: only then may a rerun replace what it made there.
+MARKER = ".shardcut-demo"
+MARKER_TEXT = "made by `shardcut demo`; a rerun replaces original/, pruned/ and scores.safetensors here\n"
+DEMO_OUTPUTS = ("original", "pruned", "scores.safetensors", "scores.safetensors.calib")
 
 
 def demo_text_path() -> Path:
@@ -30,27 +35,54 @@ def demo_text_path() -> Path:
     return Path(str(resources.files("shardcut") / "data" / DEMO_TEXT))
 
 
-def build_tokenizer(path: str | Path, texts: Iterable[str], vocab_size: int):
-    """Train a small word-level tokenizer on `texts` and save it (with a chat template) to `path`.
+# Qwen2's pre-tokenizer (its tokenizer.json, verbatim): llama.cpp implements it as `qwen2`, so a
+# tokenizer that splits this way converts to GGUF with the same pre-tokenization HF applies.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
-    Ids stay below `vocab_size`; unknown words map to `<unk>` and every sample starts with `<s>`.
+
+def build_tokenizer(path: str | Path, texts: Iterable[str], vocab_size: int):
+    """Train a small byte-level BPE tokenizer (with merges and a chat template) on `texts` and save
+    it to `path`, in the layout of Qwen2's: NFC, Qwen2's regex split, byte-level, BPE.
+
+    Ids stay below `vocab_size`. With room for all 256 bytes (`vocab_size` > 260) any text encodes;
+    below that the alphabet is the one seen in `texts` and other bytes map to `<unk>`. Every sample
+    starts with `<s>`. Saved as a plain `PreTrainedTokenizerFast`, a class transformers 4 and 5
+    both load (llama.cpp's converter reads tokenizers through transformers' AutoTokenizer).
 
     Example:
         >>> build_tokenizer("model/", ["hello world", "def f(): pass"], vocab_size=512)
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    import json
+
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-                                        show_progress=False)
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet() if vocab_size > 256 + len(SPECIAL_TOKENS) else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet,
+                                  show_progress=False)
     tok.train_from_iterator(list(texts), trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(f"the texts' alphabet alone needs {tok.get_vocab_size()} ids, more than vocab_size {vocab_size}")
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
                                    pad_token="<pad>")
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(path))
+    # transformers 5 names its own backend class here, which transformers 4 (and so llama.cpp's pinned
+    # converter environment) cannot resolve; the generic fast class loads in both.
+    config_path = Path(path) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     return fast
 
 
@@ -73,10 +105,44 @@ def build_demo_model(path: Path, seed: int = 0):
     return model
 
 
+def claim_demo_dir(directory: str | Path) -> Path:
+    """Make `directory` the demo's folder, or refuse it before anything is written.
+
+    Accepted: a missing or empty folder (it gets the MARKER file), or a folder carrying the marker
+    of an earlier demo, whose own outputs (DEMO_OUTPUTS) are then removed. Refused with an
+    OutputError: an existing file, or a non-empty folder without the marker (the user's files,
+    e.g. a real `original/` checkpoint, are never deleted or overwritten).
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OutputError("exists and is not a folder: give the demo a new or empty folder", directory)
+    if directory.is_dir() and not (directory / MARKER).is_file():
+        if any(directory.iterdir()):
+            raise OutputError(f"is not empty and was not made by `shardcut demo` (no {MARKER} file): "
+                              "give the demo a new or empty folder", directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / MARKER).write_text(MARKER_TEXT)
+        for name in DEMO_OUTPUTS:
+            p = directory / name
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+            elif p.is_dir():
+                shutil.rmtree(p)
+    except OSError as exc:
+        raise OutputError(f"cannot prepare the demo folder ({exc.strerror or exc})", directory) from None
+    return directory
+
+
 def run_demo(directory: str | Path, log: Callable[[str], None] = print) -> dict:
     """Build, calibrate on the bundled text, prune half the experts by REAP score, verify byte
     for byte, and compare logits with the original model whose router is forbidden from
-    choosing the pruned experts."""
+    choosing the pruned experts.
+
+    `directory` must be new, empty, or an earlier demo's (see `claim_demo_dir`); anything else is
+    refused with an OutputError before any work.
+    """
+    directory = claim_demo_dir(directory)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -85,12 +151,7 @@ def run_demo(directory: str | Path, log: Callable[[str], None] = print) -> dict:
     from shardcut.oracle import forbid_pruned_experts
     from shardcut.select import make_plan
 
-    directory = Path(directory)
     source, pruned, scores_path = directory / "original", directory / "pruned", directory / "scores.safetensors"
-    for p in (source, pruned):
-        if p.exists():
-            shutil.rmtree(p)
-    directory.mkdir(parents=True, exist_ok=True)
     log(f"building a small Qwen3-MoE checkpoint in {source}")
     model = build_demo_model(source)
     E = DEMO_CONFIG["num_experts"]
