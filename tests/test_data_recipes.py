@@ -110,7 +110,7 @@ def test_seed003_from_local_files_in_the_real_schemas(tmp_path, tok_dir, rows):
     """The issue's `evol.jsonl:700,xlam.jsonl:330,swe.jsonl:330`: evol and xlam are recognised by
     their columns; SWE-smith's tool list needs its recipe named (its rows are plain messages)."""
     names = []
-    for (repo, r), short in zip(rows.items(), ("evol", "xlam", "swe")):
+    for r, short in zip(rows.values(), ("evol", "xlam", "swe")):
         path = tmp_path / f"{short}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in r))
         names.append(str(path))
@@ -252,3 +252,21 @@ def test_packing_like_the_reference(tmp_path, tok_dir):
     truncated = _load(str(path), tok_dir, max_length=4)
     assert truncated.sequences == "truncate" and sorted(s.tolist() for s in truncated.samples) == sorted(
         s[:4] for s in samples)
+
+
+def test_calibrate_records_sequences_and_provenance(families, tmp_path):
+    from fixtures.calib_fixtures import write_ids_jsonl
+
+    from shardcut.calibration.runner import calibrate
+    from shardcut.checkpoint import layout_fingerprint, open_checkpoint
+
+    src = families("qwen3_moe").source
+    data = tmp_path / "ids.jsonl"
+    write_ids_jsonl(data, [5, 9, 12, 4], 96)
+    scores = calibrate(src, f"{data}:2", tmp_path / "s.safetensors", max_length=16, sequences="pack")
+    meta = scores.metadata
+    assert meta["sequences"] == "pack" and meta["gate_convention"] == "applied"
+    assert meta["model_fingerprint"] == layout_fingerprint(open_checkpoint(src)) and len(meta["data_fingerprint"]) == 64
+    packed = load_data(f"{data}:2", src, samples=None, max_length=16, seed=0, vocab_size=96, sequences="pack")
+    assert int(meta["samples"]) == 2 and int(meta["tokens"]) == packed.tokens and len(packed.samples[0]) <= 16
+    assert meta["data_fingerprint"] == packed.fingerprint()

@@ -45,7 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from shardcut.calibration.recipes import Recipe, detect_recipe, normalize_messages, recipe_for_hub
-from shardcut.errors import ShardcutError
+from shardcut.errors import DataError
 
 _HUB_SOURCE = re.compile(r"^(?P<name>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:\[(?P<subset>[^\]]+)\])?(?:\((?P<split>[^)]+)\))?$")
 _LOCAL_SPLIT = re.compile(r"^(?P<path>.+?)(?:\[(?P<subset>[^\]]+)\])?\((?P<split>[^)]+)\)$")
@@ -131,7 +131,7 @@ def parse_mapping(text: str, where: str) -> dict[str, str]:
     for item in (i.strip() for i in text.split(";")):
         key, sep, value = item.partition("=")
         if not item or not sep or not key.strip() or not value.strip():
-            raise ShardcutError(f"mapping {{{text}}}: expected KEY=COLUMN;... (e.g. prompt=instruction;"
+            raise DataError(f"mapping {{{text}}}: expected KEY=COLUMN;... (e.g. prompt=instruction;"
                                 "response=output)", where)
         out[key.strip()] = value.strip()
     return out
@@ -144,17 +144,17 @@ def parse_spec(spec: str) -> list[Source]:
     path; a `{...}` block before it is the source's column mapping.
     """
     if not spec or not spec.strip():
-        raise ShardcutError("empty --data spec")
+        raise DataError("empty --data spec")
     sources = []
     for part in _split_top(spec):
         if not part:
-            raise ShardcutError(f"empty source in data spec {spec!r}")
+            raise DataError(f"empty source in data spec {spec!r}")
         count = None
         head, sep, tail = part.rpartition(":")
         if sep and head and tail.isdigit() and not Path(part).exists():
             count = int(tail)
             if count <= 0:
-                raise ShardcutError(f"sample count must be positive in {part!r}")
+                raise DataError(f"sample count must be positive in {part!r}")
             part = head
         mapping = None
         if part.endswith("}") and "{" in part and not Path(part).exists():
@@ -175,15 +175,15 @@ def plan_counts(sources: list[Source], available: list[int | None], samples: int
     counts: list[int | None] = [s.count for s in sources]
     if samples is not None:
         if samples <= 0:
-            raise ShardcutError(f"--samples must be positive (got {samples})")
+            raise DataError(f"--samples must be positive (got {samples})")
         left = samples - explicit
         if left < 0 or (not shared and left != 0):
-            raise ShardcutError(f"the data spec's counts add up to {explicit} but --samples is {samples}")
+            raise DataError(f"the data spec's counts add up to {explicit} but --samples is {samples}")
         for j, i in enumerate(shared):
             counts[i] = left // len(shared) + (1 if j < left % len(shared) else 0)
     for s, n, have in zip(sources, counts, available):
         if n is not None and have is not None and n > have:
-            raise ShardcutError(f"asks for {n} samples but holds only {have} non-empty records", s.spec)
+            raise DataError(f"asks for {n} samples but holds only {have} non-empty records", s.spec)
     return counts
 
 
@@ -229,7 +229,7 @@ def read_source(source: Source) -> Loaded:
         recipe = recipe or recipe_for_hub(m.group("name"))
         rows, how = _read_hub(m.group("name"), m.group("subset"), m.group("split"), recipe)
     else:
-        raise ShardcutError("data source not found: no such file or folder, and not a Hub dataset id "
+        raise DataError("data source not found: no such file or folder, and not a Hub dataset id "
                             "(org/name[subset](split))", text)
     del subset  # local sources have no subsets; the syntax is accepted for symmetry with Hub ids
     columns = _columns(rows)
@@ -240,10 +240,10 @@ def read_source(source: Source) -> Loaded:
     if recipe is not None:
         missing = [c for c in recipe.columns if c not in columns]
         if missing and len(rows):
-            raise ShardcutError(f"{recipe.describe()} needs columns {missing} (the source has: "
+            raise DataError(f"{recipe.describe()} needs columns {missing} (the source has: "
                                 f"{', '.join(sorted(columns)) or 'none'})", text)
         if not len(rows):
-            raise ShardcutError("holds no rows", text)
+            raise DataError("holds no rows", text)
         return Loaded(rows, f"{how}, {recipe.describe()}", recipe)
     return Loaded(rows, how, None, _generic_records(rows, text))
 
@@ -260,12 +260,12 @@ def _generic_records(rows, where: str) -> list[Record]:
         record = _record_from_object(row)
         if record is None:
             cols = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
-            raise ShardcutError(f"row {n}: needs a 'text', 'messages' or 'input_ids' field, the columns of a "
+            raise DataError(f"row {n}: needs a 'text', 'messages' or 'input_ids' field, the columns of a "
                                 f"known dataset, or a mapping like {{prompt=COL;response=COL}} (has: {cols})", where)
         if record.text is None or record.text.strip():
             records.append(record)
     if not records:
-        raise ShardcutError("holds no samples (empty)", where)
+        raise DataError("holds no samples (empty)", where)
     return records
 
 
@@ -288,9 +288,9 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
-        raise ShardcutError("not UTF-8 text", path) from None
+        raise DataError("not UTF-8 text", path) from None
     except OSError as exc:
-        raise ShardcutError(f"cannot read ({exc.strerror or exc})", path) from None
+        raise DataError(f"cannot read ({exc.strerror or exc})", path) from None
 
 
 def _read_file(path: Path) -> tuple[list[dict], str]:
@@ -313,7 +313,7 @@ def _read_file(path: Path) -> tuple[list[dict], str]:
             parts, how = raw.splitlines(), "one sample per line"
         rows = [{"text": p.strip()} for p in parts if p.strip()]
     if not rows:
-        raise ShardcutError("holds no samples (empty file)", path)
+        raise DataError("holds no samples (empty file)", path)
     return rows, f"{path}: {len(rows)} records, {how}"
 
 
@@ -322,10 +322,10 @@ def _parse_json(raw: str, path: Path) -> list[dict]:
         try:
             data = json.loads(raw)
         except ValueError as exc:
-            raise ShardcutError(f"not valid JSON ({str(exc)[:60]})", path) from None
+            raise DataError(f"not valid JSON ({str(exc)[:60]})", path) from None
         bad = next((i for i, r in enumerate(data, 1) if not isinstance(r, dict)), None)
         if bad is not None:
-            raise ShardcutError(f"item {bad}: expected a JSON object", path)
+            raise DataError(f"item {bad}: expected a JSON object", path)
         return data
     rows = []
     for n, line in enumerate(raw.splitlines(), 1):
@@ -334,9 +334,9 @@ def _parse_json(raw: str, path: Path) -> list[dict]:
         try:
             obj = json.loads(line)
         except ValueError as exc:
-            raise ShardcutError(f"line {n}: not valid JSON ({str(exc)[:60]})", path) from None
+            raise DataError(f"line {n}: not valid JSON ({str(exc)[:60]})", path) from None
         if not isinstance(obj, dict):
-            raise ShardcutError(f"line {n}: expected a JSON object", path)
+            raise DataError(f"line {n}: expected a JSON object", path)
         rows.append(obj)
     return rows
 
@@ -345,15 +345,15 @@ def _read_parquet(files: list[Path], label: str) -> tuple[list[dict], str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise ShardcutError("reading parquet needs pyarrow (pip install 'shardcut[calibrate]')", label) from None
+        raise DataError("reading parquet needs pyarrow (pip install 'shardcut[calibrate]')", label) from None
     rows: list[dict] = []
     for f in files:
         try:
             rows += pq.read_table(f).to_pylist()
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError... for a damaged file
-            raise ShardcutError(f"not a readable parquet file ({type(exc).__name__}: {str(exc)[:80]})", f) from None
+            raise DataError(f"not a readable parquet file ({type(exc).__name__}: {str(exc)[:80]})", f) from None
     if not rows:
-        raise ShardcutError("holds no rows", label)
+        raise DataError("holds no rows", label)
     return rows, f"{label}: {len(rows)} rows from {len(files)} parquet file{'s' * (len(files) > 1)}"
 
 
@@ -368,7 +368,7 @@ def _read_dir(path: Path, split: str | None) -> tuple[object, str]:
         if chosen is None and len(by_split) == 1:
             chosen = next(iter(by_split))
         if chosen not in by_split:
-            raise ShardcutError(f"parquet folder: split {chosen!r} not found (splits: {', '.join(sorted(by_split))}); "
+            raise DataError(f"parquet folder: split {chosen!r} not found (splits: {', '.join(sorted(by_split))}); "
                                 "pick one with FOLDER(split)" if chosen else
                                 f"parquet folder holds several splits ({', '.join(sorted(by_split))}); pick one with "
                                 "FOLDER(split)", path)
@@ -376,16 +376,16 @@ def _read_dir(path: Path, split: str | None) -> tuple[object, str]:
         return rows, f"{how}, split {chosen}"
     files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".jsonl", ".json", ".txt", ".csv"))
     if not files:
-        raise ShardcutError("folder holds no .jsonl, .json, .txt, .csv, .parquet or saved dataset files", path)
+        raise DataError("folder holds no .jsonl, .json, .txt, .csv, .parquet or saved dataset files", path)
     rows: list[dict] = []
     for f in files:
         try:
             rows += _read_file(f)[0]
-        except ShardcutError as exc:
+        except DataError as exc:
             if "empty" not in str(exc):
                 raise
     if not rows:
-        raise ShardcutError("holds no samples", path)
+        raise DataError("holds no samples", path)
     return rows, f"{path}: {len(rows)} records from {len(files)} files"
 
 
@@ -406,7 +406,7 @@ def _datasets(where) -> object:
     try:
         import datasets
     except ImportError:
-        raise ShardcutError("reading this source needs the `datasets` package (pip install 'shardcut[calibrate]')",
+        raise DataError("reading this source needs the `datasets` package (pip install 'shardcut[calibrate]')",
                             where) from None
     datasets.disable_progress_bars()
     return datasets
@@ -417,18 +417,18 @@ def _datasets_rows(where, load, label: str, split: str | None = None) -> tuple[o
     try:
         ds = load(datasets)
     except Exception as exc:  # datasets raises many types (network, missing split, format)
-        raise ShardcutError(f"cannot load dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
+        raise DataError(f"cannot load dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
                             where) from None
     if isinstance(ds, datasets.DatasetDict):
         names = list(ds.keys())
         chosen = split or ("train" if "train" in names else names[0] if len(names) == 1 else None)
         if chosen not in names:
-            raise ShardcutError(f"split {chosen!r} not found (splits: {', '.join(names)}); pick one with "
+            raise DataError(f"split {chosen!r} not found (splits: {', '.join(names)}); pick one with "
                                 "SOURCE(split)" if chosen else f"holds several splits ({', '.join(names)}); pick one "
                                 "with SOURCE(split)", where)
         ds, label = ds[chosen], f"{label}({chosen})"
     if len(ds) == 0:
-        raise ShardcutError("holds no rows", where)
+        raise DataError("holds no rows", where)
     return ds, f"{label}: {len(ds)} rows"
 
 
@@ -481,7 +481,7 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
 
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a missing tokenizer
-        raise ShardcutError(f"no usable tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+        raise DataError(f"no usable tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                             "pre-tokenised input_ids data needs none", model_dir) from None
 
 
@@ -493,12 +493,12 @@ def encode(record: Record, tokenizer_fn, source: str) -> list[int]:
     if record.messages is None:
         return tokenizer(record.text)["input_ids"]
     if not getattr(tokenizer, "chat_template", None):
-        raise ShardcutError("has 'messages' records but the tokenizer has no chat template", source)
+        raise DataError("has 'messages' records but the tokenizer has no chat template", source)
     kwargs = {"tools": record.tools} if record.tools is not None else {}
     try:
         text = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=False, **kwargs)
     except Exception as exc:  # jinja errors of a template that expects other fields
-        raise ShardcutError(f"chat template failed ({type(exc).__name__}: {str(exc)[:80]})", source) from None
+        raise DataError(f"chat template failed ({type(exc).__name__}: {str(exc)[:80]})", source) from None
     return tokenizer(text, add_special_tokens=record.special_tokens)["input_ids"]
 
 
@@ -515,7 +515,7 @@ def tokenize(records: list[Record], tokenizer_fn, max_length: int, vocab_size: i
 def _checked(ids: list[int], vocab_size: int, source: str) -> np.ndarray:
     arr = np.asarray(ids, dtype=np.int64)
     if len(arr) and arr.max() >= vocab_size:
-        raise ShardcutError(f"token id {int(arr.max())} is not below the model's vocabulary size {vocab_size}", source)
+        raise DataError(f"token id {int(arr.max())} is not below the model's vocabulary size {vocab_size}", source)
     return arr
 
 
@@ -549,7 +549,7 @@ def pack(records: Iterator[Record], tokenizer_fn, count: int | None, max_length:
         if seq:
             out.append(_checked(seq, vocab_size, source))
     if count is not None and len(out) < count:
-        raise ShardcutError(f"asks for {count} packed sequences of {max_length} tokens but its rows fill only "
+        raise DataError(f"asks for {count} packed sequences of {max_length} tokens but its rows fill only "
                             f"{len(out)}", source)
     return out
 
@@ -574,9 +574,9 @@ def load_data(spec: str, model_dir: str | Path, *, samples: int | None, max_leng
         ...                  seed=0, vocab_size=151936)
     """
     if max_length < 1:
-        raise ShardcutError(f"--max-length must be positive (got {max_length})")
+        raise DataError(f"--max-length must be positive (got {max_length})")
     if sequences not in SEQUENCE_MODES:
-        raise ShardcutError(f"unknown sequence mode {sequences!r} (known: {', '.join(SEQUENCE_MODES)})")
+        raise DataError(f"unknown sequence mode {sequences!r} (known: {', '.join(SEQUENCE_MODES)})")
     sources = parse_spec(spec)
     loaded = [read_source(s) for s in sources]
     packing = sequences == "pack"
@@ -597,5 +597,5 @@ def load_data(spec: str, model_dir: str | Path, *, samples: int | None, max_leng
             order = order if n is None else order[:n]
             data.samples += tokenize(list(_records(x, order, i)), get_tokenizer, max_length, vocab_size, source.spec)
     if not data.samples:
-        raise ShardcutError("no sample has any token", spec)
+        raise DataError("no sample has any token", spec)
     return data

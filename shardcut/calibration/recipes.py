@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from shardcut.errors import ShardcutError
+from shardcut.errors import DataError
 
 MAPPING_KEYS = ("recipe", "text", "messages", "prompt", "response", "system", "tools")
 
@@ -83,18 +83,18 @@ class Recipe:
         `{"prompt": "instruction", "response": "output"}`."""
         unknown = [k for k in mapping if k not in MAPPING_KEYS]
         if unknown:
-            raise ShardcutError(f"unknown mapping key {unknown[0]!r} (known: {', '.join(MAPPING_KEYS)})", where)
+            raise DataError(f"unknown mapping key {unknown[0]!r} (known: {', '.join(MAPPING_KEYS)})", where)
         if "recipe" in mapping:
             base = find_recipe(mapping["recipe"], where)
             rest = {k: v for k, v in mapping.items() if k != "recipe"}
             return replace(base, **_fields(rest)) if rest else base
         chosen = [k for k in ("text", "messages", "prompt") if k in mapping]
         if len(chosen) != 1:
-            raise ShardcutError("a mapping needs exactly one of text=COL, messages=COL or prompt=COL "
+            raise DataError("a mapping needs exactly one of text=COL, messages=COL or prompt=COL "
                                 "(with response=COL, system=COL)", where)
         kind = {"text": "text", "messages": "messages", "prompt": "turns"}[chosen[0]]
         if kind != "turns" and ("response" in mapping or "system" in mapping):
-            raise ShardcutError("response= and system= go with prompt=", where)
+            raise DataError("response= and system= go with prompt=", where)
         spec = ";".join(f"{k}={v}" for k, v in mapping.items())
         return cls(name=f"mapping {{{spec}}}", kind=kind, special_tokens=False, **_fields(mapping),
                    columns=tuple(v for k, v in mapping.items() if k != "tools"))
@@ -126,10 +126,10 @@ class Recipe:
                 msgs.append({"role": "assistant", "content": row[self.response]})
             return {"messages": msgs}
         except KeyError as exc:
-            raise ShardcutError(f"{self.describe()}: a row has no column {exc.args[0]!r} "
+            raise DataError(f"{self.describe()}: a row has no column {exc.args[0]!r} "
                                 f"(columns: {', '.join(sorted(row))})") from None
         except (TypeError, ValueError) as exc:  # a JSON column that is not JSON, a call without name...
-            raise ShardcutError(f"{self.describe()}: cannot format a row ({type(exc).__name__}: "
+            raise DataError(f"{self.describe()}: cannot format a row ({type(exc).__name__}: "
                                 f"{str(exc)[:100]})") from None
 
 
@@ -275,17 +275,17 @@ def find_recipe(name: str, where: str = "--data") -> Recipe:
         try:
             obj = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ShardcutError("recipe file not found", path) from None
+            raise DataError("recipe file not found", path) from None
         except (OSError, UnicodeDecodeError, ValueError) as exc:
-            raise ShardcutError(f"not a readable JSON recipe ({type(exc).__name__})", path) from None
+            raise DataError(f"not a readable JSON recipe ({type(exc).__name__})", path) from None
         if not isinstance(obj, dict) or not all(isinstance(v, str) for v in obj.values()):
-            raise ShardcutError(f"a recipe file holds one JSON object of strings ({', '.join(MAPPING_KEYS)})", path)
+            raise DataError(f"a recipe file holds one JSON object of strings ({', '.join(MAPPING_KEYS)})", path)
         return Recipe.from_mapping(obj, str(path))
     key = name.lower()
     for r in REAP_RECIPES:
         if key in (r.name.lower(), (r.hub_id or "").lower()):
             return r
-    raise ShardcutError(f"unknown recipe {name!r} (known: {', '.join(r.name for r in REAP_RECIPES)}; or a "
+    raise DataError(f"unknown recipe {name!r} (known: {', '.join(r.name for r in REAP_RECIPES)}; or a "
                         "recipe .json file)", where)
 
 
