@@ -8,6 +8,13 @@ One exception: a file imported from a published report that holds only a criteri
 (no sums) keeps them as `criterion.<name>` tensors with `sums = "absent"` in its metadata.
 Such a file can rank experts by that criterion but cannot be merged or re-derived.
 
+Provenance in the metadata: `gate_convention` (GATE_CONVENTIONS: the applied gates, or the REAP
+reference's softmax of the logits), `criteria` (what the file can rank by), `model_fingerprint`
+(the checkpoint's layout, `shardcut.checkpoint.layout_fingerprint`) and `revision` (its commit)
+name the model, `data_fingerprint` and `sequences` (truncate or pack) the token streams, and
+`caveats` (a JSON list) what a reader must know (an imported file's signed act_max, a forced
+merge across gate conventions). Merge compares these, not the model's id string.
+
 Stacks with their own expert count (Qwen3-Omni: thinker 8, talker 6) share one file: every
 array is `[L, E]` with E the largest count, a layer with fewer experts has zeros in its
 columns past its own count (zero is what "no token routed there" sums to, so every name keeps
