@@ -70,10 +70,6 @@ class Recipe:
     note: str = ""
     columns: tuple[str, ...] = field(default=())  # columns a row must have (auto-detection, checks)
 
-    @property
-    def uses_datasets(self) -> bool:
-        return True
-
     def describe(self) -> str:
         return f"recipe {self.name}" + (f" ({self.note})" if self.note else "")
 
