@@ -11,6 +11,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from shardcut_cli.common import console, err_console, handle_errors, human_bytes
 
+DATA_HELP = (
+    "Calibration data, SOURCE[{MAPPING}][:N] mixed with commas. SOURCE: FILE.txt (lines or paragraphs), "
+    "FILE.jsonl / .json / .csv / .parquet, a save_to_disk folder (FOLDER(split) for a DatasetDict), a parquet "
+    "folder, or a Hub dataset org/name\\[subset](split) (offline from the local cache with HF_HUB_OFFLINE=1). "
+    "Rows need text, messages or input_ids, or the columns of a REAP reference dataset (evol-codealpaca-v1, "
+    "xlam-function-calling-60k, SWE-smith-trajectories, tulu-3-sft-mixture, Magicoder-Evol-Instruct-110K, "
+    "CodeFeedback-Filtered-Instruction, c4, mmlu, WritingPrompts_curated, tulu-3-sft-personas-math, "
+    "Mixture-of-Thoughts), formatted exactly as the reference formats them (by Hub id, {recipe=NAME} for a "
+    "local copy, or recognised by its columns). Other columns: MAPPING is KEY=COLUMN;... with keys text, "
+    "messages, prompt, response, system, tools (tools go to the chat template), or recipe=FILE.json holding "
+    "those keys. Example: theblackcat102/evol-codealpaca-v1:700,Salesforce/xlam-function-calling-60k:330,"
+    "qa.jsonl{prompt=question;response=answer}:300."
+)
+
 
 def register(app: typer.Typer) -> None:
     app.command("calibrate")(calibrate_cmd)
@@ -75,13 +89,15 @@ class _Display:
 @handle_errors
 def calibrate_cmd(
     model: str = typer.Argument(..., help="Checkpoint folder or Hub repo id (org/name[@revision])."),
-    data: str = typer.Option(..., "--data", help="Calibration data: FILE.txt, FILE.jsonl (text, messages or "
-                             "input_ids), a dataset folder, org/name[subset](split); mix with commas, "
-                             "e.g. code.jsonl:700,chat.jsonl:300."),
+    data: str = typer.Option(..., "--data", help=DATA_HELP),
     out: Path = typer.Option(..., "-o", "--out", help="Score file to write (shardcut-scores/1, safetensors)."),
     samples: int | None = typer.Option(None, "--samples", help="Samples in all (default: every record; "
                                        "per-source :N counts take precedence)."),
-    max_length: int = typer.Option(2048, "--max-length", help="Keep the first L tokens of each sample."),
+    max_length: int = typer.Option(2048, "--max-length", help="Keep the first L tokens of each sample (with --pack: "
+                                   "the length of each packed sequence)."),
+    pack: bool = typer.Option(False, "--pack", help="Pack samples end to end into sequences of --max-length tokens, "
+                              "as the REAP reference does (a sample that does not fit is cut; :N counts sequences). "
+                              "Default: one sequence per sample, truncated. The score metadata records which."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cuda, cuda:N or cpu."),
     dtype: str | None = typer.Option(None, "--dtype", help="bfloat16 (default on GPU) or float32 (default on CPU)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
@@ -107,7 +123,7 @@ def calibrate_cmd(
             scores = calibrate(model, data, out, samples=samples, max_length=max_length, device=device, dtype=dtype,
                                seed=seed, resume=resume, max_memory=max_memory, shard=shard,
                                trust_remote_code=trust_remote_code, progress=display, batch_tokens=batch_tokens,
-                               work_dir=work_dir)
+                               work_dir=work_dir, sequences="pack" if pack else "truncate")
     except KeyboardInterrupt:
         err_console.print("interrupted: rerun with --resume to continue from the last finished layer")
         raise typer.Exit(130) from None

@@ -66,7 +66,8 @@ def show_cmd(
     console.print(f"{summary['criterion']} = {summary['criterion_definition']}")
     if not s.has_sums:
         console.print(f"imported values only ({', '.join(s.values)}): no sums, so no other criteria and no merge")
-    shown = {k: v for k, v in meta.items() if k in ("model", "revision", "architecture", "data", "samples",
+    shown = {k: v for k, v in meta.items() if k in ("model", "revision", "model_fingerprint", "architecture", "data",
+                                                     "samples", "sequences", "gate_convention", "caveats",
                                                      "imported_from", "merged_from", "created")}
     for k, v in shown.items():
         console.print(f"{k}: {v}", highlight=False)
@@ -77,14 +78,21 @@ def show_cmd(
 def merge_cmd(
     inputs: list[str] = typer.Argument(..., help="Score files, each optionally PATH:WEIGHT (e.g. code.safetensors:2)."),
     out: Path = typer.Option(..., "-o", "--out", help="The merged score file to write."),
+    force: bool = typer.Option(False, "--force", help="Merge files whose gate sums follow different conventions "
+                               "(the applied gates vs the REAP reference's softmax of the logits); recorded as a "
+                               "caveat in the merged file."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
 ) -> None:
-    """Merge score files of one model: sums add (times each file's weight), maxima take the max."""
+    """Merge score files of one model: sums add (times each file's weight), maxima take the max.
+
+    The files must be of one model (by recorded fingerprint and commit, else by name) and follow
+    one gate convention unless --force; every input's caveats are kept.
+    """
     from shardcut.scores import Scores, merge_scores, parse_weighted
 
     parsed = [parse_weighted(a) for a in inputs]
     _refuse_overwrite(out, [p for p, _ in parsed])
-    merged = merge_scores([(Scores.load(p), w) for p, w in parsed], [str(p) for p, _ in parsed])
+    merged = merge_scores([(Scores.load(p), w) for p, w in parsed], [str(p) for p, _ in parsed], force=force)
     merged.save(out)
     if as_json:
         typer.echo(json.dumps({"out": str(out), "inputs": [{"file": str(p), "weight": w} for p, w in parsed],
@@ -100,12 +108,21 @@ def merge_cmd(
 @scores_app.command("import")
 @handle_errors
 def import_cmd(
-    file: Path = typer.Argument(..., help="REAP observer .pt, JSON saliency report, or keep-list JSON."),
+    file: Path = typer.Argument(..., help="A torch file ({layer: tensor}, {layer: {stat: tensor}}, wrapped, stacked "
+                                "[L, E], REAP observer), a folder of REAP block_NNN_metrics.pt checkpoints, a JSON "
+                                "report (saliency, sums, llm-compressor, keep-list / pruning metadata)."),
     model: str = typer.Option(..., "--model", "-m", help="The model the file is for (folder or Hub id)."),
     out: Path = typer.Option(..., "-o", "--out", help="The shardcut-scores/1 file to write."),
-    fmt: str = typer.Option("auto", "--format", help="auto, reap-observer, saliency-json or keep-list."),
+    fmt: str = typer.Option("auto", "--format", help="auto, torch (= reap-observer), saliency-json, llm-compressor "
+                            "or keep-list."),
     criterion: str | None = typer.Option(None, "--criterion", "-c",
                                          help="Criterion of a saliency report's values when the file does not say."),
+    layer_offset: int | None = typer.Option(None, "--layer-offset", help="Add this to every integer layer key "
+                                            "(keys counted from 0 at the first MoE layer). Without it, keys 0..n-1 "
+                                            "that are not the model's MoE layers are read as positions in its MoE "
+                                            "layer list, and the mapping is printed."),
+    layout: str | None = typer.Option(None, "--layout", help="layers-experts or experts-layers, for a stacked "
+                                      "square tensor that reads both ways."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
 ) -> None:
     """Convert a published score file into shardcut-scores/1, checked against MODEL.
@@ -116,7 +133,8 @@ def import_cmd(
     from shardcut.score_import import import_scores
 
     _refuse_overwrite(out, [file])
-    scores, report = import_scores(file, model, fmt=fmt, criterion=criterion)
+    scores, report = import_scores(file, model, fmt=fmt, criterion=criterion, layer_offset=layer_offset,
+                                   layout=layout)
     scores.save(out)
     if as_json:
         typer.echo(json.dumps({"out": str(out), "source": str(file), "format": report.format,
@@ -143,6 +161,11 @@ def plan_cmd(
     criterion: str | None = typer.Option(None, "--criterion", "-c", help=CRITERION_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the random criterion."),
     protect_super_experts: bool = typer.Option(False, "--protect-super-experts", help=SUPER_HELP),
+    super_percentile: float = typer.Option(99.5, "--super-percentile", help="Super-expert rule: the act_max "
+                                           "percentile of the threshold (REAP reference: 99.5)."),
+    super_layer_fraction: float = typer.Option(0.75, "--super-layer-fraction", help="Super-expert rule: look in "
+                                               "the first this fraction of the scored layers (REAP reference: 0.75; "
+                                               "1 = every layer)."),
     protect: list[str] | None = typer.Option(None, "--protect", help="Always keep these experts: LAYER:ID[,ID...] "
                                              "(repeatable), e.g. --protect 3:0,17."),
     mtp_policy: str | None = typer.Option(None, "--mtp-policy", help=MTP_HELP),
@@ -158,7 +181,8 @@ def plan_cmd(
         fail(f"{out}: output is the score file itself")
     plan, report = make_plan(model, scores, ratio=ratio, experts=experts, criterion=criterion, seed=seed,
                              protect_super_experts=protect_super_experts, protect=parse_protect(protect),
-                             mtp_policy=mtp_policy)
+                             mtp_policy=mtp_policy, super_percentile=super_percentile,
+                             super_layer_fraction=super_layer_fraction)
     if out is not None:
         tmp = out.with_name(f".{out.name}.tmp")
         try:  # whole or not at all
@@ -197,6 +221,8 @@ def print_plan_report(report) -> None:
     console.print(f"rounding: {report.rule}", highlight=False, soft_wrap=True)
     for note in report.notes:
         console.print(f"note: {note}", highlight=False, soft_wrap=True)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
     saved = report.input_bytes - report.output_bytes
     console.print(f"size estimate: {human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} "
                   f"({report.output_bytes} bytes, {saved / max(1, report.input_bytes):.0%} smaller)", soft_wrap=True)

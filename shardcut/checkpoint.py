@@ -126,3 +126,23 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         if extra:
             raise ShardcutError(f"shards hold {len(extra)} tensors the index does not list, e.g. {min(extra)!r}", index_path)
     return Checkpoint(root, config, shards, tensors, index_metadata)
+
+
+def layout_fingerprint(ckpt: Checkpoint) -> str:
+    """`layout-sha256:<hex>`: sha256 over config.json (without `_name_or_path`) and every shard's
+    tensor names, dtypes, shapes and offsets within the shard's data.
+
+    Equal for a Hub snapshot, a local copy of it, and remote headers of the same commit; it
+    changes when any tensor, dtype, shard split or config value does. It reads headers only,
+    so it cannot tell two checkpoints whose weights differ but whose layout and config are
+    identical (a fine-tune saved the same way): the commit (`revision`) identifies those.
+    """
+    import hashlib
+
+    config = {k: v for k, v in ckpt.config.items() if k != "_name_or_path"}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    for shard in ckpt.shards:
+        digest.update(f"\n{shard.path.name}".encode())
+        for t in sorted(shard.tensors.values(), key=lambda t: t.start):
+            digest.update(f"|{t.name}:{t.dtype}:{list(t.shape)}:{t.start - shard.data_start}".encode())
+    return f"layout-sha256:{digest.hexdigest()}"

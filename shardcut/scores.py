@@ -8,6 +8,13 @@ One exception: a file imported from a published report that holds only a criteri
 (no sums) keeps them as `criterion.<name>` tensors with `sums = "absent"` in its metadata.
 Such a file can rank experts by that criterion but cannot be merged or re-derived.
 
+Provenance in the metadata: `gate_convention` (GATE_CONVENTIONS: the applied gates, or the REAP
+reference's softmax of the logits), `criteria` (what the file can rank by), `model_fingerprint`
+(the checkpoint's layout, `shardcut.checkpoint.layout_fingerprint`) and `revision` (its commit)
+name the model, `data_fingerprint` and `sequences` (truncate or pack) the token streams, and
+`caveats` (a JSON list) what a reader must know (an imported file's signed act_max, a forced
+merge across gate conventions). Merge compares these, not the model's id string.
+
 Stacks with their own expert count (Qwen3-Omni: thinker 8, talker 6) share one file: every
 array is `[L, E]` with E the largest count, a layer with fewer experts has zeros in its
 columns past its own count (zero is what "no token routed there" sums to, so every name keeps
@@ -35,7 +42,17 @@ MAX_FIELDS = ("act_max",)
 FIELDS = SUM_FIELDS + MAX_FIELDS
 VALUE_PREFIX = "criterion."  # tensor name prefix of imported criterion values
 _LAYER_KEY = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 _MERGE_IDENTITY = ("model", "revision", "architecture", "num_experts")  # metadata that must agree to merge
+# How `gate_sum` / `reap_sum` were weighted (metadata `gate_convention`):
+GATE_APPLIED = "applied"  # the gate the layer really applies (shardcut's calibration)
+GATE_SOFTMAX = "softmax-logits"  # softmax of the router logits, top-k renormalised (the REAP reference)
+GATE_UNKNOWN = "unknown"  # imported from a report that does not say
+GATE_CONVENTIONS = {
+    GATE_APPLIED: "the gates the layer applies (selection bias, group limits, renormalisation, scaling included)",
+    GATE_SOFTMAX: "softmax of the raw router logits, top-k renormalised (the REAP reference's w_j(x))",
+    GATE_UNKNOWN: "not recorded by the file it was imported from",
+}
 
 
 @dataclass
@@ -182,6 +199,8 @@ class Scores:
             meta["sums"] = "absent"
         else:
             meta.pop("sums", None)
+        meta["criteria"] = ",".join((["all (sums)"] if self.has_sums else []) + sorted(self.values))
+        meta.setdefault("gate_convention", gate_convention(self.metadata))
         return meta
 
     def to_bytes(self) -> bytes:
@@ -350,12 +369,19 @@ def parse_weighted(arg: str) -> tuple[Path, float]:
     return Path(path), weight
 
 
-def merge_scores(items: Sequence[tuple[Scores, float]], names: Sequence[str] | None = None) -> Scores:
+def merge_scores(items: Sequence[tuple[Scores, float]], names: Sequence[str] | None = None, *,
+                 force: bool = False) -> Scores:
     """Merge score files: weighted sums of every sum field, element-wise maxima of `act_max`.
 
-    All inputs must be of one model: same layer set, expert count and (where recorded) model
-    name (a local folder and a Hub id of one name match), revision and architecture. A weight w multiplies a file's sums (counts and tokens included),
-    so `reap = reap_sum/count` becomes the w-weighted blend of the files' routed pairs.
+    All inputs must be of one model: same layer set, expert count, architecture, and the same
+    model as far as the files can tell: their `model_fingerprint` (checkpoint layout, see
+    `shardcut.checkpoint.layout_fingerprint`) and commit (`revision`, when both are commit
+    hashes) must agree where recorded; only files recording neither fall back to comparing the
+    model's name (a local folder and a Hub id of one name match). Inputs whose gates follow
+    different conventions (`gate_convention`: the applied gates vs the REAP reference's softmax
+    of the logits) are refused unless `force`, which records the mix as a caveat. Every input's
+    caveats are kept. A weight w multiplies a file's sums (counts and tokens included), so
+    `reap = reap_sum/count` becomes the w-weighted blend of the files' routed pairs.
 
     Example:
         >>> merged = merge_scores([(Scores.load("code.safetensors"), 2.0), (Scores.load("chat.safetensors"), 1.0)])
@@ -382,11 +408,20 @@ def merge_scores(items: Sequence[tuple[Scores, float]], names: Sequence[str] | N
         if other is not None:
             raise ShardcutError(f"layer {other} has {s.experts_of(other)} experts, in {names[0]} "
                                 f"{first.experts_of(other)}", name)
-        for key in _MERGE_IDENTITY:
-            a, b = first.metadata.get(key), s.metadata.get(key)
-            same = _model_name(a) == _model_name(b) if key == "model" else a == b
-            if a is not None and b is not None and not same:
-                raise ShardcutError(f"scores of another model: {key} is {b!r}, {names[0]} has {a!r}", name)
+        problem = model_mismatch(first.metadata, s.metadata)
+        if problem:
+            raise ShardcutError(f"scores of another model: {problem} (in {names[0]}: the first value)", name)
+    gates = {name: gate_convention(s.metadata) for (s, _), name in zip(items, names)}
+    caveats: list[str] = []
+    for s, _ in items:
+        caveats += [c for c in file_caveats(s.metadata) if c not in caveats]
+    if len(set(gates.values())) > 1:
+        listed = "; ".join(f"{n}: {g}" for n, g in gates.items())
+        if not force:
+            raise ShardcutError(f"the files weight their gate sums differently ({listed}); their reap and "
+                                "weighted_frequency values do not add up to one meaning. Merge anyway with "
+                                "--force (the mix is recorded as a caveat)")
+        caveats.append(f"merged across gate conventions ({listed}); gate_sum and reap_sum mix them")
     merged = Scores.zeros(first.layers, first.experts_per_row)
     for s, w in items:
         rows = [s.row(k) for k in first.layers]
@@ -394,22 +429,76 @@ def merge_scores(items: Sequence[tuple[Scores, float]], names: Sequence[str] | N
             getattr(merged, f)[:] += w * getattr(s, f)[rows]
         merged.act_max[:] = np.maximum(merged.act_max, s.act_max[rows])
         merged.tokens += w * s.tokens[rows]
-    meta = {k: v for k, v in first.metadata.items() if k in (*_MERGE_IDENTITY, "top_k")}
+    kept = (*_MERGE_IDENTITY, "top_k", "model_fingerprint")
+    meta = {k: v for k, v in first.metadata.items() if k in kept}
     for s, _ in items:
-        for key in _MERGE_IDENTITY:
+        for key in kept:
             if key in s.metadata:
                 meta.setdefault(key, s.metadata[key])
     for key in ("samples", "tokens"):  # calibration totals, when every input records them
         counts = [s.metadata.get(key, "") for s, _ in items]
         if all(c.isdigit() for c in counts):
             meta[key] = str(sum(int(c) for c in counts))
+    seqs = {s.metadata.get("sequences", "") for s, _ in items}
+    if len(seqs) == 1 and "" not in seqs:
+        meta["sequences"] = seqs.pop()
+    meta["gate_convention"] = next(iter(gates.values())) if len(set(gates.values())) == 1 else "mixed"
+    if caveats:
+        meta["caveats"] = json.dumps(caveats)
     meta["merged_from"] = json.dumps([
-        {"file": name, "weight": w, **{k: s.metadata[k] for k in ("data", "samples", "tokens") if k in s.metadata}}
+        {"file": name, "weight": w, **{k: s.metadata[k] for k in ("data", "samples", "tokens", "data_fingerprint",
+                                                                   "sequences", "imported_from") if k in s.metadata}}
         for (s, w), name in zip(items, names)
     ])
     merged.metadata = meta
     merged.validate("merged scores")
     return merged
+
+
+def gate_convention(meta: dict[str, str]) -> str:
+    """How a file's gate sums were weighted (see GATE_CONVENTIONS); files written before the key
+    existed are read by origin: shardcut's own calibration applied, a REAP observer import softmax."""
+    if meta.get("gate_convention"):
+        return meta["gate_convention"]
+    origin = meta.get("imported_from", "")
+    if origin.startswith("reap-observer"):
+        return GATE_SOFTMAX
+    return GATE_UNKNOWN if origin else GATE_APPLIED
+
+
+def file_caveats(meta: dict[str, str]) -> list[str]:
+    """The caveats a file carries (`caveats`, a JSON list of sentences)."""
+    try:
+        found = json.loads(meta.get("caveats", "[]"))
+    except ValueError:
+        found = [meta["caveats"]]
+    return [str(c) for c in found] if isinstance(found, list) else [str(found)]
+
+
+def model_mismatch(a: dict[str, str], b: dict[str, str]) -> str | None:
+    """Why two metadata dicts are of different models, or None: by layout fingerprint and commit
+    where both record them, by name only where neither can be compared."""
+    fa, fb, ra, rb = a.get("model_fingerprint"), b.get("model_fingerprint"), a.get("revision"), b.get("revision")
+    if fa and fb and fa != fb:
+        return f"model_fingerprint is {fb!r}, not {fa!r}"
+    commits = bool(ra and rb and _COMMIT.fullmatch(ra) and _COMMIT.fullmatch(rb))
+    if ra and rb and ra != rb and (commits or not (fa and fb)):  # a branch name and a commit of one layout pass
+        return f"revision is {rb!r}, not {ra!r}"
+    for key in ("architecture", "num_experts"):
+        if a.get(key) and b.get(key) and a[key] != b[key]:
+            return f"{key} is {b[key]!r}, not {a[key]!r}"
+    if not (fa and fb) and not commits and a.get("model") and b.get("model") \
+            and _model_name(a["model"]) != _model_name(b["model"]):
+        return f"model is {b['model']!r}, not {a['model']!r} (neither fingerprint nor commit recorded in both)"
+    return None
+
+
+def provenance(ckpt, gate: str) -> dict[str, str]:
+    """Metadata naming what produced a file's statistics: the gate convention and the model's
+    layout fingerprint (its commit is recorded as `revision` where known)."""
+    from shardcut.checkpoint import layout_fingerprint
+
+    return {"gate_convention": gate, "model_fingerprint": layout_fingerprint(ckpt)}
 
 
 def _model_name(model: str | None) -> str | None:

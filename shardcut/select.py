@@ -310,12 +310,14 @@ def _plain(v: np.ndarray, kept: int, G: int) -> list[int]:
     return sorted(g * size + int(i) for g in range(G) for i in rank(v[g * size : (g + 1) * size])[:per])
 
 
-def super_experts(scores: Scores, layer_fraction: float = SUPER_LAYER_FRACTION) -> tuple[dict[str, list[int]], float]:
+def super_experts(scores: Scores, layer_fraction: float = SUPER_LAYER_FRACTION,
+                  percentile: float = SUPER_PERCENTILE) -> tuple[dict[str, list[int]], float]:
     """Experts with outlier activations, by layer key, and the threshold used.
 
-    threshold = max(99.5th percentile of act_max over every scored layer, global max / 10);
+    threshold = max(`percentile`-th percentile of act_max over every scored layer, global max / 10);
     an expert is super when its act_max exceeds it and its layer is among the first
-    `layer_fraction` of the scored layers (int(L x 0.75), as the REAP reference). Unlike the
+    `layer_fraction` of the scored layers (int(L x fraction)). The defaults, 99.5 and 0.75, are
+    the REAP reference's (a fraction of 1 is its "preserve outliers" everywhere). Unlike the
     reference, rows map to their own layer keys (not to decoder indices 0..L-1).
 
     Example:
@@ -325,9 +327,13 @@ def super_experts(scores: Scores, layer_fraction: float = SUPER_LAYER_FRACTION) 
     if not scores.has_sums:
         raise ShardcutError("this score file has no act_max (imported criterion values only): "
                             "super experts cannot be found")
+    if not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
+        raise ShardcutError(f"super-expert percentile {percentile} must lie in (0, 100]")
+    if not (isinstance(layer_fraction, (int, float)) and 0 < layer_fraction <= 1):
+        raise ShardcutError(f"super-expert layer fraction {layer_fraction} must lie in (0, 1]")
     a = scores.act_max
     real = a[scores.valid_mask()]  # padding past a layer's own count is no expert
-    threshold = max(float(np.percentile(real, SUPER_PERCENTILE)), float(real.max()) / SUPER_MAX_FRACTION)
+    threshold = max(float(np.percentile(real, percentile)), float(real.max()) / SUPER_MAX_FRACTION)
     order = sorted(range(len(scores.layers)), key=lambda r: _layer_sort_key(scores.layers[r]))
     considered = order[: int(len(order) * layer_fraction)]
     found = {scores.layers[r]: [int(i) for i in np.flatnonzero(a[r] > threshold)] for r in considered}
@@ -376,6 +382,9 @@ class LayerRow:
     protection_overrode: bool
     group_balance_overrode: bool
     source: str  # "scores", "scores of layer 3" (MTP policy), or "same ids as layer 3"
+    decided_by_id: int = 0  # experts on either side of the cut that only the id tie-break placed
+    tie_value: float | None = None  # the value they share (0 for never-routed experts)
+    never_routed_at_cut: int = 0  # of those, experts no calibration token was routed to
 
 
 @dataclass
@@ -402,6 +411,8 @@ class PlanReport:
     super_threshold: float | None = None
     notes: list[str] = field(default_factory=list)
     by_config: dict[str, dict] = field(default_factory=dict)  # several expert counts: each group's
+    warnings: list[str] = field(default_factory=list)  # ties at the cut, scores of another model
+    decided_by_id: int = 0  # experts placed by the id tie-break, over all layers
 
     @property
     def pruned(self) -> int:
@@ -426,6 +437,8 @@ def make_plan(
     protect_super_experts: bool = False,
     protect: dict[str, list[int]] | None = None,
     mtp_policy: str | None = None,
+    super_percentile: float = SUPER_PERCENTILE,
+    super_layer_fraction: float = SUPER_LAYER_FRACTION,
 ) -> tuple[Plan, PlanReport]:
     """Plan a prune of `model` from a score file: the same number kept in every MoE layer (in
     every layer of a count group, for models with several expert counts), the highest by
@@ -436,6 +449,11 @@ def make_plan(
     layers, which calibration through transformers cannot see) need `mtp_policy`:
     `reuse-last` (rank with the last scored layer's scores), `scores-of:N` (with layer N's),
     or `same-ids-as:N` (keep exactly layer N's ids).
+
+    Warnings (in `report.warnings` and the plan's `warnings`): a cut that falls among experts
+    of equal value (ties, zeros, never-routed experts), with how many experts only the id
+    tie-break placed, and scores whose recorded model differs from `model`.
+    super_percentile / super_layer_fraction: the super-expert rule (see `super_experts`).
 
     Example:
         >>> plan, report = make_plan("Qwen3-30B-A3B", "scores.safetensors", ratio=0.5)
@@ -465,9 +483,15 @@ def make_plan(
     protected = {k: list(v) for k, v in _check_protect(protect or {}, info).items()}
     notes: list[str] = []
     threshold, supers = None, {}
+    warnings: list[str] = []
+    mismatch = _scores_model_mismatch(model, ckpt, info, scores)
+    if mismatch:
+        warnings.append(f"the scores were computed on another model ({mismatch}); only their layers and expert "
+                        "counts were checked against MODEL")
     if protect_super_experts:
-        supers, threshold = super_experts(scores)
-        notes.append(f"super-expert threshold {threshold:.6g}: "
+        supers, threshold = super_experts(scores, super_layer_fraction, super_percentile)
+        notes.append(f"super-expert threshold {threshold:.6g} (percentile {super_percentile:g}, first "
+                     f"{super_layer_fraction:g} of the layers): "
                      + (", ".join(f"layer {k}: {v}" for k, v in supers.items()) if supers else "none found"))
     for g, c in per_group:
         if c.rounded:
@@ -492,9 +516,12 @@ def make_plan(
         except ShardcutError as exc:
             raise ShardcutError(f"layer {layer.key}: {exc}") from None
         keep[layer.key] = sel.kept
+        by_id, tie, tied_ids = id_order_ties(values[r, : layer.num_experts], sel.kept, group.n_group, sel.protected)
+        never = int(np.sum(scores.count[r, tied_ids] == 0)) if scores.has_sums and tied_ids else 0
         rows.append(LayerRow(layer.key, len(sel.kept), c.pruned, sel.lowest_kept, sel.highest_pruned,
                              sel.protected, sel.protection_overrode, sel.group_balance_overrode,
-                             "scores" if src == layer.key else f"ranked with the scores of layer {src}"))
+                             "scores" if src == layer.key else f"ranked with the scores of layer {src}",
+                             by_id, tie, never))
     for key, src in pending:
         keep[key] = list(keep[src])
         if protected.get(key) and not set(protected[key]) <= set(keep[key]):
@@ -505,6 +532,7 @@ def make_plan(
                              f"keeps the same ids as layer {src}"))
     order = {layer.key: i for i, layer in enumerate(info.layers)}
     rows.sort(key=lambda row: order[row.layer])
+    warnings += _tie_warnings(rows)
     keep = {layer.key: keep[layer.key] for layer in info.layers}
 
     model_text = str(model)
@@ -540,6 +568,12 @@ def make_plan(
         extra["protected"] = {k: sorted(set(v)) for k, v in protected.items()}
     if protect_super_experts:
         extra["super_expert_threshold"] = threshold
+        extra["super_experts"] = {"percentile": super_percentile, "layer_fraction": super_layer_fraction,
+                                  "max_fraction": SUPER_MAX_FRACTION, "threshold": threshold}
+    decided = sum(row.decided_by_id for row in rows)
+    if warnings:
+        extra["warnings"] = warnings
+        extra["decided_by_id_order"] = decided
     plan = Plan(keep, extra, "plan")
     validate_plan(plan, info, "plan")
 
@@ -549,8 +583,56 @@ def make_plan(
     by_config = {g.name: {"num_experts": g.num_experts, "top_k": g.top_k, "kept": c.kept, "pruned": c.pruned,
                           "rule": c.rule, "rounded": c.rounded} for g, c in per_group} if multi else {}
     report = PlanReport(model_text, info.arch.name, crit, info.num_experts, counts.kept, ratio, rule, rows,
-                        ckpt.file_bytes, output, sha, extra.get("mtp_policy"), threshold, notes, by_config)
+                        ckpt.file_bytes, output, sha, extra.get("mtp_policy"), threshold, notes, by_config,
+                        warnings, decided)
     return plan, report
+
+
+def id_order_ties(values, kept: list[int], n_group: int = 1, protect=()) -> tuple[int, float | None, list[int]]:
+    """Experts only the id tie-break placed: those sharing a value with an expert on the other side
+    of the cut (within its group under grouped routing; protected experts aside).
+
+    Returns (how many, the lowest such value, their ids). Example: values [0, 0, 0, 5], two kept
+    -> experts 0, 1, 2 tie at 0; 0 and 1 kept, 2 pruned, by id: (3, 0.0, [0, 1, 2]).
+    """
+    v = np.asarray(values, dtype=np.float64)
+    E, G = len(v), max(1, n_group)
+    size, keep, prot = E // G, set(kept), set(int(i) for i in protect)
+    tied: list[int] = []
+    for g in range(G):
+        ids = [i for i in range(g * size, (g + 1) * size) if i not in prot]
+        common = {v[i] for i in ids if i in keep} & {v[i] for i in ids if i not in keep}
+        tied += [i for i in ids if v[i] in common]
+    return len(tied), (float(min(v[tied])) if tied else None), sorted(tied)
+
+
+def _tie_warnings(rows: list[LayerRow]) -> list[str]:
+    out = []
+    for row in rows:
+        if not row.decided_by_id:
+            continue
+        what = "zero scores" if row.tie_value == 0 else f"scores tied at {row.tie_value:.6g}"
+        never = f", {row.never_routed_at_cut} of them never routed" if row.never_routed_at_cut else ""
+        out.append(f"layer {row.layer}: the cut falls among {row.decided_by_id} experts with {what}{never}; "
+                   "which of them stay was decided by id order (lower ids kept)")
+    if out:
+        total = sum(row.decided_by_id for row in rows)
+        never = sum(row.never_routed_at_cut for row in rows)
+        out.insert(0, f"{len(out)} of {len(rows)} MoE layers cut among equal scores: {total} experts decided by id "
+                      f"order" + (f" ({never} never routed: more calibration data would rank them)" if never else ""))
+    return out
+
+
+def _scores_model_mismatch(model, ckpt, info: ModelInfo, scores: Scores) -> str | None:
+    """How the scores' recorded model differs from MODEL (fingerprint, commit, architecture), or None."""
+    from shardcut.checkpoint import layout_fingerprint
+    from shardcut.scores import model_mismatch
+
+    here = {"model": str(model), "architecture": info.arch.name, "model_fingerprint": layout_fingerprint(ckpt)}
+    text = str(model)
+    if "@" in text and not Path(text).exists():
+        here["revision"] = text.split("@", 1)[1]
+    return model_mismatch(here, {k: v for k, v in scores.metadata.items() if k != "num_experts"})
 
 
 def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin: str) -> dict[str, tuple[str, str]]:

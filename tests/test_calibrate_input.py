@@ -111,7 +111,7 @@ def test_folder_of_files(tmp_path, tokenizer_dir):
 
 
 @pytest.mark.parametrize("content,match", [(None, "not found"), ("", "empty"), ("\n\n  \n", "empty"),
-                                           ('{"nothing": 1}\n', "line 1"), ('{"input_ids": [1, 500]}\n', "vocabulary")])
+                                           ('{"nothing": 1}\n', "row 1"), ('{"input_ids": [1, 500]}\n', "vocabulary")])
 def test_bad_data_files(tmp_path, tokenizer_dir, content, match):
     path = tmp_path / "data.jsonl"
     if content is not None:

@@ -115,11 +115,11 @@ def _only_frequency():
 
 
 @pytest.mark.parametrize("make_state, message", [
-    (lambda: observer_state(experts=16), "has 16 experts, the model has 8"),
-    (lambda: observer_state(layers=(0, 1, 2)), r"layers \['0'\] are not MoE layers"),  # row positions, not indices
+    (lambda: observer_state(experts=16), "16 experts, the model has 8"),
+    (lambda: observer_state(layers=(0, 2, 3)), r"layers \['0'\] are not MoE layers"),  # neither indices nor positions
     (lambda: observer_state(layers=(1, 2)), r"no scores for MoE layers \['3'\]"),
     (_only_frequency, "layer 1: missing statistics"),
-    (lambda: [1, 2, 3], "expected a dict"),
+    (lambda: [1, 2, 3], "does not name its criterion"),
 ])
 def test_observer_for_another_model_is_refused(model, tmp_path, make_state, message):
     with pytest.raises(ShardcutError, match=message):
@@ -187,7 +187,7 @@ def test_saliency_json_with_sums_is_a_full_score_file(model, tmp_path):
     ({"criterion": "reap", "layers": {"9": [0.1] * 8, "1": [0.1] * 8}}, r"layers \['9'\] are not MoE layers"),
     ({"criterion": "reap", "layers": {"1": [-0.1] * 8, "2": [0.1] * 8, "3": [0.1] * 8}}, "negative"),
     ({"criterion": "reap", "layers": {"1": ["x"] * 8, "2": [0.1] * 8, "3": [0.1] * 8}}, "expected a list of 8"),
-    ({"criterion": "reap", "layers": [[0.1] * 8] * 5}, "list of 5 layers but the model has 3"),
+    ({"criterion": "reap", "layers": [[0.1] * 8] * 5}, r"shape \[5, 8\]; the model has 3 MoE layers"),
     ({"criterion": "reap", "layers": {"layer one": [0.1] * 8}}, "cannot read 'layer one' as a layer"),
 ])
 def test_bad_saliency_json_is_refused(model, tmp_path, body, message):

@@ -348,7 +348,8 @@ def test_plan_command_writes_a_valid_plan(qwen, tmp_path):
     assert set(data) == {"plan", "report", "out"} and data["out"] is None
     assert 1 in data["plan"]["keep"]["0"] and data["report"]["criterion"] == "frequency"
     assert {"layer", "kept", "pruned", "lowest_kept", "highest_pruned", "protected", "protection_overrode",
-            "group_balance_overrode", "source"} == set(data["report"]["rows"][0])
+            "group_balance_overrode", "source", "decided_by_id", "tie_value", "never_routed_at_cut"} == set(
+               data["report"]["rows"][0])
     assert data["report"]["output_bytes"] < data["report"]["input_bytes"]
 
 

@@ -37,7 +37,7 @@ from shardcut.checkpoint import open_checkpoint
 from shardcut.errors import ShardcutError
 from shardcut.hub import resolve_model
 from shardcut.model import describe
-from shardcut.scores import Scores
+from shardcut.scores import GATE_APPLIED, Scores, provenance
 
 DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
           "float16": torch.float16, "fp16": torch.float16}
@@ -174,6 +174,7 @@ class Calibrator:
     progress: Callable[[CalibEvent], None] | None = None
     on_layer: Callable[[int, Calibrator], None] | None = None
     pair_chunk: int = DEFAULT_PAIR_CHUNK
+    sequences: str = "truncate"  # or "pack" (see shardcut.calibration.data)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -207,7 +208,8 @@ class Calibrator:
         if not isinstance(vocab, int):
             raise ShardcutError("config has no integer vocab_size", self.model_dir / "config.json")
         self.all_data: CalibData = load_data(self.data, self.model_dir, samples=self.samples, max_length=self.max_length,
-                                             seed=self.seed, vocab_size=vocab, trust_remote_code=self.trust_remote_code)
+                                             seed=self.seed, vocab_size=vocab, trust_remote_code=self.trust_remote_code,
+                                             sequences=self.sequences)
         picked = self.all_data.samples
         if self.shard_of:
             i, n = self.shard_of
@@ -245,6 +247,8 @@ class Calibrator:
             "tokens": str(self.shard_tokens), "max_length": str(self.max_length), "seed": str(self.seed),
             "dtype": str(self.torch_dtype).removeprefix("torch."), "shardcut_version": __version__,
             "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            **provenance(self.ckpt, gate=GATE_APPLIED), "sequences": self.all_data.sequences,
+            "data_fingerprint": self.all_data.fingerprint(),
         }
         revision = _revision_of(str(self.model), self.model_dir)
         if revision:
@@ -404,7 +408,8 @@ def calibrate(model: str | Path, data: str, out: str | Path, *, samples: int | N
               max_length: int = DEFAULT_MAX_LENGTH, device: str = "auto", dtype: str | None = None, seed: int = 0,
               resume: bool = False, max_memory: int | str | None = None, shard: str | tuple[int, int] | None = None,
               trust_remote_code: bool = False, progress: Callable[[CalibEvent], None] | None = None,
-              batch_tokens: int | None = None, work_dir: str | Path | None = None) -> Scores:
+              batch_tokens: int | None = None, work_dir: str | Path | None = None,
+              sequences: str = "truncate") -> Scores:
     """Compute the `shardcut-scores/1` statistics of MODEL on the calibration DATA and write OUT.
 
     Streams one decoder layer at a time from the shards (never the whole model in memory),
@@ -412,6 +417,7 @@ def calibrate(model: str | Path, data: str, out: str | Path, *, samples: int | N
     saves its position after every layer (`resume=True` continues an interrupted run).
     Under `torchrun` the samples are split across ranks and only rank 0 writes; `shard="i/N"`
     computes the i-th of N disjoint sample shards, whose files `scores merge` adds up exactly.
+    `sequences="pack"` packs samples into `max_length` sequences as the REAP reference does.
 
     Example:
         >>> scores = calibrate("Qwen/Qwen3-30B-A3B", "code.jsonl:700,chat.jsonl:300", "scores.safetensors",
@@ -421,4 +427,4 @@ def calibrate(model: str | Path, data: str, out: str | Path, *, samples: int | N
     return Calibrator(str(model), data, Path(out), samples=samples, max_length=max_length, device=device, dtype=dtype,
                       seed=seed, resume=resume, max_memory=max_memory, shard=shard,
                       trust_remote_code=trust_remote_code, batch_tokens=batch_tokens,
-                      work_dir=Path(work_dir) if work_dir else None, progress=progress).run()
+                      work_dir=Path(work_dir) if work_dir else None, progress=progress, sequences=sequences).run()
