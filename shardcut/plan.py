@@ -65,7 +65,11 @@ class Plan:
         return hashlib.sha256(self.dumps().encode()).hexdigest()
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.dumps())
+        """Write the plan atomically and durably (temp file, fsync, rename, fsync of the folder).
+        It replaces `path`; `make_plan(out=...)` is the call that refuses to overwrite inputs."""
+        from shardcut.durable import atomic_write_text
+
+        atomic_write_text(path, self.dumps())
 
     @classmethod
     def from_json(cls, data: object, source: str | Path = "plan") -> Plan:

@@ -54,23 +54,33 @@ class ImportReport:
 
 
 def import_scores(path: str | Path, model: str | Path, *, fmt: str = "auto",
-                  criterion: str | None = None) -> tuple[Scores, ImportReport]:
+                  criterion: str | None = None, out: str | Path | None = None,
+                  overwrite: bool = False) -> tuple[Scores, ImportReport]:
     """Read a published score file for `model` (folder or Hub id; headers only) as `Scores`.
 
     fmt: `auto` (by suffix and content), `reap-observer`, `saliency-json` or `keep-list`.
     criterion: the criterion a saliency JSON's values are, when the file does not say.
+    out: where to write the imported scores (`scores import -o`). Refused before anything is
+    read when it is the file itself or lies inside the model folder, and when it exists unless
+    `overwrite`.
 
     Example:
         >>> scores, report = import_scores("observations_1024_cosine-seed_42.pt", "Qwen/Qwen3-30B-A3B")
         >>> scores.save("scores.safetensors")
     """
-    from shardcut.hub import open_model
+    from shardcut.durable import check_output
+    from shardcut.hub import is_local, open_model
     from shardcut.model import describe
 
     path = Path(path)
+    if out is not None:
+        check_output(out, [path, model if is_local(model) else None], overwrite=overwrite, what="score file")
     if not path.is_file():
         raise ShardcutError("file not found", path)
-    info = describe(open_model(model))  # headers only: no shard data
+    ckpt = open_model(model)  # headers only: no shard data
+    if out is not None:  # a Hub id resolves to a cache snapshot: never write inside it either
+        check_output(out, [ckpt.root], overwrite=overwrite, what="score file")
+    info = describe(ckpt)
     if fmt not in FORMATS:
         raise ShardcutError(f"unknown import format {fmt!r} (known: {', '.join(FORMATS)})")
     data = None
@@ -94,6 +104,8 @@ def import_scores(path: str | Path, model: str | Path, *, fmt: str = "auto",
     scores.metadata["top_k"] = str(info.top_k)
     scores.metadata["imported_from"] = f"{report.format}:{path.name}"
     scores.validate(path)
+    if out is not None:
+        scores.save(out)
     return scores, report
 
 

@@ -426,6 +426,8 @@ def make_plan(
     protect_super_experts: bool = False,
     protect: dict[str, list[int]] | None = None,
     mtp_policy: str | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
 ) -> tuple[Plan, PlanReport]:
     """Plan a prune of `model` from a score file: the same number kept in every MoE layer (in
     every layer of a count group, for models with several expert counts), the highest by
@@ -437,16 +439,25 @@ def make_plan(
     `reuse-last` (rank with the last scored layer's scores), `scores-of:N` (with layer N's),
     or `same-ids-as:N` (keep exactly layer N's ids).
 
+    out: write the plan there (`plan -o`), durably. Refused before any work when it is the score
+    file or lies inside the model folder, and when it exists unless `overwrite`.
+
     Example:
         >>> plan, report = make_plan("Qwen3-30B-A3B", "scores.safetensors", ratio=0.5)
         >>> plan.save("plan.json"); report.kept, report.output_bytes
     """
     from shardcut.container import shard_size
-    from shardcut.hub import open_model
+    from shardcut.durable import check_output
+    from shardcut.hub import is_local, open_model
     from shardcut.model import describe
     from shardcut.rewrite import layout
 
+    if out is not None:
+        check_output(out, [model if is_local(model) else None, None if isinstance(scores, Scores) else scores],
+                     overwrite=overwrite, what="plan")
     ckpt = open_model(model)  # headers only: no shard data
+    if out is not None:  # a Hub id resolves to a cache snapshot: never write inside it either
+        check_output(out, [ckpt.root], overwrite=overwrite, what="plan")
     info = describe(ckpt)
     if isinstance(scores, Scores):
         origin, sha = "scores", scores.sha256()
@@ -550,6 +561,8 @@ def make_plan(
                           "rule": c.rule, "rounded": c.rounded} for g, c in per_group} if multi else {}
     report = PlanReport(model_text, info.arch.name, crit, info.num_experts, counts.kept, ratio, rule, rows,
                         ckpt.file_bytes, output, sha, extra.get("mtp_policy"), threshold, notes, by_config)
+    if out is not None:
+        plan.save(out)
     return plan, report
 
 
