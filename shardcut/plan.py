@@ -102,6 +102,22 @@ class Plan:
         return cls.from_json(data, path)
 
 
+def check_replaceable_plan(out: str | Path) -> None:
+    """An existing plan output is replaced (with overwrite) only when it is a plan file itself,
+    never another file (a config.json or a shard of a model the planner was not given)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    try:
+        ok = out.is_file() and out.stat().st_size < 1 << 30 and json.loads(out.read_bytes()).get("format") == PLAN_FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):
+        ok = False
+    if not ok:
+        from shardcut.errors import OutputError
+
+        raise OutputError(f"exists and is not a {PLAN_FORMAT} file: refusing to replace it, even with overwrite", out)
+
+
 def validate_plan(plan: Plan, info: ModelInfo, source: str | Path = "plan") -> None:
     """Refuse a plan that the model's routing cannot run; the message names layer and rule.
 

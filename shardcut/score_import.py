@@ -21,7 +21,7 @@ import numpy as np
 
 from shardcut.errors import ShardcutError
 from shardcut.model import ModelInfo
-from shardcut.scores import FIELDS, Scores
+from shardcut.scores import FIELDS, Scores, check_replaceable_scores
 
 FORMATS = ("auto", "reap-observer", "saliency-json", "keep-list")
 # REAP reference observer statistics -> shardcut-scores/1 fields.
@@ -75,6 +75,7 @@ def import_scores(path: str | Path, model: str | Path, *, fmt: str = "auto",
     path = Path(path)
     if out is not None:
         check_output(out, [path, model if is_local(model) else None], overwrite=overwrite, what="score file")
+        check_replaceable_scores(out)
     if not path.is_file():
         raise ShardcutError("file not found", path)
     ckpt = open_model(model)  # headers only: no shard data

@@ -423,9 +423,28 @@ def merge_score_files(inputs: Sequence[str | Path | tuple[str | Path, float]], o
 
     parsed = [parse_weighted(str(a)) if not isinstance(a, tuple) else (Path(a[0]), float(a[1])) for a in inputs]
     check_output(out, [p for p, _ in parsed], overwrite=overwrite, what="merged score file")
+    check_replaceable_scores(out)
     merged = merge_scores([(Scores.load(p), w) for p, w in parsed], [str(p) for p, _ in parsed])
     merged.save(out)
     return merged
+
+
+def check_replaceable_scores(out: str | Path) -> None:
+    """An existing output is replaced (with overwrite) only when it is a score file itself: a
+    merge or an import knows no MODEL to protect, so `-o MODEL/model-00002-of-00009.safetensors
+    --overwrite` must not replace a shard."""
+    from shardcut.container import read_header
+    from shardcut.errors import OutputError
+
+    out = Path(out)
+    if not out.exists():
+        return
+    try:
+        ok = out.is_file() and (read_header(out).metadata or {}).get("format") == SCORES_FORMAT
+    except (ShardcutError, OSError):
+        ok = False
+    if not ok:
+        raise OutputError(f"exists and is not a {SCORES_FORMAT} file: refusing to replace it, even with overwrite", out)
 
 
 def _model_name(model: str | None) -> str | None:

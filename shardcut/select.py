@@ -37,7 +37,7 @@ import numpy as np
 
 from shardcut.errors import ShardcutError
 from shardcut.model import ModelInfo, MoELayer
-from shardcut.plan import Plan, validate_plan
+from shardcut.plan import Plan, check_replaceable_plan, validate_plan
 from shardcut.scores import Scores, file_sha256
 
 CRITERIA: dict[str, str] = {
@@ -455,6 +455,7 @@ def make_plan(
     if out is not None:
         check_output(out, [model if is_local(model) else None, None if isinstance(scores, Scores) else scores],
                      overwrite=overwrite, what="plan")
+        check_replaceable_plan(out)
     ckpt = open_model(model)  # headers only: no shard data
     if out is not None:  # a Hub id resolves to a cache snapshot: never write inside it either
         check_output(out, [ckpt.root], overwrite=overwrite, what="plan")
