@@ -231,6 +231,7 @@ class PinnedSources:
     def __init__(self, shards: list[ShardHeader]) -> None:
         self._fds: dict[Path, int] = {}
         self._ident: dict[Path, tuple[tuple[int, int, int, int], bytes]] = {}
+        _allow_open_files(len(shards) + 256)  # checkpoints of a thousand shards exist
         try:
             for shard in shards:
                 self._pin(shard)
@@ -290,6 +291,18 @@ class PinnedSources:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _allow_open_files(n: int) -> None:
+    """Raise the soft limit on open descriptors to `n` where the hard limit allows it."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < n:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else min(n, hard), hard))
+    except (ImportError, ValueError, OSError):
+        pass  # the open itself then fails with a clear "cannot open" naming the shard
 
 
 def _identity(st: os.stat_result) -> tuple[int, int, int, int]:

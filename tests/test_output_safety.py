@@ -491,3 +491,22 @@ def test_existing_out_file_is_refused(source, tmp_path):
     out.write_text("mine")
     one_line_error(run("prune", source, "-o", out, "--plan", plan), "exists")
     assert out.read_text() == "mine"
+
+
+def test_pinning_many_shards_under_a_low_descriptor_limit(tmp_path):
+    """Every source shard stays open for the whole prune: a checkpoint of more shards than the
+    soft descriptor limit still prunes (the limit is raised up to the hard one)."""
+    spec = SyntheticSpec(layers=3, experts=8, top_k=2, hidden=32, moe_inter=16, shards=120, vocab=64)
+    model = write_synthetic_checkpoint(tmp_path / "m", spec)
+    assert len(list(model.glob("*.safetensors"))) > 64
+    script = textwrap.dedent("""
+        import json, resource, sys
+        from shardcut.plan import Plan
+        from shardcut.rewrite import prune
+        resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+        print(prune(sys.argv[1], sys.argv[2], Plan(json.loads(sys.argv[3]))).verified)
+    """)
+    keep = {"1": [0, 2, 3, 7], "2": [1, 2, 5, 6]}
+    r = subprocess.run([sys.executable, "-c", script, str(model), str(tmp_path / "out"), json.dumps(keep)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-2000:]
