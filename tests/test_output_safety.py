@@ -410,6 +410,14 @@ def test_merge_output_with_markup_in_paths(tmp_path):
     assert "a[/oops]\\x1b.safetensors" in text and out.exists()
 
 
+def test_errors_quoting_checkpoint_text_are_safe(tmp_path):
+    """A config's model_type (or a tensor name) quoted in an error reaches stderr escaped."""
+    model = _gpt_oss(tmp_path / "m", model_type="x[/oops]\x1b]52;c;aGk=\x07")
+    r = run("inspect", model)
+    line = one_line_error(r, "unsupported architecture", "x[/oops]")
+    assert b"\x1b" not in r.stderr and b"\x07" not in r.stderr and "\\x1b]52" in line
+
+
 # ---------------------------------------------------------------------------------------------
 # 17.14: OUT on a mount point, a symlink, a read-only or tiny filesystem, a too-long name
 
