@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from shardcut_cli.common import console, err_console, handle_errors, human_bytes
+from shardcut_cli.common import console, err_console, handle_errors, human_bytes, safe
 
 DATA_HELP = (
     "Calibration data, SOURCE[{MAPPING}][:N] mixed with commas. SOURCE: FILE.txt (lines or paragraphs), "
@@ -56,7 +56,7 @@ class _Display:
             self.bar.__exit__(*exc)
 
     def print(self, text: str) -> None:
-        (self.bar.console if self.bar else err_console).print(text, highlight=False, soft_wrap=True)
+        (self.bar.console if self.bar else err_console).print(safe(text), highlight=False, soft_wrap=True)
 
     def __call__(self, event) -> None:
         if event.kind == "info":
@@ -133,6 +133,6 @@ def calibrate_cmd(
                                "samples": int(meta["samples"]), "tokens": int(meta["tokens"]), "metadata": meta},
                               indent=2))
         return
-    console.print(f"[green]wrote[/] {out}: {len(scores.layers)} MoE layers x {scores.num_experts} experts, "
-                  f"{int(meta['tokens']):,} tokens from {meta['samples']} samples; "
-                  f"see it with `shardcut scores show {out}`", highlight=False, soft_wrap=True)
+    console.print(f"[green]wrote[/] {safe(out)}: {len(scores.layers)} MoE layers x {scores.num_experts} experts, "
+                  f"{int(meta['tokens']):,} tokens from {safe(meta['samples'])} samples; "
+                  f"see it with `shardcut scores show {safe(out)}`", highlight=False, soft_wrap=True)

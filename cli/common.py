@@ -3,18 +3,41 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from shardcut.errors import ShardcutError
 
 console = Console()
 err_console = Console(stderr=True)
+
+# C0 and C1 control characters (ESC starts ANSI and OSC sequences: OSC 52 writes the clipboard),
+# DEL, and the Unicode bidirectional overrides that make text display other than it reads.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_UNSAFE_KEEP_LINES = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def safe(value: object, *, markup: bool = True, lines: bool = False) -> str:
+    r"""A string from a file (metadata, tensor names, paths, messages quoting them) made safe to
+    print: every control character shown as a visible `\xNN` escape instead of reaching the
+    terminal, and, for text printed with rich markup on (`markup`), `[` escaped so `model[v2]`
+    prints as written and `[/oops]` cannot break the line. `lines` keeps newlines and tabs.
+
+    Example:
+        >>> print(safe("model[v2] \x1b]52;c;aGk=\x07"))
+        model\[v2] \x1b]52;c;aGk=\x07
+    """
+    pattern = _UNSAFE_KEEP_LINES if lines else _UNSAFE
+    text = pattern.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
+                       str(value))
+    return escape(text) if markup else text
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -25,7 +48,7 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except ShardcutError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {safe(exc)}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -35,7 +58,7 @@ def handle_errors(fn: Callable) -> Callable:
 
 
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {safe(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from shardcut_cli.common import byte_progress, console, fail, handle_errors, human_bytes
+from shardcut_cli.common import byte_progress, console, fail, handle_errors, human_bytes, safe
 
 
 def register(app: typer.Typer) -> None:
@@ -31,7 +30,7 @@ def inspect_cmd(
     if as_json:
         typer.echo(json.dumps(info, indent=2))
         return
-    t = Table(title=f"{info['path']}", show_header=False)
+    t = Table(title=safe(info["path"]), show_header=False)
     keys = info["moe_layers"]
     routing = info["routing"]
     rows = [
@@ -50,7 +49,7 @@ def inspect_cmd(
         ("pruning saves", _savings_line(info["bytes_saved_per_expert_removed"])),
     ]
     for k, v in rows:
-        t.add_row(k, v)
+        t.add_row(safe(k), safe(v))  # model_type, quantization, layer keys: all from the checkpoint
     console.print(t)
 
 
@@ -108,11 +107,11 @@ def prune_cmd(
         return
     counts = (", ".join(f"{name} {a} -> {b}" for name, (a, b) in report.experts_by_config.items())
               or f"{report.experts_before} -> {report.experts_after}")
-    t = Table(title=f"{'dry run: ' if dry_run else ''}{report.architecture}: {counts} experts per layer")
+    t = Table(title=safe(f"{'dry run: ' if dry_run else ''}{report.architecture}: {counts} experts per layer"))
     t.add_column("layer")
     t.add_column("kept (original ids)")
     for key, ids in report.layers.items():
-        t.add_row(key, _ids(ids))
+        t.add_row(safe(key), _ids(ids))
     console.print(t)
     saved = report.input_bytes - report.output_bytes
     console.print(
@@ -121,10 +120,10 @@ def prune_cmd(
         f"tensors: {report.copied} copied, {report.renamed} renumbered, {report.sliced} sliced, {report.dropped} dropped"
     )
     if report.config_changes:
-        console.print("config.json: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in report.config_changes.items()))
+        console.print(safe("config.json: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in report.config_changes.items())))
     verbs = {"leave": "left out", "prune": "pruned", "rewrite": "rewrote"}
     for side in report.side_files:  # every side file not copied unchanged, and why
-        console.print(f"{verbs.get(side['action'], side['action'])} {escape(side['path'])}: {escape(side['why'])}",
+        console.print(f"{verbs.get(side['action'], side['action'])} {safe(side['path'])}: {safe(side['why'])}",
                       highlight=False)
     if dry_run:
         disk = report.disk
@@ -133,7 +132,7 @@ def prune_cmd(
                       + (f" (output + {human_bytes(missing)} to download into the Hugging Face cache)" if missing else "")
                       + f"; {human_bytes(disk['stream'])} with --stream (output + one shard not yet on disk)")
     else:
-        console.print(f"[green]wrote[/] {report.out}" + (" (verified against the source)" if report.verified else "")
+        console.print(f"[green]wrote[/] {safe(report.out)}" + (" (verified against the source)" if report.verified else "")
                       + (f"; streamed {len(report.downloaded)} shards" if report.stream else ""))
 
 
@@ -151,9 +150,9 @@ def verify_cmd(
         typer.echo(json.dumps({**vars(report), "path": str(report.path), "ok": report.ok}, indent=2))
     else:
         for check in report.checks:
-            console.print(f"[green]ok[/] {check}")
+            console.print(f"[green]ok[/] {safe(check)}")
         for problem in report.problems:
-            console.print(f"[red]FAIL[/] {problem}")
+            console.print(f"[red]FAIL[/] {safe(problem)}")
     if not report.ok:
         raise typer.Exit(1)
 
@@ -165,14 +164,14 @@ def demo_cmd(
     """Offline end to end: build a small MoE checkpoint, prune half its experts, verify, compare logits."""
     from shardcut.demo import run_demo
 
-    report = run_demo(directory, log=console.print)
+    report = run_demo(directory, log=lambda text: console.print(safe(text)))
     t = Table(title="shardcut demo")
     t.add_column("")
     t.add_column("original")
     t.add_column("pruned")
     t.add_row("experts per layer", str(report["experts_before"]), str(report["experts_after"]))
     t.add_row("size on disk", human_bytes(report["bytes_before"]), human_bytes(report["bytes_after"]))
-    t.add_row("checkpoint", str(report["source"]), str(report["pruned"]))
+    t.add_row("checkpoint", safe(report["source"]), safe(report["pruned"]))
     console.print(t)
     console.print(
         f"logits check: max |pruned - masked original| = {report['max_logit_diff']:.2e} "

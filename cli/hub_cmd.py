@@ -9,7 +9,7 @@ import typer
 from rich.markdown import Markdown
 from rich.table import Table
 
-from shardcut_cli.common import console, handle_errors, human_bytes
+from shardcut_cli.common import console, handle_errors, human_bytes, safe
 
 
 def register(app: typer.Typer) -> None:
@@ -42,18 +42,19 @@ def push_cmd(
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
         return
-    t = Table(title=f"{'dry run: would upload' if dry_run else 'uploaded'} to {report.repo_id}"
-                    + (f"@{report.revision}" if report.revision else "") + (" (pull request)" if create_pr else ""))
+    t = Table(title=safe(f"{'dry run: would upload' if dry_run else 'uploaded'} to {report.repo_id}"
+                         + (f"@{report.revision}" if report.revision else "") + (" (pull request)" if create_pr else "")))
     t.add_column("path in repo")
     t.add_column("size", justify="right")
     t.add_column("from")
     for f in report.files:
-        t.add_row(f.path_in_repo, human_bytes(f.size), f.origin)
+        t.add_row(safe(f.path_in_repo), human_bytes(f.size), safe(f.origin))
     console.print(t)
     console.print(f"{len(report.files)} files, {human_bytes(sum(f.size for f in report.files))}")
     if dry_run:
         console.rule("README.md")
-        console.print(Markdown(report.card.split("\n---\n", 1)[-1]) if console.is_terminal else report.card,
+        card = safe(report.card, markup=False, lines=True)  # names and metadata from the files
+        console.print(Markdown(card.split("\n---\n", 1)[-1]) if console.is_terminal else card,
                       soft_wrap=True, markup=False, highlight=False)
     else:
-        console.print(f"[green]done[/] {report.url}")
+        console.print(f"[green]done[/] {safe(report.url)}")

@@ -8,7 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from shardcut_cli.common import console, fail, handle_errors, human_bytes
+from shardcut_cli.common import console, fail, handle_errors, human_bytes, safe
 
 CRITERION_HELP = ("Saliency criterion: reap (mean g·‖f‖ over routed tokens), ean (Σ‖f‖), ean_mean (mean ‖f‖), "
                   "frequency (routed tokens), weighted_frequency (Σ g), random (seeded), or an imported one. "
@@ -50,34 +50,35 @@ def show_cmd(
     meta = summary["metadata"]
     multi = "layer_experts" in summary  # stacks with their own expert counts
     widths = " or ".join(str(n) for n in sorted(set(s.experts_per_row), reverse=True))
-    t = Table(title=f"{scores}: {len(s.layers)} layers x {widths} experts, criterion {summary['criterion']}")
+    t = Table(title=safe(f"{scores}: {len(s.layers)} layers x {widths} experts, criterion {summary['criterion']}"))
     for col in ("layer", *(("experts",) if multi else ()), "tokens", "never routed", f"lowest {top}", f"highest {top}"):
         t.add_column(col, justify="right" if col in ("tokens", "experts") else "left")
     for row in summary["layers"]:
         never = row["never_routed"]
         t.add_row(
-            row["layer"],
+            safe(row["layer"]),
             *((str(row["experts"]),) if multi else ()),
             "-" if row["tokens"] is None else f"{row['tokens']:.0f}",
             "-" if never is None else (f"{len(never)}: {_ids(never)}" if never else "0"),
             _pairs(row["lowest"]), _pairs(row["highest"]),
         )
     console.print(t)
-    console.print(f"{summary['criterion']} = {summary['criterion_definition']}")
+    console.print(safe(f"{summary['criterion']} = {summary['criterion_definition']}"))
     if not s.has_sums:
-        console.print(f"imported values only ({', '.join(s.values)}): no sums, so no other criteria and no merge")
+        console.print(safe(f"imported values only ({', '.join(s.values)}): no sums, so no other criteria and no merge"))
     shown = {k: v for k, v in meta.items() if k in ("model", "revision", "model_fingerprint", "architecture", "data",
                                                      "samples", "sequences", "gate_convention", "caveats",
                                                      "imported_from", "merged_from", "created")}
     for k, v in shown.items():
-        console.print(f"{k}: {v}", highlight=False)
+        console.print(safe(f"{k}: {v}"), highlight=False)  # metadata: anyone's text, escapes included
 
 
 @scores_app.command("merge")
 @handle_errors
 def merge_cmd(
     inputs: list[str] = typer.Argument(..., help="Score files, each optionally PATH:WEIGHT (e.g. code.safetensors:2)."),
-    out: Path = typer.Option(..., "-o", "--out", help="The merged score file to write."),
+    out: Path = typer.Option(..., "-o", "--out", help="The merged score file to write (never one of the inputs)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     force: bool = typer.Option(False, "--force", help="Merge files whose gate sums follow different conventions "
                                "(the applied gates vs the REAP reference's softmax of the logits); recorded as a "
                                "caveat in the merged file."),
@@ -88,20 +89,18 @@ def merge_cmd(
     The files must be of one model (by recorded fingerprint and commit, else by name) and follow
     one gate convention unless --force; every input's caveats are kept.
     """
-    from shardcut.scores import Scores, merge_scores, parse_weighted
+    from shardcut.scores import merge_score_files, parse_weighted
 
     parsed = [parse_weighted(a) for a in inputs]
-    _refuse_overwrite(out, [p for p, _ in parsed])
-    merged = merge_scores([(Scores.load(p), w) for p, w in parsed], [str(p) for p, _ in parsed], force=force)
-    merged.save(out)
+    merged = merge_score_files(parsed, out, overwrite=overwrite, force=force)
     if as_json:
         typer.echo(json.dumps({"out": str(out), "inputs": [{"file": str(p), "weight": w} for p, w in parsed],
                                "layers": merged.layers, "num_experts": merged.num_experts,
                                **({"layer_experts": merged.layer_experts} if merged.layer_experts else {}),
                                "tokens": merged.tokens.tolist(), "sha256": merged.sha256()}, indent=2))
         return
-    console.print(f"[green]wrote[/] {out}: {len(parsed)} files merged ("
-                  + ", ".join(f"{p} x{w:g}" for p, w in parsed) + f"), {len(merged.layers)} layers, "
+    console.print(f"[green]wrote[/] {safe(out)}: {len(parsed)} files merged ("
+                  + ", ".join(f"{safe(p)} x{w:g}" for p, w in parsed) + f"), {len(merged.layers)} layers, "
                   f"{merged.num_experts} experts")
 
 
@@ -112,7 +111,8 @@ def import_cmd(
                                 "[L, E], REAP observer), a folder of REAP block_NNN_metrics.pt checkpoints, a JSON "
                                 "report (saliency, sums, llm-compressor, keep-list / pruning metadata)."),
     model: str = typer.Option(..., "--model", "-m", help="The model the file is for (folder or Hub id)."),
-    out: Path = typer.Option(..., "-o", "--out", help="The shardcut-scores/1 file to write."),
+    out: Path = typer.Option(..., "-o", "--out", help="The shardcut-scores/1 file to write (not inside MODEL)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
     fmt: str = typer.Option("auto", "--format", help="auto, torch (= reap-observer), saliency-json, llm-compressor "
                             "or keep-list."),
     criterion: str | None = typer.Option(None, "--criterion", "-c",
@@ -132,20 +132,18 @@ def import_cmd(
     """
     from shardcut.score_import import import_scores
 
-    _refuse_overwrite(out, [file])
     scores, report = import_scores(file, model, fmt=fmt, criterion=criterion, layer_offset=layer_offset,
-                                   layout=layout)
-    scores.save(out)
+                                   layout=layout, out=out, overwrite=overwrite)
     if as_json:
         typer.echo(json.dumps({"out": str(out), "source": str(file), "format": report.format,
                                "layers": report.layers, "num_experts": report.num_experts,
                                "has_sums": report.has_sums, "criterion": report.criterion,
                                "notes": report.notes, "sha256": scores.sha256()}, indent=2))
         return
-    console.print(f"[green]wrote[/] {out}: {report.format} with {len(report.layers)} layers x "
-                  f"{report.num_experts} experts" + ("" if report.has_sums else f", {report.criterion!r} values only"))
+    console.print(f"[green]wrote[/] {safe(out)}: {report.format} with {len(report.layers)} layers x "
+                  f"{report.num_experts} experts" + ("" if report.has_sums else safe(f", {report.criterion!r} values only")))
     for note in report.notes:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+        console.print(f"note: {safe(note)}", highlight=False, soft_wrap=True)
 
 
 @handle_errors
@@ -169,7 +167,9 @@ def plan_cmd(
     protect: list[str] | None = typer.Option(None, "--protect", help="Always keep these experts: LAYER:ID[,ID...] "
                                              "(repeatable), e.g. --protect 3:0,17."),
     mtp_policy: str | None = typer.Option(None, "--mtp-policy", help=MTP_HELP),
-    out: Path | None = typer.Option(None, "-o", "--out", help="Plan file to write (without it: print only)."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="Plan file to write (without it: print only; "
+                                    "never inside MODEL or over the score file)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace the plan file if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable plan and report."),
 ) -> None:
     """Choose the experts to keep from a score file; print the per-layer table and size estimate."""
@@ -177,34 +177,24 @@ def plan_cmd(
 
     if (ratio is None) == (experts is None):
         fail("give exactly one of --ratio or --experts")
-    if out is not None and out.resolve() == scores.resolve():
-        fail(f"{out}: output is the score file itself")
     plan, report = make_plan(model, scores, ratio=ratio, experts=experts, criterion=criterion, seed=seed,
                              protect_super_experts=protect_super_experts, protect=parse_protect(protect),
                              mtp_policy=mtp_policy, super_percentile=super_percentile,
-                             super_layer_fraction=super_layer_fraction)
-    if out is not None:
-        tmp = out.with_name(f".{out.name}.tmp")
-        try:  # whole or not at all
-            plan.save(tmp)
-            tmp.replace(out)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            fail(f"{out}: cannot write the plan ({exc.strerror or exc})")
+                             super_layer_fraction=super_layer_fraction, out=out, overwrite=overwrite)
     if as_json:
         typer.echo(json.dumps({"plan": plan.to_json(), "report": report.to_json(),
                                "out": str(out) if out else None}, indent=2))
         return
     print_plan_report(report)
     if out is not None:
-        console.print(f"[green]wrote[/] {out}")
+        console.print(f"[green]wrote[/] {safe(out)}")
 
 
 def print_plan_report(report) -> None:
     """The per-layer plan table (also printed by `prune --scores`)."""
     counts = (", ".join(f"{name} {g['num_experts']} -> {g['kept']}" for name, g in report.by_config.items())
               or f"{report.num_experts} -> {report.kept}")
-    t = Table(title=f"{report.architecture}: {counts} experts per layer (criterion {report.criterion})")
+    t = Table(title=safe(f"{report.architecture}: {counts} experts per layer (criterion {report.criterion})"))
     for col in ("layer", "kept", "pruned", "lowest kept", "highest pruned", "protected", "note"):
         t.add_column(col, justify="right" if col in ("kept", "pruned") else "left")
     for row in report.rows:
@@ -215,23 +205,17 @@ def print_plan_report(report) -> None:
             note.append("protection overrode order")
         if row.group_balance_overrode:
             note.append("group balance overrode order")
-        t.add_row(row.layer, str(row.kept), str(row.pruned), _num(row.lowest_kept), _num(row.highest_pruned),
-                  _ids(row.protected) if row.protected else "", "; ".join(note))
+        t.add_row(safe(row.layer), str(row.kept), str(row.pruned), _num(row.lowest_kept), _num(row.highest_pruned),
+                  _ids(row.protected) if row.protected else "", safe("; ".join(note)))
     console.print(t)
-    console.print(f"rounding: {report.rule}", highlight=False, soft_wrap=True)
+    console.print(f"rounding: {safe(report.rule)}", highlight=False, soft_wrap=True)
     for note in report.notes:
-        console.print(f"note: {note}", highlight=False, soft_wrap=True)
+        console.print(f"note: {safe(note)}", highlight=False, soft_wrap=True)
     for warning in report.warnings:
-        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+        console.print(f"[yellow]warning:[/] {safe(warning)}", highlight=False, soft_wrap=True)
     saved = report.input_bytes - report.output_bytes
     console.print(f"size estimate: {human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} "
                   f"({report.output_bytes} bytes, {saved / max(1, report.input_bytes):.0%} smaller)", soft_wrap=True)
-
-
-def _refuse_overwrite(out: Path, inputs: list[Path]) -> None:
-    for p in inputs:
-        if p.exists() and out.exists() and out.resolve() == p.resolve():
-            fail(f"{out}: output is one of the inputs (inputs are never modified)")
 
 
 def _num(x: float | None) -> str:

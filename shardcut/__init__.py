@@ -36,6 +36,7 @@ _EXPORTS = {
     "make_plan": "shardcut.select",
     "import_scores": "shardcut.score_import",
     "merge_scores": "shardcut.scores",
+    "merge_score_files": "shardcut.scores",
     "open_model": "shardcut.hub",
     "prune_model": "shardcut.stream",
     "push": "shardcut.publish",
@@ -55,6 +56,7 @@ if TYPE_CHECKING:
     from shardcut.rewrite import prune as prune
     from shardcut.score_import import import_scores as import_scores
     from shardcut.scores import Scores as Scores
+    from shardcut.scores import merge_score_files as merge_score_files
     from shardcut.scores import merge_scores as merge_scores
     from shardcut.select import make_plan as make_plan
     from shardcut.stream import prune_model as prune_model

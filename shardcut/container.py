@@ -213,13 +213,113 @@ def shard_size(tensors: list[OutTensor], metadata: dict[str, str] | None) -> int
     return len(encode_header(tensors, metadata)) + sum(t.nbytes for t in tensors)
 
 
-class _SourceFiles:
-    """Keeps one read descriptor per source file open while a shard is written."""
+class PinnedSources:
+    """Source shards opened once and held for a whole rewrite, so that every byte copied and
+    every byte the self-check compares comes from the very files whose headers were parsed.
 
-    def __init__(self) -> None:
+    A shard replaced on disk (a new file renamed onto its path) or changed in place while the
+    rewrite runs would otherwise give an output built from two files and "verified" against the
+    second. `check()` compares each file's identity (device, inode, size, mtime and header
+    bytes, through the open descriptor and through the path) with what was pinned.
+
+    Example:
+        >>> with PinnedSources(ckpt.shards) as pinned:
+        ...     write_shard("out.safetensors", tensors, sources=pinned)
+        ...     pinned.check()
+    """
+
+    def __init__(self, shards: list[ShardHeader]) -> None:
         self._fds: dict[Path, int] = {}
+        self._ident: dict[Path, tuple[tuple[int, int, int, int], bytes]] = {}
+        _allow_open_files(len(shards) + 256)  # checkpoints of a thousand shards exist
+        try:
+            for shard in shards:
+                self._pin(shard)
+        except BaseException:
+            self.close()
+            raise
+
+    def _pin(self, shard: ShardHeader) -> None:
+        path = shard.path
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as exc:
+            raise ShardcutError(f"cannot open ({exc.strerror or exc})", path) from None
+        self._fds[path] = fd
+        _fadvise(fd, getattr(os, "POSIX_FADV_SEQUENTIAL", None))
+        st = os.fstat(fd)
+        head = os.pread(fd, shard.data_start, 0)
+        again = parse_header_bytes(head, st.st_size, path) if len(head) == shard.data_start else None
+        if again is None or (again.tensors, again.metadata, again.file_size) != (
+                shard.tensors, shard.metadata, shard.file_size):
+            raise ShardcutError("source shard changed between reading its header and opening it", path)
+        self._ident[path] = (_identity(st), head)
+
+    def __contains__(self, path: object) -> bool:
+        return path in self._fds
 
     def fd(self, path: Path) -> int:
+        return self._fds[path]
+
+    def check(self) -> None:
+        """Raise ShardcutError naming the first source shard that is no longer what was pinned."""
+        for path, fd in self._fds.items():
+            ident, head = self._ident[path]
+            try:
+                through_path = _identity(os.stat(path))
+            except OSError:
+                through_path = None
+            if _identity(os.fstat(fd)) != ident:
+                why = "modified in place"
+            elif through_path is None or through_path[:2] != ident[:2]:
+                why = "replaced by another file" if through_path else "removed"
+            elif os.pread(fd, len(head), 0) != head:
+                why = "header rewritten"
+            else:
+                continue
+            raise ShardcutError(f"source shard changed while shardcut read it ({why}); no output was committed",
+                                path)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            _fadvise(fd, getattr(os, "POSIX_FADV_DONTNEED", None))
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> PinnedSources:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _allow_open_files(n: int) -> None:
+    """Raise the soft limit on open descriptors to `n` where the hard limit allows it."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < n:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (n if hard == resource.RLIM_INFINITY else min(n, hard), hard))
+    except (ImportError, ValueError, OSError):
+        pass  # the open itself then fails with a clear "cannot open" naming the shard
+
+
+def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _SourceFiles:
+    """Keeps one read descriptor per source file open while a shard is written (pinned files
+    are used as they are and left open)."""
+
+    def __init__(self, pinned: PinnedSources | None = None) -> None:
+        self._fds: dict[Path, int] = {}
+        self._pinned = pinned
+
+    def fd(self, path: Path) -> int:
+        if self._pinned is not None and path in self._pinned:
+            return self._pinned.fd(path)
         if path not in self._fds:
             self._fds[path] = os.open(path, os.O_RDONLY)
             _fadvise(self._fds[path], os.POSIX_FADV_SEQUENTIAL if hasattr(os, "POSIX_FADV_SEQUENTIAL") else None)
@@ -274,10 +374,12 @@ def write_shard(
     tensors: list[OutTensor],
     metadata: dict[str, str] | None = None,
     on_bytes=None,
+    sources: PinnedSources | None = None,
 ) -> int:
     """Write a safetensors file whose tensors are copied byte for byte from source ranges.
 
-    `on_bytes(n)` is called as data is copied (for progress bars). Returns the file size.
+    `on_bytes(n)` is called as data is copied (for progress bars). `sources`: source files
+    already open (pinned), read through their descriptors. Returns the file size.
 
     Example:
         >>> src = read_header("in.safetensors").tensors["w"]
@@ -285,7 +387,7 @@ def write_shard(
         ...             [Piece(Path("in.safetensors"), src.start, src.nbytes)])])
     """
     header = encode_header(tensors, metadata)
-    sources = _SourceFiles()
+    files = _SourceFiles(sources)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(header)
@@ -293,7 +395,7 @@ def write_shard(
             view = view[os.write(fd, view) :]
         for t in tensors:
             for p in t.pieces:
-                _copy_range(sources.fd(p.path), fd, p.offset, p.length, on_bytes)
+                _copy_range(files.fd(p.path), fd, p.offset, p.length, on_bytes)
         os.fsync(fd)
         # Written pages are on disk now; dropping them keeps a terabyte rewrite from evicting
         # everything else, and makes the verification pass read back what the disk holds.
@@ -301,7 +403,7 @@ def write_shard(
         size = os.lseek(fd, 0, os.SEEK_CUR)
     finally:
         os.close(fd)
-        sources.close()
+        files.close()
     return size
 
 

@@ -332,11 +332,14 @@ def _find_layers(ckpt: Checkpoint, arch: Architecture, main: _StackCounts, cfg_f
             found[(s_idx, idx)] = MoELayer(key, idx, f"{prefix}.{idx}.", stack, mtp, counts.num_experts,
                                            counts.top_k, counts.zero_experts, counts.path)
         if stack.follows_rule:
+            _check_mtp_count(ckpt.config, stack, counts,
+                             sorted(i for (s, i), layer in found.items() if s == s_idx and layer.mtp), cfg_file)
             _check_rule(arch, stack, counts, {i for (s, i), layer in found.items() if s == s_idx and not layer.mtp},
                         cfg_file)
     layers = [found[k] for k in sorted(found)]
     if not layers:
         raise ShardcutError(f"no MoE layers found for architecture {arch.name}", cfg_file)
+    _check_counts(ckpt, arch, layers, cfg_file)
     dup = [k for k, n in Counter(layer.key for layer in layers).items() if n > 1]
     if dup:
         raise ShardcutError(f"MoE layer key {dup[0]!r} appears twice", cfg_file)
@@ -345,6 +348,79 @@ def _find_layers(ckpt: Checkpoint, arch: Architecture, main: _StackCounts, cfg_f
             if layer.prefix + rel in ckpt.tensors:
                 raise ShardcutError(f"cannot prune {arch.name}: MoE layer {layer.key} {reason}", cfg_file)
     return layers
+
+
+_MTP_COUNT_KEYS = ("num_nextn_predict_layers", "num_mtp_modules")
+# `<layer prefix ending in its index>.<path>.<expert id>.` of a per-expert tensor name
+_EXPERT_ID = re.compile(r"^(.+?\.\d+\..+?\.)(\d+)\.")
+
+
+def _count_field(config: dict, path: tuple[str, ...], keys: tuple[str, ...]) -> str:
+    """The dotted config field an expert count or top-k was read from, for messages."""
+    node = _sub_config(config, path)
+    where = next((".".join(path[:i]) for i in range(len(path), 0, -1) if _sub_config(config, path[:i]) is node), "")
+    key = next((k for k in keys if _is_int(node.get(k)) or isinstance(node.get(k), list)), keys[0])
+    return f"{where}.{key}" if where else key
+
+
+def _check_counts(ckpt: Checkpoint, arch: Architecture, layers: list[MoELayer], cfg_file) -> None:
+    """The config's counts must be what the tensors say: an expert count that merely divides the
+    real one (gpt-oss 4 for 8) would otherwise slice fused tensors into blocks of two experts
+    and write a checkpoint contradicting its own config."""
+    for layer in layers:
+        E, k, zero, stack = layer.num_experts, layer.top_k, layer.zero_experts, layer.stack
+        field = _count_field(ckpt.config, layer.config_path, arch.expert_keys)
+        if E < 1:
+            raise ShardcutError(f"{field} = {E}: a MoE layer needs at least one expert", cfg_file)
+        if not 1 <= k <= E + zero:
+            raise ShardcutError(f"{_count_field(ckpt.config, layer.config_path, arch.top_k_keys)} = {k}: top-k must "
+                                f"be in [1, {E + zero}] (the experts of layer {layer.key})", cfg_file)
+        name = layer.prefix + stack.marker
+        found = ckpt.tensors.get(name)
+        axis = 0 if stack.marker in stack.expert_rows else 1
+        if found is None or found[1].dtype not in _FLOAT_DTYPES or len(found[1].shape) <= axis:
+            continue  # a packed (quantized) router does not show its rows
+        rows = found[1].shape[axis]
+        if rows != E + zero:
+            said = f"{E} (+ {zero} zero-computation)" if zero else str(E)
+            raise ShardcutError(f"{field} = {said} but layer {layer.key}'s router {name} has {rows} expert "
+                                f"{'rows' if axis == 0 else 'columns'} (shape {list(found[1].shape)})", cfg_file)
+    expected: dict[str, tuple[int, MoELayer]] = {}
+    for layer in layers:
+        if layer.stack.experts:
+            prefix = f"{layer.prefix}{layer.stack.experts}."
+            n, first = expected.get(prefix, (0, layer))
+            expected[prefix] = (n + layer.num_experts, first)  # halves sharing one ModuleList add up
+    ids: dict[str, set[int]] = {}
+    for tname in ckpt.tensors:
+        m = _EXPERT_ID.match(tname)
+        if m and m.group(1) in expected:
+            ids.setdefault(m.group(1), set()).add(int(m.group(2)))
+    for prefix, present in ids.items():
+        n, layer = expected[prefix]
+        if present != set(range(n)):
+            field = _count_field(ckpt.config, layer.config_path, arch.expert_keys)
+            raise ShardcutError(f"{field} = {layer.num_experts} but layer {layer.key} holds expert ids "
+                                f"{min(present)}..{max(present)} ({len(present)} experts) under {prefix}", cfg_file)
+
+
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def _check_mtp_count(config: dict, stack: Stack, counts: _StackCounts, extra: list[int], cfg_file) -> None:
+    """Layers at num_hidden_layers + i are MTP layers only when the config says it has MTP layers;
+    otherwise num_hidden_layers is smaller than the layers the checkpoint holds."""
+    if not extra:
+        return
+    node = counts.cfg
+    declared = next((node.get(k) for k in _MTP_COUNT_KEYS if _is_int(node.get(k))), None)
+    if declared is None:
+        declared = next((config.get(k) for k in _MTP_COUNT_KEYS if _is_int(config.get(k))), 0)
+    if len(extra) > declared:
+        where = f"{stack.plan_prefix.rstrip('.')} " if stack.plan_prefix else ""
+        raise ShardcutError(f"num_hidden_layers = {counts.num_hidden} but the checkpoint has {where}MoE layers "
+                            f"{extra[:5]} beyond it, more than the {declared} MTP layer(s) the config declares "
+                            f"({' / '.join(_MTP_COUNT_KEYS)})", cfg_file)
 
 
 def _check_rule(arch: Architecture, stack: Stack, counts: _StackCounts, present: set[int], cfg_file) -> None:

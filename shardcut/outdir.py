@@ -15,9 +15,11 @@ import os
 import shutil
 from pathlib import Path
 
-from shardcut.errors import ShardcutError
+from shardcut.durable import atomic_write_text, fsync_dir
+from shardcut.errors import OutputError, OutputExistsError, ShardcutError
 
 STATE_NAME = ".shardcut-resume.json"
+NAME_MAX = 255  # bytes in one path component on Linux filesystems
 
 
 def partial_dir(out: Path) -> Path:
@@ -29,16 +31,45 @@ def lock_path(out: Path) -> Path:
 
 
 def check_output_path(out: Path, source: Path) -> None:
-    """OUT must not exist (or be an empty folder) and must not lie inside the source."""
+    """Refuse, before any work, an OUT folder the transaction could not commit or would destroy.
+
+    OUT must not exist (or be an empty folder) and must not lie inside the source; it must not be
+    a symlink (dangling or not: the rename would replace the link, not fill its target) nor a
+    mount point (the finished folder is renamed into place, which cannot cross filesystems); the
+    partial folder's name must fit in a path component; the parent must be a writable folder.
+    """
+    if out.is_symlink():
+        raise OutputError(f"the output is a symlink (to {os.readlink(out)}); give the real folder", out)
+    if os.path.ismount(out):
+        raise OutputError("the output is a mount point: shardcut builds OUT beside it and renames it into "
+                          "place, which cannot cross filesystems; give a folder inside the mount", out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ShardcutError("output exists and is not an empty directory", out)
+        raise OutputExistsError("output exists and is not an empty directory", out)
     src_r, out_r = source.resolve(), out.resolve()
     if out_r == src_r or src_r in out_r.parents:
-        raise ShardcutError(f"output lies inside the input checkpoint {source}", out)
+        raise OutputError(f"output lies inside the input checkpoint {source}", out)
+    longest = max(partial_dir(out).name, lock_path(out).name, key=lambda n: len(os.fsencode(n)))
+    if len(os.fsencode(longest)) > NAME_MAX:
+        raise OutputError(f"output name too long: its work folder {longest[:40]}… would exceed {NAME_MAX} bytes", out)
+    parent = _existing_parent(out)
+    if not parent.is_dir():
+        raise OutputError("the output's parent is not a folder", parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError("cannot write in the output's parent folder (permission denied)", parent)
+
+
+def _existing_parent(out: Path) -> Path:
+    probe = out.absolute().parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
 
 
 def check_free_space(where: Path, needed: int) -> None:
-    probe = where
+    """Refuse when the filesystem of `where` (or of its nearest existing parent) has less than
+    `needed` bytes free. For OUT pass OUT's parent: the partial folder, where every byte is
+    written, lives there (a mount point as OUT is refused by `check_output_path`)."""
+    probe = Path(where).absolute()
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
@@ -46,6 +77,21 @@ def check_free_space(where: Path, needed: int) -> None:
         raise ShardcutError(
             f"not enough disk space: the output needs {needed:,} bytes, {free:,} are free", probe
         )
+
+
+def sync_tree(root: Path) -> None:
+    """fsync every regular file under `root`, then every folder, deepest first, `root` last."""
+    for dirpath, _dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.isfile(path) or os.path.islink(path):
+                continue  # only what shardcut wrote: regular files
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(dirpath)
 
 
 class OutputTransaction:
@@ -91,7 +137,7 @@ class OutputTransaction:
                 shutil.rmtree(self.dir)
         if not self.resumed:
             self.dir.mkdir(parents=True)
-            state_file.write_text(json.dumps(self.state, sort_keys=True))
+            atomic_write_text(state_file, json.dumps(self.state, sort_keys=True))
         return self
 
     def finished(self, name: str, expected_size: int) -> bool:
@@ -107,12 +153,20 @@ class OutputTransaction:
         os.replace(self.dir / f"{name}.part", self.dir / name)
 
     def commit(self) -> None:
+        """Make OUT appear, complete and durable, in one rename.
+
+        Order, as a database does it: every file of the partial folder fsynced, then every folder
+        in it (bottom up, so each file's name is durable), then the rename to OUT, then OUT's
+        parent, so that after a power loss OUT is either absent or complete on disk.
+        """
         (self.dir / STATE_NAME).unlink(missing_ok=True)
         for stale in self.dir.glob("*.part"):
             stale.unlink()
+        sync_tree(self.dir)
         if self.out.exists():
             self.out.rmdir()
         os.replace(self.dir, self.out)
+        fsync_dir(self.out.parent)
         self._committed = True
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -65,7 +65,11 @@ class Plan:
         return hashlib.sha256(self.dumps().encode()).hexdigest()
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.dumps())
+        """Write the plan atomically and durably (temp file, fsync, rename, fsync of the folder).
+        It replaces `path`; `make_plan(out=...)` is the call that refuses to overwrite inputs."""
+        from shardcut.durable import atomic_write_text
+
+        atomic_write_text(path, self.dumps())
 
     @classmethod
     def from_json(cls, data: object, source: str | Path = "plan") -> Plan:
@@ -96,6 +100,22 @@ class Plan:
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             raise ShardcutError(f"not valid JSON ({type(exc).__name__})", path) from None
         return cls.from_json(data, path)
+
+
+def check_replaceable_plan(out: str | Path) -> None:
+    """An existing plan output is replaced (with overwrite) only when it is a plan file itself,
+    never another file (a config.json or a shard of a model the planner was not given)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    try:
+        ok = out.is_file() and out.stat().st_size < 1 << 30 and json.loads(out.read_bytes()).get("format") == PLAN_FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):
+        ok = False
+    if not ok:
+        from shardcut.errors import OutputError
+
+        raise OutputError(f"exists and is not a {PLAN_FORMAT} file: refusing to replace it, even with overwrite", out)
 
 
 def validate_plan(plan: Plan, info: ModelInfo, source: str | Path = "plan") -> None:

@@ -18,7 +18,16 @@ from pathlib import Path
 
 from shardcut import __version__
 from shardcut.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint
-from shardcut.container import OutTensor, Piece, TensorInfo, merge_pieces, shard_size, tensor_nbytes, write_shard
+from shardcut.container import (
+    OutTensor,
+    Piece,
+    PinnedSources,
+    TensorInfo,
+    merge_pieces,
+    shard_size,
+    tensor_nbytes,
+    write_shard,
+)
 from shardcut.errors import ShardcutError
 from shardcut.model import ModelInfo, _sub_config, describe
 from shardcut.plan import Plan, validate_plan
@@ -285,8 +294,7 @@ def prune(
         64
     """
     from shardcut.hub import resolve_model
-    from shardcut.outdir import OutputTransaction, check_free_space, check_output_path
-    from shardcut.verification import compare_written
+    from shardcut.outdir import OutputTransaction, check_output_path
 
     src = resolve_model(model)
     ckpt = open_checkpoint(src)
@@ -303,36 +311,49 @@ def prune(
     out = Path(out)
     check_output_path(out, src)
     state = {"source": str(src.resolve()), "plan_sha256": plan.sha256(), "shards": names, "sizes": sizes}
-    with OutputTransaction(out, state, resume=resume) as tx:
-        todo = []
-        for name, tensors, size in zip(names, lay.shards, sizes):
-            if tx.finished(name, size):
-                try:  # finished by an interrupted run: trusted only once its bytes match the source
-                    compare_written(tx.dir, [tensors], [name])
-                    continue
-                except ShardcutError:
-                    pass
-            todo.append(name)
-        check_free_space(out.parent, sum(sz for n, sz in zip(names, sizes) if n in todo))
-        done = sum(t.nbytes for n, s in zip(names, lay.shards) if n not in todo for t in s)
-
-        def on_bytes(n: int) -> None:
-            nonlocal done
-            done += n
-            if progress:
-                progress(done, lay.total_size)
-
-        for name, tensors, meta in zip(names, lay.shards, lay.metadata):
-            if name in todo:
-                write_shard(tx.shard_path(name), tensors, meta, on_bytes)
-                tx.shard_done(name)
-        write_checkpoint_files(tx.dir, ckpt, info, plan, lay, names)
-        if verify:
-            compare_written(tx.dir, [s for n, s in zip(names, lay.shards) if n in todo], todo)
-            report.verified = True
+    with PinnedSources(ckpt.shards) as pinned, OutputTransaction(out, state, resume=resume) as tx:
+        _write_pinned(tx, pinned, ckpt, info, plan, lay, names, sizes, verify, progress)
+        report.verified = verify
         tx.commit()
     report.out = out
     return report
+
+
+def _write_pinned(tx, pinned: PinnedSources, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout,
+                  names: list[str], sizes: list[int], verify: bool, progress: Progress | None) -> None:
+    """Write (or, resuming, keep) every shard of `lay` into the transaction's folder, reading the
+    sources only through `pinned`; the sources are checked unchanged after the copy and again
+    after the self-check, so an output mixing two versions of a shard is never committed."""
+    from shardcut.outdir import check_free_space
+    from shardcut.verification import compare_written
+
+    todo = []
+    for name, tensors, size in zip(names, lay.shards, sizes):
+        if tx.finished(name, size):
+            try:  # finished by an interrupted run: trusted only once its bytes match the source
+                compare_written(tx.dir, [tensors], [name], pinned)
+                continue
+            except ShardcutError:
+                pass
+        todo.append(name)
+    check_free_space(tx.out.parent, sum(sz for n, sz in zip(names, sizes) if n in todo))
+    done = sum(t.nbytes for n, s in zip(names, lay.shards) if n not in todo for t in s)
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, lay.total_size)
+
+    for name, tensors, meta in zip(names, lay.shards, lay.metadata):
+        if name in todo:
+            write_shard(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned)
+            tx.shard_done(name)
+    pinned.check()
+    write_checkpoint_files(tx.dir, ckpt, info, plan, lay, names)
+    if verify:
+        compare_written(tx.dir, [s for n, s in zip(names, lay.shards) if n in todo], todo, pinned)
+        pinned.check()
 
 
 def pruned_config(ckpt: Checkpoint, info: ModelInfo, plan: Plan) -> tuple[dict, dict | None]:

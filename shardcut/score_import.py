@@ -35,7 +35,7 @@ import numpy as np
 
 from shardcut.errors import ShardcutError
 from shardcut.model import ModelInfo
-from shardcut.scores import FIELDS, GATE_APPLIED, GATE_SOFTMAX, GATE_UNKNOWN, Scores
+from shardcut.scores import FIELDS, GATE_APPLIED, GATE_SOFTMAX, GATE_UNKNOWN, Scores, check_replaceable_scores
 
 FORMATS = ("auto", "reap-observer", "torch", "saliency-json", "keep-list", "llm-compressor")
 LAYOUTS = ("layers-experts", "experts-layers")
@@ -80,7 +80,8 @@ class ImportReport:
 
 
 def import_scores(path: str | Path, model: str | Path, *, fmt: str = "auto", criterion: str | None = None,
-                  layer_offset: int | None = None, layout: str | None = None) -> tuple[Scores, ImportReport]:
+                  layer_offset: int | None = None, layout: str | None = None, out: str | Path | None = None,
+                  overwrite: bool = False) -> tuple[Scores, ImportReport]:
     """Read a published score file for `model` (folder or Hub id; headers only) as `Scores`.
 
     fmt: `auto` (by suffix and content), `torch` (= `reap-observer`: any torch shape above),
@@ -90,15 +91,22 @@ def import_scores(path: str | Path, model: str | Path, *, fmt: str = "auto", cri
     layer_offset: added to integer layer keys (keys counted from 0 at the first MoE layer of a
     model whose first MoE layer is 3: offset 3). layout: `layers-experts` or `experts-layers`
     for a stacked square tensor.
+    out: where to write the imported scores (`scores import -o`). Refused before anything is
+    read when it is the file itself or lies inside the model folder, and when it exists unless
+    `overwrite`.
 
     Example:
         >>> scores, report = import_scores("observations_1024_cosine-seed_42.pt", "Qwen/Qwen3-30B-A3B")
         >>> scores.save("scores.safetensors")
     """
-    from shardcut.hub import open_model
+    from shardcut.durable import check_output
+    from shardcut.hub import is_local, open_model
     from shardcut.model import describe
 
     path = Path(path)
+    if out is not None:
+        check_output(out, [path, model if is_local(model) else None], overwrite=overwrite, what="score file")
+        check_replaceable_scores(out)
     if not path.exists():
         raise ShardcutError("file not found", path)
     if fmt not in FORMATS:
@@ -106,6 +114,8 @@ def import_scores(path: str | Path, model: str | Path, *, fmt: str = "auto", cri
     if layout is not None and layout not in LAYOUTS:
         raise ShardcutError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
     ckpt = open_model(model)  # headers only: no shard data
+    if out is not None:  # a Hub id resolves to a cache snapshot: never write inside it either
+        check_output(out, [ckpt.root], overwrite=overwrite, what="score file")
     info = describe(ckpt)
     ctx = _Context(info, path, criterion, layer_offset, layout)
     if path.is_dir():
@@ -133,6 +143,8 @@ def import_scores(path: str | Path, model: str | Path, *, fmt: str = "auto", cri
     if caveats:
         scores.metadata["caveats"] = json.dumps(caveats)
     scores.validate(path)
+    if out is not None:
+        scores.save(out)
     return scores, report
 
 

@@ -219,16 +219,12 @@ class Scores:
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
     def save(self, path: str | Path) -> None:
-        """Write the file atomically (a crash never leaves a half-written score file)."""
+        """Write the file atomically and durably (temp file, fsync, rename, fsync of the folder):
+        a crash or power loss never leaves a half-written score file."""
+        from shardcut.durable import atomic_write_bytes
+
         self.validate(path)
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_bytes(self.to_bytes())
-            tmp.replace(path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise ShardcutError(f"cannot write ({exc.strerror or exc})", path) from None
+        atomic_write_bytes(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:
@@ -499,6 +495,43 @@ def provenance(ckpt, gate: str) -> dict[str, str]:
     from shardcut.checkpoint import layout_fingerprint
 
     return {"gate_convention": gate, "model_fingerprint": layout_fingerprint(ckpt)}
+def merge_score_files(inputs: Sequence[str | Path | tuple[str | Path, float]], out: str | Path, *,
+                      overwrite: bool = False, force: bool = False) -> Scores:
+    """`scores merge`: load the files (each `PATH`, `PATH:WEIGHT` or `(path, weight)`), merge them
+    (see `merge_scores`; `force` merges different gate conventions) and write the result to `out`.
+
+    Before anything is read, `out` is refused when it is one of the inputs or lies inside an
+    input folder, and when it exists unless `overwrite`.
+
+    Example:
+        >>> merge_score_files(["code.safetensors:2", "chat.safetensors"], "merged.safetensors")
+    """
+    from shardcut.durable import check_output
+
+    parsed = [parse_weighted(str(a)) if not isinstance(a, tuple) else (Path(a[0]), float(a[1])) for a in inputs]
+    check_output(out, [p for p, _ in parsed], overwrite=overwrite, what="merged score file")
+    check_replaceable_scores(out)
+    merged = merge_scores([(Scores.load(p), w) for p, w in parsed], [str(p) for p, _ in parsed], force=force)
+    merged.save(out)
+    return merged
+
+
+def check_replaceable_scores(out: str | Path) -> None:
+    """An existing output is replaced (with overwrite) only when it is a score file itself: a
+    merge or an import knows no MODEL to protect, so `-o MODEL/model-00002-of-00009.safetensors
+    --overwrite` must not replace a shard."""
+    from shardcut.container import read_header
+    from shardcut.errors import OutputError
+
+    out = Path(out)
+    if not out.exists():
+        return
+    try:
+        ok = out.is_file() and (read_header(out).metadata or {}).get("format") == SCORES_FORMAT
+    except (ShardcutError, OSError):
+        ok = False
+    if not ok:
+        raise OutputError(f"exists and is not a {SCORES_FORMAT} file: refusing to replace it, even with overwrite", out)
 
 
 def _model_name(model: str | None) -> str | None:

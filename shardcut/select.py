@@ -37,7 +37,7 @@ import numpy as np
 
 from shardcut.errors import ShardcutError
 from shardcut.model import ModelInfo, MoELayer
-from shardcut.plan import Plan, validate_plan
+from shardcut.plan import Plan, check_replaceable_plan, validate_plan
 from shardcut.scores import Scores, file_sha256
 
 CRITERIA: dict[str, str] = {
@@ -439,6 +439,8 @@ def make_plan(
     mtp_policy: str | None = None,
     super_percentile: float = SUPER_PERCENTILE,
     super_layer_fraction: float = SUPER_LAYER_FRACTION,
+    out: str | Path | None = None,
+    overwrite: bool = False,
 ) -> tuple[Plan, PlanReport]:
     """Plan a prune of `model` from a score file: the same number kept in every MoE layer (in
     every layer of a count group, for models with several expert counts), the highest by
@@ -454,17 +456,26 @@ def make_plan(
     of equal value (ties, zeros, never-routed experts), with how many experts only the id
     tie-break placed, and scores whose recorded model differs from `model`.
     super_percentile / super_layer_fraction: the super-expert rule (see `super_experts`).
+    out: write the plan there (`plan -o`), durably. Refused before any work when it is the score
+    file or lies inside the model folder, and when it exists unless `overwrite`.
 
     Example:
         >>> plan, report = make_plan("Qwen3-30B-A3B", "scores.safetensors", ratio=0.5)
         >>> plan.save("plan.json"); report.kept, report.output_bytes
     """
     from shardcut.container import shard_size
-    from shardcut.hub import open_model
+    from shardcut.durable import check_output
+    from shardcut.hub import is_local, open_model
     from shardcut.model import describe
     from shardcut.rewrite import layout
 
+    if out is not None:
+        check_output(out, [model if is_local(model) else None, None if isinstance(scores, Scores) else scores],
+                     overwrite=overwrite, what="plan")
+        check_replaceable_plan(out)
     ckpt = open_model(model)  # headers only: no shard data
+    if out is not None:  # a Hub id resolves to a cache snapshot: never write inside it either
+        check_output(out, [ckpt.root], overwrite=overwrite, what="plan")
     info = describe(ckpt)
     if isinstance(scores, Scores):
         origin, sha = "scores", scores.sha256()
@@ -585,6 +596,8 @@ def make_plan(
     report = PlanReport(model_text, info.arch.name, crit, info.num_experts, counts.kept, ratio, rule, rows,
                         ckpt.file_bytes, output, sha, extra.get("mtp_policy"), threshold, notes, by_config,
                         warnings, decided)
+    if out is not None:
+        plan.save(out)
     return plan, report
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from shardcut import hub
 from shardcut.checkpoint import Checkpoint
-from shardcut.container import OutTensor, ShardHeader, read_header, shard_size, write_shard
+from shardcut.container import OutTensor, PinnedSources, ShardHeader, read_header, shard_size, write_shard
 from shardcut.errors import ShardcutError
 from shardcut.hub import OTHER_WEIGHTS, RepoRef, cached_file, hub_errors
 from shardcut.model import ModelInfo, describe
@@ -232,14 +232,17 @@ def _stream(ref: RepoRef, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: La
                     report.downloaded.append(current)
                 else:
                     src = local
-                part = layout(_one_shard(ckpt, read_header(src)), info, plan)
+                on_disk = read_header(src)
+                part = layout(_one_shard(ckpt, on_disk), info, plan)
                 tensors = part.shards[0] if part.shards else []
                 if _signature(tensors) != _signature(expect) or shard_size(tensors, meta) != size:
                     raise ShardcutError("shard differs from the header read from the Hub (did the repo change?)",
                                         f"{ref}/{current}")
-                write_shard(tx.shard_path(name), tensors, meta, on_bytes)
-                if verify:
-                    compare_written(tx.dir, [tensors], [tx.shard_path(name).name])
+                with PinnedSources([on_disk]) as pinned:  # copy and self-check read one file, unchanged
+                    write_shard(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned)
+                    if verify:
+                        compare_written(tx.dir, [tensors], [tx.shard_path(name).name], pinned)
+                    pinned.check()
                 tx.shard_done(name)
                 if local is None:
                     src.unlink()  # the point of streaming: the input shard goes before the next comes

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardcut.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint, read_json_object
-from shardcut.container import OutTensor, read_header
+from shardcut.container import OutTensor, PinnedSources, read_header
 from shardcut.errors import ShardcutError
 from shardcut.model import ModelInfo, describe
 from shardcut.plan import Plan
@@ -36,11 +36,13 @@ class VerifyReport:
         return not self.problems
 
 
-def compare_written(out_dir: Path, shards: list[list[OutTensor]], names: list[str]) -> int:
+def compare_written(out_dir: Path, shards: list[list[OutTensor]], names: list[str],
+                    pinned: PinnedSources | None = None) -> int:
     """Re-read every written tensor and compare it with its source byte ranges.
 
     Raises ShardcutError at the first difference; returns the bytes compared. Reads in
-    bounded chunks, so memory stays flat.
+    bounded chunks, so memory stays flat. `pinned`: the source files the copy read (compared
+    through those same descriptors, not re-opened by path).
     """
     compared = 0
     sources: dict[Path, int] = {}
@@ -56,9 +58,12 @@ def compare_written(out_dir: Path, shards: list[list[OutTensor]], names: list[st
                         raise ShardcutError(f"tensor {t.name!r} missing or with the wrong dtype/shape", path)
                     pos = info.start
                     for piece in t.pieces:
-                        if piece.path not in sources:
-                            sources[piece.path] = os.open(piece.path, os.O_RDONLY)
-                        src_fd = sources[piece.path]
+                        if pinned is not None and piece.path in pinned:
+                            src_fd = pinned.fd(piece.path)
+                        else:
+                            if piece.path not in sources:
+                                sources[piece.path] = os.open(piece.path, os.O_RDONLY)
+                            src_fd = sources[piece.path]
                         for off in range(0, piece.length, _COMPARE_CHUNK):
                             n = min(_COMPARE_CHUNK, piece.length - off)
                             if os.pread(out_fd, n, pos + off) != os.pread(src_fd, n, piece.offset + off):

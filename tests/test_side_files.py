@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shardcut.errors import CheckpointError
+from shardcut.errors import CheckpointError, ShardcutError
 from shardcut.plan import Plan
 from shardcut.rewrite import prune
 from shardcut.verification import verify
@@ -324,6 +324,10 @@ def test_verify_source_catches_changed_side_files_and_config(hub, tmp_path, tamp
             cfg["num_hidden_layers"] -= 1
         (bad / "config.json").write_text(json.dumps(cfg))
         where = "config.json"
+    if tamper == "eps_and_layers":  # a layer count the tensors contradict: refused while describing OUT
+        with pytest.raises(ShardcutError, match=r"config\.json: num_hidden_layers = 2 but"):
+            verify(bad, source=source)
+        return
     report = verify(bad, source=source)
     assert not report.ok and any(p.startswith(where) for p in report.problems), report.problems
     if tamper == "hidden_size":
@@ -352,17 +356,15 @@ def test_verify_flags_stale_counts_and_unaccounted_weights(hub, tmp_path):
 
 def test_verify_source_catches_a_config_count_that_divides_the_real_one(hub, tmp_path):
     """config.json saying 2 experts over tensors of 4 (2 divides 4, so a multiple-of check
-    passes) is caught by the exact expert-axis check against the source."""
+    passes) is refused: describing OUT checks the count against the router's expert rows."""
     source, out, _ = hub
     bad = _copy(out, tmp_path)
     cfg = json.loads((bad / "config.json").read_text())
     cfg["num_local_experts"] = KEPT // 2
     cfg["num_experts_per_tok"] = 1
     (bad / "config.json").write_text(json.dumps(cfg))
-    problems = verify(bad, source=source).problems
-    assert any("mlp.router.weight: dim 0 is 4, but config.json's count makes it 2 x 1 = 2" in p for p in problems), \
-        problems
-    assert any(p.startswith("config.json differs") and "num_local_experts 4 -> 2" in p for p in problems)
+    with pytest.raises(ShardcutError, match=r"config\.json: num_local_experts = 2 but layer 0's router .* has 4 expert rows"):
+        verify(bad, source=source)
 
 
 def test_stream_applies_the_same_rules(hub, tmp_path, monkeypatch):
