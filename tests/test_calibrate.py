@@ -260,3 +260,43 @@ def test_deepseek_v32_indexer_drops_tokens(families, streamed):
         for h in hooks:
             h.remove()
     assert picked and all(shape[-1] == INDEX_TOPK < shape[-2] for shape in picked)
+
+
+def test_gpu_settings_run_on_the_cpu(families, ids_data, streamed, tmp_path, monkeypatch):
+    """What a CUDA run does differently, run on the CPU: the next layer's tensors are read while the
+    current one runs (`prefetch`), and the compute dtype is bfloat16. Prefetching changes nothing
+    (bit-identical scores); in bfloat16 every loaded parameter sits on the run's device in bfloat16
+    except those transformers keeps in float32 (its dtype plan: DeepSeek's router), and the
+    statistics track float32."""
+    import re
+
+    import torch
+
+    from shardcut.calibration import stream
+
+    name = "kimi_k25"
+    full, _, _ = streamed(name)
+    source = families(name).source
+    placed: list[tuple[str, torch.device, torch.dtype, bool]] = []
+    original = stream.LayerLoader.load_layer
+
+    def spy(self, i, raw):
+        layer = original(self, i, raw)
+        plan = [re.compile(p) for p in self.sk.dtype_plan or ()]
+        for n, p in layer.named_parameters():
+            full_name = f"{self.sk.module_prefix}{i}.{n}"
+            placed.append((full_name, p.device, p.dtype, any(q.search(full_name) for q in plan)))
+        return layer
+
+    monkeypatch.setattr(stream.LayerLoader, "load_layer", spy)
+    ahead = Calibrator(str(source), str(ids_data[0]), tmp_path / "a.safetensors", max_length=64,
+                       batch_tokens=BATCH_TOKENS, prefetch=True).run()
+    _assert_identical(ahead, full)
+    placed.clear()
+    bf16 = Calibrator(str(source), str(ids_data[0]), tmp_path / "b.safetensors", max_length=64,
+                      batch_tokens=BATCH_TOKENS, prefetch=True, dtype="bfloat16").run()
+    assert placed and all(device == torch.device("cpu") for _, device, _, _ in placed)
+    assert all(dtype == (torch.float32 if keep32 else torch.bfloat16) for _, _, dtype, keep32 in placed), placed
+    assert any(keep32 for *_, keep32 in placed) and not all(keep32 for *_, keep32 in placed)
+    np.testing.assert_array_equal(bf16.count.sum(1), TOP_K * bf16.tokens)
+    np.testing.assert_allclose(bf16.norm_sum.sum(1), full.norm_sum.sum(1), rtol=0.05)

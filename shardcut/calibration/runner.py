@@ -180,6 +180,7 @@ class Calibrator:
     progress: Callable[[CalibEvent], None] | None = None
     on_layer: Callable[[int, Calibrator], None] | None = None
     pair_chunk: int = DEFAULT_PAIR_CHUNK
+    prefetch: bool | None = None  # read layer i+1 while layer i runs (None: on CUDA only)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -298,7 +299,8 @@ class Calibrator:
         first = 0 if replay else start
         if first > 0:
             self.loader.buffers_to_device()  # rotary frequencies & co; the embedding is not needed any more
-        prefetch = ThreadPoolExecutor(1) if self.torch_device.type == "cuda" else None
+        overlap = self.prefetch if self.prefetch is not None else self.torch_device.type == "cuda"
+        prefetch = ThreadPoolExecutor(1) if overlap else None
         try:
             pending = None
             for step in range(first, self.steps):
