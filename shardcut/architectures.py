@@ -449,7 +449,10 @@ ARCHITECTURES += (
                  top_k_keys=("moe_top_k", "num_experts_per_tok"),
                  moe_rule=per_layer_types("mlp_layer_types", _SPARSE, step3_moe_layers), config_path=("text_config",),
                  selection_bias="moe.router_bias",
-                 calibration_by_type=(("step3_text", _NO_TRANSFORMERS), ("step3_vl", _NO_TRANSFORMERS))),
+                 calibration_by_type=(("step3_text", _NO_TRANSFORMERS), ("step3_vl", _NO_TRANSFORMERS),
+                                      ("step3p5", Calibration(unsupported="transformers has no model with a head for "
+                                                              "its text-only config (Step-3.5-Flash), only for the "
+                                                              "step3p7 wrapper, which calibrates")))),
     Architecture("gemma4", ("gemma4", "gemma4_text"),
                  (Stack(("model.language_model.layers", "model.layers"), "experts",
                         ("router.proj.weight", "router.per_expert_scale")),),

@@ -21,7 +21,7 @@ PROOF_FAMILIES = ["qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss"]
 MORE_FAMILIES = ["qwen2_moe", "olmoe", "qwen3_next", "qwen3_5_moe", "phimoe", "minimax", "minimax_m2", "deepseek_v2",
                  "kimi_k2", "glm4_moe", "dots1", "ernie4_5_moe", "granitemoe", "kimi_linear", "bailing_hybrid", "afmoe",
                  "lfm2_moe", "nemotron_h", "hunyuan_v1_moe", "jamba", "granitemoeshared", "granitemoehybrid",
-                 "deepseek_v32", "step3"]
+                 "deepseek_v32", "step3", "qwen3_5_moe_text"]
 # multimodal wrappers: their text stack streams from the wrapper's own shards, keyed as plan/prune key it
 WRAPPERS = ["kimi_k25", "qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe"]
 CALIBRATED = PROOF_FAMILIES + MORE_FAMILIES + WRAPPERS

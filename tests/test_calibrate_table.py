@@ -19,9 +19,7 @@ from shardcut.calibration.observe import calibratable_model_types, unsupported_r
 # config.json model_type of each calibrated fixture
 _FIXTURE_TYPES = {(f.config_edits.get("model_type") or f.model_type): f.name for f in FAMILIES if f.name in CALIBRATED}
 _CALIBRATED_TYPES = {f.model_type for f in FAMILIES if f.name in CALIBRATED} | set(_FIXTURE_TYPES)
-# model types transformers registers no model for (the Hub ships remote code), and text-only
-# spellings whose wrapper fixture proves the same code (Qwen3.5-MoE's text model is its wrapper's)
-_NO_FIXTURE = {"qwen3_5_moe_text": "qwen3_5_moe", "step3p5": "step3"}
+
 
 
 def _all_types() -> list[tuple[str, str]]:
@@ -32,7 +30,7 @@ def _all_types() -> list[tuple[str, str]]:
 def test_every_model_type_calibrates_on_a_fixture_or_says_why_not(arch, model_type):
     reason = unsupported_reason({"model_type": model_type})
     if reason is None:
-        assert model_type in _CALIBRATED_TYPES or model_type in _NO_FIXTURE, (
+        assert model_type in _CALIBRATED_TYPES, (
             f"{model_type} claims to calibrate but no fixture proves it")
         assert model_type in calibratable_model_types()
     else:
@@ -52,7 +50,8 @@ def test_every_family_transformers_registers_calibrates_or_is_explained():
     assert len(calibrates) >= 30
     # what transformers builds but shardcut does not calibrate yet, each with its reason
     assert {mt for mt in registered if explained[mt]} <= {
-        "llama4", "llama4_text", "longcat_flash", "deepseek_v4", "gemma4", "gemma4_text", "dbrx", "jetmoe"}
+        "llama4", "llama4_text", "longcat_flash", "deepseek_v4", "gemma4", "gemma4_text", "dbrx", "jetmoe",
+        "step3p5"}
 
 
 def test_the_cli_prints_the_reason_in_one_line(families, tmp_path):
