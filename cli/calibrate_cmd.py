@@ -100,10 +100,11 @@ def calibrate_cmd(
 ) -> None:
     """Compute REAP saliency statistics of a MoE checkpoint, one decoder layer at a time.
 
-    Multimodal wrappers (Kimi-K2.5, Qwen3-VL-MoE, Qwen3.5-MoE, GLM-4.5V, ERNIE-4.5-VL, Qwen3-Omni)
-    calibrate their text stack on text only, from the wrapper's own shards, keyed as plan and prune
-    key the wrapper. Where image tokens route through the same experts, the statistics do not see
-    them; the score file says so (metadata `text_only`).
+    Multimodal wrappers (Kimi-K2.5, Qwen3-VL-MoE, Qwen3.5-MoE, GLM-4.5V,
+    ERNIE-4.5-VL, Qwen3-Omni) calibrate their text stack on text only, read
+    from the wrapper's own shards and keyed as plan and prune key the wrapper.
+    Where image tokens route through the same experts, the statistics do not
+    see them: the score file says so (metadata `text_only`).
     """
     from shardcut.calibration.runner import calibrate
 
