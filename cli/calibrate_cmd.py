@@ -114,7 +114,14 @@ def calibrate_cmd(
                                          "(default: OUT.calib next to the output)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary at the end."),
 ) -> None:
-    """Compute REAP saliency statistics of a MoE checkpoint, one decoder layer at a time."""
+    """Compute REAP saliency statistics of a MoE checkpoint, one decoder layer at a time.
+
+    Multimodal wrappers (Kimi-K2.5, Qwen3-VL-MoE, Qwen3.5-MoE, GLM-4.5V,
+    ERNIE-4.5-VL, Qwen3-Omni) calibrate their text stack on text only, read
+    from the wrapper's own shards and keyed as plan and prune key the wrapper.
+    Where image tokens route through the same experts, the statistics do not
+    see them: the score file says so (metadata `text_only`).
+    """
     from shardcut.calibration.runner import calibrate
 
     live = err_console.is_terminal and not as_json

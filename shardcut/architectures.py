@@ -145,6 +145,33 @@ class Stack:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """How `calibrate` runs a family through transformers' own modelling code (or why it cannot).
+
+    unsupported: why it cannot be calibrated (the CLI prints it); None: it calibrates. Every
+        calibratable model type is proven on a tiny model against a float64 full-model
+        reference (tests/test_calibrate.py walks the table).
+    config_alias: the transformers model_type that builds config.json (and its `text_config`)
+        when transformers does not register the spelling the Hub uses (`kimi_k2` is DeepSeek-V3's code).
+    images_share_experts: image (or audio) tokens of this multimodal wrapper route through the
+        same experts as text; calibration feeds text only (what users do), and the score file says so.
+    text_only_stacks: plan-key prefixes of MoE stacks a text-only forward never reaches (ERNIE-VL's
+        vision experts, Qwen3-Omni's talker): their layers are not scored.
+    experts_module: the experts module a text token runs, relative to the decoder layer, where a
+        layer holds several (ERNIE-VL: `mlp.text_moe.experts`); else the layer's one experts module.
+    """
+
+    unsupported: str | None = None
+    config_alias: str | None = None
+    images_share_experts: bool = False
+    text_only_stacks: tuple[str, ...] = ()
+    experts_module: str | None = None
+
+
+CALIBRATES = Calibration()
+
+
+@dataclass(frozen=True)
 class Architecture:
     """One MoE family.
 
@@ -160,6 +187,8 @@ class Architecture:
     scoring: how the router turns logits into gates (`softmax` or `sigmoid`), for reports.
     top_k_exact: engines assert top-k equals this (PhiMoE in vLLM needs 2).
     unsupported: why this family cannot be pruned (`describe` refuses it with this reason).
+    calibration: how `calibrate` runs it (`Calibration`); `calibration_by_type` overrides it for
+        some of `model_types` (model_type -> Calibration).
     """
 
     name: str
@@ -177,6 +206,12 @@ class Architecture:
     top_k_exact: int | None = None
     unsupported: str | None = None
     notes: tuple[str, ...] = field(default=())
+    calibration: Calibration = CALIBRATES
+    calibration_by_type: tuple[tuple[str, Calibration], ...] = ()
+
+    def calibration_of(self, model_type: str) -> Calibration:
+        """The calibration facts of one of this entry's model types."""
+        return dict(self.calibration_by_type).get(model_type, self.calibration)
 
 
 def _qwen_layers(prefixes: tuple[str, ...] = ("model.layers",)) -> Stack:
@@ -191,6 +226,12 @@ _MIXTRAL = Stack(("model.layers",), "block_sparse_moe.experts", ("block_sparse_m
 _QWEN_KEYS = ("num_experts", "num_local_experts")
 _DEEPSEEK_KEYS = ("n_routed_experts", "num_local_experts", "num_experts")
 _GROUPS = ("n_group", "topk_group")
+# calibration facts shared by several entries
+_SHARED_IMAGES = Calibration(images_share_experts=True)
+_ROUTER_SCALES_INPUT = Calibration(unsupported="its router scales the expert input by the routing score, so f_j(x) "
+                                               "is not the plain expert output the statistics need")
+_NO_TRANSFORMERS = Calibration(unsupported="transformers has no implementation of it (the Hub's remote code builds "
+                                           "another MoE block, which the observer does not hook)")
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("qwen3_moe", ("qwen3_moe",), (_qwen_layers(),), _QWEN_KEYS, moe_rule=qwen_sparse_step),
@@ -233,6 +274,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         group_keys=_GROUPS,
         scoring="sigmoid",
         selection_bias="mlp.gate.e_score_correction_bias",
+        calibration_by_type=(("kimi_k2", Calibration(config_alias="deepseek_v3")),),
     ),
     Architecture(
         "kimi_k25",
@@ -244,6 +286,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         group_keys=_GROUPS,
         scoring="sigmoid",
         selection_bias="mlp.gate.e_score_correction_bias",
+        calibration=_SHARED_IMAGES,
     ),
     Architecture(
         "glm4_moe",
@@ -290,6 +333,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         moe_rule=llama4_moe_layers,
         config_path=("text_config",),
         scoring="sigmoid",
+        calibration=_ROUTER_SCALES_INPUT,
     ),
     Architecture(
         "granitemoe",
@@ -319,25 +363,28 @@ ARCHITECTURES += (
     # ---- vision-language and omni variants of the Qwen / GLM families ------------------------
     Architecture("qwen3_vl_moe", ("qwen3_vl_moe",),
                  (_qwen_layers(("model.language_model.layers",)),),  # fused, [E,H,2I] / [E,I,H] on the Hub
-                 _QWEN_KEYS, moe_rule=qwen_sparse_step, config_path=("text_config",)),
+                 _QWEN_KEYS, moe_rule=qwen_sparse_step, config_path=("text_config",), calibration=_SHARED_IMAGES),
     Architecture("qwen3_5_moe", ("qwen3_5_moe", "qwen3_5_moe_text"),
                  (_qwen_layers(("model.language_model.layers", "model.layers")),
                   Stack(("mtp.layers",), "mlp.experts", ("mlp.gate.weight",), plan_prefix="mtp.", follows_rule=False)),
-                 _QWEN_KEYS, moe_rule=qwen_sparse_step, config_path=("text_config",)),
+                 _QWEN_KEYS, moe_rule=qwen_sparse_step, config_path=("text_config",),
+                 calibration_by_type=(("qwen3_5_moe", _SHARED_IMAGES),)),
     Architecture("qwen3_omni_moe", ("qwen3_omni_moe",),
                  (_qwen_omni("thinker", "thinker_config", ""), _qwen_omni("talker", "talker_config", "talker.")),
                  _QWEN_KEYS, moe_rule=qwen_sparse_step,
-                 notes=("thinker and talker have their own expert counts; plan keys 'L' and 'talker.L'",)),
+                 notes=("thinker and talker have their own expert counts; plan keys 'L' and 'talker.L'",),
+                 calibration=Calibration(images_share_experts=True, text_only_stacks=("talker.",))),
     Architecture("glm4v_moe", ("glm4v_moe",), (_deepseek_layers(("model.language_model.layers",)),), _DEEPSEEK_KEYS,
                  moe_rule=first_k_dense, config_path=("text_config",), group_keys=_GROUPS, scoring="sigmoid",
-                 selection_bias="mlp.gate.e_score_correction_bias"),
+                 selection_bias="mlp.gate.e_score_correction_bias", calibration=_SHARED_IMAGES),
     Architecture("ernie4_5_vl_moe", ("ernie4_5_vl_moe",),
                  (_ernie_vl_half(0, "", "mlp.gate.weight"), _ernie_vl_half(1, "vision.", "mlp.gate.weight_1")),
                  ("moe_num_experts", "num_experts"), top_k_keys=("moe_k", "num_experts_per_tok"),
                  moe_rule=per_layer_types("mlp_layer_types", _SPARSE, ernie_interval), config_path=("text_config",),
                  selection_bias="mlp.moe_statics.e_score_correction_bias",
                  notes=("text experts are ids 0..E-1, vision experts E..2E-1 of one ModuleList; routers are [H, E]; "
-                        "plan keys 'L' (text) and 'vision.L', kept counts equal",)),
+                        "plan keys 'L' (text) and 'vision.L', kept counts equal",),
+                 calibration=Calibration(text_only_stacks=("vision.",), experts_module="mlp.text_moe.experts")),
     # ---- DeepSeek-style routers elsewhere ---------------------------------------------------
     Architecture("kimi_linear", ("kimi_linear",),
                  (Stack(("model.layers",), "block_sparse_moe.experts",
@@ -351,7 +398,8 @@ ARCHITECTURES += (
                  ("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok", "num_experts_per_token"),
                  moe_rule=per_layer_types("mlp_layer_types", _SPARSE, first_k_dense),
                  group_keys=(("n_group", "num_expert_group"), "topk_group"), scoring="sigmoid",
-                 selection_bias="mlp.gate.expert_bias"),
+                 selection_bias="mlp.gate.expert_bias",
+                 calibration_by_type=(("bailing_moe", _NO_TRANSFORMERS), ("bailing_moe_v2", _NO_TRANSFORMERS))),
     Architecture("afmoe", ("afmoe",),
                  (Stack(("model.layers",), "mlp.experts", ("mlp.router.gate.weight", "mlp.expert_bias")),),
                  ("num_experts",), moe_rule=after_dense_layers, scoring="sigmoid", selection_bias="mlp.expert_bias"),
@@ -371,14 +419,17 @@ ARCHITECTURES += (
                         unprunable=(("ffn.gate.tid2eid", "is hash-routed: gate.tid2eid fixes each token's expert ids, "
                                      "so removing experts would leave tokens routed to experts that no longer exist"),)),),
                  ("n_routed_experts", "num_local_experts"), moe_rule=per_layer_types("mlp_layer_types", ("moe", "hash_moe"), every_layer),
-                 scoring="sqrtsoftplus", selection_bias="ffn.gate.bias"),
+                 scoring="sqrtsoftplus", selection_bias="ffn.gate.bias",
+                 calibration=Calibration(unsupported="its hash-routed layers are not streamed yet")),
     Architecture("longcat_flash", ("longcat_flash",),
                  (Stack(("model.layers",), "mlp.experts",
                         ("mlp.router.classifier.weight", "mlp.router.classifier.bias", "mlp.router.e_score_correction_bias"),
                         zero_experts_key="zero_expert_num"),),
                  ("n_routed_experts", "num_local_experts"), top_k_keys=("moe_topk", "num_experts_per_tok"),
                  layer_count_keys=("num_layers",), selection_bias="mlp.router.e_score_correction_bias",
-                 notes=("zero-computation experts keep router rows E..E+Z-1 after the kept real experts",)),
+                 notes=("zero-computation experts keep router rows E..E+Z-1 after the kept real experts",),
+                 calibration=Calibration(unsupported="its zero-computation (identity) experts are not modelled by the "
+                                                     "observer yet")),
     # ---- other layouts ------------------------------------------------------------------------
     Architecture("hunyuan_v1_moe", ("hunyuan_v1_moe",),
                  (Stack(("model.layers",), "mlp.experts", ("mlp.gate.wg.weight",)),),
@@ -387,7 +438,8 @@ ARCHITECTURES += (
                  ("num_experts",), moe_rule=jamba_period),
     Architecture("dbrx", ("dbrx",),
                  (Stack(("transformer.blocks",), "ffn.experts", ("ffn.router.layer.weight",)),),  # 2-D [E·F, H] blocks
-                 ("moe_num_experts",), top_k_keys=("moe_top_k",), config_path=("ffn_config",)),
+                 ("moe_num_experts",), top_k_keys=("moe_top_k",), config_path=("ffn_config",),
+                 calibration=Calibration(unsupported="its transformer.blocks layout is not streamed yet")),
     Architecture("minimax", ("minimax",), (_MIXTRAL,), ("num_local_experts", "num_experts")),
     Architecture("step3", ("step3_text", "step3_vl", "step3p5", "step3p7"),
                  (Stack(("model.layers", "model.language_model.layers", "language_model.model.layers"), "moe.experts",
@@ -396,12 +448,17 @@ ARCHITECTURES += (
                  ("moe_num_experts", "n_routed_experts", "num_local_experts"),
                  top_k_keys=("moe_top_k", "num_experts_per_tok"),
                  moe_rule=per_layer_types("mlp_layer_types", _SPARSE, step3_moe_layers), config_path=("text_config",),
-                 selection_bias="moe.router_bias"),
+                 selection_bias="moe.router_bias",
+                 calibration_by_type=(("step3_text", _NO_TRANSFORMERS), ("step3_vl", _NO_TRANSFORMERS),
+                                      ("step3p5", Calibration(unsupported="transformers has no model with a head for "
+                                                              "its text-only config (Step-3.5-Flash), only for the "
+                                                              "step3p7 wrapper, which calibrates")))),
     Architecture("gemma4", ("gemma4", "gemma4_text"),
                  (Stack(("model.language_model.layers", "model.layers"), "experts",
                         ("router.proj.weight", "router.per_expert_scale")),),
                  ("num_experts",), top_k_keys=("top_k_experts",), moe_rule=moe_block_enabled,
-                 config_path=("text_config",)),
+                 config_path=("text_config",),
+                 calibration=Calibration(unsupported="its per-layer token inputs are not streamed yet")),
     Architecture("jetmoe", ("jetmoe",),
                  (Stack(("model.layers",), None, ("mlp.router.layer.weight",)),), ("num_local_experts",),
                  unsupported=("JetMoE's num_local_experts counts both its FFN experts and its attention (MoA) "

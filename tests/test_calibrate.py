@@ -20,7 +20,11 @@ PROOF_FAMILIES = ["qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss"]
 # every other family the adapter table lists, on the same reference
 MORE_FAMILIES = ["qwen2_moe", "olmoe", "qwen3_next", "qwen3_5_moe", "phimoe", "minimax", "minimax_m2", "deepseek_v2",
                  "kimi_k2", "glm4_moe", "dots1", "ernie4_5_moe", "granitemoe", "kimi_linear", "bailing_hybrid", "afmoe",
-                 "lfm2_moe", "nemotron_h", "hunyuan_v1_moe", "jamba"]
+                 "lfm2_moe", "nemotron_h", "hunyuan_v1_moe", "jamba", "granitemoeshared", "granitemoehybrid",
+                 "deepseek_v32", "step3", "qwen3_5_moe_text"]
+# multimodal wrappers: their text stack streams from the wrapper's own shards, keyed as plan/prune key it
+WRAPPERS = ["kimi_k25", "qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe"]
+CALIBRATED = PROOF_FAMILIES + MORE_FAMILIES + WRAPPERS
 # lengths up to the tiny models' 64 positions; a batch budget of 96 tokens forces padded batches
 LENGTHS = [3, 17, 40, 9, 64, 25, 33, 12, 50, 7]
 BATCH_TOKENS = 96
@@ -57,14 +61,20 @@ def streamed(families, ids_data, tmp_path_factory):
 
 
 def _keys(name: str) -> dict[int, str]:
+    """The text stack's MoE layers (a wrapper's other stacks, `vision.L` and `talker.L`, are not run)."""
     fam = family(name)
-    return {int(k): k for k in fam.runs}
+    return {int(k): k for k in fam.runs if "." not in k}
+
+
+def _text_model(name: str, model):
+    """The module whose forward the reference runs on text (Qwen3-Omni: its thinker)."""
+    return model.thinker if name == "qwen3_omni_moe" else model
 
 
 @pytest.mark.parametrize("name", PROOF_FAMILIES)
 def test_streamed_hidden_states_equal_full_forward(name, families, streamed):
     _, hidden, cal = streamed(name)
-    model = families(name).model
+    model = _text_model(name, families(name).model)
     worst = 0.0
     for j, sample in enumerate(cal.local):
         full = layer_outputs(model, sample)
@@ -76,14 +86,14 @@ def test_streamed_hidden_states_equal_full_forward(name, families, streamed):
     assert worst < 1e-5, f"largest relative difference {worst:.2e}"
 
 
-@pytest.mark.parametrize("name", PROOF_FAMILIES + MORE_FAMILIES)
+@pytest.mark.parametrize("name", CALIBRATED)
 def test_statistics_equal_hook_reference(name, families, streamed):
-    if name in MORE_FAMILIES:  # the proof families have their own hidden-state test
+    if name not in PROOF_FAMILIES:  # the proof families have their own hidden-state test
         test_streamed_hidden_states_equal_full_forward(name, families, streamed)
     scores, _, cal = streamed(name)
     keys = _keys(name)
     assert scores.layers == list(keys.values())  # reachable MoE layers only (no MTP layer)
-    ref = reference_statistics(families(name).model, cal.local, keys, E)
+    ref = reference_statistics(_text_model(name, families(name).model), cal.local, keys, E)
     for key in scores.layers:
         r = scores.row(key)
         assert scores.tokens[r] == ref[key]["tokens"] == sum(LENGTHS)
@@ -212,3 +222,81 @@ def test_score_file_metadata(streamed):
     assert meta["max_length"] == "64" and meta["seed"] == "0" and meta["data"].endswith("ids.jsonl")
     assert meta["model"] == str(cal.model) and meta["shardcut_version"] and meta["created"]
     assert saved.layers == ["1", "2"]  # the MTP layer 3 is never run by the model's forward
+
+
+@pytest.mark.parametrize("name", WRAPPERS)
+def test_wrapper_scores_use_the_plan_keys_and_say_text_only(name, families, streamed):
+    """A wrapper's score file is keyed as `plan`/`prune` key the wrapper checkpoint (no renaming), and
+    says where text-only calibration leaves image-token routing or other stacks unseen."""
+    from shardcut.checkpoint import open_checkpoint
+    from shardcut.model import describe
+
+    scores, _, _ = streamed(name)
+    info = describe(open_checkpoint(families(name).source))
+    text = [layer.key for layer in info.layers if not layer.mtp and "." not in layer.key]
+    assert scores.layers == text
+    meta = Scores.load(streamed(name)[2].out).metadata
+    shares = name not in ("ernie4_5_vl_moe",)
+    assert ("text_only" in meta) == shares
+    others = sorted({layer.key.split(".")[0] + "." for layer in info.layers if "." in layer.key and not layer.mtp})
+    assert meta.get("unscored_stacks", "") == ", ".join(others)
+
+
+def test_deepseek_v32_indexer_drops_tokens(families, streamed):
+    """The fixture's indexer keeps INDEX_TOPK keys per query while samples run to 64 tokens, so the
+    statistics above match the reference with the sparse attention really dropping tokens."""
+    import torch
+    from fixtures.families import INDEX_TOPK
+
+    model = families("deepseek_v32").model
+    _, _, cal = streamed("deepseek_v32")
+    picked = []
+    hooks = [layer.self_attn.indexer.register_forward_hook(lambda m, a, o: picked.append(o.shape))
+             for layer in model.model.layers]
+    try:
+        with torch.no_grad():
+            model(torch.as_tensor(max(cal.local, key=len))[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert picked and all(shape[-1] == INDEX_TOPK < shape[-2] for shape in picked)
+
+
+def test_gpu_settings_run_on_the_cpu(families, ids_data, streamed, tmp_path, monkeypatch):
+    """What a CUDA run does differently, run on the CPU: the next layer's tensors are read while the
+    current one runs (`prefetch`), and the compute dtype is bfloat16. Prefetching changes nothing
+    (bit-identical scores); in bfloat16 every loaded parameter sits on the run's device in bfloat16
+    except those transformers keeps in float32 (its dtype plan: DeepSeek's router), and the
+    statistics track float32."""
+    import re
+
+    import torch
+
+    from shardcut.calibration import stream
+
+    name = "kimi_k25"
+    full, _, _ = streamed(name)
+    source = families(name).source
+    placed: list[tuple[str, torch.device, torch.dtype, bool]] = []
+    original = stream.LayerLoader.load_layer
+
+    def spy(self, i, raw):
+        layer = original(self, i, raw)
+        plan = [re.compile(p) for p in self.sk.dtype_plan or ()]
+        for n, p in layer.named_parameters():
+            full_name = f"{self.sk.module_prefix}{i}.{n}"
+            placed.append((full_name, p.device, p.dtype, any(q.search(full_name) for q in plan)))
+        return layer
+
+    monkeypatch.setattr(stream.LayerLoader, "load_layer", spy)
+    ahead = Calibrator(str(source), str(ids_data[0]), tmp_path / "a.safetensors", max_length=64,
+                       batch_tokens=BATCH_TOKENS, prefetch=True).run()
+    _assert_identical(ahead, full)
+    placed.clear()
+    bf16 = Calibrator(str(source), str(ids_data[0]), tmp_path / "b.safetensors", max_length=64,
+                      batch_tokens=BATCH_TOKENS, prefetch=True, dtype="bfloat16").run()
+    assert placed and all(device == torch.device("cpu") for _, device, _, _ in placed)
+    assert all(dtype == (torch.float32 if keep32 else torch.bfloat16) for _, _, dtype, keep32 in placed), placed
+    assert any(keep32 for *_, keep32 in placed) and not all(keep32 for *_, keep32 in placed)
+    np.testing.assert_array_equal(bf16.count.sum(1), TOP_K * bf16.tokens)
+    np.testing.assert_allclose(bf16.norm_sum.sum(1), full.norm_sum.sum(1), rtol=0.05)

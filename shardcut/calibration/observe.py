@@ -17,51 +17,69 @@ import inspect
 
 import torch
 
+from shardcut.architectures import ARCHITECTURES, Calibration, find_architecture
 from shardcut.errors import ShardcutError
 from shardcut.model import ModelInfo
 from shardcut.scores import Scores
 
-# Families whose MoE block calls `experts(hidden, top_k_index, top_k_weights)` with the applied
-# gates (transformers 5.23), each checked against the hook reference of tests/test_calibrate.py
-# (hidden states after every layer and statistics) on a tiny model.
-EXPERTS_CALL = frozenset({
-    "qwen3_moe", "qwen2_moe", "olmoe", "qwen3_next", "qwen3_5_moe", "qwen3_5_moe_text", "mixtral", "phimoe",
-    "minimax", "minimax_m2", "deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "dots1", "ernie4_5_moe",
-    "gpt_oss", "granitemoe", "kimi_linear", "bailing_moe", "bailing_moe_v2", "bailing_hybrid", "afmoe", "lfm2_moe",
-    "nemotron_h", "hunyuan_v1_moe", "jamba",
-})
-_ROUTER_SCALES_INPUT = "its router scales the expert input by the routing score, so f_j(x) is not the plain expert output"
-_WRAPPER = "its multimodal wrapper has no text-only causal LM in transformers to stream"
-UNSUPPORTED = {
-    "llama4": _ROUTER_SCALES_INPUT, "llama4_text": _ROUTER_SCALES_INPUT,
-    "kimi_k25": _WRAPPER, "qwen3_vl_moe": _WRAPPER, "glm4v_moe": _WRAPPER, "ernie4_5_vl_moe": _WRAPPER,
-    "qwen3_omni_moe": _WRAPPER, "step3_vl": _WRAPPER,
-    "longcat_flash": "its zero-computation (identity) experts are not modelled by the observer yet",
-    "deepseek_v4": "its hash-routed layers are not streamed yet",
-    "gemma4": "its per-layer token inputs are not streamed yet", "gemma4_text": "its per-layer token inputs are not streamed yet",
-    "dbrx": "its transformer.blocks layout is not streamed yet",
-}
 DEFAULT_PAIR_CHUNK = 16384  # (token, expert) pairs per experts call: bounds the f_j(x) buffer
 
 
+def calibratable_model_types() -> list[str]:
+    """Model types the architecture table says calibrate."""
+    return sorted(mt for a in ARCHITECTURES for mt in a.model_types
+                  if a.unsupported is None and a.calibration_of(mt).unsupported is None)
+
+
+def unsupported_reason(config: dict) -> str | None:
+    """Why a checkpoint of this config cannot be calibrated (None: it can), from the table."""
+    model_type = config.get("model_type")
+    arch = find_architecture(config)
+    if arch is None:
+        return "shardcut's architecture table does not know it"
+    return arch.unsupported or arch.calibration_of(model_type).unsupported
+
+
 def check_supported(info: ModelInfo, source) -> None:
-    """Raise a one-line error for a family without a calibration adapter."""
-    model_type = info.config.get("model_type")
-    if model_type in EXPERTS_CALL:
-        return
-    why = UNSUPPORTED.get(model_type, "no calibration adapter is written for it")
-    raise ShardcutError(f"cannot calibrate model_type={model_type!r}: {why}; calibration supports "
-                        f"{', '.join(sorted(EXPERTS_CALL))}", source)
+    """Raise a one-line error for a family the architecture table says cannot be calibrated."""
+    why = unsupported_reason(info.config)
+    if why is not None:
+        raise ShardcutError(f"cannot calibrate model_type={info.config.get('model_type')!r}: {why}; calibration "
+                            f"supports {', '.join(calibratable_model_types())}", source)
 
 
-def find_experts(layer: torch.nn.Module) -> torch.nn.Module | None:
+def calibration_notes(info: ModelInfo) -> dict[str, str]:
+    """Score-file metadata saying what a text-only calibration of a multimodal wrapper covers."""
+    calib = info.arch.calibration_of(info.config.get("model_type"))
+    out = {}
+    if calib.images_share_experts:
+        out["text_only"] = ("calibrated on text only; this model also routes image tokens through the same "
+                            "experts, which these statistics do not see")
+    if calib.text_only_stacks:
+        out["unscored_stacks"] = ", ".join(calib.text_only_stacks)
+    return out
+
+
+def find_experts(layer: torch.nn.Module, calib: Calibration | None = None) -> torch.nn.Module | None:
     """The routed-experts module of a decoder layer (transformers' `@use_experts_implementation`
-    classes, which all take `(hidden, top_k_index, top_k_weights)`), or None for a dense layer."""
-    found = [m for m in layer.modules() if hasattr(m, "has_gate") and hasattr(m, "is_concatenated")
-             and hasattr(m, "num_experts")]
+    classes, which all take `(hidden, top_k_index, top_k_weights)`), or None for a dense layer.
+    `calib.experts_module` names it where a layer holds several (ERNIE-VL's text and vision experts)."""
+    if calib is not None and calib.experts_module:
+        try:
+            return layer.get_submodule(calib.experts_module)
+        except AttributeError:
+            return None
+    found = [m for m in layer.modules() if hasattr(m, "num_experts") and (
+        hasattr(m, "has_gate") and hasattr(m, "is_concatenated") or _takes_routing(m))]
     if len(found) > 1:
         raise ShardcutError(f"{type(layer).__name__} holds {len(found)} expert modules; calibration expects one")
     return found[0] if found else None
+
+
+def _takes_routing(module: torch.nn.Module) -> bool:
+    """An experts module outside `@use_experts_implementation` (Step3's) with the same call."""
+    params = list(inspect.signature(type(module).forward).parameters)[1:4]
+    return params == ["hidden_states", "top_k_index", "top_k_weights"]
 
 
 class ExpertObserver:

@@ -21,7 +21,13 @@ import torch
 
 from shardcut.calibration.data import CalibData, load_data
 from shardcut.calibration.distributed import Distributed
-from shardcut.calibration.observe import DEFAULT_PAIR_CHUNK, ExpertObserver, check_supported, find_experts
+from shardcut.calibration.observe import (
+    DEFAULT_PAIR_CHUNK,
+    ExpertObserver,
+    calibration_notes,
+    check_supported,
+    find_experts,
+)
 from shardcut.calibration.resume import RunState, fingerprint_of, state_dir_for
 from shardcut.calibration.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory
 from shardcut.calibration.stream import (
@@ -175,6 +181,7 @@ class Calibrator:
     on_layer: Callable[[int, Calibrator], None] | None = None
     pair_chunk: int = DEFAULT_PAIR_CHUNK
     sequences: str = "truncate"  # or "pack" (see shardcut.calibration.data)
+    prefetch: bool | None = None  # read layer i+1 while layer i runs (None: on CUDA only)
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -231,11 +238,12 @@ class Calibrator:
         self.skeleton = make_skeleton(self.ckpt, self.info, self.torch_dtype, self.trust_remote_code)
         self.loader = LayerLoader(self.skeleton, self.ckpt, self.info, self.torch_device)
         n = self.skeleton.num_layers
-        self.keys = {layer.index: layer.key for layer in self.info.layers if not layer.mtp and layer.index < n}
+        self.keys = {layer.index: layer.key for layer in self.info.layers  # the text stack's (not MTP, talker, vision)
+                     if not layer.mtp and layer.stack is self.info.arch.stacks[0] and layer.index < n}
         if not self.keys:
             raise ShardcutError("the model's forward reaches no MoE layer", self.model_dir / "config.json")
         self.steps = n + 1
-        self.hidden_size = int(self.skeleton.model.config.get_text_config().hidden_size)
+        self.hidden_size = self.skeleton.hidden_size
 
     def _metadata(self) -> dict[str, str]:
         from shardcut import __version__
@@ -255,6 +263,7 @@ class Calibrator:
             meta["revision"] = revision
         if self.shard_of:
             meta["shard"] = f"{self.shard_of[0]}/{self.shard_of[1]}"
+        meta.update(calibration_notes(self.info))
         return meta
 
     # -- the run -----------------------------------------------------------------------------
@@ -294,7 +303,8 @@ class Calibrator:
         first = 0 if replay else start
         if first > 0:
             self.loader.buffers_to_device()  # rotary frequencies & co; the embedding is not needed any more
-        prefetch = ThreadPoolExecutor(1) if self.torch_device.type == "cuda" else None
+        overlap = self.prefetch if self.prefetch is not None else self.torch_device.type == "cuda"
+        prefetch = ThreadPoolExecutor(1) if overlap else None
         try:
             pending = None
             for step in range(first, self.steps):
@@ -342,7 +352,7 @@ class Calibrator:
             layer = self.loader.load_layer(layer_index, raw)
             observer = None
             if key is not None:
-                experts = find_experts(layer)
+                experts = find_experts(layer, self.info.arch.calibration_of(self.info.config.get("model_type")))
                 if experts is None:
                     raise ShardcutError(f"layer {key}: no routed-experts module found in {type(layer).__name__}")
                 if record:

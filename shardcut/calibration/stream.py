@@ -37,8 +37,6 @@ TORCH_DTYPES = {key: getattr(torch, name) for key, name in {
     "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
     "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
 }.items() if hasattr(torch, name)}
-# model_type spellings of config.json that transformers does not register, and the class that runs them
-CONFIG_ALIASES = {"kimi_k2": "deepseek_v3"}
 READ_THREADS = 4
 # stored bytes dequantised at once (whole modules, at least one): bounds the float copies in flight
 # besides the layer itself to tens of MB; smaller chunks cost nothing measurable (one Python call each)
@@ -86,13 +84,17 @@ def load_config(ckpt: Checkpoint, trust_remote_code: bool = False):
     from transformers import AutoConfig
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+    from shardcut.architectures import find_architecture
+
     raw = dict(ckpt.config)
     model_type = raw.get("model_type")
+    arch = find_architecture(raw)
+    alias = arch.calibration_of(model_type).config_alias if arch else None
     try:
-        if model_type in CONFIG_ALIASES:
+        if alias:  # a Hub spelling transformers does not register (the table names the code that runs it)
             raw = {k: v for k, v in raw.items() if k not in ("model_type", "auto_map", "architectures")}
             raw.pop("quantization_config", None)
-            config = CONFIG_MAPPING[CONFIG_ALIASES[model_type]].from_dict(raw)
+            config = CONFIG_MAPPING[alias].from_dict(raw)
         else:
             with quiet_transformers():
                 config = AutoConfig.from_pretrained(str(ckpt.root), trust_remote_code=trust_remote_code)
@@ -100,11 +102,23 @@ def load_config(ckpt: Checkpoint, trust_remote_code: bool = False):
         hint = " (try --trust-remote-code)" if "trust_remote_code" in str(exc) else ""
         raise ShardcutError(f"transformers cannot build this config ({type(exc).__name__}: "
                             f"{str(exc).splitlines()[0][:120]}){hint}", ckpt.root / "config.json") from None
-    for cfg in (config, getattr(config, "text_config", None)):
-        if cfg is not None and hasattr(cfg, "quantization_config"):
+    for cfg in _sub_configs(config):
+        if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
-    config.use_cache = False
+        cfg.use_cache = False
     return config
+
+
+def _sub_configs(config) -> list:
+    """`config` and its nested sub-configs (a wrapper's `text_config`, Qwen3-Omni's `thinker_config.text_config`)."""
+    from transformers import PretrainedConfig
+
+    out, todo = [], [config]
+    while todo:
+        cfg = todo.pop()
+        out.append(cfg)
+        todo += [v for v in vars(cfg).values() if isinstance(v, PretrainedConfig)]
+    return out
 
 
 def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False):
@@ -113,14 +127,27 @@ def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False):
     Parameters that transformers keeps in float32 whatever the dtype (`_keep_in_fp32_modules_strict`,
     e.g. DeepSeek's selection bias) are float32 here too, as `from_pretrained` would make them.
     """
-    from transformers import AutoModelForCausalLM
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    try:
-        with quiet_transformers(), params_on_meta():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # an architecture transformers has no causal-LM class for
-        raise ShardcutError(f"transformers cannot build a causal LM for model_type={config.model_type!r} "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})") from None
+    # a causal LM where transformers has one (for some wrappers, its text-only language model); else the
+    # multimodal wrapper itself (Kimi-K2.5, Qwen3-VL-MoE, GLM-4.5V, ERNIE-VL), else the class config.json
+    # names (Qwen3-Omni): its decoder stack is found by tensor name in `make_skeleton`
+    builders = [AutoModelForCausalLM.from_config, AutoModelForImageTextToText.from_config]
+    builders += [getattr(transformers, a)._from_config for a in getattr(config, "architectures", None) or []
+                 if hasattr(getattr(transformers, a, None), "_from_config")]
+    first = None
+    for build in builders:
+        try:
+            with quiet_transformers(), params_on_meta():
+                kwargs = {"trust_remote_code": trust_remote_code} if build.__name__ == "from_config" else {}
+                model = build(config, dtype=dtype, **kwargs)
+            break
+        except Exception as exc:  # noqa: PERF203 -- an architecture this builder has no class for
+            first = first or exc
+    else:
+        raise ShardcutError(f"transformers cannot build a model for model_type={config.model_type!r} "
+                            f"({type(first).__name__}: {str(first).splitlines()[0][:120]})") from None
     model.eval()
     plan = model._get_dtype_plan(dtype)
     if plan:
@@ -140,29 +167,62 @@ class Skeleton:
     """The meta model and where its decoder layers are, in the model and in the checkpoint."""
 
     model: object
-    base: object  # the decoder stack module (model.model), whose forward builds masks and rotary
+    base: object  # the decoder stack module (model.model; a wrapper's language model), whose forward builds masks and rotary
     layers: object  # the decoder ModuleList
     module_prefix: str  # "model.layers." in the model's own parameter names
     ckpt_prefix: str  # "model.layers." in the checkpoint's tensor names
     num_layers: int
     dtype: torch.dtype
     dtype_plan: dict
+    hidden_size: int = 0
+    base_prefix: str = ""  # "model." (the base module's path) in the model's own parameter names
 
 
 def make_skeleton(ckpt: Checkpoint, info: ModelInfo, dtype: torch.dtype, trust_remote_code: bool = False) -> Skeleton:
     config = load_config(ckpt, trust_remote_code)
     model, plan = build_skeleton(config, dtype, trust_remote_code)
-    base = getattr(model, model.base_model_prefix, None)
-    layers = getattr(base, "layers", None)
-    if base is None or not isinstance(layers, torch.nn.ModuleList):
-        raise ShardcutError(f"{type(model).__name__} has no decoder layer list at "
-                            f"{model.base_model_prefix}.layers; calibration cannot stream it")
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    num_layers = min(len(layers), int(getattr(text, "num_hidden_layers", len(layers))))
-    module_prefix = next(name for name, m in model.named_modules() if m is layers) + "."
-    main = [layer for layer in info.layers if not layer.mtp]
+    main = [layer for layer in info.layers if not layer.mtp and layer.stack is info.arch.stacks[0]]
     ckpt_prefix = main[0].prefix[: -len(f"{main[0].index}.")]
-    return Skeleton(model, base, layers, module_prefix, ckpt_prefix, num_layers, dtype, plan)
+    # the decoder stack is the ModuleList that the main stack's tensors load into (through the model's
+    # own renamings: a wrapper's `language_model.model.layers.3.…` is its `model.language_model.layers.3.…`)
+    targets = ModelNames(model)
+    sample = next(n for n in ckpt.tensors if n.startswith(main[0].prefix))
+    target = targets.target(sample) or sample
+    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)
+             and target.startswith(f"{name}.{main[0].index}.")]
+    if not lists:
+        raise ShardcutError(f"{type(model).__name__} has no decoder layer list holding {sample} "
+                            f"(loaded as {target}); calibration cannot stream it", ckpt.root)
+    layers_path, layers = max(lists, key=lambda item: len(item[0]))
+    base_path = layers_path.rpartition(".")[0]
+    base = model.get_submodule(base_path)
+    text = getattr(base, "config", None) or config.get_text_config()
+    num_layers = min(len(layers), int(getattr(text, "num_hidden_layers", len(layers))))
+    return Skeleton(model, base, layers, layers_path + ".", ckpt_prefix, num_layers, dtype, plan,
+                    int(text.hidden_size), base_path + "." if base_path else "")
+
+
+class ModelNames:
+    """Checkpoint tensor name -> the model's parameter name, by the model's own renamings and converters."""
+
+    def __init__(self, model):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+        self.model = model
+        self.mapping = get_model_conversion_mapping(model)
+        self.renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
+        self.converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
+        self.params = dict(model.named_parameters())  # names only are used: they never change
+
+    def target(self, name: str) -> str | None:
+        from transformers.core_model_loading import rename_source_key
+
+        try:
+            return rename_source_key(name, self.renamings, self.converters, self.model.base_model_prefix,
+                                     self.params)[0]
+        except Exception:  # noqa: BLE001 -- a name no rule of the model maps
+            return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,15 +335,11 @@ class LayerLoader:
     """
 
     def __init__(self, skeleton: Skeleton, ckpt: Checkpoint, info: ModelInfo, device: torch.device):
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming
-
         self.sk, self.ckpt, self.device = skeleton, ckpt, device
         self.reader = TensorReader(ckpt)
-        self.mapping = get_model_conversion_mapping(skeleton.model)
-        self._renamings = [m for m in self.mapping if isinstance(m, WeightRenaming)]
-        self._converters = [m for m in self.mapping if isinstance(m, WeightConverter)]
-        self._params = dict(skeleton.model.named_parameters())  # names only are used: they never change
+        names = ModelNames(skeleton.model)
+        self.mapping, self._renamings, self._converters = names.mapping, names.renamings, names.converters
+        self._params = names.params
         # parameters transformers keeps in float32 whatever the dtype are dequantised in float32
         self._fp32 = [re.compile(p) for p in skeleton.dtype_plan or ()]
         stacks = "|".join(re.escape(p) for s in info.arch.stacks for p in s.layer_prefixes)
@@ -298,6 +354,9 @@ class LayerLoader:
                     continue
             if in_stack.match(name) or name.startswith("lm_head."):
                 continue  # MTP stacks and the output head are never run
+            target = names.target(name) or name
+            if skeleton.base_prefix and not target.startswith(skeleton.base_prefix):
+                continue  # a wrapper's vision or audio tower, its output head: text calibration never runs them
             self.outside.append(name)
 
     def read_layer(self, i: int) -> dict[str, torch.Tensor]:
