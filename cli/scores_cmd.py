@@ -24,6 +24,8 @@ def register(app: typer.Typer) -> None:
     app.command("plan")(plan_cmd)
 
 
+MULTIPLE_HELP = ("Round the kept count per layer up to a multiple of N (and of n_group), e.g. the expert-parallel "
+                 "size vLLM serves with (E' % ep_size == 0); never prunes more than asked. Default: off.")
 SUPER_HELP = ("Keep super experts whatever their score. Defined as in the REAP reference: experts whose act_max "
               "exceeds max(99.5th percentile of act_max over all scored layers, global max / 10), in the first 75% "
               "of the scored MoE layers (by layer key).")
@@ -146,6 +148,7 @@ def plan_cmd(
     protect: list[str] | None = typer.Option(None, "--protect", help="Always keep these experts: LAYER:ID[,ID...] "
                                              "(repeatable), e.g. --protect 3:0,17."),
     mtp_policy: str | None = typer.Option(None, "--mtp-policy", help=MTP_HELP),
+    multiple_of: int = typer.Option(1, "--multiple-of", metavar="N", help=MULTIPLE_HELP),
     out: Path | None = typer.Option(None, "-o", "--out", help="Plan file to write (without it: print only)."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable plan and report."),
 ) -> None:
@@ -158,7 +161,7 @@ def plan_cmd(
         fail(f"{out}: output is the score file itself")
     plan, report = make_plan(model, scores, ratio=ratio, experts=experts, criterion=criterion, seed=seed,
                              protect_super_experts=protect_super_experts, protect=parse_protect(protect),
-                             mtp_policy=mtp_policy)
+                             mtp_policy=mtp_policy, multiple_of=multiple_of)
     if out is not None:
         tmp = out.with_name(f".{out.name}.tmp")
         try:  # whole or not at all
