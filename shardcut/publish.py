@@ -8,7 +8,9 @@ interrupted upload already sent):
   re-prune at another ratio;
 - `shardcut-provenance.json`: shardcut version, source repo and revision, plan and scores sha256.
 
-Parameter counts come from tensor shapes (headers only). A pruned checkpoint holds one
+Parameter counts come from tensor shapes (headers, and the tiny `weight_shape` companions of
+packed INT4 weights), counting real parameters: a packed word holds 32/bits of them, an MXFP4 or
+NVFP4 byte two; scales, zero points and other companions are not parameters. A pruned checkpoint holds one
 expert's share of every expert tensor, so the counts for the original expert count follow
 exactly without the source: `Counts.at(E)` for any E (or one E per layer, for models whose
 stacks have their own counts, such as Qwen3-Omni's talker).
@@ -19,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import tempfile
 import time
 from collections.abc import Mapping
@@ -45,7 +48,8 @@ class Counts:
     base: everything outside the routed experts (attention, embeddings, shared experts, norms).
     expert / router: per MoE layer key, one routed expert's elements (its FFN, fused shares
     included) and its share of the router tensors (rows computed for every token).
-    Quantized tensors count as stored (a packed INT4 word is one element).
+    Elements are real parameters (`tensor_parameters`): packed values unpacked, quantization
+    companions (scales, zero points, shapes) not counted; bytes are as stored.
     layer_top_k: a layer's own top-k where its stack has one (default `top_k`).
     """
 
@@ -78,30 +82,33 @@ class Counts:
 
 
 def count_parameters(ckpt: Checkpoint, info: ModelInfo) -> Counts:
-    """Split `ckpt`'s tensor elements into base, per-expert and per-router-row shares.
+    """Split `ckpt`'s parameters (`tensor_parameters`) and bytes into base, per-expert and
+    per-router-row shares; fused expert tensors are expert parameters (the tensor groups of
+    `inspect`, from the architecture table).
 
     Example:
         >>> c = count_parameters(open_checkpoint("pruned"), describe(open_checkpoint("pruned")))
         >>> c.at(128)["total"], c.at(64)["total"]
     """
+    from shardcut.summary import tensor_group
+
+    params = tensor_parameters(ckpt, info)
     mtp_prefixes = tuple(layer.prefix for layer in info.layers if layer.mtp)
     base = [0, 0]
     base_active = 0
     expert: dict[str, list[int]] = {}
     router: dict[str, list[int]] = {}
     for name, (_, t) in ckpt.tensors.items():
-        n = math.prod(t.shape)
+        n = params[name]
         role = info.classify(name)
-        if role.kind == "copy":
+        group = tensor_group(name, role, len(t.shape))
+        if group == "other":
             base[0] += n
             base[1] += t.nbytes
             if not (mtp_prefixes and name.startswith(mtp_prefixes)):
                 base_active += n
             continue
-        layer = role.layer
-        fused = role.kind == "slice" and layer.stack.experts and name.startswith(f"{layer.prefix}{layer.stack.experts}.")
-        bucket = expert if role.kind == "expert" or fused else router
-        acc = bucket.setdefault(layer.key, [0, 0])
+        acc = (expert if group == "expert" else router).setdefault(role.layer.key, [0, 0])
         acc[0] += n
         acc[1] += t.nbytes
     E = {layer.key: layer.num_experts for layer in info.layers}  # a stack's own count (Qwen3-Omni's talker)
@@ -109,6 +116,79 @@ def count_parameters(ckpt: Checkpoint, info: ModelInfo) -> Counts:
     return Counts(info.top_k, (base[0], base[1]), base_active, per(expert), per(router),
                   {layer.key for layer in info.layers if layer.mtp},
                   {layer.key: layer.top_k for layer in info.layers if layer.top_k != info.top_k})
+
+
+# Companions of a quantized module's weight that are not parameters: scales, zero points,
+# group indices, shapes, lookup tables (bitsandbytes), activation scales.
+_NOT_PARAMETERS = (
+    ".weight_scale_inv", ".weight_global_scale", ".weight_zero_point", ".weight_scale_2", ".weight_format",
+    ".weight_g_idx", ".weight_scale", ".weight_shape", ".input_global_scale", ".input_zero_point", ".input_scale",
+    ".activation_scale", ".qscale_weight", ".qscale_act", ".qzeros", ".scales", ".g_idx", ".SCB", ".scale",
+    "_scale_inv", "_scales", ".weight.absmax", ".weight.quant_map", ".weight.nested_absmax",
+    ".weight.nested_quant_map", ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4",
+)
+_FLOAT = ("F64", "F32", "F16", "BF16")
+
+
+def tensor_parameters(ckpt: Checkpoint, info: ModelInfo) -> dict[str, int]:
+    """Tensor name -> the real parameters it holds: its elements in a float module; in a
+    quantized one (a module as `inspect` splits names, `summary.split_companion`, holding a
+    non-float tensor) its weight unpacked (compressed-tensors `weight_packed` by its
+    `weight_shape` companion where that agrees with the packed shape, else 32/bits per int32;
+    GPTQ `qweight` 32/bits per int32; MXFP4 `_blocks`, NVFP4 and bitsandbytes 4-bit: two a
+    byte; FP8 and int8: one each), its biases as they are, its other companions zero."""
+    from shardcut.summary import _ct_bits, split_companion
+
+    quant = info.config.get("quantization_config") or info.text_config.get("quantization_config")
+    quant = quant if isinstance(quant, dict) else {}
+    bits = int(quant.get("bits") or _ct_bits(quant) or 4)
+    modules: dict[str, dict[str, str]] = {}
+    for name, (_, t) in ckpt.tensors.items():
+        module, suffix = split_companion(name)
+        modules.setdefault(module, {})[suffix] = t.dtype
+    out = {}
+    for name, (_, t) in ckpt.tensors.items():
+        n = math.prod(t.shape)
+        module, suffix = split_companion(name)
+        companions = modules[module]
+        if all(d in _FLOAT for d in companions.values()):
+            out[name] = n  # a float module: every tensor is parameters (a norm's `.scale` too)
+        elif suffix in _NOT_PARAMETERS:
+            out[name] = 0
+        elif suffix == ".weight_packed":
+            out[name] = _packed_parameters(ckpt, module, t, bits if t.dtype == "I32" else 4)
+        elif suffix == ".qweight" or (t.dtype == "I32" and suffix in (".weight", "")):
+            out[name] = n * (32 // bits)
+        elif t.dtype == "U8" and suffix in (".weight", "", "_blocks"):
+            out[name] = n * 2  # two 4-bit values a byte (MXFP4 blocks, NVFP4, bitsandbytes NF4/FP4)
+        else:
+            out[name] = n
+    return out
+
+
+def _packed_parameters(ckpt: Checkpoint, module: str, packed, bits: int) -> int:
+    per = (32 if packed.dtype == "I32" else 8) // bits
+    guess = math.prod(packed.shape) * per
+    found = ckpt.tensors.get(f"{module}.weight_shape")
+    if found is None:
+        return guess
+    shard, t = found
+    import numpy as np
+
+    dtype = {"I64": "<i8", "I32": "<i4", "I16": "<i2", "U8": "u1"}.get(t.dtype)
+    if dtype is None or len(t.shape) != 1:
+        return guess
+    with open(shard.path, "rb") as f:
+        f.seek(t.start)
+        shape = [int(x) for x in np.frombuffer(f.read(t.nbytes), dtype=dtype)]
+    lead = list(packed.shape[: len(packed.shape) - len(shape)])  # fused [E, …] with a per-expert shape
+    full = lead + shape
+    # the companion is trusted only where it agrees with the packed tensor (same leading dims,
+    # last dim packed into ceil(in / per) words)
+    if (len(full) == len(packed.shape) and full[:-1] == list(packed.shape[:-1]) and shape
+            and -(-full[-1] // per) == packed.shape[-1]):
+        return math.prod(full)
+    return guess
 
 
 @dataclass
@@ -417,7 +497,10 @@ def model_card(repo_id: str, base: str | None, plan: Plan, ckpt: Checkpoint, inf
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
     how = CRITERIA.get(criterion, "see the plan file")
     calib = _calibration_section(scores_meta, source_name, criterion)
-    commands = _commands(repo_id, source_name, plan, scores_meta, criterion)
+    revision = provenance["source"]["revision"] if base else None  # a local folder has no revision to pin
+    model_ref = f"{source_name}@{revision}" if revision else source_name
+    commands = _commands(repo_id, model_ref, plan, scores_meta, criterion)
+    reprune = _reprune_command(model_ref, plan)
     if multi:
         removed = "routed experts removed in every MoE layer: " + ", ".join(
             f"{b - a} of {b} in the {g.name} layers ({(b - a) / max(1, b):.0%})" for g, b, a in stacks)
@@ -441,7 +524,7 @@ card of {link}: this card credits it and does not repeat it.
 
 Parameters are counted from the tensor shapes in the safetensors headers ("active" counts everything
 a token runs through: {picks}, every router row, and all non-expert
-weights{", MTP layers excluded" if counts.mtp else ""}{"; quantized tensors count as stored" if _quantized(info) else ""}).
+weights{", MTP layers excluded" if counts.mtp else ""}{"; quantized weights count unpacked, their scales and zero points not at all" if _quantized(info) else ""}).
 
 ## Method
 
@@ -463,11 +546,11 @@ weights{", MTP layers excluded" if counts.mtp else ""}{"; quantized tensors coun
 ## Re-prune at another ratio
 
 The per-expert calibration statistics are in `{SCORES_IN_REPO if scores_meta is not None else "(not uploaded)"}`.
-A different ratio or criterion needs no GPU:
+A different ratio or criterion needs no GPU (the other options are this plan's):
 
 ```bash
 hf download {repo_id} {SCORES_IN_REPO} --local-dir .
-shardcut prune {source_name} -o pruned --scores {SCORES_IN_REPO} --ratio 0.25 --criterion {criterion}
+{reprune}
 ```
 
 ## Provenance
@@ -495,18 +578,34 @@ def _calibration_section(meta: dict | None, source: str, criterion: str) -> str:
 
 
 def _commands(repo_id: str, source: str, plan: Plan, meta: dict | None, criterion: str) -> str:
+    """The commands that made this checkpoint; the plan command's options come from the plan's own
+    record of them (`recorded_options`), so every option that decided the plan is in it."""
+    from shardcut.select import plan_arguments, recorded_options
+
+    options = recorded_options(plan.extra)
     lines = []
-    one_count = len({len(ids) for ids in plan.keep.values()}) == 1
-    how = (f"--ratio {plan.extra['ratio']}" if "ratio" in plan.extra else
-           f"--experts {plan.num_experts}" if one_count else None)  # stacks keeping their own counts: no flag says it
     if meta is not None:
-        opts = "".join(f" --{flag} {meta[key]}" for key, flag in (("samples", "samples"), ("max_length", "max-length"))
-                       if key in meta)
-        lines.append(f"shardcut calibrate {source} --data {meta.get('data', 'DATA')}{opts} -o scores.safetensors")
-        if how:
-            lines.append(f"shardcut plan {source} --scores scores.safetensors {how} --criterion {criterion} "
-                         "-o plan.json")
-    lines.append(f"shardcut prune {source} -o pruned --plan {'plan.json' if meta is not None and how else PLAN_IN_REPO}")
-    lines.append("shardcut verify pruned --source " + source)
-    lines.append(f"shardcut push pruned {repo_id}" + (" --scores scores.safetensors" if meta is not None else ""))
+        opts = [arg for key, flag in (("samples", "--samples"), ("max_length", "--max-length")) if key in meta
+                for arg in (flag, str(meta[key]))]
+        lines.append(shlex.join(["shardcut", "calibrate", source, "--data", str(meta.get("data", "DATA")), *opts,
+                                 "-o", "scores.safetensors"]))
+        if options is not None:
+            lines.append(shlex.join(["shardcut", "plan", source, "--scores", "scores.safetensors",
+                                     *plan_arguments(options), "-o", "plan.json"]))
+    plan_file = "plan.json" if meta is not None and options is not None else PLAN_IN_REPO
+    lines.append(shlex.join(["shardcut", "prune", source, "-o", "pruned", "--plan", plan_file]))
+    lines.append(shlex.join(["shardcut", "verify", "pruned", "--source", source]))
+    lines.append(shlex.join(["shardcut", "push", "pruned", repo_id, *(["--scores", "scores.safetensors"]
+                                                                       if meta is not None else [])]))
     return "\n".join(lines)
+
+
+def _reprune_command(source: str, plan: Plan) -> str:
+    """`prune --scores` at another ratio with every other option of the plan (its criterion, MTP
+    policy, protections, seed, multiple_of)."""
+    from shardcut.select import plan_arguments, recorded_options
+
+    options = recorded_options(plan.extra) or {"criterion": plan.extra.get("criterion") or "reap"}
+    ratio = 0.25 if options.get("ratio") != 0.25 else 0.5
+    return shlex.join(["shardcut", "prune", source, "-o", "pruned", "--scores", SCORES_IN_REPO, "--ratio",
+                       str(ratio), *plan_arguments(options, count=False)])

@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shutil
 
+import numpy as np
 import pytest
 from fixtures.hub_fixtures import REPO, SCORE_META, FakeHubApi, http_error, set_token, tiny
 from huggingface_hub import ModelCard
@@ -201,3 +203,119 @@ def test_hub_failure_during_upload_is_one_line_without_the_token(t, tmp_path, mo
     line = _error(["push", str(t.pruned), "someone-else/model"])
     assert "someone-else/model" in line and "403 Forbidden" in line
     assert Plan.load(t.pruned / "shardcut-plan.json").keep  # OUT untouched
+
+
+# ---------------------------------------------------------------------------------------------
+# Real parameters: quantized weights unpacked, fused experts as experts
+
+
+def _shares(path):
+    ckpt = open_checkpoint(path)
+    c = count_parameters(ckpt, describe(ckpt))
+    return c, {"base": c.base[0], "active": c.base_active, "expert": {k: v[0] for k, v in c.expert.items()},
+               "router": {k: v[0] for k, v in c.router.items()}}
+
+
+@pytest.mark.parametrize("name", ["ct_int4", "ct_int4_asym", "mxfp4", "gptq", "bnb_nf4", "modelopt_nvfp4",
+                                  "fp8_block"])
+def test_quantized_checkpoints_count_the_parameters_of_the_float_model(quantized, name):
+    """A quantized checkpoint holds as many parameters as the float model it was quantized from,
+    share by share: packed INT4 words hold 8 (by `weight_shape`), MXFP4 / NVFP4 / NF4 bytes 2,
+    scales and zero points none; bytes stay as stored."""
+    if name.startswith("ct_"):
+        pytest.importorskip("compressed_tensors")
+    q = quantized(name)
+    c_q, quant = _shares(q.source)
+    c_f, flt = _shares(q.float_dir)
+    assert quant == flt
+    E = describe(open_checkpoint(q.source)).num_experts
+    assert c_q.at(E)["total"] == c_f.at(E)["total"] == sum(a.size for a in _all_tensors(q.float_dir))
+    assert c_q.at(E)["bytes"] == open_checkpoint(q.source).total_bytes < c_f.at(E)["bytes"]
+    c_p, pruned = _shares(q.pruned)  # the pruned copy: the same shares, so the same counts at E
+    assert pruned == quant and c_p.at(E) == c_q.at(E)
+
+
+def test_int4_weight_shape_decides_where_packing_pads(tmp_path):
+    """A packed row of 40 INT4 values takes 5 words: the `weight_shape` companion says 40 (the
+    packed shape alone would say 40 only by luck); a companion that contradicts the packed shape
+    is not trusted."""
+    from safetensors.numpy import save_file
+
+    from shardcut.publish import tensor_parameters
+
+    info = describe(open_checkpoint(tmp_path / _int4_model(tmp_path, 36)))
+    ckpt = open_checkpoint(tmp_path / "m")
+    params = tensor_parameters(ckpt, info)
+    name = "model.layers.1.mlp.experts.0.gate_proj"
+    assert params[f"{name}.weight_packed"] == 8 * 36  # [8, 5] words -> [8, 36] by weight_shape
+    assert params[f"{name}.weight_scale"] == params[f"{name}.weight_shape"] == 0
+    assert params["model.layers.1.mlp.gate.weight"] == 4 * 36
+    shard = ckpt.tensors[f"{name}.weight_shape"][0].path
+    from safetensors.numpy import load_file
+
+    tensors = load_file(shard)
+    tensors[f"{name}.weight_shape"] = np.array([8, 99], dtype=np.int64)  # 99 does not fit 5 words
+    save_file(tensors, shard)
+    assert tensor_parameters(open_checkpoint(tmp_path / "m"), info)[f"{name}.weight_packed"] == 8 * 5 * 8
+
+
+def _int4_model(tmp_path, width: int) -> str:
+    """A 2-layer DeepSeek-V3-shaped checkpoint (layer 1 MoE, 4 experts) whose experts are
+    compressed-tensors INT4 with input width `width`, its `weight_shape` companions real."""
+    from safetensors.numpy import save_file
+
+    from shardcut.synthetic import SyntheticSpec, synthetic_config
+
+    spec = SyntheticSpec(layers=2, first_dense=1, experts=4, top_k=2, hidden=width, moe_inter=8, dense_inter=8,
+                         vocab=16, int4=True, group_size=4, shards=1)
+    rng = np.random.default_rng(0)
+    H, I = width, 8
+    t = {"model.embed_tokens.weight": rng.random((16, H), dtype=np.float32),
+         "model.norm.weight": np.ones(H, np.float32), "lm_head.weight": rng.random((16, H), dtype=np.float32)}
+    for L in (0, 1):
+        p = f"model.layers.{L}"
+        t[f"{p}.input_layernorm.weight"] = t[f"{p}.post_attention_layernorm.weight"] = np.ones(H, np.float32)
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            t[f"{p}.self_attn.{proj}.weight"] = rng.random((H, H), dtype=np.float32)
+        shapes = {"gate_proj": (I, H), "up_proj": (I, H), "down_proj": (H, I)}
+        if L == 0:
+            t.update({f"{p}.mlp.{k}.weight": rng.random(v, dtype=np.float32) for k, v in shapes.items()})
+            continue
+        t[f"{p}.mlp.gate.weight"] = rng.random((4, H), dtype=np.float32)
+        t[f"{p}.mlp.gate.e_score_correction_bias"] = np.zeros(4, np.float32)
+        for e in range(4):
+            for proj, (o, i) in shapes.items():
+                q = f"{p}.mlp.experts.{e}.{proj}"
+                t[f"{q}.weight_packed"] = rng.integers(0, 2**31, (o, -(-i // 8)), dtype=np.int32)
+                t[f"{q}.weight_scale"] = rng.random((o, -(-i // 4)), dtype=np.float32)
+                t[f"{q}.weight_shape"] = np.array([o, i], dtype=np.int64)
+        for proj, shape in shapes.items():
+            t[f"{p}.mlp.shared_experts.{proj}.weight"] = rng.random(shape, dtype=np.float32)
+    root = tmp_path / "m"
+    root.mkdir()
+    save_file(t, root / "model.safetensors")
+    (root / "config.json").write_text(json.dumps(synthetic_config(spec)))
+    return "m"
+
+
+@pytest.mark.parametrize("name, fused", [
+    ("step3", ("moe.gate_proj.weight", "moe.up_proj.weight", "moe.down_proj.weight")),  # fused outside `experts`
+    ("gpt_oss", ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj",
+                 "mlp.experts.down_proj_bias")),
+])
+def test_fused_expert_tensors_are_expert_parameters(families, name, fused):
+    """Step3's fused `moe.*_proj` tensors (and gpt-oss's under `experts`) are expert parameters:
+    one expert's share is 1/E of them, and a token runs through top_k of them, not all E."""
+    b = families(name)
+    src = open_checkpoint(b.source)
+    info = describe(src)
+    c = count_parameters(src, info)
+    E, k = info.num_experts, info.top_k
+    for layer in info.layers:
+        expected = sum(math.prod(src.tensors[layer.prefix + rel][1].shape) for rel in fused)
+        assert c.expert[layer.key][0] * E == expected
+    model_params = sum(p.numel() for p in b.model.state_dict().values())
+    assert c.at(E)["total"] == sum(math.prod(t.shape) for _, t in src.tensors.values()) == model_params
+    routed = sum(c.expert[layer.key][0] for layer in info.layers)
+    assert c.at(E)["active"] == c.base_active + k * routed + E * sum(v[0] for v in c.router.values())
+    assert c.at(E)["total"] - c.at(E)["active"] == (E - k) * routed
