@@ -255,6 +255,7 @@ def push(
 
     out = Path(out)
     target = _check_target(repo_id, revision, create_pr)
+    own = _own_files(out)  # before anything reads OUT: a link leading out of it is refused
     checked = verify(out)
     if not checked.ok:
         raise ShardcutError(f"verify rejects it, nothing uploaded: {checked.problems[0]}", out)
@@ -281,9 +282,9 @@ def push(
     body = (json.dumps(provenance, indent=2) + "\n").encode()
     files.append(PushFile(PROVENANCE_NAME, len(body), content=body))
     taken = {f.path_in_repo for f in files}
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+    for path in own:
         rel = path.relative_to(out).as_posix()
-        if rel not in taken and not any(part.startswith(".") for part in path.relative_to(out).parts):
+        if rel not in taken:
             files.append(PushFile(rel, path.stat().st_size, source=path))
     report = PushReport(target, revision, private, create_pr, dry_run, files, card, base)
     if dry_run:
@@ -293,7 +294,7 @@ def push(
     if not (getattr(api, "token", None) or hub.current_token()):
         raise ShardcutError(f"no Hugging Face token, nothing uploaded: {hub.LOGIN_HINT}", target)
     with tempfile.TemporaryDirectory(prefix="shardcut-push-") as tmp:
-        staging = _stage(Path(tmp), files)
+        staging = _stage(Path(tmp), files, out)
         with hub.hub_errors(target, revision):
             api.create_repo(target, private=private, exist_ok=True, repo_type="model")
             if revision and not create_pr:
@@ -437,7 +438,40 @@ def _counts_text(info: ModelInfo, provenance: dict) -> str:
     return ", ".join(f"{g.name} {(by_config.get(g.name) or {}).get('before') or '?'} -> {a}" for g, _, a in stacks)
 
 
-def _stage(root: Path, files: list[PushFile]) -> Path:
+def _own_files(out: Path) -> list[Path]:
+    """OUT's files to upload (hidden ones left out), in order; refuses a symlink anywhere in OUT
+    that resolves outside it, a dangling one, and a link to a folder (push uploads OUT's own
+    files only: a planted link must not carry a token file or another model up)."""
+    if not out.is_dir():
+        raise ShardcutError("not a directory (expected a pruned checkpoint folder)", out)
+    root = out.resolve()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(out):  # followlinks=False: a linked folder is not entered
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in [*dirnames, *sorted(filenames)]:
+            path = Path(dirpath) / name
+            if name.startswith(".") or not path.is_symlink():
+                if name in filenames and not name.startswith("."):
+                    found.append(path)
+                continue
+            _check_link(path, root, out)
+            if path.is_dir():
+                raise ShardcutError(f"{path.relative_to(out)} is a symlink to a folder; push uploads files only, "
+                                    "nothing uploaded", out)
+            found.append(path)
+    return sorted(found)
+
+
+def _check_link(path: Path, root: Path, out: Path) -> None:
+    target = path.resolve()
+    if not target.exists():
+        raise ShardcutError(f"{path.relative_to(out)} is a broken symlink, nothing uploaded", out)
+    if not target.is_relative_to(root):
+        raise ShardcutError(f"{path.relative_to(out)} is a symlink to {target}, outside OUT; push uploads only "
+                            "OUT's own files, nothing uploaded", out)
+
+
+def _stage(root: Path, files: list[PushFile], out: Path) -> Path:
     """A folder laid out as the repo: links to OUT's files, the generated files written."""
     for f in files:
         dest = root / f.path_in_repo
@@ -445,7 +479,10 @@ def _stage(root: Path, files: list[PushFile]) -> Path:
         if f.content is not None:
             dest.write_bytes(f.content)
         else:
-            os.symlink(f.source.resolve(), dest)
+            src = f.source
+            if f.source.absolute().is_relative_to(out.absolute()):  # OUT's files: checked again at upload
+                _check_link(src, out.resolve(), out)
+            os.symlink(src.resolve(), dest)
     return root
 
 
@@ -531,7 +568,7 @@ weights{", MTP layers excluded" if counts.mtp else ""}{"; quantized weights coun
 - Expert pruning in the manner of REAP (Router-weighted Expert Activation Pruning, [arXiv 2510.13999](https://arxiv.org/abs/2510.13999)):
   each MoE layer keeps the {keeps} experts with the highest saliency on calibration data and drops the
   rest together with their router rows; the router's choice among the kept experts is unchanged.
-- Criterion: `{criterion}`: {how}.
+- Criterion: `{criterion}`: {how}.{_count_line(plan)}
 - Architecture: {info.arch.name}; MoE layers: {len(info.layers)}; kept expert ids per layer (original
   numbering): `{PLAN_IN_REPO}`.
 
@@ -562,6 +599,15 @@ plan sha256 `{provenance["plan_sha256"]}`{
 (`{PROVENANCE_NAME}`).
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _count_line(plan: Plan) -> str:
+    """The plan's counting rule (floor of the ratio, group and multiple_of rounding), as a bullet."""
+    rules = plan.extra.get("rounding_by_config") or ({"": plan.extra["rounding"]} if plan.extra.get("rounding") else {})
+    if not isinstance(rules, dict) or not rules:
+        return ""
+    text = "; ".join(f"{name}: {rule}" if name else str(rule) for name, rule in rules.items())
+    return f"\n- Experts kept per layer: {text}."
 
 
 def _quantized(info: ModelInfo) -> bool:

@@ -7,7 +7,10 @@ import hashlib
 import json
 import logging
 import math
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -319,3 +322,125 @@ def test_fused_expert_tensors_are_expert_parameters(families, name, fused):
     routed = sum(c.expert[layer.key][0] for layer in info.layers)
     assert c.at(E)["active"] == c.base_active + k * routed + E * sum(v[0] for v in c.router.values())
     assert c.at(E)["total"] - c.at(E)["active"] == (E - k) * routed
+
+
+# ---------------------------------------------------------------------------------------------
+# The card's commands reproduce the plan
+
+
+def _card_commands(card: str) -> list[list[str]]:
+    import shlex
+
+    return [shlex.split(line) for line in card.splitlines() if line.startswith("shardcut ")]
+
+
+def _run_cli(argv: list[str], cwd) -> subprocess.CompletedProcess:
+    assert argv[0] == "shardcut"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "shardcut_cli.main", *argv[1:]], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_card_commands_reproduce_the_plan(tmp_path, fake):
+    """A plan made with every option that decides it (MTP policy, super-expert and explicit
+    protection, the random criterion's seed, multiple_of, grouped routing): the card's
+    `shardcut plan` command, run as a user would (a real process, in a folder holding the
+    downloaded score file), writes the same plan; its re-prune command runs, and at the plan's
+    own ratio prunes to the same kept experts."""
+    from fixtures.scores_fixtures import random_scores
+
+    from shardcut.rewrite import prune
+    from shardcut.select import make_plan
+    from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
+
+    src = write_synthetic_checkpoint(tmp_path / "model", SyntheticSpec(
+        layers=4, first_dense=1, experts=16, top_k=2, n_group=2, topk_group=2, mtp_layers=1, shards=2, hidden=16,
+        moe_inter=8, dense_inter=16, vocab=32))
+    info = describe(open_checkpoint(src))
+    assert info.grouped and [layer.key for layer in info.layers if layer.mtp] == ["4"]
+    scores = random_scores(info, seed=2)
+    scores.act_max[:] = 1.0
+    scores.act_max[0, 9] = 100.0  # a super expert of layer 1
+    scores_path = tmp_path / "made.safetensors"
+    scores.save(scores_path)
+    plan, report = make_plan(src, scores_path, ratio=0.4, criterion="random", seed=7, protect={"2": [3]},
+                             protect_super_experts=True, mtp_policy="reuse-last", multiple_of=4)
+    assert plan.num_experts == 12 and 9 in plan.keep["1"] and 3 in plan.keep["2"]  # 10 kept -> 12
+    prune(src, tmp_path / "out", plan)
+    card = push(tmp_path / "out", TARGET, scores=scores_path, dry_run=True).card
+    assert "- Experts kept per layer: pruned per layer = floor(16 x 0.4) = 6 -> 10 kept, kept rounded up from 10 to 12" \
+        in card
+    commands = _card_commands(card)
+    (plan_cmd,) = [c for c in commands if c[1] == "plan"]
+    (reprune,) = [c for c in commands if c[1] == "prune" and "--scores" in c]
+    for flag in ("--mtp-policy", "--protect-super-experts", "--protect", "--seed", "--multiple-of", "--criterion"):
+        assert flag in plan_cmd and flag in reprune, (flag, plan_cmd, reprune)
+
+    work = tmp_path / "user"
+    (work / "calibration").mkdir(parents=True)
+    shutil.copyfile(scores_path, work / "scores.safetensors")
+    shutil.copyfile(scores_path, work / "calibration" / "scores.safetensors")
+    done = _run_cli(plan_cmd, work)
+    assert done.returncode == 0, done.stderr + done.stdout
+    again = Plan.load(work / "plan.json")
+    assert again.to_json() == plan.to_json()  # keep, counts, rounding, options, scores sha256: all of it
+    assert again.keep == Plan.load(tmp_path / "out" / "shardcut-plan.json").keep
+
+    done = _run_cli([*reprune, "--dry-run"], work)  # verbatim, at the card's other ratio
+    assert done.returncode == 0, done.stderr + done.stdout
+    at_plan_ratio = [*reprune[: reprune.index("--ratio") + 1], "0.4", *reprune[reprune.index("--ratio") + 2:]]
+    done = _run_cli(at_plan_ratio, work)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert Plan.load(work / "pruned" / "shardcut-plan.json").keep == plan.keep
+
+
+def test_card_of_a_plan_without_recorded_options(t, tmp_path, fake):
+    """A plan written before options were recorded: the card derives the command from its
+    provenance (ratio, criterion, protected ids) instead of leaving them out."""
+    out = tmp_path / "old"
+    shutil.copytree(t.pruned, out)
+    body = json.loads((out / "shardcut-plan.json").read_text())
+    body.pop("options")
+    body["protected"] = {"0": [1]}
+    (out / "shardcut-plan.json").write_text(json.dumps(body))
+    card = push(out, TARGET, scores=t.scores, dry_run=True).card
+    (plan_cmd,) = [c for c in _card_commands(card) if c[1] == "plan"]
+    assert plan_cmd[plan_cmd.index("--ratio") + 1] == "0.5" and plan_cmd[plan_cmd.index("--criterion") + 1] == "reap"
+    assert plan_cmd[plan_cmd.index("--protect") + 1] == "0:1"
+
+
+# ---------------------------------------------------------------------------------------------
+# push reads nothing outside OUT
+
+
+@pytest.mark.parametrize("planted", ["file", "folder", "broken", "nested"])
+def test_symlinks_leading_out_of_out_are_refused(t, tmp_path, fake, planted):
+    """A symlink in OUT pointing elsewhere (a token file, a folder, nowhere) is refused with one
+    line before anything is read or uploaded; the secret it points to reaches no upload."""
+    out = tmp_path / "out"
+    shutil.copytree(t.pruned, out)
+    secret_dir = tmp_path / "elsewhere"
+    secret_dir.mkdir()
+    (secret_dir / "token").write_text(SECRET)
+    link = {"file": out / "notes.txt", "folder": out / "extra", "broken": out / "gone.txt",
+            "nested": out / "assets" / "deep" / "token.txt"}[planted]
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to({"file": secret_dir / "token", "folder": secret_dir, "broken": tmp_path / "nothing",
+                     "nested": secret_dir / "token"}[planted])
+    for args in (["--dry-run"], []):
+        line = _error(["push", str(out), TARGET, *args])
+        assert str(link.relative_to(out)) in line and "nothing uploaded" in line
+        assert SECRET not in line
+    assert fake.calls == [] and fake.uploaded == []
+    with pytest.raises(ShardcutError, match="symlink"):
+        push(out, TARGET, dry_run=True)
+
+
+def test_symlinks_inside_out_upload_their_content(t, tmp_path, fake):
+    out = tmp_path / "out"
+    shutil.copytree(t.pruned, out)
+    (out / "docs").mkdir()
+    (out / "docs" / "tokenizer_config.json").symlink_to(out / "tokenizer_config.json")
+    push(out, TARGET)
+    (uploaded,) = fake.uploaded
+    assert uploaded["docs/tokenizer_config.json"] == (out / "tokenizer_config.json").read_bytes()
