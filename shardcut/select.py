@@ -473,6 +473,7 @@ def make_plan(
     from shardcut.model import describe
     from shardcut.rewrite import layout
 
+    given = {k: v for k, v in locals().items() if k in PLAN_FLAGS}  # every option, recorded in the plan
     ckpt = open_model(model)  # headers only: no shard data
     info = describe(ckpt)
     if isinstance(scores, Scores):
@@ -556,9 +557,7 @@ def make_plan(
         **chosen,
         "scores_sha256": sha,
         **({"multiple_of": multiple_of} if multiple_of > 1 else {}),
-        "options": plan_options(ratio=ratio, experts=experts, criterion=crit, seed=seed,
-                                protect_super_experts=protect_super_experts, protect=protect, mtp_policy=mtp_policy,
-                                multiple_of=multiple_of),
+        "options": plan_options(**{**given, "criterion": crit}),
     }
     if crit == "random":
         extra["seed"] = seed
@@ -587,6 +586,7 @@ def make_plan(
 
 # The `shardcut plan` / `prune --scores` flag of every `make_plan` option (one table, so the
 # model card's commands and the CLI cannot drift apart; a test checks every option has one).
+# make_plan records every option named here in the plan's `options`.
 PLAN_FLAGS: dict[str, str] = {
     "ratio": "--ratio", "experts": "--experts", "criterion": "--criterion", "seed": "--seed",
     "protect_super_experts": "--protect-super-experts", "protect": "--protect", "mtp_policy": "--mtp-policy",

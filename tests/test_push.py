@@ -334,9 +334,9 @@ def _card_commands(card: str) -> list[list[str]]:
     return [shlex.split(line) for line in card.splitlines() if line.startswith("shardcut ")]
 
 
-def _run_cli(argv: list[str], cwd) -> subprocess.CompletedProcess:
+def _run_cli(argv: list[str], cwd, **env_extra: str) -> subprocess.CompletedProcess:
     assert argv[0] == "shardcut"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **env_extra}
     return subprocess.run([sys.executable, "-m", "shardcut_cli.main", *argv[1:]], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
 
@@ -392,6 +392,20 @@ def test_card_commands_reproduce_the_plan(tmp_path, fake):
     done = _run_cli(at_plan_ratio, work)
     assert done.returncode == 0, done.stderr + done.stdout
     assert Plan.load(work / "pruned" / "shardcut-plan.json").keep == plan.keep
+
+
+def test_card_plan_command_for_a_hub_source(t, tmp_path, fake):
+    """The card of a model planned from a Hub repo id: its plan command, run against the Hub
+    cache (offline), writes the plan that was pushed."""
+    cache = tmp_path / "cache"
+    shutil.copytree(t.reference_cache, cache, symlinks=True)
+    card = push(t.pruned, TARGET, scores=t.scores, dry_run=True).card
+    (plan_cmd,) = [c for c in _card_commands(card) if c[1] == "plan"]
+    assert plan_cmd[2] == REPO
+    shutil.copyfile(t.scores, tmp_path / "scores.safetensors")
+    done = _run_cli(plan_cmd, tmp_path, HF_HUB_CACHE=str(cache))
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert Plan.load(tmp_path / "plan.json").to_json() == Plan.load(t.plan_path).to_json()
 
 
 def test_card_of_a_plan_without_recorded_options(t, tmp_path, fake):
