@@ -3,14 +3,15 @@
 What goes up, in one commit (`HfApi.upload_folder`, which with hf-xet skips the chunks an
 interrupted upload already sent):
 - every file of OUT, its README.md (the source's card, copied by prune) replaced by a card
-  generated with `ModelCard`/`ModelCardData` that credits the source card instead;
+  generated with `ModelCard`/`ModelCardData` that credits the source card instead; a symlink
+  in OUT that resolves outside it is refused before anything is read (push reads only OUT);
 - `calibration/plan.json` and, when given, `calibration/scores.safetensors`, so anyone can
   re-prune at another ratio;
 - `shardcut-provenance.json`: shardcut version, source repo and revision, plan and scores sha256.
 
 Parameter counts come from tensor shapes (headers, and the tiny `weight_shape` companions of
-packed INT4 weights), counting real parameters: a packed word holds 32/bits of them, an MXFP4 or
-NVFP4 byte two; scales, zero points and other companions are not parameters. A pruned checkpoint holds one
+packed INT4 weights) and count real parameters: a packed word holds 32/bits of them, an MXFP4
+or NVFP4 byte two; scales, zero points and other companions are none. A pruned checkpoint holds one
 expert's share of every expert tensor, so the counts for the original expert count follow
 exactly without the source: `Counts.at(E)` for any E (or one E per layer, for models whose
 stacks have their own counts, such as Qwen3-Omni's talker).
@@ -176,7 +177,7 @@ def _packed_parameters(ckpt: Checkpoint, module: str, packed, bits: int) -> int:
     import numpy as np
 
     dtype = {"I64": "<i8", "I32": "<i4", "I16": "<i2", "U8": "u1"}.get(t.dtype)
-    if dtype is None or len(t.shape) != 1:
+    if dtype is None or len(t.shape) != 1 or not 0 < t.shape[0] <= 8:
         return guess
     with open(shard.path, "rb") as f:
         f.seek(t.start)
