@@ -143,21 +143,23 @@ def tensor_parameters(ckpt: Checkpoint, info: ModelInfo) -> dict[str, int]:
     quant = info.config.get("quantization_config") or info.text_config.get("quantization_config")
     quant = quant if isinstance(quant, dict) else {}
     bits = int(quant.get("bits") or _ct_bits(quant) or 4)
+    split = {name: split_companion(name) for name in ckpt.tensors}
     modules: dict[str, dict[str, str]] = {}
     for name, (_, t) in ckpt.tensors.items():
-        module, suffix = split_companion(name)
+        module, suffix = split[name]
         modules.setdefault(module, {})[suffix] = t.dtype
+    shapes = _shape_companions(ckpt)
     out = {}
     for name, (_, t) in ckpt.tensors.items():
         n = math.prod(t.shape)
-        module, suffix = split_companion(name)
+        module, suffix = split[name]
         companions = modules[module]
         if all(d in _FLOAT for d in companions.values()):
             out[name] = n  # a float module: every tensor is parameters (a norm's `.scale` too)
         elif suffix in _NOT_PARAMETERS:
             out[name] = 0
         elif suffix == ".weight_packed":
-            out[name] = _packed_parameters(ckpt, module, t, bits if t.dtype == "I32" else 4)
+            out[name] = _packed_parameters(shapes.get(module), t, bits if t.dtype == "I32" else 4)
         elif suffix == ".qweight" or (t.dtype == "I32" and suffix in (".weight", "")):
             out[name] = n * (32 // bits)
         elif t.dtype == "U8" and suffix in (".weight", "", "_blocks"):
@@ -167,27 +169,34 @@ def tensor_parameters(ckpt: Checkpoint, info: ModelInfo) -> dict[str, int]:
     return out
 
 
-def _packed_parameters(ckpt: Checkpoint, module: str, packed, bits: int) -> int:
-    per = (32 if packed.dtype == "I32" else 8) // bits
-    guess = math.prod(packed.shape) * per
-    found = ckpt.tensors.get(f"{module}.weight_shape")
-    if found is None:
-        return guess
-    shard, t = found
+def _shape_companions(ckpt: Checkpoint) -> dict[str, list[int]]:
+    """Module -> the values of its `weight_shape` companion (a few bytes each; every shard opened
+    once, read in file order)."""
     import numpy as np
 
-    dtype = {"I64": "<i8", "I32": "<i4", "I16": "<i2", "U8": "u1"}.get(t.dtype)
-    if dtype is None or len(t.shape) != 1 or not 0 < t.shape[0] <= 8:
+    by_shard: dict = {}
+    for name, (shard, t) in ckpt.tensors.items():
+        dtype = {"I64": "<i8", "I32": "<i4", "I16": "<i2"}.get(t.dtype)
+        if name.endswith(".weight_shape") and dtype and len(t.shape) == 1 and 0 < t.shape[0] <= 8:
+            by_shard.setdefault(shard.path, []).append((t.start, t.nbytes, dtype, name.removesuffix(".weight_shape")))
+    out = {}
+    for path, items in by_shard.items():
+        with open(path, "rb") as f:
+            for start, size, dtype, module in sorted(items):
+                f.seek(start)
+                out[module] = [int(x) for x in np.frombuffer(f.read(size), dtype=dtype)]
+    return out
+
+
+def _packed_parameters(shape: list[int] | None, packed, bits: int) -> int:
+    """Values a packed tensor holds: its `weight_shape` where that agrees with the packed shape
+    (same leading dims, last dim packed into ceil(in / per) words), else every word full."""
+    per = (32 if packed.dtype == "I32" else 8) // bits
+    guess = math.prod(packed.shape) * per
+    if not shape:
         return guess
-    with open(shard.path, "rb") as f:
-        f.seek(t.start)
-        shape = [int(x) for x in np.frombuffer(f.read(t.nbytes), dtype=dtype)]
-    lead = list(packed.shape[: len(packed.shape) - len(shape)])  # fused [E, …] with a per-expert shape
-    full = lead + shape
-    # the companion is trusted only where it agrees with the packed tensor (same leading dims,
-    # last dim packed into ceil(in / per) words)
-    if (len(full) == len(packed.shape) and full[:-1] == list(packed.shape[:-1]) and shape
-            and -(-full[-1] // per) == packed.shape[-1]):
+    full = list(packed.shape[: max(0, len(packed.shape) - len(shape))]) + shape  # fused [E, …], per-expert shape
+    if len(full) == len(packed.shape) and full[:-1] == list(packed.shape[:-1]) and -(-full[-1] // per) == packed.shape[-1]:
         return math.prod(full)
     return guess
 
