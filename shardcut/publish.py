@@ -31,7 +31,7 @@ from pathlib import Path
 
 from shardcut import __version__, hub
 from shardcut.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint, read_json_object
-from shardcut.errors import ShardcutError
+from shardcut.errors import CheckpointError, ShardcutError
 from shardcut.model import ModelInfo, describe
 from shardcut.plan import Plan
 
@@ -453,7 +453,7 @@ def _own_files(out: Path) -> list[Path]:
     that resolves outside it, a dangling one, and a link to a folder (push uploads OUT's own
     files only: a planted link must not carry a token file or another model up)."""
     if not out.is_dir():
-        raise ShardcutError("not a directory (expected a pruned checkpoint folder)", out)
+        raise CheckpointError("not a directory (expected a pruned checkpoint folder)", out)
     root = out.resolve()
     found = []
     for dirpath, dirnames, filenames in os.walk(out):  # followlinks=False: a linked folder is not entered
@@ -466,7 +466,7 @@ def _own_files(out: Path) -> list[Path]:
                 continue
             _check_link(path, root, out)
             if path.is_dir():
-                raise ShardcutError(f"{path.relative_to(out)} is a symlink to a folder; push uploads files only, "
+                raise CheckpointError(f"{path.relative_to(out)} is a symlink to a folder; push uploads files only, "
                                     "nothing uploaded", out)
             found.append(path)
     return sorted(found)
@@ -475,9 +475,9 @@ def _own_files(out: Path) -> list[Path]:
 def _check_link(path: Path, root: Path, out: Path) -> None:
     target = path.resolve()
     if not target.exists():
-        raise ShardcutError(f"{path.relative_to(out)} is a broken symlink, nothing uploaded", out)
+        raise CheckpointError(f"{path.relative_to(out)} is a broken symlink, nothing uploaded", out)
     if not target.is_relative_to(root):
-        raise ShardcutError(f"{path.relative_to(out)} is a symlink to {target}, outside OUT; push uploads only "
+        raise CheckpointError(f"{path.relative_to(out)} is a symlink to {target}, outside OUT; push uploads only "
                             "OUT's own files, nothing uploaded", out)
 
 

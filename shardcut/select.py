@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shardcut.errors import ShardcutError
+from shardcut.errors import PlanError, ShardcutError
 from shardcut.model import ModelInfo, MoELayer
 from shardcut.plan import Plan, validate_plan
 from shardcut.scores import Scores, file_sha256
@@ -141,7 +141,7 @@ def kept_count(num_experts: int, top_k: int, *, ratio: float | None = None, expe
     if (ratio is None) == (experts is None):
         raise ShardcutError("give exactly one of ratio (fraction of experts removed) or experts (kept per layer)")
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
-        raise ShardcutError(f"multiple_of {multiple_of!r} must be a positive integer (e.g. the expert-parallel size)")
+        raise PlanError(f"multiple_of {multiple_of!r} must be a positive integer (e.g. the expert-parallel size)")
     M = multiple_of
     rounded = None
     if ratio is not None:
@@ -183,7 +183,7 @@ def kept_count(num_experts: int, top_k: int, *, ratio: float | None = None, expe
         what = f"multiple_of={M}" + (f" and n_group={G}" if G > 1 else "")
         note = f"kept rounded up from {kept} to {up}, a multiple of {what} (E' % {M} == 0)"
         if up >= E:
-            raise ShardcutError(f"{rule}; {note} keeps all {E} experts: use a larger ratio (fewer kept) or another "
+            raise PlanError(f"{rule}; {note} keeps all {E} experts: use a larger ratio (fewer kept) or another "
                                 f"multiple_of")
         rounded = f"{rounded}; {note}" if rounded else note
         rule += f", {note}"
@@ -636,7 +636,7 @@ def plan_arguments(options: dict, *, count: bool = True) -> list[str]:
                 if p.kind is p.KEYWORD_ONLY}
     unknown = [k for k in options if k not in PLAN_FLAGS]
     if unknown:
-        raise ShardcutError(f"plan option {unknown[0]!r} has no shardcut plan flag (a plan of a newer shardcut?)")
+        raise PlanError(f"plan option {unknown[0]!r} has no shardcut plan flag (a plan of a newer shardcut?)")
     args: list[str] = []
     for key, flag in PLAN_FLAGS.items():
         value = options.get(key)

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 
 from shardcut import hub
 from shardcut.checkpoint import open_checkpoint
-from shardcut.errors import ShardcutError
+from shardcut.errors import CheckpointError, ShardcutError
 from shardcut.model import describe
 from shardcut.plan import Plan
 from shardcut.publish import PROVENANCE_NAME, TAGS, count_parameters, push
@@ -446,7 +446,7 @@ def test_symlinks_leading_out_of_out_are_refused(t, tmp_path, fake, planted):
         assert str(link.relative_to(out)) in line and "nothing uploaded" in line
         assert SECRET not in line
     assert fake.calls == [] and fake.uploaded == []
-    with pytest.raises(ShardcutError, match="symlink"):
+    with pytest.raises(CheckpointError, match="symlink"):
         push(out, TARGET, dry_run=True)
 
 

@@ -11,7 +11,7 @@ import pytest
 from fixtures.scores_fixtures import model_info, random_scores, synthetic_model, tiny_model
 from typer.testing import CliRunner
 
-from shardcut.errors import ShardcutError
+from shardcut.errors import PlanError, ShardcutError
 from shardcut.plan import Plan, validate_plan
 from shardcut.scores import Scores, file_sha256
 from shardcut.select import (
@@ -433,7 +433,7 @@ def test_multiple_of_and_group_rounding_together():
     (dict(experts=9, multiple_of=8), "keeps all 16 experts"),
 ])
 def test_bad_multiple_of_is_refused(kwargs, message):
-    with pytest.raises(ShardcutError, match=message):
+    with pytest.raises(PlanError, match=message):
         kept_count(16, 2, **kwargs)
 
 
