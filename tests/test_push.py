@@ -1,5 +1,7 @@
 """`shardcut push`: the generated model card (parsed back with ModelCard.load), the exact file
-list of a dry run, the upload through a recording HfApi-compatible fake, and refusals."""
+list of a dry run, the upload through a recording HfApi-compatible fake, and refusals; the
+card's parameter counts (quantized, fused), its commands run in real processes, and symlinks
+leading out of OUT."""
 
 from __future__ import annotations
 
@@ -22,8 +24,9 @@ from shardcut import hub
 from shardcut.checkpoint import open_checkpoint
 from shardcut.errors import CheckpointError, ShardcutError
 from shardcut.model import describe
+from shardcut.parameters import count_parameters
 from shardcut.plan import Plan
-from shardcut.publish import PROVENANCE_NAME, TAGS, count_parameters, push
+from shardcut.publish import PROVENANCE_NAME, TAGS, push
 from shardcut.scores import file_sha256
 from shardcut_cli.main import app
 
@@ -244,7 +247,7 @@ def test_int4_weight_shape_decides_where_packing_pads(tmp_path):
     is not trusted."""
     from safetensors.numpy import save_file
 
-    from shardcut.publish import tensor_parameters
+    from shardcut.parameters import tensor_parameters
 
     info = describe(open_checkpoint(tmp_path / _int4_model(tmp_path, 36)))
     ckpt = open_checkpoint(tmp_path / "m")
