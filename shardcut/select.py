@@ -499,7 +499,7 @@ def make_plan(
                      + (", ".join(f"layer {k}: {v}" for k, v in supers.items()) if supers else "none found"))
     for g, c in per_group:
         if c.rounded:
-            notes.append(f"{'rounding' if multiple_of > 1 else 'grouped routing'}{f' ({g.name})' if multi else ''}: "
+            notes.append(f"{'rounding' if 'multiple_of=' in c.rounded else 'grouped routing'}{f' ({g.name})' if multi else ''}: "
                          f"{c.rounded}")
 
     keep: dict[str, list[int]] = {}
