@@ -63,12 +63,20 @@ def prune_cmd(
                                        "pruned per layer = floor(E x ratio), E each stack's own count."),
     experts: int | None = typer.Option(None, "--experts", help="Experts to keep per layer, the same in every stack "
                                        "of a model with several expert counts (refused where it does not fit one)."),
-    criterion: str = typer.Option("reap", "--criterion", help="Saliency criterion when planning from scores."),
+    criterion: str | None = typer.Option(None, "--criterion", help="With --scores: the saliency criterion (see "
+                                         "`shardcut plan --help`; default reap, or an imported file's only one)."),
+    seed: int = typer.Option(0, "--seed", help="With --scores: seed of the random criterion."),
     protect_super_experts: bool = typer.Option(False, "--protect-super-experts", help="With --scores: keep super "
                                                "experts (see `shardcut plan --help`)."),
     protect: list[str] | None = typer.Option(None, "--protect", help="With --scores: always keep LAYER:ID[,ID...]."),
     mtp_policy: str | None = typer.Option(None, "--mtp-policy", help="With --scores: reuse-last, scores-of:N or "
                                           "same-ids-as:N for MoE layers without scores (MTP)."),
+    multiple_of: int = typer.Option(1, "--multiple-of", metavar="N", help="With --scores: round the kept count up "
+                                    "to a multiple of N, e.g. the expert-parallel size (see `shardcut plan --help`)."),
+    super_percentile: float = typer.Option(99.5, "--super-percentile", help="With --scores: super-expert rule "
+                                           "percentile (see `shardcut plan --help`)."),
+    super_layer_fraction: float = typer.Option(0.75, "--super-layer-fraction", help="With --scores: super-expert "
+                                               "rule layer fraction (see `shardcut plan --help`)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be written; write nothing."),
     max_shard_size: str | None = typer.Option(None, "--max-shard-size", help="Re-shard, e.g. 5GB (default: keep source shards)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip re-reading the output against the source."),
@@ -92,8 +100,10 @@ def prune_cmd(
         from shardcut_cli.scores_cmd import print_plan_report
 
         the_plan, plan_report = make_plan(model, scores, ratio=ratio, experts=experts, criterion=criterion,
-                                          protect_super_experts=protect_super_experts,
-                                          protect=parse_protect(protect), mtp_policy=mtp_policy)
+                                          seed=seed, protect_super_experts=protect_super_experts,
+                                          protect=parse_protect(protect), mtp_policy=mtp_policy,
+                                          multiple_of=multiple_of, super_percentile=super_percentile,
+                                          super_layer_fraction=super_layer_fraction)
         if not as_json:
             print_plan_report(plan_report)
     with byte_progress("pruning", enabled=not dry_run and not as_json) as progress:

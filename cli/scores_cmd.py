@@ -24,6 +24,8 @@ def register(app: typer.Typer) -> None:
     app.command("plan")(plan_cmd)
 
 
+MULTIPLE_HELP = ("Round the kept count per layer up to a multiple of N (and of n_group), e.g. the expert-parallel "
+                 "size vLLM serves with (E' % ep_size == 0); never prunes more than asked. Default: off.")
 SUPER_HELP = ("Keep super experts whatever their score. Defined as in the REAP reference: experts whose act_max "
               "exceeds max(99.5th percentile of act_max over all scored layers, global max / 10), in the first 75% "
               "of the scored MoE layers (by layer key).")
@@ -167,6 +169,7 @@ def plan_cmd(
     protect: list[str] | None = typer.Option(None, "--protect", help="Always keep these experts: LAYER:ID[,ID...] "
                                              "(repeatable), e.g. --protect 3:0,17."),
     mtp_policy: str | None = typer.Option(None, "--mtp-policy", help=MTP_HELP),
+    multiple_of: int = typer.Option(1, "--multiple-of", metavar="N", help=MULTIPLE_HELP),
     out: Path | None = typer.Option(None, "-o", "--out", help="Plan file to write (without it: print only; "
                                     "never inside MODEL or over the score file)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the plan file if it exists."),
@@ -180,7 +183,8 @@ def plan_cmd(
     plan, report = make_plan(model, scores, ratio=ratio, experts=experts, criterion=criterion, seed=seed,
                              protect_super_experts=protect_super_experts, protect=parse_protect(protect),
                              mtp_policy=mtp_policy, super_percentile=super_percentile,
-                             super_layer_fraction=super_layer_fraction, out=out, overwrite=overwrite)
+                             super_layer_fraction=super_layer_fraction, multiple_of=multiple_of, out=out,
+                             overwrite=overwrite)
     if as_json:
         typer.echo(json.dumps({"plan": plan.to_json(), "report": report.to_json(),
                                "out": str(out) if out else None}, indent=2))

@@ -3,32 +3,30 @@
 What goes up, in one commit (`HfApi.upload_folder`, which with hf-xet skips the chunks an
 interrupted upload already sent):
 - every file of OUT (prune does not copy the source's README.md) and a card
-  generated with `ModelCard`/`ModelCardData` that credits the source card instead;
+  generated with `ModelCard`/`ModelCardData` that credits the source card instead; a symlink
+  in OUT that resolves outside it is refused before anything is read (push reads only OUT);
 - `calibration/plan.json` and, when given, `calibration/scores.safetensors`, so anyone can
   re-prune at another ratio;
 - `shardcut-provenance.json`: shardcut version, source repo and revision, plan and scores sha256.
 
-Parameter counts come from tensor shapes (headers only). A pruned checkpoint holds one
-expert's share of every expert tensor, so the counts for the original expert count follow
-exactly without the source: `Counts.at(E)` for any E (or one E per layer, for models whose
-stacks have their own counts, such as Qwen3-Omni's talker).
+The card's parameter counts are `shardcut.parameters`' (real parameters, for any expert count).
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import shlex
 import tempfile
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from shardcut import __version__, hub
 from shardcut.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint, read_json_object
-from shardcut.errors import ShardcutError
+from shardcut.errors import CheckpointError, ShardcutError
 from shardcut.model import ModelInfo, describe
+from shardcut.parameters import count_parameters
 from shardcut.plan import Plan
 
 CARD_NAME = "README.md"
@@ -36,79 +34,6 @@ PROVENANCE_NAME = "shardcut-provenance.json"
 PLAN_IN_REPO = "calibration/plan.json"
 SCORES_IN_REPO = "calibration/scores.safetensors"
 TAGS = ["moe", "pruning", "expert-pruning", "reap", "shardcut"]
-
-
-@dataclass
-class Counts:
-    """Tensor elements and bytes of a checkpoint, split so they can be stated for any expert count.
-
-    base: everything outside the routed experts (attention, embeddings, shared experts, norms).
-    expert / router: per MoE layer key, one routed expert's elements (its FFN, fused shares
-    included) and its share of the router tensors (rows computed for every token).
-    Quantized tensors count as stored (a packed INT4 word is one element).
-    layer_top_k: a layer's own top-k where its stack has one (default `top_k`).
-    """
-
-    top_k: int
-    base: tuple[int, int]  # (elements, bytes)
-    base_active: int  # base elements one token runs through (MTP layers excluded)
-    expert: dict[str, tuple[int, int]] = field(default_factory=dict)
-    router: dict[str, tuple[int, int]] = field(default_factory=dict)
-    mtp: set[str] = field(default_factory=set)
-    layer_top_k: dict[str, int] = field(default_factory=dict)
-
-    def at(self, num_experts: int | Mapping[str, int]) -> dict[str, int]:
-        """Total and active parameters and tensor bytes with `num_experts` experts per layer
-        (one count, or one per MoE layer key).
-
-        Example:
-            >>> counts.at({"0": 8, "1": 8, "talker.0": 6, "talker.1": 6})["total"]
-        """
-        keys = self.expert.keys() | self.router.keys()
-        E = {k: num_experts[k] if isinstance(num_experts, Mapping) else num_experts for k in keys}
-        per = {k: [a + b for a, b in zip(self.expert.get(k, (0, 0)), self.router.get(k, (0, 0)))] for k in keys}
-        total = self.base[0] + sum(E[k] * p[0] for k, p in per.items())
-        size = self.base[1] + sum(E[k] * p[1] for k, p in per.items())
-        active = self.base_active + sum(
-            min(self.layer_top_k.get(k, self.top_k), E[k]) * self.expert.get(k, (0, 0))[0]
-            + E[k] * self.router.get(k, (0, 0))[0]
-            for k in keys if k not in self.mtp
-        )
-        return {"total": total, "active": active, "bytes": size}
-
-
-def count_parameters(ckpt: Checkpoint, info: ModelInfo) -> Counts:
-    """Split `ckpt`'s tensor elements into base, per-expert and per-router-row shares.
-
-    Example:
-        >>> c = count_parameters(open_checkpoint("pruned"), describe(open_checkpoint("pruned")))
-        >>> c.at(128)["total"], c.at(64)["total"]
-    """
-    mtp_prefixes = tuple(layer.prefix for layer in info.layers if layer.mtp)
-    base = [0, 0]
-    base_active = 0
-    expert: dict[str, list[int]] = {}
-    router: dict[str, list[int]] = {}
-    for name, (_, t) in ckpt.tensors.items():
-        n = math.prod(t.shape)
-        role = info.classify(name)
-        if role.kind == "copy":
-            base[0] += n
-            base[1] += t.nbytes
-            if not (mtp_prefixes and name.startswith(mtp_prefixes)):
-                base_active += n
-            continue
-        layer = role.layer
-        fused = role.kind == "slice" and layer.stack.experts and name.startswith(f"{layer.prefix}{layer.stack.experts}.")
-        bucket = expert if role.kind == "expert" or fused else router
-        acc = bucket.setdefault(layer.key, [0, 0])
-        acc[0] += n
-        acc[1] += t.nbytes
-    E = {layer.key: layer.num_experts for layer in info.layers}  # a stack's own count (Qwen3-Omni's talker)
-    per = lambda d: {k: (v[0] // E[k], v[1] // E[k]) for k, v in d.items()}  # noqa: E731
-    return Counts(info.top_k, (base[0], base[1]), base_active, per(expert), per(router),
-                  {layer.key for layer in info.layers if layer.mtp},
-                  {layer.key: layer.top_k for layer in info.layers if layer.top_k != info.top_k})
 
 
 @dataclass
@@ -175,6 +100,7 @@ def push(
 
     out = Path(out)
     target = _check_target(repo_id, revision, create_pr)
+    own = _own_files(out)  # before anything reads OUT: a link leading out of it is refused
     checked = verify(out)
     if not checked.ok:
         raise ShardcutError(f"verify rejects it, nothing uploaded: {checked.problems[0]}", out)
@@ -201,9 +127,9 @@ def push(
     body = (json.dumps(provenance, indent=2) + "\n").encode()
     files.append(PushFile(PROVENANCE_NAME, len(body), content=body))
     taken = {f.path_in_repo for f in files}
-    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+    for path in own:
         rel = path.relative_to(out).as_posix()
-        if rel not in taken and not any(part.startswith(".") for part in path.relative_to(out).parts):
+        if rel not in taken:
             files.append(PushFile(rel, path.stat().st_size, source=path))
     report = PushReport(target, revision, private, create_pr, dry_run, files, card, base)
     if dry_run:
@@ -213,7 +139,7 @@ def push(
     if not (getattr(api, "token", None) or hub.current_token()):
         raise ShardcutError(f"no Hugging Face token, nothing uploaded: {hub.LOGIN_HINT}", target)
     with tempfile.TemporaryDirectory(prefix="shardcut-push-") as tmp:
-        staging = _stage(Path(tmp), files)
+        staging = _stage(Path(tmp), files, out)
         with hub.hub_errors(target, revision):
             api.create_repo(target, private=private, exist_ok=True, repo_type="model")
             if revision and not create_pr:
@@ -360,7 +286,40 @@ def _counts_text(info: ModelInfo, provenance: dict) -> str:
     return ", ".join(f"{g.name} {(by_config.get(g.name) or {}).get('before') or '?'} -> {a}" for g, _, a in stacks)
 
 
-def _stage(root: Path, files: list[PushFile]) -> Path:
+def _own_files(out: Path) -> list[Path]:
+    """OUT's files to upload (hidden ones left out), in order; refuses a symlink anywhere in OUT
+    that resolves outside it, a dangling one, and a link to a folder (push uploads OUT's own
+    files only: a planted link must not carry a token file or another model up)."""
+    if not out.is_dir():
+        raise CheckpointError("not a directory (expected a pruned checkpoint folder)", out)
+    root = out.resolve()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(out):  # followlinks=False: a linked folder is not entered
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in [*dirnames, *sorted(filenames)]:
+            path = Path(dirpath) / name
+            if name.startswith(".") or not path.is_symlink():
+                if name in filenames and not name.startswith("."):
+                    found.append(path)
+                continue
+            _check_link(path, root, out)
+            if path.is_dir():
+                raise CheckpointError(f"{path.relative_to(out)} is a symlink to a folder; push uploads files only, "
+                                    "nothing uploaded", out)
+            found.append(path)
+    return sorted(found)
+
+
+def _check_link(path: Path, root: Path, out: Path) -> None:
+    target = path.resolve()
+    if not target.exists():
+        raise CheckpointError(f"{path.relative_to(out)} is a broken symlink, nothing uploaded", out)
+    if not target.is_relative_to(root):
+        raise CheckpointError(f"{path.relative_to(out)} is a symlink to {target}, outside OUT; push uploads only "
+                            "OUT's own files, nothing uploaded", out)
+
+
+def _stage(root: Path, files: list[PushFile], out: Path) -> Path:
     """A folder laid out as the repo: links to OUT's files, the generated files written."""
     for f in files:
         dest = root / f.path_in_repo
@@ -368,7 +327,10 @@ def _stage(root: Path, files: list[PushFile]) -> Path:
         if f.content is not None:
             dest.write_bytes(f.content)
         else:
-            os.symlink(f.source.resolve(), dest)
+            src = f.source
+            if f.source.absolute().is_relative_to(out.absolute()):  # OUT's files: checked again at upload
+                _check_link(src, out.resolve(), out)
+            os.symlink(src.resolve(), dest)
     return root
 
 
@@ -420,7 +382,10 @@ def model_card(repo_id: str, base: str | None, plan: Plan, ckpt: Checkpoint, inf
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
     how = CRITERIA.get(criterion, "see the plan file")
     calib = _calibration_section(scores_meta, source_name, criterion)
-    commands = _commands(repo_id, source_name, plan, scores_meta, criterion)
+    revision = provenance["source"]["revision"] if base else None  # a local folder has no revision to pin
+    model_ref = f"{source_name}@{revision}" if revision else source_name
+    commands = _commands(repo_id, model_ref, plan, scores_meta, criterion)
+    reprune = _reprune_command(model_ref, plan)
     if multi:
         removed = "routed experts removed in every MoE layer: " + ", ".join(
             f"{b - a} of {b} in the {g.name} layers ({(b - a) / max(1, b):.0%})" for g, b, a in stacks)
@@ -444,14 +409,14 @@ card of {link}: this card credits it and does not repeat it.
 
 Parameters are counted from the tensor shapes in the safetensors headers ("active" counts everything
 a token runs through: {picks}, every router row, and all non-expert
-weights{", MTP layers excluded" if counts.mtp else ""}{"; quantized tensors count as stored" if _quantized(info) else ""}).
+weights{", MTP layers excluded" if counts.mtp else ""}{"; quantized weights count unpacked, their scales and zero points not at all" if _quantized(info) else ""}).
 
 ## Method
 
 - Expert pruning in the manner of REAP (Router-weighted Expert Activation Pruning, [arXiv 2510.13999](https://arxiv.org/abs/2510.13999)):
   each MoE layer keeps the {keeps} experts with the highest saliency on calibration data and drops the
   rest together with their router rows; the router's choice among the kept experts is unchanged.
-- Criterion: `{criterion}`: {how}.
+- Criterion: `{criterion}`: {how}.{_count_line(plan)}
 - Architecture: {info.arch.name}; MoE layers: {len(info.layers)}; kept expert ids per layer (original
   numbering): `{PLAN_IN_REPO}`.
 
@@ -466,11 +431,11 @@ weights{", MTP layers excluded" if counts.mtp else ""}{"; quantized tensors coun
 ## Re-prune at another ratio
 
 The per-expert calibration statistics are in `{SCORES_IN_REPO if scores_meta is not None else "(not uploaded)"}`.
-A different ratio or criterion needs no GPU:
+A different ratio or criterion needs no GPU (the other options are this plan's):
 
 ```bash
 hf download {repo_id} {SCORES_IN_REPO} --local-dir .
-shardcut prune {source_name} -o pruned --scores {SCORES_IN_REPO} --ratio 0.25 --criterion {criterion}
+{reprune}
 ```
 
 ## Provenance
@@ -482,6 +447,15 @@ plan sha256 `{provenance["plan_sha256"]}`{
 (`{PROVENANCE_NAME}`).
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _count_line(plan: Plan) -> str:
+    """The plan's counting rule (floor of the ratio, group and multiple_of rounding), as a bullet."""
+    rules = plan.extra.get("rounding_by_config") or ({"": plan.extra["rounding"]} if plan.extra.get("rounding") else {})
+    if not isinstance(rules, dict) or not rules:
+        return ""
+    text = "; ".join(f"{name}: {rule}" if name else str(rule) for name, rule in rules.items())
+    return f"\n- Experts kept per layer: {text}."
 
 
 def _quantized(info: ModelInfo) -> bool:
@@ -498,18 +472,34 @@ def _calibration_section(meta: dict | None, source: str, criterion: str) -> str:
 
 
 def _commands(repo_id: str, source: str, plan: Plan, meta: dict | None, criterion: str) -> str:
+    """The commands that made this checkpoint; the plan command's options come from the plan's own
+    record of them (`recorded_options`), so every option that decided the plan is in it."""
+    from shardcut.select import plan_arguments, recorded_options
+
+    options = recorded_options(plan.extra)
     lines = []
-    one_count = len({len(ids) for ids in plan.keep.values()}) == 1
-    how = (f"--ratio {plan.extra['ratio']}" if "ratio" in plan.extra else
-           f"--experts {plan.num_experts}" if one_count else None)  # stacks keeping their own counts: no flag says it
     if meta is not None:
-        opts = "".join(f" --{flag} {meta[key]}" for key, flag in (("samples", "samples"), ("max_length", "max-length"))
-                       if key in meta)
-        lines.append(f"shardcut calibrate {source} --data {meta.get('data', 'DATA')}{opts} -o scores.safetensors")
-        if how:
-            lines.append(f"shardcut plan {source} --scores scores.safetensors {how} --criterion {criterion} "
-                         "-o plan.json")
-    lines.append(f"shardcut prune {source} -o pruned --plan {'plan.json' if meta is not None and how else PLAN_IN_REPO}")
-    lines.append("shardcut verify pruned --source " + source)
-    lines.append(f"shardcut push pruned {repo_id}" + (" --scores scores.safetensors" if meta is not None else ""))
+        opts = [arg for key, flag in (("samples", "--samples"), ("max_length", "--max-length")) if key in meta
+                for arg in (flag, str(meta[key]))]
+        lines.append(shlex.join(["shardcut", "calibrate", source, "--data", str(meta.get("data", "DATA")), *opts,
+                                 "-o", "scores.safetensors"]))
+        if options is not None:
+            lines.append(shlex.join(["shardcut", "plan", source, "--scores", "scores.safetensors",
+                                     *plan_arguments(options), "-o", "plan.json"]))
+    plan_file = "plan.json" if meta is not None and options is not None else PLAN_IN_REPO
+    lines.append(shlex.join(["shardcut", "prune", source, "-o", "pruned", "--plan", plan_file]))
+    lines.append(shlex.join(["shardcut", "verify", "pruned", "--source", source]))
+    lines.append(shlex.join(["shardcut", "push", "pruned", repo_id, *(["--scores", "scores.safetensors"]
+                                                                       if meta is not None else [])]))
     return "\n".join(lines)
+
+
+def _reprune_command(source: str, plan: Plan) -> str:
+    """`prune --scores` at another ratio with every other option of the plan (its criterion, MTP
+    policy, protections, seed, multiple_of)."""
+    from shardcut.select import plan_arguments, recorded_options
+
+    options = recorded_options(plan.extra) or {"criterion": plan.extra.get("criterion") or "reap"}
+    ratio = 0.25 if options.get("ratio") != 0.25 else 0.5
+    return shlex.join(["shardcut", "prune", source, "-o", "pruned", "--scores", SCORES_IN_REPO, "--ratio",
+                       str(ratio), *plan_arguments(options, count=False)])

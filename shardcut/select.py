@@ -16,7 +16,10 @@ Rounding (the REAP reference's): experts pruned per layer = floor(E x ratio), th
 every layer (256 x 0.30 -> 76 pruned, 180 kept), computed on the ratio as written (decimal),
 so 100 x 0.29 prunes 29. With grouped routing (n_group > 1) the pruned count is rounded
 down to a multiple of n_group (an explicit kept count up to one), so every group drops the
-same number; the report says when this happened.
+same number; the report says when this happened. `multiple_of=N` (off by default) makes the
+kept count E' a multiple of N as well, for serving with expert parallelism (vLLM refuses or
+unbalances an E' that its EP size does not divide): E' is rounded up to the next multiple of
+lcm(N, n_group), so, as with every rounding here, no more experts are pruned than asked for.
 
 Models with several expert counts (Qwen3-Omni: thinker 8, talker 6; one count per config
 node, see `ModelInfo.count_groups`) apply all of this per count group: `ratio` prunes
@@ -35,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from shardcut.errors import ShardcutError
+from shardcut.errors import PlanError, ShardcutError
 from shardcut.model import ModelInfo, MoELayer
 from shardcut.plan import Plan, check_replaceable_plan, validate_plan
 from shardcut.scores import Scores, file_sha256
@@ -112,7 +115,8 @@ class Counts:
     kept: int
     ratio: float | None
     rule: str  # human-readable: "pruned per layer = floor(256 x 0.3) = 76 -> 180 kept"
-    rounded: str | None = None  # set when group balance changed the count
+    rounded: str | None = None  # set when group balance or multiple_of changed the count
+    multiple_of: int = 1
 
     @property
     def pruned(self) -> int:
@@ -120,18 +124,25 @@ class Counts:
 
 
 def kept_count(num_experts: int, top_k: int, *, ratio: float | None = None, experts: int | None = None,
-               n_group: int = 1, topk_group: int = 1) -> Counts:
+               n_group: int = 1, topk_group: int = 1, multiple_of: int = 1) -> Counts:
     """Experts kept per layer for `ratio` (fraction removed) or `experts` (kept), with the floors.
+
+    `multiple_of`: round the kept count up to a multiple of it (and of n_group) as well.
 
     Example:
         >>> kept_count(256, 8, ratio=0.30).kept
         180
         >>> kept_count(256, 8, ratio=0.30, n_group=8, topk_group=4).kept
         184
+        >>> kept_count(256, 8, ratio=0.30, multiple_of=16).kept
+        192
     """
     E, G = num_experts, max(1, n_group)
     if (ratio is None) == (experts is None):
         raise ShardcutError("give exactly one of ratio (fraction of experts removed) or experts (kept per layer)")
+    if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
+        raise PlanError(f"multiple_of {multiple_of!r} must be a positive integer (e.g. the expert-parallel size)")
+    M = multiple_of
     rounded = None
     if ratio is not None:
         if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio < 1):
@@ -166,6 +177,17 @@ def kept_count(num_experts: int, top_k: int, *, ratio: float | None = None, expe
             rule = f"{experts} kept per layer requested, {rounded}"
         if kept >= E:
             raise ShardcutError(f"experts {experts} rounded to a multiple of n_group={G} keeps all {E} experts")
+    if M > 1 and kept % M:
+        step = math.lcm(M, G)  # kept stays a multiple of n_group (E is one), so whole groups still drop
+        up = kept + step - kept % step
+        what = f"multiple_of={M}" + (f" and n_group={G}" if G > 1 else "")
+        note = f"kept rounded up from {kept} to {up}, a multiple of {what} (E' % {M} == 0)"
+        if up >= E:
+            raise PlanError(f"{rule}; {note} keeps all {E} experts: use a larger ratio (fewer kept) or another "
+                                f"multiple_of")
+        rounded = f"{rounded}; {note}" if rounded else note
+        rule += f", {note}"
+        kept = up
     if kept < top_k:
         raise ShardcutError(f"{rule}: fewer than top_k={top_k}; use a ratio of at most {(E - top_k) / E:g}")
     if G > 1:
@@ -175,7 +197,7 @@ def kept_count(num_experts: int, top_k: int, *, ratio: float | None = None, expe
         if topk_group * per < top_k:
             raise ShardcutError(f"{rule}: topk_group={topk_group} x {per} per group < top_k={top_k}, so a token "
                                 f"could not find {top_k} experts in its {topk_group} groups")
-    return Counts(E, kept, ratio, rule, rounded)
+    return Counts(E, kept, ratio, rule, rounded, M)
 
 
 @dataclass
@@ -221,8 +243,8 @@ def experts_by_config(info: ModelInfo, keep: dict[str, list[int]]) -> dict[str, 
     return {g.name: [g.num_experts, len(keep[g.layers[0].key])] for g in groups if g.layers[0].key in keep}
 
 
-def group_counts(info: ModelInfo, *, ratio: float | None = None, experts: int | None = None
-                 ) -> list[tuple[CountGroup, Counts]]:
+def group_counts(info: ModelInfo, *, ratio: float | None = None, experts: int | None = None,
+                 multiple_of: int = 1) -> list[tuple[CountGroup, Counts]]:
     """Each count group with the experts its layers keep (`kept_count` on the group's own facts).
 
     Example:
@@ -234,7 +256,7 @@ def group_counts(info: ModelInfo, *, ratio: float | None = None, experts: int | 
     for g in groups:
         try:
             counts = kept_count(g.num_experts, g.top_k, ratio=ratio, experts=experts, n_group=g.n_group,
-                                topk_group=g.topk_group)
+                                topk_group=g.topk_group, multiple_of=multiple_of)
         except ShardcutError as exc:
             if len(groups) == 1:
                 raise
@@ -441,6 +463,7 @@ def make_plan(
     super_layer_fraction: float = SUPER_LAYER_FRACTION,
     out: str | Path | None = None,
     overwrite: bool = False,
+    multiple_of: int = 1,
 ) -> tuple[Plan, PlanReport]:
     """Plan a prune of `model` from a score file: the same number kept in every MoE layer (in
     every layer of a count group, for models with several expert counts), the highest by
@@ -450,7 +473,11 @@ def make_plan(
     Reads only the model's config and shard headers. MoE layers the scores do not cover (MTP
     layers, which calibration through transformers cannot see) need `mtp_policy`:
     `reuse-last` (rank with the last scored layer's scores), `scores-of:N` (with layer N's),
-    or `same-ids-as:N` (keep exactly layer N's ids).
+    or `same-ids-as:N` (keep exactly layer N's ids). `multiple_of=N` rounds the kept count up to a
+    multiple of N (an expert-parallel size; see the module doc).
+
+    The plan records these arguments as given under `options` (`plan_arguments` turns them back
+    into the `shardcut plan` flags that reproduce it).
 
     Warnings (in `report.warnings` and the plan's `warnings`): a cut that falls among experts
     of equal value (ties, zeros, never-routed experts), with how many experts only the id
@@ -473,6 +500,7 @@ def make_plan(
         check_output(out, [model if is_local(model) else None, None if isinstance(scores, Scores) else scores],
                      overwrite=overwrite, what="plan")
         check_replaceable_plan(out)
+    given = {k: v for k, v in locals().items() if k in PLAN_FLAGS}  # every option, recorded in the plan
     ckpt = open_model(model)  # headers only: no shard data
     if out is not None:  # a Hub id resolves to a cache snapshot: never write inside it either
         check_output(out, [ckpt.root], overwrite=overwrite, what="plan")
@@ -483,7 +511,7 @@ def make_plan(
         origin, sha = str(scores), file_sha256(scores) if Path(scores).is_file() else ""
         scores = Scores.load(scores)
     crit = canonical_criterion(criterion, scores)
-    per_group = group_counts(info, ratio=ratio, experts=experts)
+    per_group = group_counts(info, ratio=ratio, experts=experts, multiple_of=multiple_of)
     multi = len(per_group) > 1
     counts = per_group[0][1]  # the main stack's
     group_of = {layer.key: (g, c) for g, c in per_group for layer in g.layers}
@@ -506,7 +534,8 @@ def make_plan(
                      + (", ".join(f"layer {k}: {v}" for k, v in supers.items()) if supers else "none found"))
     for g, c in per_group:
         if c.rounded:
-            notes.append(f"grouped routing{f' ({g.name})' if multi else ''}: {c.rounded}")
+            notes.append(f"{'rounding' if 'multiple_of=' in c.rounded else 'grouped routing'}{f' ({g.name})' if multi else ''}: "
+                         f"{c.rounded}")
 
     keep: dict[str, list[int]] = {}
     rows: list[LayerRow] = []
@@ -566,6 +595,8 @@ def make_plan(
         **({"ratio": ratio} if ratio is not None else {}),
         **chosen,
         "scores_sha256": sha,
+        **({"multiple_of": multiple_of} if multiple_of > 1 else {}),
+        "options": plan_options(**{**given, "criterion": crit}),
     }
     if crit == "random":
         extra["seed"] = seed
@@ -646,6 +677,77 @@ def _scores_model_mismatch(model, ckpt, info: ModelInfo, scores: Scores) -> str 
     if "@" in text and not Path(text).exists():
         here["revision"] = text.split("@", 1)[1]
     return model_mismatch(here, {k: v for k, v in scores.metadata.items() if k != "num_experts"})
+# The `shardcut plan` / `prune --scores` flag of every `make_plan` option (one table, so the
+# model card's commands and the CLI cannot drift apart; a test checks every option has one).
+# make_plan records every option named here in the plan's `options`.
+PLAN_FLAGS: dict[str, str] = {
+    "ratio": "--ratio", "experts": "--experts", "criterion": "--criterion", "seed": "--seed",
+    "protect_super_experts": "--protect-super-experts", "protect": "--protect", "mtp_policy": "--mtp-policy",
+    "multiple_of": "--multiple-of", "super_percentile": "--super-percentile",
+    "super_layer_fraction": "--super-layer-fraction",
+}
+
+
+def plan_options(**options) -> dict:
+    """`make_plan`'s options as the plan records them (JSON-ready; None and empty ones left out)."""
+    out = {}
+    for key, value in options.items():
+        if value is None or value == {}:
+            continue
+        out[key] = {k: sorted({int(i) for i in v}) for k, v in value.items()} if key == "protect" else value
+    return out
+
+
+def recorded_options(extra: dict) -> dict | None:
+    """The options a plan was made with: its `options`, or for a plan made before they were
+    recorded, what its provenance implies (its `protected` ids, super experts included, as
+    explicit protections: the same selection). None when it does not say how many were kept."""
+    if isinstance(extra.get("options"), dict):
+        return dict(extra["options"])
+    if "ratio" not in extra and not isinstance(extra.get("experts"), int):
+        return None
+    out = {"ratio": extra["ratio"]} if "ratio" in extra else {"experts": extra["experts"]}
+    for key in ("criterion", "seed", "mtp_policy", "multiple_of"):
+        if extra.get(key) is not None:
+            out[key] = extra[key]
+    if isinstance(extra.get("protected"), dict) and extra["protected"]:
+        out["protect"] = extra["protected"]
+    return out
+
+
+def plan_arguments(options: dict, *, count: bool = True) -> list[str]:
+    """The `shardcut plan` (or `prune --scores`) arguments that make the plan `options` describe:
+    the count and criterion always, every other option where it differs from `make_plan`'s
+    default. `count=False` leaves out --ratio / --experts (for "re-prune at another ratio").
+
+    Example:
+        >>> plan_arguments({"ratio": 0.5, "criterion": "reap", "seed": 0, "mtp_policy": "reuse-last"})
+        ['--ratio', '0.5', '--criterion', 'reap', '--mtp-policy', 'reuse-last']
+    """
+    import inspect
+
+    defaults = {k: p.default for k, p in inspect.signature(make_plan).parameters.items()
+                if p.kind is p.KEYWORD_ONLY}
+    unknown = [k for k in options if k not in PLAN_FLAGS]
+    if unknown:
+        raise PlanError(f"plan option {unknown[0]!r} has no shardcut plan flag (a plan of a newer shardcut?)")
+    args: list[str] = []
+    for key, flag in PLAN_FLAGS.items():
+        value = options.get(key)
+        if value is None or (key in ("ratio", "experts") and not count):
+            continue
+        if key not in ("ratio", "experts", "criterion") and value == defaults.get(key):
+            continue
+        if value is True:
+            args.append(flag)
+        elif value is False:
+            continue
+        elif key == "protect":
+            for layer, ids in value.items():
+                args += [flag, f"{layer}:{','.join(str(i) for i in ids)}"]
+        else:
+            args += [flag, repr(value) if isinstance(value, float) else str(value)]
+    return args
 
 
 def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin: str) -> dict[str, tuple[str, str]]:

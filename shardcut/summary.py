@@ -77,7 +77,7 @@ def _ct_bits(quant: dict) -> int | None:
     return None
 
 
-def _group(name: str, role, ndim: int) -> str:
+def tensor_group(name: str, role, ndim: int) -> str:
     """expert: per-expert and fused expert tensors; router: router rows, selection biases, scales."""
     if role.kind == "copy":
         return "other"
@@ -95,7 +95,7 @@ def quantization_groups(info: ModelInfo, tensors: dict, quant: dict) -> dict:
     group_of: dict[str, str] = {}
     out = {g: {"tensors": 0, "bytes": 0, "schemes": Counter(), "companions": {}} for g in GROUPS}
     for name, (_, t) in tensors.items():
-        group = _group(name, info.classify(name), len(t.shape))
+        group = tensor_group(name, info.classify(name), len(t.shape))
         module, suffix = split_companion(name)
         modules[module][suffix] = t.dtype
         group_of[module] = group

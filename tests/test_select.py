@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
+from fractions import Fraction
 
 import numpy as np
 import pytest
 from fixtures.scores_fixtures import model_info, random_scores, synthetic_model, tiny_model
 from typer.testing import CliRunner
 
-from shardcut.errors import ShardcutError
+from shardcut.errors import PlanError, ShardcutError
 from shardcut.plan import Plan, validate_plan
 from shardcut.scores import Scores, file_sha256
 from shardcut.select import (
@@ -387,3 +389,98 @@ def test_plan_command_refuses_scores_of_another_model(qwen, with_mtp, tmp_path):
     assert len(r.output.strip().splitlines()) == 1
     r = runner.invoke(app, ["plan", str(with_mtp), "--scores", str(other), "--ratio", "0.5"])
     assert r.exit_code == 2 and "--mtp-policy" in r.output and "4 (MTP)" in r.output
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving-friendly counts (multiple_of: E' % ep_size == 0)
+
+
+def test_multiple_of_rounds_the_kept_count_up():
+    c = kept_count(256, 8, ratio=0.30, multiple_of=8)  # 180 kept is not a multiple of 8
+    assert (c.kept, c.pruned, c.multiple_of) == (184, 72, 8)
+    assert "kept rounded up from 180 to 184, a multiple of multiple_of=8" in c.rule and c.rounded in c.rule
+    assert kept_count(256, 8, ratio=0.30, multiple_of=16).kept == 192
+    c = kept_count(256, 8, ratio=0.25, multiple_of=8)  # 192 already is one
+    assert (c.kept, c.rounded) == (192, None)
+    assert kept_count(16, 2, experts=5, multiple_of=4).kept == 8
+    assert kept_count(256, 8, ratio=0.30, multiple_of=1) == kept_count(256, 8, ratio=0.30)
+
+
+def test_multiple_of_and_group_rounding_together():
+    # 96 experts in 3 groups: 28 pruned -> 27 (whole groups), 69 kept -> 72 = lcm(8, 3) x 3
+    c = kept_count(96, 8, ratio=0.30, n_group=3, topk_group=2, multiple_of=8)
+    assert c.kept == 72 and c.kept % 8 == 0 and c.kept % 3 == 0 and c.pruned % 3 == 0
+    assert "a multiple of n_group=3" in c.rule and "multiple of multiple_of=8 and n_group=3" in c.rule
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # never prunes more than asked; the smallest count that is a multiple of both
+        G = int(rng.choice([1, 2, 4, 8]))
+        E, M = G * int(rng.integers(4, 40)), int(rng.integers(1, 17))
+        ratio = round(float(rng.uniform(0.05, 0.9)), 2)
+        try:
+            c = kept_count(E, 2, ratio=ratio, n_group=G, topk_group=G, multiple_of=M)
+        except ShardcutError:
+            continue
+        step = math.lcm(M, G)
+        pruned = math.floor(E * Fraction(str(ratio)))
+        plain = E - (pruned - pruned % G)  # the count without multiple_of
+        assert c.kept % step == 0 and c.kept >= plain > c.kept - step and c.kept < E
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(ratio=0.25, multiple_of=8), "keeps all 16 experts"),  # 12 kept -> 16
+    (dict(ratio=0.25, multiple_of=0), "positive integer"),
+    (dict(ratio=0.25, multiple_of=-4), "positive integer"),
+    (dict(ratio=0.25, multiple_of=True), "positive integer"),
+    (dict(experts=9, multiple_of=8), "keeps all 16 experts"),
+])
+def test_bad_multiple_of_is_refused(kwargs, message):
+    with pytest.raises(PlanError, match=message):
+        kept_count(16, 2, **kwargs)
+
+
+def test_multiple_of_reaches_the_plan_and_the_commands(qwen, tmp_path):
+    scores_path = tmp_path / "s.safetensors"
+    random_scores(model_info(qwen)).save(scores_path)
+    plan, report = make_plan(qwen, scores_path, ratio=0.4, multiple_of=2)  # 3 pruned, 5 kept -> 6
+    validate_plan(plan, model_info(qwen))
+    assert plan.num_experts == report.kept == 6 and plan.extra["multiple_of"] == 2
+    assert plan.extra["experts"] == 6 and plan.extra["pruned_per_layer"] == 2
+    assert "kept rounded up from 5 to 6" in plan.extra["rounding"] == report.rule
+    assert any(note.startswith("rounding: kept rounded up from 5 to 6") for note in report.notes)
+    assert plan.extra["options"]["multiple_of"] == 2
+    r = runner.invoke(app, ["plan", str(qwen), "--scores", str(scores_path), "--ratio", "0.4", "--multiple-of", "2"])
+    assert r.exit_code == 0, r.output
+    assert "8 -> 6 experts" in r.output and "kept rounded up from 5 to 6, a multiple of multiple_of=2" in r.output
+    r = runner.invoke(app, ["prune", str(qwen), "-o", str(tmp_path / "out"), "--scores", str(scores_path),
+                            "--ratio", "0.4", "--multiple-of", "2", "--dry-run", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["experts_after"] == 6
+    r = runner.invoke(app, ["plan", str(qwen), "--scores", str(scores_path), "--ratio", "0.5", "--multiple-of", "0"])
+    assert r.exit_code == 2 and "positive integer" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_every_plan_option_has_a_flag_and_comes_back_from_it(qwen, tmp_path):
+    """`plan_arguments` renders every `make_plan` option (a new option without a flag fails
+    here), and `shardcut plan` with those arguments makes the same plan."""
+    import inspect
+
+    from shardcut.select import PLAN_FLAGS, plan_arguments
+
+    options = {k for k, p in inspect.signature(make_plan).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    assert options == set(PLAN_FLAGS)
+    help_text = runner.invoke(app, ["plan", "--help"], env={"COLUMNS": "300"}).output
+    prune_help = runner.invoke(app, ["prune", "--help"], env={"COLUMNS": "300"}).output
+    assert all(flag in help_text and flag in prune_help for flag in PLAN_FLAGS.values())
+    scores_path = tmp_path / "s.safetensors"
+    random_scores(model_info(qwen)).save(scores_path)
+    plan, _ = make_plan(qwen, scores_path, experts=4, criterion="random", seed=5, protect={"1": [3, 0]},
+                        protect_super_experts=True, multiple_of=2)
+    args = plan_arguments(plan.extra["options"])
+    assert args == ["--experts", "4", "--criterion", "random", "--seed", "5", "--protect-super-experts",
+                    "--protect", "1:0,3", "--multiple-of", "2"]
+    r = runner.invoke(app, ["plan", str(qwen), "--scores", str(scores_path), *args, "-o", str(tmp_path / "p.json")])
+    assert r.exit_code == 0, r.output
+    assert Plan.load(tmp_path / "p.json").to_json() == plan.to_json()
+    without = runner.invoke(app, ["plan", str(qwen), "--scores", str(scores_path), "--experts", "4", "--criterion",
+                                  "random", "--json"])
+    assert json.loads(without.output)["plan"]["keep"] != plan.keep  # the seed and protections mattered
