@@ -221,3 +221,61 @@ def test_report_round_trips_through_json(evaluated, tmp_path):
 
     with pytest.raises(ShardcutError, match="bad.json"):
         EvalReport.load(tmp_path / "bad.json")
+
+
+def test_cli_table_json_plot_and_a_card_that_carries_them(families, ids_data, evaluated, tmp_path):
+    from typer.testing import CliRunner
+
+    from shardcut_cli.main import app
+
+    report, built = evaluated("qwen3_moe")
+    runner = CliRunner()
+    Plan(built.keep).save(tmp_path / "plan.json")
+    common = ["--data", str(ids_data[0]), "--max-length", "64", "--batch-tokens", str(BATCH_TOKENS), "--device", "cpu"]
+    run = runner.invoke(app, ["eval", str(built.source), "--plan", str(tmp_path / "plan.json"), *common, "--json",
+                              "-o", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    assert run.exit_code == 0, run.output
+    printed = json.loads(run.stdout)
+    assert printed == json.loads((tmp_path / "r.json").read_text()) and printed["format"] == "shardcut-eval/1"
+    _assert_same_quality(EvalReport.load(tmp_path / "r.json").plans[0], report.plans[0])
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "r.png").stat().st_size > 10_000
+
+    table = runner.invoke(app, ["eval", str(built.pruned), "--source", str(built.source), *common])
+    assert table.exit_code == 0, table.output
+    row = next(line for line in table.stdout.splitlines() if "│ pruned" in line)
+    assert "50%" in row and f"{report.plans[1].kl_mean:.3g}" in row, table.stdout
+
+    bad = runner.invoke(app, ["eval", str(built.source), *common])
+    assert bad.exit_code == 2 and "give --plan" in bad.output
+
+    push = runner.invoke(app, ["push", str(built.pruned), "me/tiny-reap-50", "--dry-run", "--json",
+                               "--eval", str(tmp_path / "r.json"), "--eval-plot", str(tmp_path / "r.png")])
+    assert push.exit_code == 0, push.output
+    body = json.loads(push.stdout)
+    assert {"eval/report.json", "eval/report.png"} <= {f["path"] for f in body["files"]}
+    card = body["card"]
+    assert "## Evaluation" in card and "![quality against ratio" in card
+    assert EvalReport.load(tmp_path / "r.json").markdown() in card
+
+
+def test_data_sketch_is_exact_below_its_largest_hash():
+    """The bottom-k sketch: a small set is recorded exactly; for a large one, every sample that
+    hashes below the sketch's largest hash is judged, and judged right; other samples are not."""
+    from shardcut.fingerprint import PREFIX_TOKENS, data_sketch, overlap, sample_hash
+
+    rng = np.random.default_rng(3)
+    calib = [rng.integers(0, 1000, n).tolist() for n in rng.integers(1, 80, 3000)]
+    fresh = [rng.integers(1000, 2000, 40).tolist() for _ in range(500)]
+    small = data_sketch(calib[:10], size=64)
+    assert overlap(small, calib[:10]).matched == 10 and overlap(small, fresh).matched == 0
+    sketch = data_sketch(calib, size=256)
+    limit = max(int(h, 16) for h in sketch.split(";")[2].split(","))
+    mixed = calib[:1000] + fresh
+    ov = overlap(sketch, mixed)
+    assert ov.compared == sum(sample_hash(s) <= limit for s in mixed) and 0 < ov.compared < len(mixed)
+    assert ov.matched == sum(sample_hash(s) <= limit for s in calib[:1000])
+    assert 0.5 < ov.fraction < 0.85  # 1000 of the 1500 samples are calibration samples
+    # the same text truncated elsewhere is the same sample; another beginning is not
+    long = next(s for s in calib if len(s) > PREFIX_TOKENS)
+    assert sample_hash(long[:PREFIX_TOKENS]) == sample_hash(long + [5] * 50) != sample_hash([7] + long)
+    assert overlap("something else", mixed) is None
