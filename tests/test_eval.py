@@ -279,3 +279,24 @@ def test_data_sketch_is_exact_below_its_largest_hash():
     long = next(s for s in calib if len(s) > PREFIX_TOKENS)
     assert sample_hash(long[:PREFIX_TOKENS]) == sample_hash(long + [5] * 50) != sample_hash([7] + long)
     assert overlap("something else", mixed) is None
+
+
+def test_a_router_the_mask_does_not_reach_is_refused(families):
+    """The check behind every masked layer: a pruned expert chosen under the mask is an error
+    (here the mask is left out, so the router chooses pruned experts)."""
+    import torch
+
+    from shardcut.errors import ShardcutError
+    from shardcut.evaluation.runner import _refuse_pruned
+    from shardcut.oracle import forbid_pruned_experts
+
+    built = families("qwen3_moe")
+    model, keep = built.model, built.keep
+    layer = decoder_layers(model)[1]
+    ids = torch.arange(40)[None] % 96
+    with torch.no_grad():
+        with forbid_pruned_experts(model, keep, E), _refuse_pruned(layer, "1", keep["1"], E):
+            model(ids)
+        with pytest.raises(ShardcutError, match="layer 1: the router still chose a pruned expert"):
+            with _refuse_pruned(layer, "1", keep["1"], E):
+                model(ids)

@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -316,7 +317,8 @@ class Evaluator:
                     calls[id(c)] = capture_call(c.skeleton, i, inputs_embeds=hidden, attention_mask=attention)
                 layer, block = loaded[id(c)]
                 if s.keep is not None and key is not None:
-                    with forbid_pruned_experts(layer, {key: s.keep[key]}, E_key, layer_key=lambda _name: key):
+                    with forbid_pruned_experts(layer, {key: s.keep[key]}, E_key, layer_key=lambda _name: key), \
+                            _refuse_pruned(layer, key, s.keep[key], E_key):
                         outs[s_idx] = _run(layer, block, hidden, calls[id(c)])
                 else:
                     outs[s_idx] = _run(layer, block, hidden, calls[id(c)])
@@ -404,6 +406,28 @@ def _moe_block(layer: torch.nn.Module) -> torch.nn.Module | None:
     if experts is None:
         return None
     return next((m for m in layer.modules() if any(child is experts for child in m.children())), None)
+
+
+@contextmanager
+def _refuse_pruned(layer: torch.nn.Module, key: str, keep: list[int], num_experts: int):
+    """Check, at the experts call, that the masked router chose no pruned expert: the mask is
+    recognised by weight identity (`forbid_pruned_experts`), and a router that copies its
+    weight before the matmul would slip past it unnoticed otherwise."""
+    experts = find_experts(layer)
+    pruned = torch.ones(num_experts, dtype=torch.bool)
+    pruned[keep] = False
+
+    def check(module, args):
+        index = args[1]
+        if bool(pruned.to(index.device)[index.clamp(0, num_experts - 1)].any()):
+            raise ShardcutError(f"layer {key}: the router still chose a pruned expert under the mask; this family's "
+                                "router cannot be masked here (its weight is copied before use?)")
+
+    hook = experts.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        hook.remove()
 
 
 def _run(layer, block, hidden, call) -> tuple[torch.Tensor, torch.Tensor | None]:
