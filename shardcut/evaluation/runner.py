@@ -214,6 +214,8 @@ class Evaluator:
             self._emit(CalibEvent("info", f"warning: {w}"))
         self._emit(CalibEvent("info", f"data: {self.data_set.tokens} tokens in {len(self.local)} samples "
                                       f"({'; '.join(self.data_set.notes)}); {len(self.streams) - 1} variants"))
+        if self.work_dir is not None and not Path(self.work_dir).is_dir():
+            raise ShardcutError("the work folder does not exist", self.work_dir)
         work = Path(tempfile.mkdtemp(prefix="shardcut-eval-", dir=self.work_dir))
         per_stream = self._budget() // len(self.streams)
         try:
@@ -355,37 +357,36 @@ class Evaluator:
                               layer_tokens=self.rows, batches=len(self.batches), message="LM head"))
         for c in self._sources():
             _load_head(c, self.torch_device)
-        self.loss_original: list[np.ndarray] = []
         for batch in self.batches:
             mask, attention = self._batch_inputs(batch)
             targets = torch.from_numpy(self.targets[batch.start : batch.start + batch.rows]).to(self.torch_device)
             has = targets >= 0
-            logits = []
-            for s in self.streams:
-                flat = s.store.read(batch.start, batch.start + batch.rows).to(self.torch_device)
-                hidden = flat.new_zeros((*mask.shape, flat.shape[-1]))
-                hidden[mask] = flat
-                logits.append(_logits(s.source.skeleton, hidden, attention)[mask])
-            V = logits[0].shape[-1]
+            original = self._stream_logits(self.streams[0], batch, mask, attention)
+            V = original.shape[-1]
             chunk = max(1, LOGIT_CHUNK // V)
-            parts: list[list[tuple]] = [[] for _ in self.streams]
-            for a in range(0, batch.rows, chunk):
-                b = min(batch.rows, a + chunk)
-                lo = torch.log_softmax(logits[0][a:b].double(), dim=-1)
-                po = lo.exp()
-                tgt, ok = targets[a:b].clamp(min=0)[:, None], has[a:b]
-                top_o = lo.argmax(-1)
-                for s_idx in range(len(self.streams)):
-                    lp = lo if s_idx == 0 else torch.log_softmax(logits[s_idx][a:b].double(), dim=-1)
+            for s_idx, s in enumerate(self.streams):  # one variant's logits at a time: 2 x a batch's logits at most
+                logits = original if s_idx == 0 else self._stream_logits(s, batch, mask, attention)
+                got = []
+                for a in range(0, batch.rows, chunk):
+                    b = min(batch.rows, a + chunk)
+                    lo = torch.log_softmax(original[a:b].double(), dim=-1)
+                    lp = lo if s_idx == 0 else torch.log_softmax(logits[a:b].double(), dim=-1)
+                    po = lo.exp()
                     kl = torch.where(po > 0, po * (lo - lp), torch.zeros((), dtype=lo.dtype, device=lo.device)).sum(-1)
-                    nll = -lp.gather(1, tgt).squeeze(1)[ok]
-                    parts[s_idx].append((kl.cpu().numpy(), (lp.argmax(-1) == top_o).cpu().numpy(), nll.cpu().numpy()))
-            for s, got in zip(self.streams, parts):
+                    nll = -lp.gather(1, targets[a:b].clamp(min=0)[:, None]).squeeze(1)[has[a:b]]
+                    got.append((kl.cpu().numpy(), (lp.argmax(-1) == lo.argmax(-1)).cpu().numpy(), nll.cpu().numpy()))
+                del logits
                 s.kl.append(np.concatenate([g[0] for g in got]))
                 s.agree.append(np.concatenate([g[1] for g in got]))
                 s.loss.append(np.concatenate([g[2] for g in got]))
         self._emit(CalibEvent("layer_done", step=self.steps, steps=self.steps, layer=self.src.skeleton.num_layers,
                               memory=current_memory(self.torch_device)))
+
+    def _stream_logits(self, s: _Stream, batch, mask, attention) -> torch.Tensor:
+        flat = s.store.read(batch.start, batch.start + batch.rows).to(self.torch_device)
+        hidden = flat.new_zeros((*mask.shape, flat.shape[-1]))
+        hidden[mask] = flat
+        return _logits(s.source.skeleton, hidden, attention)[mask]
 
     def _report(self, warnings: list[str], overlap: dict | None) -> EvalReport:
         original = self.streams[0]
