@@ -300,3 +300,27 @@ def test_a_router_the_mask_does_not_reach_is_refused(families):
         with pytest.raises(ShardcutError, match="layer 1: the router still chose a pruned expert"):
             with _refuse_pruned(layer, "1", keep["1"], E):
                 model(ids)
+
+
+def test_ratios_from_a_score_file_are_the_plans_make_plan_writes(families, ids_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from shardcut.calibration.runner import calibrate
+    from shardcut.select import make_plan
+    from shardcut_cli.main import app
+
+    built = families("qwen3_moe")
+    other = tmp_path / "calib.jsonl"
+    write_ids_jsonl(other, [30, 41, 17, 22], vocab=96, seed=5)
+    calibrate(built.source, str(other), tmp_path / "s.safetensors", max_length=64, device="cpu")
+    plans = [make_plan(built.source, tmp_path / "s.safetensors", ratio=r)[0] for r in (0.25, 0.5)]
+    by_ratio = evaluate(built.source, str(ids_data[0]), scores=tmp_path / "s.safetensors", ratios=[0.25, 0.5],
+                        max_length=64, device="cpu")
+    by_plan = evaluate(built.source, str(ids_data[0]), plans=plans, max_length=64, device="cpu")
+    assert [(p.name, p.kept, p.ratio) for p in by_ratio.plans] == [("ratio=0.25", 6, 0.25), ("ratio=0.5", 4, 0.5)]
+    for a, b in zip(by_ratio.plans, by_plan.plans):
+        assert (a.kl_mean, a.residual_error, a.moe_error) == (b.kl_mean, b.residual_error, b.moe_error)
+    assert by_ratio.plans[0].kl_mean < by_ratio.plans[1].kl_mean  # pruning more costs more, here
+    bad = CliRunner().invoke(app, ["eval", str(built.source), "--data", str(ids_data[0]), "--scores",
+                                   str(tmp_path / "s.safetensors"), "--ratio", "half"])
+    assert bad.exit_code == 2 and "--ratio must be comma-separated fractions" in bad.output
