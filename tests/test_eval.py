@@ -324,3 +324,26 @@ def test_ratios_from_a_score_file_are_the_plans_make_plan_writes(families, ids_d
     bad = CliRunner().invoke(app, ["eval", str(built.source), "--data", str(ids_data[0]), "--scores",
                                    str(tmp_path / "s.safetensors"), "--ratio", "half"])
     assert bad.exit_code == 2 and "--ratio must be comma-separated fractions" in bad.output
+
+
+def test_bad_input_is_one_line_naming_the_file(families, ids_data, tmp_path):
+    from typer.testing import CliRunner
+
+    from shardcut_cli.main import app
+
+    built, other = families("qwen3_moe"), families("gpt_oss")
+    short = dict(built.keep)
+    short.pop("3")
+    Plan(short).save(tmp_path / "short.json")
+    runner = CliRunner()
+    common = ["--data", str(ids_data[0]), "--device", "cpu", "--max-length", "64"]
+    cases = [
+        (["eval", str(built.source), "--plan", str(tmp_path / "short.json"), *common], "short.json"),
+        (["eval", str(other.pruned), "--source", str(built.source), *common], "not a pruned copy of"),
+        (["eval", str(built.source), "--plan", str(tmp_path / "missing.json"), *common], "missing.json"),
+        (["eval", str(built.pruned), "--source", str(built.source), *common, "--work-dir", str(tmp_path / "no")],
+         "work folder does not exist"),
+    ]
+    for args, needle in cases:
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and needle in r.output and r.output.count("error:") == 1, (args, r.output)
