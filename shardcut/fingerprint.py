@@ -60,3 +60,21 @@ def overlap(sketch: str, samples: Sequence[Sequence[int]]) -> Overlap | None:
     limit = max(recorded) if full and recorded else float("inf")
     judged = [h for h in (sample_hash(s) for s in samples) if h <= limit]
     return Overlap(len(judged), sum(h in recorded for h in judged), len(samples))
+
+
+def merge_sketches(sketches: Sequence[str]) -> str | None:
+    """The sketch of the union of the sketched sets (the bottom-k of a union lies in the union of
+    the bottom-k's), at the smallest size among them; None when one is not a sketch."""
+    sizes, hashes = [], set()
+    for sketch in sketches:
+        fmt, _, rest = sketch.partition(";")
+        size_text, _, body = rest.partition(";")
+        if fmt != SKETCH_FORMAT or not size_text.isdigit():
+            return None
+        sizes.append(int(size_text))
+        try:
+            hashes |= {int(h, 16) for h in body.split(",") if h}
+        except ValueError:
+            return None
+    size = min(sizes)
+    return f"{SKETCH_FORMAT};{size};" + ",".join(f"{h:012x}" for h in sorted(hashes)[:size])

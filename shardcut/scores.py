@@ -403,6 +403,12 @@ def merge_scores(items: Sequence[tuple[Scores, float]], names: Sequence[str] | N
         counts = [s.metadata.get(key, "") for s, _ in items]
         if all(c.isdigit() for c in counts):
             meta[key] = str(sum(int(c) for c in counts))
+    sketches = [s.metadata.get("data_sketch") for s, _ in items]
+    if all(sketches):  # the calibration samples of all inputs, for `shardcut eval`'s held-out check
+        from shardcut.fingerprint import merge_sketches
+
+        if (merged_sketch := merge_sketches(sketches)) is not None:
+            meta["data_sketch"] = merged_sketch
     meta["merged_from"] = json.dumps([
         {"file": name, "weight": w, **{k: s.metadata[k] for k in ("data", "samples", "tokens") if k in s.metadata}}
         for (s, w), name in zip(items, names)

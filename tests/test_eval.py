@@ -261,7 +261,7 @@ def test_cli_table_json_plot_and_a_card_that_carries_them(families, ids_data, ev
 def test_data_sketch_is_exact_below_its_largest_hash():
     """The bottom-k sketch: a small set is recorded exactly; for a large one, every sample that
     hashes below the sketch's largest hash is judged, and judged right; other samples are not."""
-    from shardcut.fingerprint import PREFIX_TOKENS, data_sketch, overlap, sample_hash
+    from shardcut.fingerprint import PREFIX_TOKENS, data_sketch, merge_sketches, overlap, sample_hash
 
     rng = np.random.default_rng(3)
     calib = [rng.integers(0, 1000, n).tolist() for n in rng.integers(1, 80, 3000)]
@@ -279,6 +279,12 @@ def test_data_sketch_is_exact_below_its_largest_hash():
     long = next(s for s in calib if len(s) > PREFIX_TOKENS)
     assert sample_hash(long[:PREFIX_TOKENS]) == sample_hash(long + [5] * 50) != sample_hash([7] + long)
     assert overlap("something else", mixed) is None
+    halves = [data_sketch(calib[:1500], size=256), data_sketch(calib[1500:], size=256)]
+    assert merge_sketches(halves) == sketch
+    from shardcut.scores import Scores, merge_scores  # `scores merge` keeps the union's sketch
+
+    parts = [Scores.zeros(["1"], 8, metadata={"model": "m", "data_sketch": h}) for h in halves]
+    assert merge_scores([(p, 1.0) for p in parts]).metadata["data_sketch"] == sketch
 
 
 def test_a_router_the_mask_does_not_reach_is_refused(families):
