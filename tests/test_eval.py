@@ -293,7 +293,7 @@ def test_a_router_the_mask_does_not_reach_is_refused(families):
     import torch
 
     from shardcut.errors import ShardcutError
-    from shardcut.evaluation.runner import _refuse_pruned
+    from shardcut.evaluation.layers import refuse_pruned
     from shardcut.oracle import forbid_pruned_experts
 
     built = families("qwen3_moe")
@@ -301,10 +301,10 @@ def test_a_router_the_mask_does_not_reach_is_refused(families):
     layer = decoder_layers(model)[1]
     ids = torch.arange(40)[None] % 96
     with torch.no_grad():
-        with forbid_pruned_experts(model, keep, E), _refuse_pruned(layer, "1", keep["1"], E):
+        with forbid_pruned_experts(model, keep, E), refuse_pruned(layer, "1", keep["1"], E):
             model(ids)
         with pytest.raises(ShardcutError, match="layer 1: the router still chose a pruned expert"):
-            with _refuse_pruned(layer, "1", keep["1"], E):
+            with refuse_pruned(layer, "1", keep["1"], E):
                 model(ids)
 
 

@@ -20,7 +20,6 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 from shardcut.calibration.data import CalibData, load_data
-from shardcut.calibration.observe import check_supported, find_experts
+from shardcut.calibration.observe import check_supported
 from shardcut.calibration.runner import CalibEvent, make_batches, resolve_device, resolve_dtype
 from shardcut.calibration.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory
 from shardcut.calibration.stream import (
@@ -38,10 +37,10 @@ from shardcut.calibration.stream import (
     current_memory,
     make_skeleton,
     release_free_memory,
-    run_layer,
 )
 from shardcut.checkpoint import open_checkpoint
 from shardcut.errors import ShardcutError
+from shardcut.evaluation.layers import load_head, logits_of, moe_block, refuse_pruned, run_with_block
 from shardcut.evaluation.metrics import EvalReport, summarize
 from shardcut.hub import resolve_model
 from shardcut.model import describe
@@ -302,7 +301,7 @@ class Evaluator:
         loaded = {}
         for c in self._sources():
             layer = c.loader.load_layer(i, c.loader.read_layer(i))
-            loaded[id(c)] = (layer, _moe_block(layer) if key is not None else None)
+            loaded[id(c)] = (layer, moe_block(layer) if key is not None else None)
         E_key = (self.src.info.layer_by_key[key].num_experts or self.E) if key is not None else self.E
         done = 0
         for b_idx, batch in enumerate(self.batches):
@@ -320,10 +319,10 @@ class Evaluator:
                 layer, block = loaded[id(c)]
                 if s.keep is not None and key is not None:
                     with forbid_pruned_experts(layer, {key: s.keep[key]}, E_key, layer_key=lambda _name: key), \
-                            _refuse_pruned(layer, key, s.keep[key], E_key):
-                        outs[s_idx] = _run(layer, block, hidden, calls[id(c)])
+                            refuse_pruned(layer, key, s.keep[key], E_key):
+                        outs[s_idx] = run_with_block(layer, block, hidden, calls[id(c)])
                 else:
-                    outs[s_idx] = _run(layer, block, hidden, calls[id(c)])
+                    outs[s_idx] = run_with_block(layer, block, hidden, calls[id(c)])
             ref, ref_moe = outs[0]
             ref_valid = ref[mask].double()
             ref_sq = float(ref_valid.square().sum())
@@ -356,7 +355,7 @@ class Evaluator:
         self._emit(CalibEvent("layer_start", step=step, steps=self.steps, layer=self.src.skeleton.num_layers,
                               layer_tokens=self.rows, batches=len(self.batches), message="LM head"))
         for c in self._sources():
-            _load_head(c, self.torch_device)
+            load_head(c, self.torch_device)
         for batch in self.batches:
             mask, attention = self._batch_inputs(batch)
             targets = torch.from_numpy(self.targets[batch.start : batch.start + batch.rows]).to(self.torch_device)
@@ -386,7 +385,7 @@ class Evaluator:
         flat = s.store.read(batch.start, batch.start + batch.rows).to(self.torch_device)
         hidden = flat.new_zeros((*mask.shape, flat.shape[-1]))
         hidden[mask] = flat
-        return _logits(s.source.skeleton, hidden, attention)[mask]
+        return logits_of(s.source.skeleton, hidden, attention)[mask]
 
     def _report(self, warnings: list[str], overlap: dict | None) -> EvalReport:
         original = self.streams[0]
@@ -399,89 +398,6 @@ class Evaluator:
             loss=mean, perplexity=float(np.exp(mean)), num_experts=self.E, plans=plans, warnings=warnings,
             overlap=overlap, device=str(self.torch_device), dtype=str(self.torch_dtype).removeprefix("torch."),
         )
-
-
-def _moe_block(layer: torch.nn.Module) -> torch.nn.Module | None:
-    """The module whose child is the routed-experts module: the MoE block (router, experts, shared experts)."""
-    experts = find_experts(layer)
-    if experts is None:
-        return None
-    return next((m for m in layer.modules() if any(child is experts for child in m.children())), None)
-
-
-@contextmanager
-def _refuse_pruned(layer: torch.nn.Module, key: str, keep: list[int], num_experts: int):
-    """Check, at the experts call, that the masked router chose no pruned expert: the mask is
-    recognised by weight identity (`forbid_pruned_experts`), and a router that copies its
-    weight before the matmul would slip past it unnoticed otherwise."""
-    experts = find_experts(layer)
-    pruned = torch.ones(num_experts, dtype=torch.bool)
-    pruned[keep] = False
-
-    def check(module, args):
-        index = args[1]
-        if bool(pruned.to(index.device)[index.clamp(0, num_experts - 1)].any()):
-            raise ShardcutError(f"layer {key}: the router still chose a pruned expert under the mask; this family's "
-                                "router cannot be masked here (its weight is copied before use?)")
-
-    hook = experts.register_forward_pre_hook(check)
-    try:
-        yield
-    finally:
-        hook.remove()
-
-
-def _run(layer, block, hidden, call) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The layer's output and (for MoE layers) its MoE block's output."""
-    if block is None:
-        return run_layer(layer, hidden, call), None
-    box: list[torch.Tensor] = []
-    hook = block.register_forward_hook(lambda m, a, o: box.append(o[0] if isinstance(o, tuple) else o))
-    try:
-        out = run_layer(layer, hidden, call)
-    finally:
-        hook.remove()
-    return out, box[-1]
-
-
-def _load_head(c: _Checkpoint, device: torch.device) -> None:
-    """Final norm & co (everything outside the layers) and the LM head, on the device."""
-    c.loader.load_outside()
-    names = [n for n in c.ckpt.tensors if n.startswith("lm_head.")]
-    if names:
-        raw = c.loader.reader.read_many(names)
-        c.loader._convert(c.loader._load(raw, "LM head"), "LM head")
-    model = c.skeleton.model
-    head = model.get_output_embeddings()
-    if head is None:
-        raise ShardcutError(f"{type(model).__name__} has no output embeddings (LM head)", c.model_dir)
-    if head.weight.device.type == "meta":  # tied to the input embedding
-        emb = model.get_input_embeddings()
-        if emb is None or emb.weight.device.type == "meta":
-            raise ShardcutError("the checkpoint has no lm_head weights and no embedding to tie them to", c.model_dir)
-        head.weight = emb.weight
-    head.to(device)
-
-
-def _logits(sk, hidden: torch.Tensor, attention) -> torch.Tensor:
-    """The causal LM's logits for final hidden states: its own forward, the layers replaced (the
-    last returns `hidden`), so its final norm, head and any logit scaling apply as in the model."""
-    n = sk.num_layers
-
-    def passthrough(*args, **kwargs):
-        return args[0] if args else kwargs["hidden_states"]
-
-    def last(*args, **kwargs):
-        return hidden
-
-    for i in range(n):
-        sk.layers[i].forward = last if i == n - 1 else passthrough
-    try:
-        out = sk.model(inputs_embeds=hidden, attention_mask=attention, use_cache=False)
-    finally:
-        for i in range(n):
-            sk.layers[i].__dict__.pop("forward", None)
-    return out.logits
 
 
 def evaluate(model: str | Path, data: str, *, plans: Sequence[Plan | str | Path] = (), scores: str | Path | None = None,
