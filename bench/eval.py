@@ -94,10 +94,12 @@ def main() -> None:
     common = [str(model_dir), str(data), str(a.batch_tokens), a.device, a.dtype]
     fwd = [float("inf")]
     evals = {P: [float("inf")] for P in a.plans}
-    for _ in range(a.runs):  # interleaved, best of N: timings on a shared machine are noisy
+    for i in range(a.runs):  # interleaved, best of N: timings on a shared machine are noisy
         fwd.append(run(["-c", _FORWARD, *common])[0]["forward"])
+        print(f"run {i + 1}: plain forward {fwd[-1]:.2f} s", flush=True)
         for P in a.plans:
             evals[P].append(run(["-c", _EVAL, *common, *map(str, plans[:P])])[0]["eval"])
+            print(f"run {i + 1}: eval P = {P} {evals[P][-1]:.2f} s", flush=True)
     base = min(fwd)
     print(f"qwen3_moe {a.layers} layers x {a.experts} experts (top {a.top_k}), hidden {a.hidden}, vocab {a.vocab}, "
           f"{a.dtype}; {tokens:,} tokens in {a.samples} samples, batches of <= {a.batch_tokens}, device {a.device}, "
