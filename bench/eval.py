@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM
 from shardcut.calibration.runner import make_batches
 model_dir, data, batch_tokens, device, dtype = sys.argv[1:6]
 samples = [json.loads(line)["input_ids"] for line in open(data)]
+t_load = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
 t0 = time.perf_counter()
 with torch.inference_mode():
@@ -42,7 +43,7 @@ with torch.inference_mode():
         model(ids.to(device), attention_mask=None if bool(mask.all()) else mask.to(device)).logits.float().log_softmax(-1)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-print(json.dumps({"forward": time.perf_counter() - t0}))
+print(json.dumps({"forward": time.perf_counter() - t0, "load": t0 - t_load}))
 """
 
 _EVAL = r"""
@@ -92,22 +93,29 @@ def main() -> None:
         plans.append(work / f"plan{i}.json")
         plans[-1].write_text(json.dumps({"format": "shardcut-plan/1", "keep": keep}))
     common = [str(model_dir), str(data), str(a.batch_tokens), a.device, a.dtype]
-    fwd = [float("inf")]
+    fwd, loads = [float("inf")], [float("inf")]
     evals = {P: [float("inf")] for P in a.plans}
     for i in range(a.runs):  # interleaved, best of N: timings on a shared machine are noisy
-        fwd.append(run(["-c", _FORWARD, *common])[0]["forward"])
-        print(f"run {i + 1}: plain forward {fwd[-1]:.2f} s", flush=True)
+        got = run(["-c", _FORWARD, *common])[0]
+        fwd.append(got["forward"])
+        loads.append(got["load"])
+        print(f"run {i + 1}: plain forward {fwd[-1]:.2f} s (+ {loads[-1]:.2f} s from_pretrained)", flush=True)
         for P in a.plans:
             evals[P].append(run(["-c", _EVAL, *common, *map(str, plans[:P])])[0]["eval"])
             print(f"run {i + 1}: eval P = {P} {evals[P][-1]:.2f} s", flush=True)
-    base = min(fwd)
+    base, load = min(fwd), min(loads)
     print(f"qwen3_moe {a.layers} layers x {a.experts} experts (top {a.top_k}), hidden {a.hidden}, vocab {a.vocab}, "
           f"{a.dtype}; {tokens:,} tokens in {a.samples} samples, batches of <= {a.batch_tokens}, device {a.device}, "
           f"best of {a.runs}")
-    print(f"plain forward with LM head: {base:.2f} s ({tokens / base:,.0f} tok/s)")
+    print(f"plain forward with LM head: {base:.2f} s ({tokens / base:,.0f} tok/s); from_pretrained {load:.2f} s")
     for P in a.plans:
         t = min(evals[P])
-        print(f"eval, P = {P}: {t:.2f} s end to end = {t / base:.2f}x the plain forward (target <= {1 + P}x)")
+        print(f"eval, P = {P}: {t:.2f} s end to end = {t / base:.2f}x the plain forward (target <= {1 + P}x), "
+              f"{t / (base + load):.2f}x load + forward")
+    if len(a.plans) > 1:
+        lo, hi = min(a.plans), max(a.plans)
+        step = (min(evals[hi]) - min(evals[lo])) / (hi - lo)
+        print(f"each plan beyond {lo} adds {step:.2f} s = {step / base:.2f}x the plain forward")
     if a.dir is None:
         print(f"(work folder {work} left in place; pass --dir to reuse the model)")
 
