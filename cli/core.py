@@ -183,6 +183,9 @@ def demo_cmd(
     t.add_row("size on disk", human_bytes(report["bytes_before"]), human_bytes(report["bytes_after"]))
     t.add_row("checkpoint", safe(report["source"]), safe(report["pruned"]))
     console.print(t)
+    q = report["eval"]  # shardcut eval on held-out text
+    console.print(f"eval on held-out text: perplexity {q.perplexity:.4g}, KL(original || pruned) mean {q.kl_mean:.3g} "
+                  f"(p99 {q.kl_p99:.3g}), top-1 agreement {q.top1_agreement:.1%}", highlight=False)
     console.print(
         f"logits check: max |pruned - masked original| = {report['max_logit_diff']:.2e} "
         f"(masking changed the original by {report['masking_effect']:.2e}) "

@@ -28,6 +28,10 @@ def push_cmd(
                                        "calibration/ so others can re-prune."),
     base_model: str | None = typer.Option(None, "--base-model", help="The source repo id for the card, when the "
                                           "plan names a local folder."),
+    eval_report: Path | None = typer.Option(None, "--eval", help="A `shardcut eval --json` report: its table goes "
+                                            "on the card, the file under eval/."),
+    eval_plot: Path | None = typer.Option(None, "--eval-plot", help="With --eval: its `--plot` picture, shown on "
+                                          "the card."),
     dry_run: bool = typer.Option(False, "--dry-run", help="List the files and print the card; upload nothing."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
 ) -> None:
@@ -38,7 +42,7 @@ def push_cmd(
     from shardcut.publish import push
 
     report = push(out, repo_id, private=private, revision=revision, create_pr=create_pr, dry_run=dry_run,
-                  scores=scores, base_model=base_model)
+                  scores=scores, base_model=base_model, eval_report=eval_report, eval_plot=eval_plot)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
         return

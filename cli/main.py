@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from shardcut import __version__
-from shardcut_cli import calibrate_cmd, core, hub_cmd, scores_cmd
+from shardcut_cli import calibrate_cmd, core, eval_cmd, hub_cmd, scores_cmd
 
 app = typer.Typer(
     name="shardcut",
@@ -27,7 +27,7 @@ def _root(version: bool = typer.Option(False, "--version", callback=_version, is
     pass
 
 
-for _topic in (core, scores_cmd, calibrate_cmd, hub_cmd):
+for _topic in (core, scores_cmd, calibrate_cmd, eval_cmd, hub_cmd):
     _topic.register(app)
 
 

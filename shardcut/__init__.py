@@ -41,12 +41,16 @@ _EXPORTS = {
     "prune_model": "shardcut.stream",
     "push": "shardcut.publish",
     "calibrate": "shardcut.calibration.runner",
+    "evaluate": "shardcut.evaluation.runner",
+    "EvalReport": "shardcut.evaluation.metrics",
 }
 
 if TYPE_CHECKING:
     from shardcut.calibration.runner import calibrate as calibrate
     from shardcut.checkpoint import open_checkpoint as open_checkpoint
     from shardcut.errors import ShardcutError as ShardcutError
+    from shardcut.evaluation.metrics import EvalReport as EvalReport
+    from shardcut.evaluation.runner import evaluate as evaluate
     from shardcut.hub import open_model as open_model
     from shardcut.model import describe as describe
     from shardcut.plan import Plan as Plan

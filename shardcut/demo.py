@@ -23,6 +23,7 @@ DEMO_CONFIG = dict(
     num_experts_per_tok=4, norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
 )
 DEMO_TEXT = "demo.txt"
+DEMO_HELDOUT = "demo-heldout.txt"  # evaluation text, not calibration text
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 # The file that says a folder is the demo's own: only then may a rerun replace what it made there.
 MARKER = ".shardcut-demo"
@@ -162,6 +163,11 @@ def run_demo(directory: str | Path, log: Callable[[str], None] = print) -> dict:
     log(f"pruning {E} -> {plan.num_experts} experts per layer (lowest REAP scores) into {pruned}")
     report = prune(source, pruned, plan)
     check = verify(pruned, source=source)
+    from shardcut.evaluation.runner import evaluate
+
+    log("evaluating the pruned checkpoint against the original on held-out text (shardcut eval)")
+    quality = evaluate(source, str(demo_text_path().with_name(DEMO_HELDOUT)), pruned=[pruned], scores=scores_path,
+                       max_length=128, device="cpu", dtype="float32").plans[0]
     ids = torch.randint(0, DEMO_CONFIG["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1))
     with quiet_transformers():
         small = AutoModelForCausalLM.from_pretrained(pruned).eval()
@@ -176,5 +182,5 @@ def run_demo(directory: str | Path, log: Callable[[str], None] = print) -> dict:
         "source": source, "pruned": pruned, "scores": scores_path, "experts_before": E,
         "experts_after": report.experts_after, "bytes_before": report.input_bytes, "bytes_after": report.output_bytes,
         "calibration_tokens": int(scores.tokens[0]), "verify_ok": check.ok, "max_logit_diff": diff,
-        "masking_effect": effect, "passed": check.ok and diff < 1e-4 and effect > 0,
+        "masking_effect": effect, "passed": check.ok and diff < 1e-4 and effect > 0, "eval": quality,
     }

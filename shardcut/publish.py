@@ -84,11 +84,15 @@ def push(
     scores: str | Path | None = None,
     base_model: str | None = None,
     api=None,
+    eval_report: str | Path | None = None,
+    eval_plot: str | Path | None = None,
 ) -> PushReport:
     """Upload the pruned checkpoint OUT to `repo_id` with a model card, the calibration files and
     provenance, creating the repo if needed. Refuses an OUT that `verify` rejects.
 
     `api` is any `HfApi`-compatible object (default: `HfApi()` with HF_TOKEN or the stored login).
+    `eval_report` (a `shardcut eval --json` file) and `eval_plot` (its `--plot` picture) add an
+    evaluation section to the card and are uploaded under eval/.
 
     Example:
         >>> report = push("Qwen3-30B-A3B-pruned", "me/Qwen3-30B-A3B-REAP-50", scores="scores.safetensors",
@@ -120,7 +124,10 @@ def push(
     provenance = _provenance(out, plan, source, base, score_file, info)
     card = str(model_card(target, base, plan, ckpt, info, card_meta, scores_meta, provenance))
 
-    files = [PushFile(CARD_NAME, len(card.encode()), content=card.encode())]
+    extra_files = []
+    if eval_report is not None:
+        card, extra_files = with_evaluation(card, eval_report, eval_plot)
+    files = [PushFile(CARD_NAME, len(card.encode()), content=card.encode()), *extra_files]
     files.append(PushFile(PLAN_IN_REPO, plan_path.stat().st_size, source=plan_path))
     if score_file:
         files.append(PushFile(SCORES_IN_REPO, score_file.stat().st_size, source=score_file))
@@ -152,6 +159,34 @@ def push(
     report.url = getattr(info_commit, "pr_url", None) or getattr(info_commit, "commit_url", None) or \
         f"https://huggingface.co/{target}"
     return report
+
+
+EVAL_IN_REPO = "eval/report.json"
+EVAL_PLOT_IN_REPO = "eval/report.png"
+
+
+def with_evaluation(card: str, report_path: str | Path, plot: str | Path | None = None) -> tuple[str, list[PushFile]]:
+    """`card` with an evaluation section (the `shardcut eval` table and, given, its picture)
+    appended, and the files to upload with it."""
+    from shardcut.evaluation.metrics import EvalReport
+
+    report_path = Path(report_path)
+    report = EvalReport.load(report_path)
+    files = [PushFile(EVAL_IN_REPO, report_path.stat().st_size, source=report_path)]
+    picture = ""
+    if plot is not None:
+        plot = Path(plot)
+        if not plot.is_file():
+            raise ShardcutError("evaluation picture not found", plot)
+        files.append(PushFile(EVAL_PLOT_IN_REPO, plot.stat().st_size, source=plot))
+        picture = f"\n\n![quality against ratio and per-layer error]({EVAL_PLOT_IN_REPO})"
+    section = (f"\n## Evaluation\n\nMeasured with `shardcut eval` against `{report.model}` before upload "
+               f"(KL(original || pruned) of the next-token distributions per token, top-1 agreement of the most "
+               f"likely next token; {report.device or 'device unrecorded'}, {report.dtype or 'dtype unrecorded'}; "
+               f"full report `{EVAL_IN_REPO}`):\n\n{report.markdown()}{picture}\n")
+    if report.warnings:
+        section += "\n" + "\n".join(f"> warning: {w}" for w in report.warnings) + "\n"
+    return card.rstrip("\n") + "\n" + section, files
 
 
 def _plan_copy_name() -> str:

@@ -441,6 +441,12 @@ def merge_scores(items: Sequence[tuple[Scores, float]], names: Sequence[str] | N
     meta["gate_convention"] = next(iter(gates.values())) if len(set(gates.values())) == 1 else "mixed"
     if caveats:
         meta["caveats"] = json.dumps(caveats)
+    sketches = [s.metadata.get("data_sketch") for s, _ in items]
+    if all(sketches):  # the calibration samples of all inputs, for `shardcut eval`'s held-out check
+        from shardcut.fingerprint import merge_sketches
+
+        if (merged_sketch := merge_sketches(sketches)) is not None:
+            meta["data_sketch"] = merged_sketch
     meta["merged_from"] = json.dumps([
         {"file": name, "weight": w, **{k: s.metadata[k] for k in ("data", "samples", "tokens", "data_fingerprint",
                                                                    "sequences", "imported_from") if k in s.metadata}}

@@ -266,6 +266,7 @@ def test_demo_calibrates_plans_prunes_and_verifies(tmp_path):
     scores = Scores.load(report["scores"])
     assert scores.metadata["data"].endswith("demo.txt") and report["calibration_tokens"] > 500
     assert any("blank-line-separated" in line for line in lines)
+    assert report["eval"].kind == "checkpoint" and report["eval"].kl_mean > 0 and report["eval"].top1_agreement > 0.5
 
 
 def test_unreadable_quantization_is_refused(families, tmp_path):

@@ -41,6 +41,7 @@ from shardcut.calibration.stream import (
 )
 from shardcut.checkpoint import open_checkpoint
 from shardcut.errors import ShardcutError
+from shardcut.fingerprint import data_sketch
 from shardcut.hub import resolve_model
 from shardcut.model import describe
 from shardcut.scores import GATE_APPLIED, Scores, provenance
@@ -264,6 +265,7 @@ class Calibrator:
         if self.shard_of:
             meta["shard"] = f"{self.shard_of[0]}/{self.shard_of[1]}"
         meta.update(calibration_notes(self.info))
+        meta["data_sketch"] = data_sketch(self.all_data.samples)  # so `shardcut eval` can spot calibration text
         return meta
 
     # -- the run -----------------------------------------------------------------------------

@@ -1,0 +1,124 @@
+"""`shardcut eval` with P plans against a plain forward of the same tokens with the LM head.
+
+    .venv/bin/python bench/eval.py                    # 8 layers, 64 experts, hidden 512, CPU; P = 1 and 3
+    .venv/bin/python bench/eval.py --device cuda --dtype bfloat16 --layers 16 --hidden 2048 --experts 128
+
+Builds the random Qwen3-MoE checkpoint of bench/calibrate.py, writes pre-tokenised samples and P
+random half-pruning plans, then runs, each in its own process and interleaved: (1) `from_pretrained`
++ a plain forward of every batch (the batches eval uses) with logits at every position, i.e. the
+layers plus one LM head; (2) `shardcut.evaluation.evaluate` with P plans, end to end (reading every
+layer from disk, 1 + P streams through each layer, 1 + P LM heads, the metrics). Target (issue 16):
+eval with P plans <= (1 + P) x the plain forward. Best of `--runs`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from calibrate import _BUILD, run  # noqa: E402  (the same model and child-process runner)
+
+_FORWARD = r"""
+import json, sys, time, torch
+import transformers.models.qwen3_moe.modeling_qwen3_moe
+from transformers import AutoModelForCausalLM
+from shardcut.calibration.runner import make_batches
+model_dir, data, batch_tokens, device, dtype = sys.argv[1:6]
+samples = [json.loads(line)["input_ids"] for line in open(data)]
+t_load = time.perf_counter()
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+t0 = time.perf_counter()
+with torch.inference_mode():
+    for b in make_batches([len(s) for s in samples], int(batch_tokens)):
+        ids = torch.zeros((len(b.samples), b.width), dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, j in enumerate(b.samples):
+            ids[r, : len(samples[j])] = torch.tensor(samples[j])
+            mask[r, : len(samples[j])] = 1
+        model(ids.to(device), attention_mask=None if bool(mask.all()) else mask.to(device)).logits.float().log_softmax(-1)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+print(json.dumps({"forward": time.perf_counter() - t0, "load": t0 - t_load}))
+"""
+
+_EVAL = r"""
+import json, sys, time
+import transformers.models.qwen3_moe.modeling_qwen3_moe  # imports are outside the timings of both runs
+from shardcut.evaluation.runner import evaluate
+model_dir, data, batch_tokens, device, dtype, *plans = sys.argv[1:]
+t0 = time.perf_counter()
+r = evaluate(model_dir, data, plans=plans, max_length=1 << 20, batch_tokens=int(batch_tokens), device=device, dtype=dtype)
+print(json.dumps({"eval": time.perf_counter() - t0, "kl": [p.kl_mean for p in r.plans]}))
+"""
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=8)
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--moe-inter", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=16384)
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--batch-tokens", type=int, default=4096)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--plans", type=int, nargs="+", default=[1, 3], help="values of P")
+    p.add_argument("--runs", type=int, default=3, help="best of N interleaved runs of each")
+    p.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
+    a = p.parse_args()
+
+    import numpy as np
+
+    work = a.dir or Path(tempfile.mkdtemp(prefix="shardcut-bench-eval-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir, data = work / "model", work / "ids.jsonl"
+    if not (model_dir / "config.json").exists():
+        sizes, _ = run(["-c", _BUILD, str(model_dir), json.dumps(vars(a), default=str)])
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(a.length // 2, a.length + 1, a.samples)
+    data.write_text("".join(json.dumps({"input_ids": rng.integers(0, a.vocab, n).tolist()}) + "\n" for n in lengths))
+    tokens = int(lengths.sum())
+    pick = random.Random(0)
+    plans = []
+    for i in range(max(a.plans)):
+        keep = {str(layer): sorted(pick.sample(range(a.experts), a.experts // 2)) for layer in range(a.layers)}
+        plans.append(work / f"plan{i}.json")
+        plans[-1].write_text(json.dumps({"format": "shardcut-plan/1", "keep": keep}))
+    common = [str(model_dir), str(data), str(a.batch_tokens), a.device, a.dtype]
+    fwd, loads = [float("inf")], [float("inf")]
+    evals = {P: [float("inf")] for P in a.plans}
+    for i in range(a.runs):  # interleaved, best of N: timings on a shared machine are noisy
+        got = run(["-c", _FORWARD, *common])[0]
+        fwd.append(got["forward"])
+        loads.append(got["load"])
+        print(f"run {i + 1}: plain forward {fwd[-1]:.2f} s (+ {loads[-1]:.2f} s from_pretrained)", flush=True)
+        for P in a.plans:
+            evals[P].append(run(["-c", _EVAL, *common, *map(str, plans[:P])])[0]["eval"])
+            print(f"run {i + 1}: eval P = {P} {evals[P][-1]:.2f} s", flush=True)
+    base, load = min(fwd), min(loads)
+    print(f"qwen3_moe {a.layers} layers x {a.experts} experts (top {a.top_k}), hidden {a.hidden}, vocab {a.vocab}, "
+          f"{a.dtype}; {tokens:,} tokens in {a.samples} samples, batches of <= {a.batch_tokens}, device {a.device}, "
+          f"best of {a.runs}")
+    print(f"plain forward with LM head: {base:.2f} s ({tokens / base:,.0f} tok/s); from_pretrained {load:.2f} s")
+    for P in a.plans:
+        t = min(evals[P])
+        print(f"eval, P = {P}: {t:.2f} s end to end = {t / base:.2f}x the plain forward (target <= {1 + P}x), "
+              f"{t / (base + load):.2f}x load + forward")
+    if len(a.plans) > 1:
+        lo, hi = min(a.plans), max(a.plans)
+        step = (min(evals[hi]) - min(evals[lo])) / (hi - lo)
+        print(f"each plan beyond {lo} adds {step:.2f} s = {step / base:.2f}x the plain forward")
+    if a.dir is None:
+        print(f"(work folder {work} left in place; pass --dir to reuse the model)")
+
+
+if __name__ == "__main__":
+    main()
