@@ -419,3 +419,79 @@ def hash_pieces(pieces: list[Piece], hasher) -> None:
                     raise ShardcutError(f"unexpected end of file at offset {p.offset + p.length - left}", p.path)
                 hasher.update(buf)
                 left -= len(buf)
+
+
+COMPARE_CHUNK = 4 << 20  # bytes per read when comparing written tensors with their sources
+
+
+def slice_expert_axis(path: Path, t: TensorInfo, axis: int, num_experts: int,
+                      kept: list[int] | list[list[int]]) -> OutTensor:
+    """Byte ranges of `t` restricted to the kept experts' blocks along `axis`.
+
+    The axis holds `num_experts` equal blocks (one row per expert for routers and fused
+    `[E, …]` tensors, `F` rows for DBRX-style `[E·F, H]`). `kept` lists the blocks to keep, in
+    output order; a list of lists gives each index of the dims before `axis` its own
+    (ERNIE-VL's `[2, E]` statics: text row, vision row).
+    """
+    if axis >= len(t.shape) or t.shape[axis] % num_experts:
+        raise ShardcutError(
+            f"tensor {t.name!r} {list(t.shape)}: dim {axis} is not a multiple of num_experts={num_experts}", path
+        )
+    block = t.shape[axis] // num_experts
+    try:
+        block_bytes = tensor_nbytes(t.dtype, (block, *t.shape[axis + 1 :]))
+    except ValueError:
+        raise ShardcutError(f"tensor {t.name!r}: expert blocks of {t.dtype} do not fill whole bytes", path) from None
+    outer = math.prod(t.shape[:axis])
+    per_outer = kept if kept and isinstance(kept[0], list) else [kept] * outer
+    if len(per_outer) != outer or len({len(k) for k in per_outer}) != 1:
+        raise ShardcutError(f"tensor {t.name!r} {list(t.shape)}: {outer} rows need equal kept lists for each", path)
+    pieces = [
+        Piece(path, t.start + (o * num_experts + k) * block_bytes, block_bytes)
+        for o in range(outer) for k in per_outer[o]
+    ]
+    shape = list(t.shape)
+    shape[axis] = block * len(per_outer[0])
+    return OutTensor(t.name, t.dtype, tuple(shape), merge_pieces(pieces))
+
+
+def compare_written(out_dir: Path, shards: list[list[OutTensor]], names: list[str],
+                    pinned: PinnedSources | None = None) -> int:
+    """Re-read every written tensor and compare it with its source byte ranges.
+
+    Raises ShardcutError at the first difference; returns the bytes compared. Reads in
+    bounded chunks, so memory stays flat. `pinned`: the source files the copy read (compared
+    through those same descriptors, not re-opened by path).
+    """
+    compared = 0
+    sources: dict[Path, int] = {}
+    try:
+        for name, tensors in zip(names, shards):
+            path = out_dir / name
+            header = read_header(path)
+            out_fd = os.open(path, os.O_RDONLY)
+            try:
+                for t in tensors:
+                    info = header.tensors.get(t.name)
+                    if info is None or info.shape != t.shape or info.dtype != t.dtype:
+                        raise ShardcutError(f"tensor {t.name!r} missing or with the wrong dtype/shape", path)
+                    pos = info.start
+                    for piece in t.pieces:
+                        if pinned is not None and piece.path in pinned:
+                            src_fd = pinned.fd(piece.path)
+                        else:
+                            if piece.path not in sources:
+                                sources[piece.path] = os.open(piece.path, os.O_RDONLY)
+                            src_fd = sources[piece.path]
+                        for off in range(0, piece.length, COMPARE_CHUNK):
+                            n = min(COMPARE_CHUNK, piece.length - off)
+                            if os.pread(out_fd, n, pos + off) != os.pread(src_fd, n, piece.offset + off):
+                                raise ShardcutError(f"tensor {t.name!r} differs from its source bytes", path)
+                        pos += piece.length
+                        compared += piece.length
+            finally:
+                os.close(out_fd)
+    finally:
+        for fd in sources.values():
+            os.close(fd)
+    return compared

@@ -22,10 +22,9 @@ from shardcut.container import (
     OutTensor,
     Piece,
     PinnedSources,
-    TensorInfo,
-    merge_pieces,
+    compare_written,
     shard_size,
-    tensor_nbytes,
+    slice_expert_axis,
     write_shard,
 )
 from shardcut.errors import ShardcutError
@@ -102,37 +101,6 @@ class PruneReport:
                    sum(sizes), output_names(ckpt, lay), lay.copied, lay.renamed, lay.sliced, lay.dropped,
                    dry_run, config_changes=updated_config(info, plan.keep)[1],
                    experts_by_config=experts_by_config(info, plan.keep), side_files=sides)
-
-
-def slice_expert_axis(path: Path, t: TensorInfo, axis: int, num_experts: int,
-                      kept: list[int] | list[list[int]]) -> OutTensor:
-    """Byte ranges of `t` restricted to the kept experts' blocks along `axis`.
-
-    The axis holds `num_experts` equal blocks (one row per expert for routers and fused
-    `[E, …]` tensors, `F` rows for DBRX-style `[E·F, H]`). `kept` lists the blocks to keep, in
-    output order; a list of lists gives each index of the dims before `axis` its own
-    (ERNIE-VL's `[2, E]` statics: text row, vision row).
-    """
-    if axis >= len(t.shape) or t.shape[axis] % num_experts:
-        raise ShardcutError(
-            f"tensor {t.name!r} {list(t.shape)}: dim {axis} is not a multiple of num_experts={num_experts}", path
-        )
-    block = t.shape[axis] // num_experts
-    try:
-        block_bytes = tensor_nbytes(t.dtype, (block, *t.shape[axis + 1 :]))
-    except ValueError:
-        raise ShardcutError(f"tensor {t.name!r}: expert blocks of {t.dtype} do not fill whole bytes", path) from None
-    outer = math.prod(t.shape[:axis])
-    per_outer = kept if kept and isinstance(kept[0], list) else [kept] * outer
-    if len(per_outer) != outer or len({len(k) for k in per_outer}) != 1:
-        raise ShardcutError(f"tensor {t.name!r} {list(t.shape)}: {outer} rows need equal kept lists for each", path)
-    pieces = [
-        Piece(path, t.start + (o * num_experts + k) * block_bytes, block_bytes)
-        for o in range(outer) for k in per_outer[o]
-    ]
-    shape = list(t.shape)
-    shape[axis] = block * len(per_outer[0])
-    return OutTensor(t.name, t.dtype, tuple(shape), merge_pieces(pieces))
 
 
 def layout(ckpt: Checkpoint, info: ModelInfo, plan: Plan, max_shard_size: int | None = None) -> Layout:
@@ -325,7 +293,6 @@ def _write_pinned(tx, pinned: PinnedSources, ckpt: Checkpoint, info: ModelInfo, 
     sources only through `pinned`; the sources are checked unchanged after the copy and again
     after the self-check, so an output mixing two versions of a shard is never committed."""
     from shardcut.outdir import check_free_space
-    from shardcut.verification import compare_written
 
     todo = []
     for name, tensors, size in zip(names, lay.shards, sizes):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardcut.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, link_area, read_json_object
-from shardcut.container import OutTensor, Piece, read_header, write_shard
+from shardcut.container import OutTensor, Piece, read_header, slice_expert_axis, write_shard
 from shardcut.durable import atomic_write_text, fsync_dir
 from shardcut.errors import CheckpointError, ShardcutError
 
@@ -306,7 +306,6 @@ def derived_layout(root: Path, d: DerivedSet, info, plan) -> tuple[dict[str, lis
     """The pruned derived set: {weight file: its output tensors}, their headers' metadata, and
     the folder's config with the expert count set to the kept count. Without a plan (checking
     only), every expert stays. Raises ShardcutError saying why the set does not fit."""
-    from shardcut.rewrite import slice_expert_axis
 
     folder = root / d.folder
     cfg_path = folder / d.config

@@ -23,7 +23,15 @@ from pathlib import Path
 
 from shardcut import hub
 from shardcut.checkpoint import Checkpoint
-from shardcut.container import OutTensor, PinnedSources, ShardHeader, read_header, shard_size, write_shard
+from shardcut.container import (
+    OutTensor,
+    PinnedSources,
+    ShardHeader,
+    compare_written,
+    read_header,
+    shard_size,
+    write_shard,
+)
 from shardcut.errors import ShardcutError
 from shardcut.hub import OTHER_WEIGHTS, RepoRef, cached_file, hub_errors
 from shardcut.model import ModelInfo, describe
@@ -176,7 +184,6 @@ def _stream(ref: RepoRef, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: La
             out: Path, needs: DiskNeeds, *, verify: bool, progress: Progress | None, api, download: Download | None
             ) -> HubPruneReport:
     from shardcut.outdir import OutputTransaction, check_free_space, check_output_path
-    from shardcut.verification import compare_written
 
     names = output_names(ckpt, lay)
     # Source shard -> its output shard (shards whose every tensor is dropped produce none).

@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import fnmatch
-import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardcut.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint, read_json_object
-from shardcut.container import OutTensor, PinnedSources, read_header
+from shardcut.container import COMPARE_CHUNK, compare_written
 from shardcut.errors import ShardcutError
 from shardcut.model import ModelInfo, describe
 from shardcut.plan import Plan
-
-_COMPARE_CHUNK = 4 << 20
 
 
 @dataclass
@@ -34,48 +31,6 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         return not self.problems
-
-
-def compare_written(out_dir: Path, shards: list[list[OutTensor]], names: list[str],
-                    pinned: PinnedSources | None = None) -> int:
-    """Re-read every written tensor and compare it with its source byte ranges.
-
-    Raises ShardcutError at the first difference; returns the bytes compared. Reads in
-    bounded chunks, so memory stays flat. `pinned`: the source files the copy read (compared
-    through those same descriptors, not re-opened by path).
-    """
-    compared = 0
-    sources: dict[Path, int] = {}
-    try:
-        for name, tensors in zip(names, shards):
-            path = out_dir / name
-            header = read_header(path)
-            out_fd = os.open(path, os.O_RDONLY)
-            try:
-                for t in tensors:
-                    info = header.tensors.get(t.name)
-                    if info is None or info.shape != t.shape or info.dtype != t.dtype:
-                        raise ShardcutError(f"tensor {t.name!r} missing or with the wrong dtype/shape", path)
-                    pos = info.start
-                    for piece in t.pieces:
-                        if pinned is not None and piece.path in pinned:
-                            src_fd = pinned.fd(piece.path)
-                        else:
-                            if piece.path not in sources:
-                                sources[piece.path] = os.open(piece.path, os.O_RDONLY)
-                            src_fd = sources[piece.path]
-                        for off in range(0, piece.length, _COMPARE_CHUNK):
-                            n = min(_COMPARE_CHUNK, piece.length - off)
-                            if os.pread(out_fd, n, pos + off) != os.pread(src_fd, n, piece.offset + off):
-                                raise ShardcutError(f"tensor {t.name!r} differs from its source bytes", path)
-                        pos += piece.length
-                        compared += piece.length
-            finally:
-                os.close(out_fd)
-    finally:
-        for fd in sources.values():
-            os.close(fd)
-    return compared
 
 
 def verify(path: str | Path, source: str | Path | None = None) -> VerifyReport:
@@ -307,7 +262,7 @@ def same_bytes(a: Path, b: Path) -> bool:
         return False
     with open(a, "rb") as fa, open(b, "rb") as fb:
         while True:
-            x, y = fa.read(_COMPARE_CHUNK), fb.read(_COMPARE_CHUNK)
+            x, y = fa.read(COMPARE_CHUNK), fb.read(COMPARE_CHUNK)
             if x != y:
                 return False
             if not x:
