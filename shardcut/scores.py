@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shardcut.durable import atomic_write_bytes
 from shardcut.errors import ShardcutError
 
 SCORES_FORMAT = "shardcut-scores/1"
@@ -200,16 +201,10 @@ class Scores:
         return hashlib.sha256(self.to_bytes()).hexdigest()
 
     def save(self, path: str | Path) -> None:
-        """Write the file atomically (a crash never leaves a half-written score file)."""
+        """Write the file atomically and durably (temp file, fsync, rename, fsync of the folder):
+        a crash or power loss leaves the old file or the new one, never a torn or lost one."""
         self.validate(path)
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            tmp.write_bytes(self.to_bytes())
-            tmp.replace(path)
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            raise ShardcutError(f"cannot write ({exc.strerror or exc})", path) from None
+        atomic_write_bytes(path, self.to_bytes())
 
     @classmethod
     def load(cls, path: str | Path) -> Scores:
