@@ -242,6 +242,16 @@ def test_resume_with_another_max_memory_is_identical(first, then, model, data, r
     assert ((counts > 0).sum(axis=1) > 2).all()  # routing spreads: not one expert set for all tokens
 
 
+def test_bfloat16_ram_checkpoint_resumes_on_disk_identically(model, data, tmp_path):
+    straight = tmp_path / "a.safetensors"
+    _run(model, data, straight, dtype="bfloat16")
+    out = tmp_path / "b.safetensors"
+    _killed_in_process(model, data, out, step=3, dtype="bfloat16", checkpoint_every=1)
+    steps, _ = _resumed(model, data, out, dtype="bfloat16", max_memory="1")
+    assert steps == [3, 4]
+    assert out.read_bytes() == straight.read_bytes()
+
+
 # -- 17.5: weights changed ------------------------------------------------------------------
 
 

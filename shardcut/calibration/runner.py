@@ -329,9 +329,12 @@ class Calibrator:
                    f"{str(self.torch_dtype).removeprefix('torch.')}, {len(self.batches)} batches of <= "
                    f"{self.budget_tokens} tokens")
         if start > 0:
-            self._info(f"resuming at step {start} of {self.steps}" + (
-                f" (recomputing {start - first} finished steps from the activations saved at step {first})"
-                if first < start else " from the activations saved there"))
+            how = " from the activations saved there"
+            if resume_file is None:
+                how = f" (recomputing the {start} finished steps: no activations were saved)"
+            elif first < start:
+                how = f" (recomputing {start - first} finished steps from the activations saved at step {first})"
+            self._info(f"resuming at step {start} of {self.steps}{how}")
         if first > 0:
             self.loader.buffers_to_device()  # rotary frequencies & co; the embedding is not needed any more
         activations = state.activations
