@@ -233,7 +233,7 @@ def test_resume_with_another_max_memory_is_identical(first, then, model, data, r
     """RAM -> disk and disk -> RAM: once the store switched and scored the remaining layers on
     zeroed activations (every token routed alike), silently."""
     out = tmp_path / "s.safetensors"
-    _killed(model, data, out, step=3, memory=first)
+    _killed(model, data, out, step=3, memory=first, every=1)  # a fixed interval: the default one follows timings
     steps, log = _resumed(model, data, out, max_memory=then)
     assert any(("spilled" in m) == (then is not None) for m in log if m.startswith("activations"))
     assert steps == [3, 4], log
