@@ -100,7 +100,8 @@ def calibrate_cmd(
                               "Default: one sequence per sample, truncated. The score metadata records which."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cuda, cuda:N or cpu."),
     dtype: str | None = typer.Option(None, "--dtype", help="bfloat16 (default on GPU) or float32 (default on CPU)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished layer."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (same data and settings; "
+                                "--max-memory may differ) from its last saved layer."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample selection."),
     max_memory: str | None = typer.Option(None, "--max-memory", help="RAM for activations, e.g. 64GB "
                                           "(default: half the available memory); beyond it they spill to disk."),
@@ -111,7 +112,12 @@ def calibrate_cmd(
     batch_tokens: int | None = typer.Option(None, "--batch-tokens", help="Token budget of one batch "
                                             "(default 16384 on GPU, 4096 on CPU)."),
     work_dir: Path | None = typer.Option(None, "--work-dir", help="Resume state and spilled activations "
-                                         "(default: OUT.calib next to the output)."),
+                                         "(default: OUT.calib next to the output): a new or empty folder, or "
+                                         "one shardcut made; shardcut removes only its own files."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing score file OUT."),
+    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save activations held in RAM "
+                                                "every N layers, so --resume recomputes at most N (default: "
+                                                "as often as costs <= 10% of the compute; 0: never)."),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary at the end."),
 ) -> None:
     """Compute REAP saliency statistics of a MoE checkpoint, one decoder layer at a time.
@@ -130,7 +136,8 @@ def calibrate_cmd(
             scores = calibrate(model, data, out, samples=samples, max_length=max_length, device=device, dtype=dtype,
                                seed=seed, resume=resume, max_memory=max_memory, shard=shard,
                                trust_remote_code=trust_remote_code, progress=display, batch_tokens=batch_tokens,
-                               work_dir=work_dir, sequences="pack" if pack else "truncate")
+                               work_dir=work_dir, sequences="pack" if pack else "truncate", overwrite=overwrite,
+                               checkpoint_every=checkpoint_every)
     except KeyboardInterrupt:
         err_console.print("interrupted: rerun with --resume to continue from the last finished layer")
         raise typer.Exit(130) from None

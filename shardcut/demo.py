@@ -158,6 +158,7 @@ def run_demo(directory: str | Path, log: Callable[[str], None] = print) -> dict:
     E = DEMO_CONFIG["num_experts"]
     log(f"calibrating on the bundled text {demo_text_path().name}")
     scores = calibrate(source, str(demo_text_path()), scores_path, max_length=128, device="cpu", dtype="float32",
+                       overwrite=True,  # the demo's own file in its own folder
                        progress=lambda e: log(e.message) if e.kind == "info" else None)
     plan, _ = make_plan(source, scores_path, ratio=0.5)
     log(f"pruning {E} -> {plan.num_experts} experts per layer (lowest REAP scores) into {pruned}")

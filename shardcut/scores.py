@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shardcut.durable import atomic_write_bytes
 from shardcut.errors import ShardcutError
 
 SCORES_FORMAT = "shardcut-scores/1"
@@ -220,9 +221,7 @@ class Scores:
 
     def save(self, path: str | Path) -> None:
         """Write the file atomically and durably (temp file, fsync, rename, fsync of the folder):
-        a crash or power loss never leaves a half-written score file."""
-        from shardcut.durable import atomic_write_bytes
-
+        a crash or power loss leaves the old file or the new one, never a torn or lost one."""
         self.validate(path)
         atomic_write_bytes(path, self.to_bytes())
 

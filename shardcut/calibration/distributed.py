@@ -65,3 +65,13 @@ class Distributed:
             getattr(scores, f)[r] = values[i * E : (i + 1) * E]
         scores.tokens[r] = values[-1]
         scores.act_max[r] = peaks.cpu().numpy()
+
+    def all_true(self, flag: bool) -> bool:
+        """Whether `flag` holds on every rank (so that all ranks take the same branch)."""
+        if self.world <= 1:
+            return flag
+        import torch.distributed as dist
+
+        t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return bool(t.item())

@@ -3,12 +3,16 @@
 Steps: read and tokenise the data; build the model on the meta device; compute every sample's
 embeddings; then for each decoder layer read its tensors from the shards, run it on every batch
 (recording, in MoE layers, the router's real decisions and the routed experts' outputs), and
-free it. After each layer the accumulators and the position are saved next to the output, so
-`resume=True` continues after a crash from the last finished layer with identical results.
+free it. After each layer the accumulators and the position are saved in a work folder that
+shardcut marks as its own (shardcut/calibration/resume.py), with the activations at a checkpoint
+interval, so `resume=True` continues after a crash, recomputing at most the layers since the last
+checkpoint, with identical results. The output is locked against a second run, refused when it
+is an input or exists (unless `overwrite`), and written durably before the work folder goes.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,8 +32,8 @@ from shardcut.calibration.observe import (
     check_supported,
     find_experts,
 )
-from shardcut.calibration.resume import RunState, fingerprint_of, state_dir_for
-from shardcut.calibration.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory
+from shardcut.calibration.resume import Lock, RunState, check_work_dir, checkpoint_due, fingerprint_of, state_dir_for
+from shardcut.calibration.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory, check_space
 from shardcut.calibration.stream import (
     LayerLoader,
     TensorReader,
@@ -40,7 +44,8 @@ from shardcut.calibration.stream import (
     run_layer,
 )
 from shardcut.checkpoint import open_checkpoint
-from shardcut.errors import ShardcutError
+from shardcut.durable import check_output
+from shardcut.errors import OutputError, ShardcutError
 from shardcut.fingerprint import data_sketch
 from shardcut.hub import resolve_model
 from shardcut.model import describe
@@ -156,12 +161,31 @@ def _revision_of(model: str, path: Path) -> str | None:
     return None
 
 
+def _now() -> str:
+    """UTC now, or SOURCE_DATE_EPOCH when set (reproducible files, as reproducible builds do)."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    when = datetime.fromtimestamp(int(epoch), timezone.utc) if epoch.isdigit() else datetime.now(timezone.utc)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _data_paths(spec: str) -> list[Path]:
+    """The local files and folders a data spec reads (inputs an output must not overwrite)."""
+    from shardcut.calibration.data import parse_spec
+
+    try:
+        return [Path(s.spec) for s in parse_spec(spec) if Path(s.spec).exists()]
+    except ShardcutError:
+        return []  # load_data reports a bad spec with its own message
+
+
 @dataclass
 class Calibrator:
     """One calibration run; `calibrate()` is `Calibrator(...).run()`.
 
     `on_layer(step, calibrator)` (tests, tools) is called after every step with the store
     holding that step's output; `hidden_states(j)` reads sample j's rows from it.
+    `checkpoint_every`: persist RAM activations every k steps (None: as often as costs at most
+    10% of the compute, see `resume.checkpoint_due`; 0: never, a resume replays).
     """
 
     model: str
@@ -183,6 +207,8 @@ class Calibrator:
     pair_chunk: int = DEFAULT_PAIR_CHUNK
     sequences: str = "truncate"  # or "pack" (see shardcut.calibration.data)
     prefetch: bool | None = None  # read layer i+1 while layer i runs (None: on CUDA only)
+    overwrite: bool = False
+    checkpoint_every: int | None = None
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -197,9 +223,18 @@ class Calibrator:
     def _prepare(self) -> None:
         self.out = Path(self.out)
         if not self.out.parent.is_dir():
-            raise ShardcutError("the output's folder does not exist", self.out.parent)
+            raise OutputError("the output's folder does not exist", self.out.parent)
+        if self.checkpoint_every is not None and self.checkpoint_every < 0:
+            raise ShardcutError(f"the checkpoint interval must be >= 0 layers (got {self.checkpoint_every})")
         self.model_dir = resolve_model(self.model)
         self.ckpt = open_checkpoint(self.model_dir)
+        # before any work: never write over an input, never over an existing score file unasked
+        inputs = [*(s.path for s in self.ckpt.shards), self.model_dir / "config.json", *_data_paths(self.data),
+                  self.model_dir]  # files first: the message names the very file
+        check_output(self.out, inputs, overwrite=self.overwrite, what="score file")
+        self.work_path = Path(self.work_dir) if self.work_dir else state_dir_for(self.out)
+        check_work_dir(self.work_path, [*inputs, self.out])
+        self.revision = _revision_of(str(self.model), self.model_dir)
         self.info = describe(self.ckpt)
         check_supported(self.info, self.model_dir / "config.json")
         TensorReader(self.ckpt)  # refuses quantization schemes it cannot read, before any data is loaded
@@ -255,13 +290,12 @@ class Calibrator:
             "top_k": str(self.info.top_k), "data": self.data, "samples": str(self.shard_samples),
             "tokens": str(self.shard_tokens), "max_length": str(self.max_length), "seed": str(self.seed),
             "dtype": str(self.torch_dtype).removeprefix("torch."), "shardcut_version": __version__,
-            "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "created": self.created,
             **provenance(self.ckpt, gate=GATE_APPLIED), "sequences": self.all_data.sequences,
             "data_fingerprint": self.all_data.fingerprint(),
         }
-        revision = _revision_of(str(self.model), self.model_dir)
-        if revision:
-            meta["revision"] = revision
+        if self.revision:
+            meta["revision"] = self.revision
         if self.shard_of:
             meta["shard"] = f"{self.shard_of[0]}/{self.shard_of[1]}"
         meta.update(calibration_notes(self.info))
@@ -273,23 +307,34 @@ class Calibrator:
     def run(self) -> Scores:
         """Calibrate and write the score file; returns the scores (on every rank)."""
         self._prepare()
-        state_dir = Path(self.work_dir) if self.work_dir else state_dir_for(self.out)
-        fingerprint = fingerprint_of(self)
-        state = RunState(state_dir, self.dist)
-        start = state.begin(fingerprint, self.resume, self._info)
+        lock = Lock(self.out.with_name(f".{self.out.name}.shardcut-lock"), self.out) if self.dist.rank == 0 else None
+        try:
+            state = RunState(self.work_path, self.dist)
+            state.open()
+            try:
+                return self._run(state)
+            finally:
+                state.close()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self, state: RunState) -> Scores:
+        start = state.begin(fingerprint_of(self), self.resume, self._info)
         keys = [self.keys[i] for i in sorted(self.keys)]
         scores = state.load_scores() if start > 0 else None
         if scores is None:
             start = 0
             scores = Scores.zeros(keys, self.info.num_experts)
+        self.created = (state.created_at() if start > 0 else None) or _now()
         scores.metadata = self._metadata()
         self.scores = scores
 
-        budget = self._budget()
-        if state.store_mode == "disk" and start > 0:
-            budget = 0  # the finished layer's hidden states are on disk: use them
-        self.store = ActivationStore(self.rows, self.hidden_size, self.torch_dtype, budget, state.rank_dir,
-                                     resume_current=state.store_current if start > 0 else None)
+        nbytes = self.rows * self.hidden_size * torch.empty((), dtype=self.torch_dtype).element_size()
+        first, resume_file = state.activations_file(nbytes) if start > 0 else (0, None)
+        self.store = ActivationStore(self.rows, self.hidden_size, self.torch_dtype, self._budget(), state.rank_dir,
+                                     resume_file=resume_file)
+        every = self._checkpoint_policy(state, nbytes)
         self._info(f"data: {self.all_data.tokens} tokens in {len(self.all_data.samples)} samples "
                    f"({'; '.join(self.all_data.notes)}); max length {self.max_length}")
         if self.shard_of or self.dist.world > 1:
@@ -298,22 +343,38 @@ class Calibrator:
         self._info(f"{self.store.describe()}; device {self.torch_device}, dtype "
                    f"{str(self.torch_dtype).removeprefix('torch.')}, {len(self.batches)} batches of <= "
                    f"{self.budget_tokens} tokens")
-        replay = start if self.store.mode == "ram" else 0
         if start > 0:
-            self._info(f"resuming at step {start} of {self.steps}" + (
-                f" (replaying {start} steps to rebuild the activations held in RAM)" if replay else ""))
-        first = 0 if replay else start
+            how = " from the activations saved there"
+            if resume_file is None:
+                how = f" (recomputing the {start} finished steps: no activations were saved)"
+            elif first < start:
+                how = f" (recomputing {start - first} finished steps from the activations saved at step {first})"
+            self._info(f"resuming at step {start} of {self.steps}{how}")
         if first > 0:
             self.loader.buffers_to_device()  # rotary frequencies & co; the embedding is not needed any more
+        activations = state.activations
+        since_s, since_steps, write_s = 0.0, 0, None
         overlap = self.prefetch if self.prefetch is not None else self.torch_device.type == "cuda"
         prefetch = ThreadPoolExecutor(1) if overlap else None
         try:
             pending = None
             for step in range(first, self.steps):
                 record = step >= start
+                t0 = time.perf_counter()
                 pending = self._step(step, record, pending, prefetch)
+                since_s += time.perf_counter() - t0
+                since_steps += 1
                 if record:
-                    state.save(step + 1, scores, self.store)
+                    if self.store.mode == "disk":  # the spill file is durable after every step
+                        activations = {"step": step + 1, "name": self.store.durable_name()}
+                    elif step + 1 < self.steps and self.dist.all_true(
+                            checkpoint_due(since_s, write_s, every, since_steps)):
+                        t1 = time.perf_counter()
+                        name = f"hidden.s{step + 1:05d}.bin"
+                        self.store.checkpoint(state.rank_dir / name)
+                        write_s, since_s, since_steps = time.perf_counter() - t1, 0.0, 0
+                        activations = {"step": step + 1, "name": name}
+                    state.save(step + 1, scores, activations, self.created, in_use=self.store.in_use())
                 if self.on_layer is not None:
                     self.on_layer(step, self)
                 if record:
@@ -326,6 +387,20 @@ class Calibrator:
         state.finish(scores, self.out)
         self._emit(CalibEvent("done", message=str(self.out), step=self.steps, steps=self.steps))
         return scores
+
+    def _checkpoint_policy(self, state: RunState, nbytes: int) -> int | None:
+        """The checkpoint interval of RAM activations, after a free-space check (a new checkpoint
+        is written before the old one goes, so two must fit)."""
+        if self.store.mode == "disk" or self.checkpoint_every == 0:
+            return self.checkpoint_every
+        try:
+            check_space(state.rank_dir, 2 * nbytes, "activation checkpoints")
+        except OutputError as exc:
+            if self.checkpoint_every is not None:
+                raise
+            self._info(f"{exc}: no activation checkpoints, a --resume will recompute every finished layer")
+            return 0
+        return self.checkpoint_every
 
     def _budget(self) -> int:
         if self.max_memory is None:
@@ -421,12 +496,16 @@ def calibrate(model: str | Path, data: str, out: str | Path, *, samples: int | N
               resume: bool = False, max_memory: int | str | None = None, shard: str | tuple[int, int] | None = None,
               trust_remote_code: bool = False, progress: Callable[[CalibEvent], None] | None = None,
               batch_tokens: int | None = None, work_dir: str | Path | None = None,
-              sequences: str = "truncate") -> Scores:
+              sequences: str = "truncate", overwrite: bool = False,
+              checkpoint_every: int | None = None) -> Scores:
     """Compute the `shardcut-scores/1` statistics of MODEL on the calibration DATA and write OUT.
 
     Streams one decoder layer at a time from the shards (never the whole model in memory),
     records the router's real top-k decisions and gates and the routed experts' outputs, and
-    saves its position after every layer (`resume=True` continues an interrupted run).
+    saves its position after every layer (`resume=True` continues an interrupted run, recomputing
+    at most the layers since the last activation checkpoint, `checkpoint_every`).
+    OUT must not be an input; an existing OUT is refused unless `overwrite=True`. `work_dir`
+    (default OUT.calib) must be new, empty, or one shardcut made: only shardcut's files are removed.
     Under `torchrun` the samples are split across ranks and only rank 0 writes; `shard="i/N"`
     computes the i-th of N disjoint sample shards, whose files `scores merge` adds up exactly.
     `sequences="pack"` packs samples into `max_length` sequences as the REAP reference does.
@@ -439,4 +518,5 @@ def calibrate(model: str | Path, data: str, out: str | Path, *, samples: int | N
     return Calibrator(str(model), data, Path(out), samples=samples, max_length=max_length, device=device, dtype=dtype,
                       seed=seed, resume=resume, max_memory=max_memory, shard=shard,
                       trust_remote_code=trust_remote_code, batch_tokens=batch_tokens,
-                      work_dir=Path(work_dir) if work_dir else None, progress=progress, sequences=sequences).run()
+                      work_dir=Path(work_dir) if work_dir else None, progress=progress, sequences=sequences,
+                      overwrite=overwrite, checkpoint_every=checkpoint_every).run()
