@@ -17,6 +17,12 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 
+# Weights in any format: outside the main index, each one would bring back every pruned expert.
+WEIGHT_PATTERNS = (
+    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.npz", "*.npy", "*.h5", "*.msgpack",
+    "*.onnx", "*.pkl", "*.pickle", "*.tflite", "*.ot", "*.keras", "*.pdparams", "*.nemo", "*.mlmodel",
+)
+
 
 def read_json_object(path: Path) -> dict:
     """Load a JSON file that must hold an object; errors name the file."""

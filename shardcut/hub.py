@@ -22,10 +22,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardcut.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint, read_json_object
+from shardcut.checkpoint import (
+    CONFIG_NAME,
+    INDEX_NAME,
+    SINGLE_NAME,
+    WEIGHT_PATTERNS,
+    Checkpoint,
+    open_checkpoint,
+    read_json_object,
+)
 from shardcut.container import ShardHeader, TensorInfo, parse_header_bytes
 from shardcut.errors import ShardcutError
-from shardcut.side_files import WEIGHT_PATTERNS
 
 # Weights in other formats that a repo may carry next to its safetensors: never downloaded
 # (they would cost disk, and the side-file rules leave them out of every output anyway).

@@ -193,7 +193,7 @@ class ModelInfo:
         zero = range(layer.num_experts, role.blocks)
         return list(keep[layer.key]) + list(zero)
 
-    def count_groups(self) -> dict[tuple[str, ...], list[MoELayer]]:
+    def layers_by_config(self) -> dict[tuple[str, ...], list[MoELayer]]:
         """MoE layers by the config node holding their expert count (each keeps one count)."""
         out: dict[tuple[str, ...], list[MoELayer]] = {}
         for layer in self.layers:
@@ -215,7 +215,7 @@ class ModelInfo:
             "moe_layers": [layer.key for layer in self.layers],
             "mtp_layers": [layer.key for layer in self.layers if layer.mtp],
         }
-        counts = {".".join(path) or "config": group[0].num_experts for path, group in self.count_groups().items()}
+        counts = {".".join(path) or "config": group[0].num_experts for path, group in self.layers_by_config().items()}
         if len(counts) > 1:
             out["num_experts_by_config"] = counts
         return out
@@ -435,3 +435,46 @@ def _check_rule(arch: Architecture, stack: Stack, counts: _StackCounts, present:
     if extra:
         detail.append(f"{where}layers {extra[:5]} have a router but the config says they are dense")
     raise ShardcutError("; ".join(detail), cfg_file)
+
+
+@dataclass
+class CountGroup:
+    """MoE layers sharing one config expert count, and the routing facts of that count.
+
+    name: the config node holding the count, as `inspect --json`'s `num_experts_by_config`
+    names it ("thinker_config.text_config"; "config" for the top level). Grouped routing
+    (n_group > 1) belongs to the main stack's group only, as `validate_plan` checks it.
+    """
+
+    name: str
+    layers: list[MoELayer]
+    num_experts: int
+    top_k: int
+    n_group: int = 1
+    topk_group: int = 1
+
+
+def count_groups(info: ModelInfo) -> list[CountGroup]:
+    """The model's count groups, the main stack's first (one group for most models).
+
+    Example:
+        >>> [(g.name, g.num_experts) for g in count_groups(describe(open_checkpoint("tiny-qwen3-omni")))]
+        [('thinker_config.text_config', 8), ('talker_config.text_config', 6)]
+    """
+    main = info.layers[0].config_path
+    return [CountGroup(".".join(path) or "config", layers, layers[0].num_experts, layers[0].top_k,
+                       *((info.n_group, info.topk_group) if path == main else (1, 1)))
+            for path, layers in info.layers_by_config().items()]
+
+
+def experts_by_config(info: ModelInfo, keep: dict[str, list[int]]) -> dict[str, list[int]]:
+    """`{count group: [experts before, kept]}` for a model with several expert counts; `{}` for one.
+
+    Example:
+        >>> experts_by_config(info, plan.keep)
+        {'thinker_config.text_config': [8, 4], 'talker_config.text_config': [6, 3]}
+    """
+    groups = count_groups(info)
+    if len(groups) < 2:
+        return {}
+    return {g.name: [g.num_experts, len(keep[g.layers[0].key])] for g in groups if g.layers[0].key in keep}

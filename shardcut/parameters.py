@@ -20,6 +20,55 @@ from dataclasses import dataclass, field
 from shardcut.checkpoint import Checkpoint
 from shardcut.model import ModelInfo
 
+_COMPANIONS = (
+    ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4", ".weight.nested_quant_map",
+    ".weight.nested_absmax", ".weight.quant_map", ".weight.absmax", ".weight_scale_inv", ".weight_global_scale",
+    ".weight_zero_point", ".weight_scale_2", ".weight_packed", ".weight_format", ".weight_g_idx", ".weight_scale",
+    ".weight_shape", ".input_global_scale", ".input_zero_point", ".input_scale", ".activation_scale",
+    ".qscale_weight", ".qscale_act", ".qweight", ".qzeros", ".scales", ".g_idx", ".SCB", ".scale", ".weight",
+    ".bias", "_scale_inv", "_blocks", "_scales", "_bias",
+)  # a leading "_" marks companions of fused projections (`gate_up_proj_blocks`)
+
+
+GROUPS = ("expert", "router", "other")
+
+
+def split_companion(name: str) -> tuple[str, str]:
+    """(module, companion suffix) of a tensor name; a bare fused tensor is its own module.
+
+    Example:
+        >>> split_companion("model.layers.3.mlp.experts.7.down_proj.weight_packed")
+        ('model.layers.3.mlp.experts.7.down_proj', '.weight_packed')
+    """
+    for suffix in _COMPANIONS:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            module = name[: -len(suffix)]
+            if suffix.startswith("_") and not module.endswith("proj"):
+                continue  # `_blocks`, `_bias`…: only on fused projections (gpt-oss `gate_up_proj_blocks`)
+            return module, suffix
+    return name, ""
+
+
+def ct_bits(quant: dict) -> int | None:
+    """Bits of a compressed-tensors config's weights (its first config group that says)."""
+    for group in (quant.get("config_groups") or {}).values():
+        weights = group.get("weights") if isinstance(group, dict) else None
+        if isinstance(weights, dict) and weights.get("num_bits"):
+            return weights["num_bits"]
+    return None
+
+
+def tensor_group(name: str, role, ndim: int) -> str:
+    """expert: per-expert and fused expert tensors; router: router rows, selection biases, scales."""
+    if role.kind == "copy":
+        return "other"
+    if role.kind == "expert" or ndim >= 3:
+        return "expert"
+    stack, rest = role.layer.stack, name[len(role.layer.prefix):]
+    fused = (stack.experts and rest.startswith(stack.experts + ".")) or any(rest.startswith(f + ".") for f in stack.fused)
+    return "expert" if fused else "router"
+
+
 
 @dataclass
 class Counts:
@@ -70,7 +119,6 @@ def count_parameters(ckpt: Checkpoint, info: ModelInfo) -> Counts:
         >>> c = count_parameters(open_checkpoint("pruned"), describe(open_checkpoint("pruned")))
         >>> c.at(128)["total"], c.at(64)["total"]
     """
-    from shardcut.summary import tensor_group
 
     params = tensor_parameters(ckpt, info)
     mtp_prefixes = tuple(layer.prefix for layer in info.layers if layer.mtp)
@@ -117,11 +165,10 @@ def tensor_parameters(ckpt: Checkpoint, info: ModelInfo) -> dict[str, int]:
     `weight_shape` companion where that agrees with the packed shape, else 32/bits per int32;
     GPTQ `qweight` 32/bits per int32; MXFP4 `_blocks`, NVFP4 and bitsandbytes 4-bit: two a
     byte; FP8 and int8: one each), its biases as they are, its other companions zero."""
-    from shardcut.summary import _ct_bits, split_companion
 
     quant = info.config.get("quantization_config") or info.text_config.get("quantization_config")
     quant = quant if isinstance(quant, dict) else {}
-    bits = int(quant.get("bits") or _ct_bits(quant) or 4)
+    bits = int(quant.get("bits") or ct_bits(quant) or 4)
     split = {name: split_companion(name) for name in ckpt.tensors}
     modules: dict[str, dict[str, str]] = {}
     for name, (_, t) in ckpt.tensors.items():

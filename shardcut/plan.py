@@ -143,7 +143,7 @@ def validate_plan(plan: Plan, info: ModelInfo, source: str | Path = "plan") -> N
             raise ShardcutError(f"layer {key}: expert ids {bad[:5]} out of range 0..{E - 1}", source)
         if ids != sorted(ids):
             raise ShardcutError(f"layer {key}: kept expert ids must be ascending", source)
-    for path, layers in info.count_groups().items():
+    for path, layers in info.layers_by_config().items():
         counts: dict[int, str] = {}
         for layer in layers:
             counts.setdefault(len(plan.keep[layer.key]), layer.key)
@@ -151,7 +151,7 @@ def validate_plan(plan: Plan, info: ModelInfo, source: str | Path = "plan") -> N
             (n1, k1), (n2, k2) = list(counts.items())[:2]
             raise ShardcutError(
                 f"unequal counts: layer {k1} keeps {n1} experts, layer {k2} keeps {n2} "
-                f"(one expert count per config{' (' + '.'.join(path) + ')' if len(info.count_groups()) > 1 else ''}: "
+                f"(one expert count per config{' (' + '.'.join(path) + ')' if len(info.layers_by_config()) > 1 else ''}: "
                 "every MoE layer sharing it must keep the same number)",
                 source,
             )
@@ -162,7 +162,7 @@ def validate_plan(plan: Plan, info: ModelInfo, source: str | Path = "plan") -> N
     if info.arch.top_k_exact and info.top_k != info.arch.top_k_exact:
         raise ShardcutError(f"{info.arch.name} needs top_k == {info.arch.top_k_exact}", source)
     if info.grouped:
-        main = info.count_groups()[info.layers[0].config_path]
+        main = info.layers_by_config()[info.layers[0].config_path]
         _validate_groups(Plan({layer.key: plan.keep[layer.key] for layer in main}), info,
                          len(plan.keep[main[0].key]), source)
 

@@ -273,7 +273,7 @@ def source_card(out: Path, base: str | None, source: dict, api=None) -> dict:
 
 def _provenance(out: Path, plan: Plan, source: dict, base: str | None, score_file: Path | None,
                 info: ModelInfo) -> dict:
-    from shardcut.select import count_groups
+    from shardcut.model import count_groups
 
     index = out / INDEX_NAME
     meta = read_json_object(index).get("metadata", {}) if index.is_file() else {}
@@ -300,7 +300,7 @@ def _provenance(out: Path, plan: Plan, source: dict, base: str | None, score_fil
 def _stacks(info: ModelInfo, provenance: dict) -> list[tuple]:
     """(count group, experts before, after) for each expert count of the pruned model; a count
     the provenance does not record reads as unchanged, as a single-count card always did."""
-    from shardcut.select import count_groups
+    from shardcut.model import count_groups
 
     main = provenance["experts_per_layer"]
     by_config = provenance.get("experts_per_layer_by_config") or {}

@@ -28,7 +28,7 @@ from shardcut.container import (
     write_shard,
 )
 from shardcut.errors import ShardcutError
-from shardcut.model import ModelInfo, _sub_config, describe
+from shardcut.model import ModelInfo, _sub_config, describe, experts_by_config
 from shardcut.plan import Plan, validate_plan
 from shardcut.side_files import HF_QUANT_NAME, PLAN_COPY_NAME
 
@@ -93,7 +93,6 @@ class PruneReport:
             >>> PruneReport.planned(ckpt, info, plan, layout(ckpt, info, plan), sizes, dry_run=True).experts_after
             4
         """
-        from shardcut.select import experts_by_config
         from shardcut.side_files import COPY, side_files
 
         sides = [f.to_json() for f in side_files(ckpt, info, plan) if f.action != COPY]
@@ -201,7 +200,7 @@ def updated_config(info: ModelInfo, kept: int | dict[str, list[int]]) -> tuple[d
     config = copy.deepcopy(info.config)
     changes = {}
     main_path = info.layers[0].config_path if info.layers else info.arch.config_path
-    for path, layers in info.count_groups().items():
+    for path, layers in info.layers_by_config().items():
         n = kept if isinstance(kept, int) else len(kept[layers[0].key])
         before = layers[0].num_experts
         text = _sub_config(config, path)
@@ -370,7 +369,7 @@ def write_checkpoint_files(dest: Path, ckpt: Checkpoint, info: ModelInfo, plan: 
     source = provenance.setdefault("source", {})
     if isinstance(source, dict):
         source.setdefault("num_experts", info.num_experts)
-        if len(info.count_groups()) > 1:  # the card's "before" for every stack (push)
+        if len(info.layers_by_config()) > 1:  # the card's "before" for every stack (push)
             source.setdefault("num_experts_by_config", info.summary()["num_experts_by_config"])
         root = ckpt.root.resolve() if ckpt.root.exists() else ckpt.root
         if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):

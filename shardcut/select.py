@@ -22,7 +22,7 @@ unbalances an E' that its EP size does not divide): E' is rounded up to the next
 lcm(N, n_group), so, as with every rounding here, no more experts are pruned than asked for.
 
 Models with several expert counts (Qwen3-Omni: thinker 8, talker 6; one count per config
-node, see `ModelInfo.count_groups`) apply all of this per count group: `ratio` prunes
+node, see `ModelInfo.layers_by_config`) apply all of this per count group: `ratio` prunes
 floor(E x ratio) of each group's own E, with its own top_k (grouped routing is the main
 stack's); `experts=N` keeps N in every layer of every group and is refused, naming the group,
 where N does not fit one (not below its E, or below its top_k).
@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from shardcut.errors import PlanError, ShardcutError
-from shardcut.model import ModelInfo, MoELayer
+from shardcut.model import CountGroup, ModelInfo, count_groups
 from shardcut.plan import Plan, check_replaceable_plan, validate_plan
 from shardcut.scores import Scores, file_sha256
 
@@ -198,49 +198,6 @@ def kept_count(num_experts: int, top_k: int, *, ratio: float | None = None, expe
             raise ShardcutError(f"{rule}: topk_group={topk_group} x {per} per group < top_k={top_k}, so a token "
                                 f"could not find {top_k} experts in its {topk_group} groups")
     return Counts(E, kept, ratio, rule, rounded, M)
-
-
-@dataclass
-class CountGroup:
-    """MoE layers sharing one config expert count, and the routing facts of that count.
-
-    name: the config node holding the count, as `inspect --json`'s `num_experts_by_config`
-    names it ("thinker_config.text_config"; "config" for the top level). Grouped routing
-    (n_group > 1) belongs to the main stack's group only, as `validate_plan` checks it.
-    """
-
-    name: str
-    layers: list[MoELayer]
-    num_experts: int
-    top_k: int
-    n_group: int = 1
-    topk_group: int = 1
-
-
-def count_groups(info: ModelInfo) -> list[CountGroup]:
-    """The model's count groups, the main stack's first (one group for most models).
-
-    Example:
-        >>> [(g.name, g.num_experts) for g in count_groups(describe(open_checkpoint("tiny-qwen3-omni")))]
-        [('thinker_config.text_config', 8), ('talker_config.text_config', 6)]
-    """
-    main = info.layers[0].config_path
-    return [CountGroup(".".join(path) or "config", layers, layers[0].num_experts, layers[0].top_k,
-                       *((info.n_group, info.topk_group) if path == main else (1, 1)))
-            for path, layers in info.count_groups().items()]
-
-
-def experts_by_config(info: ModelInfo, keep: dict[str, list[int]]) -> dict[str, list[int]]:
-    """`{count group: [experts before, kept]}` for a model with several expert counts; `{}` for one.
-
-    Example:
-        >>> experts_by_config(info, plan.keep)
-        {'thinker_config.text_config': [8, 4], 'talker_config.text_config': [6, 3]}
-    """
-    groups = count_groups(info)
-    if len(groups) < 2:
-        return {}
-    return {g.name: [g.num_experts, len(keep[g.layers[0].key])] for g in groups if g.layers[0].key in keep}
 
 
 def group_counts(info: ModelInfo, *, ratio: float | None = None, experts: int | None = None,
@@ -753,7 +710,7 @@ def plan_arguments(options: dict, *, count: bool = True) -> list[str]:
 def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin: str) -> dict[str, tuple[str, str]]:
     """For each MoE layer: ("own", key), ("scores", N) or ("same-ids", N); checks the scores fit the model."""
     E = info.num_experts
-    if len(info.count_groups()) == 1 and scores.layer_experts is None and scores.num_experts != E:
+    if len(info.layers_by_config()) == 1 and scores.layer_experts is None and scores.num_experts != E:
         raise ShardcutError(f"holds scores of {scores.num_experts} experts per layer, the model has {E} "
                             "(scores of another model?)", origin)
     model_keys = [layer.key for layer in info.layers]

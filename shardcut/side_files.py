@@ -25,7 +25,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardcut.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, link_area, read_json_object
+from shardcut.checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHT_PATTERNS, Checkpoint, link_area, read_json_object
 from shardcut.container import OutTensor, Piece, read_header, slice_expert_axis, write_shard
 from shardcut.durable import atomic_write_text, fsync_dir
 from shardcut.errors import CheckpointError, ShardcutError
@@ -34,13 +34,6 @@ COPY, REWRITE, PRUNE, LEAVE = "copy", "rewrite", "prune", "leave"
 PLAN_COPY_NAME = "shardcut-plan.json"
 HF_QUANT_NAME = "hf_quant_config.json"  # ModelOpt's legacy side file
 _COPY_CHUNK = 8 << 20
-
-# Weights in any format: outside the main index, each one would bring back every pruned expert.
-WEIGHT_PATTERNS = (
-    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.npz", "*.npy", "*.h5", "*.msgpack",
-    "*.onnx", "*.pkl", "*.pickle", "*.tflite", "*.ot", "*.keras", "*.pdparams", "*.nemo", "*.mlmodel",
-)
-
 
 @dataclass(frozen=True)
 class Rule:

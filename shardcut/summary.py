@@ -12,40 +12,15 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from shardcut.model import ModelInfo, describe
+from shardcut.parameters import GROUPS, ct_bits, split_companion, tensor_group
+
 
 # Tensor-name endings that belong to one quantized Linear (longest first): the module is the rest.
-_COMPANIONS = (
-    ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4", ".weight.nested_quant_map",
-    ".weight.nested_absmax", ".weight.quant_map", ".weight.absmax", ".weight_scale_inv", ".weight_global_scale",
-    ".weight_zero_point", ".weight_scale_2", ".weight_packed", ".weight_format", ".weight_g_idx", ".weight_scale",
-    ".weight_shape", ".input_global_scale", ".input_zero_point", ".input_scale", ".activation_scale",
-    ".qscale_weight", ".qscale_act", ".qweight", ".qzeros", ".scales", ".g_idx", ".SCB", ".scale", ".weight",
-    ".bias", "_scale_inv", "_blocks", "_scales", "_bias",
-)  # a leading "_" marks companions of fused projections (`gate_up_proj_blocks`)
-GROUPS = ("expert", "router", "other")
-
-
-def split_companion(name: str) -> tuple[str, str]:
-    """(module, companion suffix) of a tensor name; a bare fused tensor is its own module.
-
-    Example:
-        >>> split_companion("model.layers.3.mlp.experts.7.down_proj.weight_packed")
-        ('model.layers.3.mlp.experts.7.down_proj', '.weight_packed')
-    """
-    for suffix in _COMPANIONS:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            module = name[: -len(suffix)]
-            if suffix.startswith("_") and not module.endswith("proj"):
-                continue  # `_blocks`, `_bias`…: only on fused projections (gpt-oss `gate_up_proj_blocks`)
-            return module, suffix
-    return name, ""
-
-
 def scheme_of(suffixes: dict[str, str], quant: dict) -> str:
     """The quantization scheme of one module from its companions (suffix -> dtype) and the config."""
     s = set(suffixes)
     main = suffixes.get(".weight") or suffixes.get("") or next(iter(suffixes.values()))
-    bits = quant.get("bits") or _ct_bits(quant)
+    bits = quant.get("bits") or ct_bits(quant)
     if "_blocks" in s:
         return "mxfp4"
     if ".qweight" in s:
@@ -67,25 +42,6 @@ def scheme_of(suffixes: dict[str, str], quant: dict) -> str:
     if ".weight_scale" in s:
         return {"F8_E4M3": "fp8", "I8": "int8"}.get(main, f"{main.lower()} scaled")
     return main.lower()
-
-
-def _ct_bits(quant: dict) -> int | None:
-    for group in (quant.get("config_groups") or {}).values():
-        weights = group.get("weights") if isinstance(group, dict) else None
-        if isinstance(weights, dict) and weights.get("num_bits"):
-            return weights["num_bits"]
-    return None
-
-
-def tensor_group(name: str, role, ndim: int) -> str:
-    """expert: per-expert and fused expert tensors; router: router rows, selection biases, scales."""
-    if role.kind == "copy":
-        return "other"
-    if role.kind == "expert" or ndim >= 3:
-        return "expert"
-    stack, rest = role.layer.stack, name[len(role.layer.prefix):]
-    fused = (stack.experts and rest.startswith(stack.experts + ".")) or any(rest.startswith(f + ".") for f in stack.fused)
-    return "expert" if fused else "router"
 
 
 def quantization_groups(info: ModelInfo, tensors: dict, quant: dict) -> dict:
