@@ -375,11 +375,13 @@ def write_shard(
     metadata: dict[str, str] | None = None,
     on_bytes=None,
     sources: PinnedSources | None = None,
+    sync: bool = True,
 ) -> int:
     """Write a safetensors file whose tensors are copied byte for byte from source ranges.
 
     `on_bytes(n)` is called as data is copied (for progress bars). `sources`: source files
-    already open (pinned), read through their descriptors. Returns the file size.
+    already open (pinned), read through their descriptors. `sync=False` leaves the fsync to the
+    caller (`sync_file`), e.g. to overlap it with writing the next shard. Returns the file size.
 
     Example:
         >>> src = read_header("in.safetensors").tensors["w"]
@@ -396,15 +398,29 @@ def write_shard(
         for t in tensors:
             for p in t.pieces:
                 _copy_range(files.fd(p.path), fd, p.offset, p.length, on_bytes)
-        os.fsync(fd)
-        # Written pages are on disk now; dropping them keeps a terabyte rewrite from evicting
-        # everything else, and makes the verification pass read back what the disk holds.
-        _fadvise(fd, getattr(os, "POSIX_FADV_DONTNEED", None))
+        if sync:
+            _sync_and_drop(fd)
         size = os.lseek(fd, 0, os.SEEK_CUR)
     finally:
         os.close(fd)
         files.close()
     return size
+
+
+def _sync_and_drop(fd: int) -> None:
+    os.fsync(fd)
+    # Written pages are on disk now; dropping them keeps a terabyte rewrite from evicting
+    # everything else, and makes the verification pass read back what the disk holds.
+    _fadvise(fd, getattr(os, "POSIX_FADV_DONTNEED", None))
+
+
+def sync_file(path: str | Path) -> None:
+    """fsync a written file and drop its pages from the page cache (see `write_shard`)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _sync_and_drop(fd)
+    finally:
+        os.close(fd)
 
 
 def hash_pieces(pieces: list[Piece], hasher) -> None:
@@ -421,7 +437,7 @@ def hash_pieces(pieces: list[Piece], hasher) -> None:
                 left -= len(buf)
 
 
-COMPARE_CHUNK = 4 << 20  # bytes per read when comparing written tensors with their sources
+COMPARE_CHUNK = 16 << 20  # bytes per read when comparing written tensors with their sources
 
 
 def slice_expert_axis(path: Path, t: TensorInfo, axis: int, num_experts: int,

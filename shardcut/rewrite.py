@@ -13,6 +13,7 @@ import json
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from shardcut.container import (
     compare_written,
     shard_size,
     slice_expert_axis,
+    sync_file,
     write_shard,
 )
 from shardcut.errors import ShardcutError
@@ -311,14 +313,29 @@ def _write_pinned(tx, pinned: PinnedSources, ckpt: Checkpoint, info: ModelInfo, 
         if progress:
             progress(done, lay.total_size)
 
-    for name, tensors, meta in zip(names, lay.shards, lay.metadata):
-        if name in todo:
-            write_shard(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned)
-            tx.shard_done(name)
-    pinned.check()
-    write_checkpoint_files(tx.dir, ckpt, info, plan, lay, names)
+    def finish(name: str, tensors: list[OutTensor]) -> None:
+        sync_file(tx.shard_path(name))  # durable before it is renamed into place
+        tx.shard_done(name)
+        if verify:
+            compare_written(tx.dir, [tensors], [name], pinned)
+
+    # Shard i is fsynced, renamed and self-checked on a second thread while shard i+1 is
+    # written: both wait on the disk (the kernel does the copy; fsync and pread release the
+    # GIL), so the flush and the verification cost little time beyond the copy itself.
+    finisher = ThreadPoolExecutor(1, thread_name_prefix="shardcut-finish")
+    jobs = []
+    try:
+        for name, tensors, meta in zip(names, lay.shards, lay.metadata):
+            if name in todo:
+                write_shard(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned, sync=False)
+                jobs.append(finisher.submit(finish, name, tensors))
+        pinned.check()
+        write_checkpoint_files(tx.dir, ckpt, info, plan, lay, names)
+        for job in jobs:
+            job.result()  # the first failure (a difference, ENOSPC at fsync) raises here
+    finally:
+        finisher.shutdown(wait=True, cancel_futures=True)
     if verify:
-        compare_written(tx.dir, [s for n, s in zip(names, lay.shards) if n in todo], todo, pinned)
         pinned.check()
 
 
