@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shardcut.checkpoint import CONFIG_NAME, INDEX_NAME, SINGLE_NAME, Checkpoint, open_checkpoint, read_json_object
+from shardcut.config_check import check_config
 from shardcut.container import ShardHeader, TensorInfo, parse_header_bytes
 from shardcut.errors import ShardcutError
 from shardcut.side_files import WEIGHT_PATTERNS
@@ -302,6 +303,7 @@ def remote_checkpoint(root: Path, meta, index: dict | None, ref: RepoRef | str) 
         if set(tensors) - set(index["weight_map"]):
             raise ShardcutError("shards hold tensors the index does not list", INDEX_NAME)
     metadata = index.get("metadata") if index and isinstance(index.get("metadata"), dict) else {}
+    check_config(config, root / CONFIG_NAME, tensors)
     return Checkpoint(root, config, shards, tensors, metadata)
 
 

@@ -454,6 +454,7 @@ def make_plan(
         origin, sha = str(scores), file_sha256(scores) if Path(scores).is_file() else ""
         scores = Scores.load(scores)
     crit = canonical_criterion(criterion, scores)
+    scores.require_routed(origin)
     per_group = group_counts(info, ratio=ratio, experts=experts)
     multi = len(per_group) > 1
     counts = per_group[0][1]  # the main stack's

@@ -162,7 +162,7 @@ def _parse_jsonl(raw: str, path: Path) -> list[Record]:
             continue
         try:
             obj = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
             raise ShardcutError(f"line {n}: not valid JSON ({str(exc)[:60]})", path) from None
         record = _record_from_object(obj)
         if record is None:
@@ -258,14 +258,16 @@ def tokenize(records: list[Record], tokenizer_fn, max_length: int, vocab_size: i
             if r.messages is not None:
                 if not getattr(tokenizer, "chat_template", None):
                     raise ShardcutError("has 'messages' records but the tokenizer has no chat template", source)
-                try:
-                    text = tokenizer.apply_chat_template(r.messages, tokenize=False)
-                except Exception as exc:  # jinja errors of a template that expects other fields
-                    raise ShardcutError(f"chat template failed ({type(exc).__name__}: {str(exc)[:80]})", source) from None
+                from shardcut.calibration.template import render_chat_template
+
+                text = render_chat_template(tokenizer, r.messages, source)  # untrusted code: time-limited
                 ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             else:
                 ids = tokenizer(r.text)["input_ids"]
-        arr = np.asarray(ids[:max_length], dtype=np.int64)
+        try:
+            arr = np.asarray(ids[:max_length], dtype=np.int64)
+        except OverflowError:  # a pre-tokenised id beyond int64
+            raise ShardcutError(f"a token id is not below the model's vocabulary size {vocab_size}", source) from None
         if len(arr) == 0:
             continue
         if arr.max() >= vocab_size:
