@@ -73,11 +73,11 @@ def check_config(config: Mapping, path: str | Path, tensors: Mapping | None = No
                         fail(where, key, value, "must be a positive integer")
                 elif key == "num_hidden_layers" or not (isinstance(value, (list, str)) and value):
                     fail(where, key, value, "must be a positive integer")
-            elif key in ("hidden_size", "vocab_size", "decoder_sparse_step", "n_group", "topk_group",
-                         "num_expert_group"):
+            elif key in ("hidden_size", "vocab_size", "decoder_sparse_step"):
                 if not _is_int(value) or not 1 <= value <= MAX_COUNT:
                     fail(where, key, value, "must be a positive integer")
-            elif key in ("first_k_dense_replace", "num_nextn_predict_layers"):
+            elif key in ("first_k_dense_replace", "num_nextn_predict_layers", "n_group", "topk_group",
+                         "num_expert_group"):  # a group count of 0 means no groups (read as 1)
                 if not _is_int(value) or not 0 <= value <= MAX_COUNT:
                     fail(where, key, value, "must be a non-negative integer")
             elif key == "mlp_only_layers":

@@ -454,12 +454,12 @@ def make_plan(
         origin, sha = str(scores), file_sha256(scores) if Path(scores).is_file() else ""
         scores = Scores.load(scores)
     crit = canonical_criterion(criterion, scores)
-    scores.require_routed(origin)
     per_group = group_counts(info, ratio=ratio, experts=experts)
     multi = len(per_group) > 1
     counts = per_group[0][1]  # the main stack's
     group_of = {layer.key: (g, c) for g, c in per_group for layer in g.layers}
     sources = _ranking_sources(info, scores, mtp_policy, origin)
+    scores.require_routed(origin)
     values = criterion_values(scores, crit, seed)
     row_of = {k: i for i, k in enumerate(scores.layers)}
 
