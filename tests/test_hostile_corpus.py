@@ -369,3 +369,31 @@ def test_markup_in_score_metadata_is_shown_literally(world, tmp_path):
     code, stdout, stderr = _run(args, False)
     assert code == 0, stderr
     assert "model: [/oops] [bold]x" in stdout
+
+
+class _Jinja:
+    """A tokenizer stand-in rendering like transformers does (jinja2's immutable sandbox)."""
+
+    def __init__(self, template: str) -> None:
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        self.template = ImmutableSandboxedEnvironment().from_string(template)
+
+    def apply_chat_template(self, messages, tokenize=False):
+        return self.template.render(messages=messages)
+
+
+def test_chat_template_runs_under_a_time_limit():
+    from shardcut.calibration.template import render_chat_template
+    from shardcut.errors import DataError
+
+    messages = [{"role": "user", "content": "hi"}]
+    assert render_chat_template(_Jinja("{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}"),
+                                messages, "chat.jsonl") == "user: hi"
+    tracer = sys.gettrace()
+    loop = _Jinja("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
+    start = time.monotonic()
+    with pytest.raises(DataError, match="chat.jsonl: chat template ran longer than 0.5 s"):
+        render_chat_template(loop, messages, "chat.jsonl", seconds=0.5)
+    assert time.monotonic() - start < 5
+    assert sys.gettrace() is tracer  # the time limit's tracer is gone after the render
