@@ -9,7 +9,8 @@ from pathlib import Path
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from shardcut_cli.common import console, err_console, handle_errors, human_bytes, safe
+from shardcut_cli.common import console, err_console, fail, handle_errors, human_bytes, safe
+from shardcut_cli.options import check_int, check_size
 
 DATA_HELP = (
     "Calibration data, SOURCE[{MAPPING}][:N] mixed with commas. SOURCE: FILE.txt (lines or paragraphs), "
@@ -130,6 +131,13 @@ def calibrate_cmd(
     """
     from shardcut.calibration.runner import calibrate
 
+    check_int("--samples", samples)
+    check_int("--max-length", max_length)
+    check_int("--seed", seed, low=0)
+    check_int("--batch-tokens", batch_tokens)
+    check_size("--max-memory", max_memory)
+    if work_dir is not None and work_dir.exists() and not work_dir.is_dir():
+        fail(f"{safe(str(work_dir))}: --work-dir exists and is not a folder")
     live = err_console.is_terminal and not as_json
     try:
         with _Display(live) as display:

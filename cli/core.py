@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from shardcut_cli.common import byte_progress, console, fail, handle_errors, human_bytes, safe
+from shardcut_cli.options import check_int, check_mtp_policy, check_ratio, check_size
 
 
 def register(app: typer.Typer) -> None:
@@ -89,6 +90,10 @@ def prune_cmd(
     from shardcut.plan import Plan
     from shardcut.stream import prune_model
 
+    check_ratio("--ratio", ratio)
+    check_int("--experts", experts)
+    check_size("--max-shard-size", max_shard_size)
+    check_mtp_policy("--mtp-policy", mtp_policy)
     if (plan is None) == (scores is None):
         fail("give exactly one of --plan or --scores")
     if plan is not None:

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from shardcut_cli.common import console, fail, handle_errors, human_bytes, safe
+from shardcut_cli.options import check_int, check_mtp_policy, check_ratio
 
 CRITERION_HELP = ("Saliency criterion: reap (mean g·‖f‖ over routed tokens), ean (Σ‖f‖), ean_mean (mean ‖f‖), "
                   "frequency (routed tokens), weighted_frequency (Σ g), random (seeded), or an imported one. "
@@ -44,8 +45,10 @@ def show_cmd(
     from shardcut.scores import Scores
     from shardcut.select import summarize_scores
 
+    check_int("--top", top)
+    check_int("--seed", seed, low=0)
     s = Scores.load(scores)
-    summary = summarize_scores(s, criterion, seed, max(1, top))
+    summary = summarize_scores(s, criterion, seed, top)
     if as_json:
         typer.echo(json.dumps({"file": str(scores), **summary}, indent=2))
         return
@@ -178,6 +181,10 @@ def plan_cmd(
     """Choose the experts to keep from a score file; print the per-layer table and size estimate."""
     from shardcut.select import make_plan, parse_protect
 
+    check_ratio("--ratio", ratio)
+    check_int("--experts", experts)
+    check_int("--seed", seed, low=0)
+    check_mtp_policy("--mtp-policy", mtp_policy)
     if (ratio is None) == (experts is None):
         fail("give exactly one of --ratio or --experts")
     plan, report = make_plan(model, scores, ratio=ratio, experts=experts, criterion=criterion, seed=seed,

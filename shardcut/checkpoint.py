@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardcut.config_check import DuplicateKeys, check_config
 from shardcut.container import ShardHeader, TensorInfo, read_header
 from shardcut.errors import ShardcutError
 
@@ -24,14 +26,41 @@ WEIGHT_PATTERNS = (
 )
 
 
+def require_regular(path: Path) -> None:
+    """Refuse `path` by `stat`, never opening it, unless it is a regular file: a FIFO would
+    block a read forever, a device would never end. A missing file raises FileNotFoundError."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ShardcutError(f"cannot read ({exc.strerror or exc})", path) from None
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+                else "not a regular file")
+        raise ShardcutError(f"is {kind}, expected a regular file", path)
+
+
+def read_regular_file(path: Path) -> bytes:
+    """The bytes of `path`, a regular file (see `require_regular`)."""
+    require_regular(path)
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ShardcutError(f"cannot read ({exc.strerror or exc})", path) from None
+
+
 def read_json_object(path: Path) -> dict:
     """Load a JSON file that must hold an object; errors name the file."""
     try:
-        raw = path.read_bytes()
+        raw = read_regular_file(path)
     except FileNotFoundError:
         raise ShardcutError("file not found", path) from None
     try:
-        value = json.loads(raw.decode("utf-8"))
+        value = json.loads(raw.decode("utf-8"), object_pairs_hook=DuplicateKeys(path))
+    except ShardcutError:
+        raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ShardcutError(f"not valid JSON ({type(exc).__name__}: {str(exc)[:80]})", path) from None
     if not isinstance(value, dict):
@@ -116,6 +145,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             raise ShardcutError(f"shard {name!r} resolves outside the checkpoint folder (symlink?)", index_path)
         if not shard_path.exists():
             raise ShardcutError(f"shard {name!r} named in the index is missing", index_path)
+        require_regular(shard_path)
         header = read_header(shard_path)
         shards.append(header)
         by_name[name] = header
@@ -131,6 +161,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         extra = set(tensors) - set(weight_map)
         if extra:
             raise ShardcutError(f"shards hold {len(extra)} tensors the index does not list, e.g. {min(extra)!r}", index_path)
+    check_config(config, root / CONFIG_NAME, tensors)
     return Checkpoint(root, config, shards, tensors, index_metadata)
 
 

@@ -94,7 +94,9 @@ class Plan:
     def load(cls, path: str | Path) -> Plan:
         path = Path(path)
         try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
+            from shardcut.checkpoint import read_regular_file  # by stat: a FIFO is never opened
+
+            data = json.loads(read_regular_file(path).decode("utf-8"))
         except FileNotFoundError:
             raise ShardcutError("file not found", path) from None
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:

@@ -231,9 +231,14 @@ class Scores:
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
+        from shardcut.checkpoint import require_regular
         from shardcut.container import read_header
 
         path = Path(path)
+        try:
+            require_regular(path)  # by stat: a FIFO is never opened
+        except FileNotFoundError:
+            raise ShardcutError("file not found", path) from None
         header = read_header(path)  # exact validation with shardcut's own errors first
         meta = dict(header.metadata or {})
         if meta.get("format") != SCORES_FORMAT:
@@ -302,6 +307,36 @@ class Scores:
         if declared is not None and str(declared) != str(shape[1]):
             raise ShardcutError(f"metadata num_experts={declared} but the arrays hold {shape[1]} experts", source)
         self._validate_padding(source)
+        if self.has_sums:
+            self._validate_sums(source)
+
+    def _validate_sums(self, source: str | Path) -> None:
+        """Counts and sums that cannot come from any run: an expert routed more often than the
+        layer saw tokens (each token picks an expert at most once), or an expert with sums over
+        routed tokens but no routed token."""
+        seen = self.tokens > 0
+        over = seen[:, None] & (self.count > self.tokens[:, None] * (1 + 1e-9))
+        if over.any():
+            r, j = (int(x) for x in np.argwhere(over)[0])
+            raise ShardcutError(f"layer {self.layers[r]}: 'count' of expert {j} is {self.count[r, j]:.6g}, more than "
+                                f"the layer's {self.tokens[r]:.6g} tokens", source)
+        # act_max is left out: the REAP reference's observer takes maxima over every token, routed or not.
+        for name in ("gate_sum", "norm_sum", "reap_sum"):
+            bad = (self.count == 0) & (getattr(self, name) != 0)
+            if bad.any():
+                r, j = (int(x) for x in np.argwhere(bad)[0])
+                raise ShardcutError(f"layer {self.layers[r]}: expert {j} has {name} {getattr(self, name)[r, j]:.6g} "
+                                    "but 'count' 0 (sums without routed tokens)", source)
+
+    def require_routed(self, source: str | Path = "scores") -> None:
+        """Refuse to rank from a layer that saw no routed token: its scores are all zero, so any
+        order would be a silent guess. Imported values-only files carry no counts and pass."""
+        if not self.has_sums:
+            return
+        empty = [k for k, t, c in zip(self.layers, self.tokens, self.count) if t == 0 and not c.any()]
+        if empty:
+            raise ShardcutError(f"layers {', '.join(empty[:5])} saw no tokens (all-zero scores): nothing to rank "
+                                "experts by", source)
 
     def _validate_padding(self, source: str | Path) -> None:
         """Per-layer counts: one per layer, the largest fills the arrays, padding holds zeros."""

@@ -473,6 +473,7 @@ def make_plan(
     counts = per_group[0][1]  # the main stack's
     group_of = {layer.key: (g, c) for g, c in per_group for layer in g.layers}
     sources = _ranking_sources(info, scores, mtp_policy, origin)
+    scores.require_routed(origin)
     values = criterion_values(scores, crit, seed)
     row_of = {k: i for i, k in enumerate(scores.layers)}
 

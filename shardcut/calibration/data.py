@@ -321,7 +321,7 @@ def _parse_json(raw: str, path: Path) -> list[dict]:
     if raw.lstrip().startswith("["):
         try:
             data = json.loads(raw)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
             raise DataError(f"not valid JSON ({str(exc)[:60]})", path) from None
         bad = next((i for i, r in enumerate(data, 1) if not isinstance(r, dict)), None)
         if bad is not None:
@@ -333,7 +333,7 @@ def _parse_json(raw: str, path: Path) -> list[dict]:
             continue
         try:
             obj = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested deeper than Python's stack
             raise DataError(f"line {n}: not valid JSON ({str(exc)[:60]})", path) from None
         if not isinstance(obj, dict):
             raise DataError(f"line {n}: expected a JSON object", path)
@@ -494,11 +494,10 @@ def encode(record: Record, tokenizer_fn, source: str) -> list[int]:
         return tokenizer(record.text)["input_ids"]
     if not getattr(tokenizer, "chat_template", None):
         raise DataError("has 'messages' records but the tokenizer has no chat template", source)
+    from shardcut.calibration.template import render_chat_template
+
     kwargs = {"tools": record.tools} if record.tools is not None else {}
-    try:
-        text = tokenizer.apply_chat_template(record.messages, tokenize=False, add_generation_prompt=False, **kwargs)
-    except Exception as exc:  # jinja errors of a template that expects other fields
-        raise DataError(f"chat template failed ({type(exc).__name__}: {str(exc)[:80]})", source) from None
+    text = render_chat_template(tokenizer, record.messages, source, **kwargs)  # untrusted code: time-limited
     return tokenizer(text, add_special_tokens=record.special_tokens)["input_ids"]
 
 
@@ -506,7 +505,10 @@ def tokenize(records: list[Record], tokenizer_fn, max_length: int, vocab_size: i
     """Token arrays of `records`, each truncated to its first `max_length` tokens (empty ones dropped)."""
     out = []
     for r in records:
-        arr = _checked(encode(r, tokenizer_fn, source)[:max_length], vocab_size, source)
+        try:
+            arr = _checked(encode(r, tokenizer_fn, source)[:max_length], vocab_size, source)
+        except OverflowError:  # a pre-tokenised id beyond int64
+            raise DataError(f"a token id is not below the model's vocabulary size {vocab_size}", source) from None
         if len(arr):
             out.append(arr)
     return out
