@@ -101,7 +101,8 @@ def prune_cmd(
     else:
         if (ratio is None) == (experts is None):
             fail("with --scores give exactly one of --ratio or --experts")
-        from shardcut.select import make_plan, parse_protect
+        from shardcut.planning import make_plan
+        from shardcut.select import parse_protect
         from shardcut_cli.scores_cmd import print_plan_report
 
         the_plan, plan_report = make_plan(model, scores, ratio=ratio, experts=experts, criterion=criterion,

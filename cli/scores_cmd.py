@@ -179,7 +179,8 @@ def plan_cmd(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable plan and report."),
 ) -> None:
     """Choose the experts to keep from a score file; print the per-layer table and size estimate."""
-    from shardcut.select import make_plan, parse_protect
+    from shardcut.planning import make_plan
+    from shardcut.select import parse_protect
 
     check_ratio("--ratio", ratio)
     check_int("--experts", experts)

@@ -33,7 +33,7 @@ _EXPORTS = {
     "Scores": "shardcut.scores",
     "open_checkpoint": "shardcut.checkpoint",
     "describe": "shardcut.model",
-    "make_plan": "shardcut.select",
+    "make_plan": "shardcut.planning",
     "import_scores": "shardcut.score_import",
     "merge_scores": "shardcut.scores",
     "merge_score_files": "shardcut.scores",
@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from shardcut.model import describe as describe
     from shardcut.plan import Plan as Plan
     from shardcut.plan import validate_plan as validate_plan
+    from shardcut.planning import make_plan as make_plan
     from shardcut.publish import push as push
     from shardcut.rewrite import PruneReport as PruneReport
     from shardcut.rewrite import prune as prune
@@ -62,7 +63,6 @@ if TYPE_CHECKING:
     from shardcut.scores import Scores as Scores
     from shardcut.scores import merge_score_files as merge_score_files
     from shardcut.scores import merge_scores as merge_scores
-    from shardcut.select import make_plan as make_plan
     from shardcut.stream import prune_model as prune_model
     from shardcut.summary import inspect_model as inspect_model
     from shardcut.verification import VerifyReport as VerifyReport

@@ -11,9 +11,8 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardcut.config_check import DuplicateKeys, check_config
 from shardcut.container import ShardHeader, TensorInfo, read_header
-from shardcut.errors import ShardcutError
+from shardcut.errors import CheckpointError, ShardcutError
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -161,7 +160,6 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         extra = set(tensors) - set(weight_map)
         if extra:
             raise ShardcutError(f"shards hold {len(extra)} tensors the index does not list, e.g. {min(extra)!r}", index_path)
-    check_config(config, root / CONFIG_NAME, tensors)
     return Checkpoint(root, config, shards, tensors, index_metadata)
 
 
@@ -183,3 +181,19 @@ def layout_fingerprint(ckpt: Checkpoint) -> str:
         for t in sorted(shard.tensors.values(), key=lambda t: t.start):
             digest.update(f"|{t.name}:{t.dtype}:{list(t.shape)}:{t.start - shard.data_start}".encode())
     return f"layout-sha256:{digest.hexdigest()}"
+
+
+class DuplicateKeys:
+    """`object_pairs_hook` for json.loads that refuses a key given twice in one object
+    (JSON allows it and keeps the last; a config that says two things says neither)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = path
+
+    def __call__(self, pairs: list[tuple[str, object]]) -> dict:
+        out: dict = {}
+        for key, value in pairs:
+            if key in out:
+                raise CheckpointError(f"key {key!r} appears twice in one JSON object", self.path)
+            out[key] = value
+        return out

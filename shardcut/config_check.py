@@ -115,19 +115,3 @@ def _check_embedding(config: Mapping, path: str | Path, tensors: Mapping) -> Non
 def _show(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
-
-
-class DuplicateKeys:
-    """`object_pairs_hook` for json.loads that refuses a key given twice in one object
-    (JSON allows it and keeps the last; a config that says two things says neither)."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = path
-
-    def __call__(self, pairs: list[tuple[str, object]]) -> dict:
-        out: dict = {}
-        for key, value in pairs:
-            if key in out:
-                raise CheckpointError(f"key {key!r} appears twice in one JSON object", self.path)
-            out[key] = value
-        return out

@@ -150,7 +150,7 @@ def run_demo(directory: str | Path, log: Callable[[str], None] = print) -> dict:
     from shardcut.calibration.runner import calibrate
     from shardcut.calibration.stream import quiet_transformers
     from shardcut.oracle import forbid_pruned_experts
-    from shardcut.select import make_plan
+    from shardcut.planning import make_plan
 
     source, pruned, scores_path = directory / "original", directory / "pruned", directory / "scores.safetensors"
     log(f"building a small Qwen3-MoE checkpoint in {source}")

@@ -31,7 +31,6 @@ from shardcut.checkpoint import (
     open_checkpoint,
     read_json_object,
 )
-from shardcut.config_check import check_config
 from shardcut.container import ShardHeader, TensorInfo, parse_header_bytes
 from shardcut.errors import ShardcutError
 
@@ -310,7 +309,6 @@ def remote_checkpoint(root: Path, meta, index: dict | None, ref: RepoRef | str) 
         if set(tensors) - set(index["weight_map"]):
             raise ShardcutError("shards hold tensors the index does not list", INDEX_NAME)
     metadata = index.get("metadata") if index and isinstance(index.get("metadata"), dict) else {}
-    check_config(config, root / CONFIG_NAME, tensors)
     return Checkpoint(root, config, shards, tensors, metadata)
 
 

@@ -11,6 +11,7 @@ from functools import cached_property
 
 from shardcut.architectures import Architecture, Stack, find_architecture, supported_model_types
 from shardcut.checkpoint import CONFIG_NAME, Checkpoint
+from shardcut.config_check import check_config
 from shardcut.errors import ShardcutError
 
 _EXPERT_SEGMENT = re.compile(r"(?:^|\.)experts(?:\.|$)")
@@ -288,6 +289,7 @@ def describe(ckpt: Checkpoint) -> ModelInfo:
     """
     config = ckpt.config
     cfg_file = ckpt.root / CONFIG_NAME
+    check_config(config, cfg_file, ckpt.tensors)  # every field read below: type, range, the embedding's shape
     arch = find_architecture(config)
     if arch is None:
         raise ShardcutError(

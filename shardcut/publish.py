@@ -509,7 +509,7 @@ def _calibration_section(meta: dict | None, source: str, criterion: str) -> str:
 def _commands(repo_id: str, source: str, plan: Plan, meta: dict | None, criterion: str) -> str:
     """The commands that made this checkpoint; the plan command's options come from the plan's own
     record of them (`recorded_options`), so every option that decided the plan is in it."""
-    from shardcut.select import plan_arguments, recorded_options
+    from shardcut.planning import plan_arguments, recorded_options
 
     options = recorded_options(plan.extra)
     lines = []
@@ -532,7 +532,7 @@ def _commands(repo_id: str, source: str, plan: Plan, meta: dict | None, criterio
 def _reprune_command(source: str, plan: Plan) -> str:
     """`prune --scores` at another ratio with every other option of the plan (its criterion, MTP
     policy, protections, seed, multiple_of)."""
-    from shardcut.select import plan_arguments, recorded_options
+    from shardcut.planning import plan_arguments, recorded_options
 
     options = recorded_options(plan.extra) or {"criterion": plan.extra.get("criterion") or "reap"}
     ratio = 0.25 if options.get("ratio") != 0.25 else 0.5

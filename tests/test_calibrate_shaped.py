@@ -96,8 +96,8 @@ def _plan_prune_verify_oracle(fam, source: Path, scores_path: Path, tmp: Path, o
     """plan -> prune -> verify on `source` (no renaming), then the logits oracle on the float
     models (`original` loaded from the source or its float twin; the pruned one likewise)."""
     from shardcut.oracle import forbid_pruned_experts
+    from shardcut.planning import make_plan
     from shardcut.rewrite import prune
-    from shardcut.select import make_plan
     from shardcut.verification import verify
 
     plan, report = make_plan(source, scores_path, ratio=0.5, mtp_policy=mtp_policy)

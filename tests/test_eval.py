@@ -312,7 +312,7 @@ def test_ratios_from_a_score_file_are_the_plans_make_plan_writes(families, ids_d
     from typer.testing import CliRunner
 
     from shardcut.calibration.runner import calibrate
-    from shardcut.select import make_plan
+    from shardcut.planning import make_plan
     from shardcut_cli.main import app
 
     built = families("qwen3_moe")

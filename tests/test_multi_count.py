@@ -24,8 +24,8 @@ from shardcut.container import read_header
 from shardcut.errors import ShardcutError
 from shardcut.model import describe
 from shardcut.plan import Plan, validate_plan
+from shardcut.planning import make_plan
 from shardcut.scores import Scores, merge_scores
-from shardcut.select import make_plan
 from shardcut_cli.main import app
 
 THINKER, TALKER = "thinker_config.text_config", "talker_config.text_config"

@@ -135,8 +135,8 @@ def test_scores_import_and_merge_into_the_model_are_refused(source, scores_file,
 
 def test_library_calls_refuse_the_same_outputs(source, scores_file, tmp_path):
     """A Python caller is protected as the CLI is: the checks live in the library."""
+    from shardcut.planning import make_plan
     from shardcut.score_import import import_scores
-    from shardcut.select import make_plan
 
     before = tree_digest(source)
     with pytest.raises(OutputError, match="inside the input folder"):

@@ -352,8 +352,8 @@ def test_card_commands_reproduce_the_plan(tmp_path, fake):
     own ratio prunes to the same kept experts."""
     from fixtures.scores_fixtures import random_scores
 
+    from shardcut.planning import make_plan
     from shardcut.rewrite import prune
-    from shardcut.select import make_plan
     from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
 
     src = write_synthetic_checkpoint(tmp_path / "model", SyntheticSpec(

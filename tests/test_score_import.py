@@ -10,9 +10,10 @@ from fixtures.scores_fixtures import synthetic_model
 from typer.testing import CliRunner
 
 from shardcut.errors import ShardcutError
+from shardcut.planning import make_plan
 from shardcut.score_import import import_scores
 from shardcut.scores import Scores, merge_scores
-from shardcut.select import criterion_values, make_plan
+from shardcut.select import criterion_values
 from shardcut_cli.main import app
 
 runner = CliRunner()

@@ -16,9 +16,10 @@ from typer.testing import CliRunner
 from shardcut.checkpoint import layout_fingerprint, open_checkpoint
 from shardcut.errors import ShardcutError
 from shardcut.plan import Plan
+from shardcut.planning import make_plan
 from shardcut.score_import import import_scores
 from shardcut.scores import GATE_APPLIED, Scores, merge_scores, provenance
-from shardcut.select import criterion_values, make_plan
+from shardcut.select import criterion_values
 from shardcut_cli.main import app
 
 torch = pytest.importorskip("torch")

@@ -13,16 +13,9 @@ from typer.testing import CliRunner
 
 from shardcut.errors import PlanError, ShardcutError
 from shardcut.plan import Plan, validate_plan
+from shardcut.planning import make_plan
 from shardcut.scores import Scores, file_sha256
-from shardcut.select import (
-    criterion_values,
-    kept_count,
-    make_plan,
-    parse_protect,
-    rank,
-    select_layer,
-    super_experts,
-)
+from shardcut.select import criterion_values, kept_count, parse_protect, rank, select_layer, super_experts
 from shardcut_cli.main import app
 
 runner = CliRunner()
@@ -464,7 +457,7 @@ def test_every_plan_option_has_a_flag_and_comes_back_from_it(qwen, tmp_path):
     here), and `shardcut plan` with those arguments makes the same plan."""
     import inspect
 
-    from shardcut.select import PLAN_FLAGS, plan_arguments
+    from shardcut.planning import PLAN_FLAGS, plan_arguments
 
     options = {k for k, p in inspect.signature(make_plan).parameters.items() if p.kind is p.KEYWORD_ONLY}
     assert options - {"out", "overwrite"} == set(PLAN_FLAGS)  # where the plan is written is no plan option

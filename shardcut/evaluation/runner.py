@@ -143,7 +143,7 @@ class Evaluator:
             name = Path(p.origin).name if p.origin not in ("", "plan") else f"plan {i + 1}"
             self._add_plan(p, name)
         if self.ratios:
-            from shardcut.select import make_plan
+            from shardcut.planning import make_plan
 
             for r in self.ratios:
                 p, _ = make_plan(self.src.model_dir, self.scores, ratio=float(r), criterion=self.criterion,
