@@ -329,14 +329,12 @@ def _write_pinned(tx, pinned: PinnedSources, ckpt: Checkpoint, info: ModelInfo, 
             if name in todo:
                 write_shard(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned, sync=False)
                 jobs.append(finisher.submit(finish, name, tensors))
-        pinned.check()
-        write_checkpoint_files(tx.dir, ckpt, info, plan, lay, names)
         for job in jobs:
             job.result()  # the first failure (a difference, ENOSPC at fsync) raises here
     finally:
         finisher.shutdown(wait=True, cancel_futures=True)
-    if verify:
-        pinned.check()
+    pinned.check()
+    write_checkpoint_files(tx.dir, ckpt, info, plan, lay, names)  # shards are all renamed by now
 
 
 def pruned_config(ckpt: Checkpoint, info: ModelInfo, plan: Plan) -> tuple[dict, dict | None]:
