@@ -146,8 +146,11 @@ def main() -> None:
         cal, rss = run(["-c", _CALIBRATE, str(model_dir), str(data), str(out), str(a.batch_tokens), a.device, a.dtype])
         cals.append(cal)
         cal_rss = max(cal_rss, rss)
-    fwd = {"forward": min(f["forward"] for f in fwds), "load": min(f["load"] for f in fwds),
-           "working": max(f["working"] for f in fwds)}
+    fwd = {
+        "forward": min(f["forward"] for f in fwds),
+        "load": min(f["load"] for f in fwds),
+        "working": max(f["working"] for f in fwds),
+    }
     cal = min(cals, key=lambda c: c["calibrate"])
 
     working = fwd["working"]
@@ -158,21 +161,39 @@ def main() -> None:
 
     rows = [
         ("model", f"qwen3_moe {a.layers} layers x {a.experts} experts (top {a.top_k}), hidden {a.hidden}, {a.dtype}"),
-        ("tokens", f"{tokens:,} in {a.samples} samples, batches of <= {a.batch_tokens} tokens, device {a.device}, "
-                   f"best of {a.runs} runs"),
+        (
+            "tokens",
+            f"{tokens:,} in {a.samples} samples, batches of <= {a.batch_tokens} tokens, device {a.device}, "
+            f"best of {a.runs} runs",
+        ),
         ("sizes", f"model {mb(sizes['total'])}, one layer {mb(sizes['layer'])}, activations {mb(activations)}"),
-        ("plain forward", f"{tokens / fwd['forward']:,.0f} tok/s forward only ({fwd['forward']:.1f} s); "
-                          f"{tokens / (fwd['forward'] + fwd['load']):,.0f} tok/s with from_pretrained "
-                          f"({fwd['load']:.1f} s load)"),
-        ("calibrate", f"{tokens / cal['calibrate']:,.0f} tok/s end to end ({cal['calibrate']:.1f} s, "
-                      "reading every layer from disk and recording the statistics)"),
-        ("ratio", f"calibrate / forward only = {cal['calibrate'] / fwd['forward']:.2f}x; "
-                  f"/ load + forward = {cal['calibrate'] / (fwd['forward'] + fwd['load']):.2f}x (target <= 1.5x)"),
-        ("peak RSS", f"imports alone {mb(base_rss)}; plain forward {mb(fwd_rss)} (+{mb(fwd_rss - base_rss)}); "
-                     f"calibrate {mb(cal_rss)} (+{mb(cal_rss - base_rss)})"),
-        ("RSS bound", f"one layer {mb(sizes['layer'])} + stored activations {mb(activations)} + one batch's working "
-                      f"memory {mb(working)} (the plain forward's peak above its loaded model) = {mb(bound)}; "
-                      f"calibrate above imports = {(cal_rss - base_rss) / bound:.2f}x of it (target <= 1x)"),
+        (
+            "plain forward",
+            f"{tokens / fwd['forward']:,.0f} tok/s forward only ({fwd['forward']:.1f} s); "
+            f"{tokens / (fwd['forward'] + fwd['load']):,.0f} tok/s with from_pretrained "
+            f"({fwd['load']:.1f} s load)",
+        ),
+        (
+            "calibrate",
+            f"{tokens / cal['calibrate']:,.0f} tok/s end to end ({cal['calibrate']:.1f} s, "
+            "reading every layer from disk and recording the statistics)",
+        ),
+        (
+            "ratio",
+            f"calibrate / forward only = {cal['calibrate'] / fwd['forward']:.2f}x; "
+            f"/ load + forward = {cal['calibrate'] / (fwd['forward'] + fwd['load']):.2f}x (target <= 1.5x)",
+        ),
+        (
+            "peak RSS",
+            f"imports alone {mb(base_rss)}; plain forward {mb(fwd_rss)} (+{mb(fwd_rss - base_rss)}); "
+            f"calibrate {mb(cal_rss)} (+{mb(cal_rss - base_rss)})",
+        ),
+        (
+            "RSS bound",
+            f"one layer {mb(sizes['layer'])} + stored activations {mb(activations)} + one batch's working "
+            f"memory {mb(working)} (the plain forward's peak above its loaded model) = {mb(bound)}; "
+            f"calibrate above imports = {(cal_rss - base_rss) / bound:.2f}x of it (target <= 1x)",
+        ),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -45,13 +45,23 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     model, data = work / "model", work / "ids.jsonl"
     if not (model / "config.json").exists():
-        args = {"hidden": a.hidden, "moe_inter": a.hidden // 2, "layers": a.layers, "vocab": 4096,
-                "experts": a.experts, "top_k": 4, "length": a.length, "dtype": "float32"}
-        subprocess.run([sys.executable, "-c", bench._BUILD, str(model), json.dumps(args)], check=True,
-                       stdout=subprocess.DEVNULL)
+        args = {
+            "hidden": a.hidden,
+            "moe_inter": a.hidden // 2,
+            "layers": a.layers,
+            "vocab": 4096,
+            "experts": a.experts,
+            "top_k": 4,
+            "length": a.length,
+            "dtype": "float32",
+        }
+        subprocess.run(
+            [sys.executable, "-c", bench._BUILD, str(model), json.dumps(args)], check=True, stdout=subprocess.DEVNULL
+        )
     rng = np.random.default_rng(0)
-    data.write_text("".join(json.dumps({"input_ids": rng.integers(0, 4096, a.length).tolist()}) + "\n"
-                            for _ in range(a.samples)))
+    data.write_text(
+        "".join(json.dumps({"input_ids": rng.integers(0, 4096, a.length).tolist()}) + "\n" for _ in range(a.samples))
+    )
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     writes: list[tuple[float, int, int]] = []  # seconds, bytes, the step the activations enter
@@ -77,16 +87,27 @@ def main() -> None:
 
         out = work / "scores.safetensors"
         t0 = time.perf_counter()
-        calibrate(model, str(data), out, max_length=a.length, device="cpu", dtype="float32", checkpoint_every=every,
-                  overwrite=True, progress=progress)
+        calibrate(
+            model,
+            str(data),
+            out,
+            max_length=a.length,
+            device="cpu",
+            dtype="float32",
+            checkpoint_every=every,
+            overwrite=True,
+            progress=progress,
+        )
         total = time.perf_counter() - t0
         last_ckpt = max((s for _, _, s in writes), default=0)
         w = sum(s for s, _, _ in writes)
         gb = sum(n for _, n, _ in writes) / 1e9
-        print(f"{name:>17}: {total:6.2f} s, {len(writes)} checkpoints of {writes[0][1] / 1e6 if writes else 0:.0f} MB "
-              f"in {w:.2f} s ({gb / max(w, 1e-9):.2f} GB/s), layer compute + state {np.mean(compute):.2f} s"
-              f"; entering steps {[s for _, _, s in writes]}; a crash in the last layer recomputes "
-              f"{steps - last_ckpt} step(s)")
+        print(
+            f"{name:>17}: {total:6.2f} s, {len(writes)} checkpoints of {writes[0][1] / 1e6 if writes else 0:.0f} MB "
+            f"in {w:.2f} s ({gb / max(w, 1e-9):.2f} GB/s), layer compute + state {np.mean(compute):.2f} s"
+            f"; entering steps {[s for _, _, s in writes]}; a crash in the last layer recomputes "
+            f"{steps - last_ckpt} step(s)"
+        )
 
 
 if __name__ == "__main__":

@@ -104,14 +104,18 @@ def main() -> None:
             evals[P].append(run(["-c", _EVAL, *common, *map(str, plans[:P])])[0]["eval"])
             print(f"run {i + 1}: eval P = {P} {evals[P][-1]:.2f} s", flush=True)
     base, load = min(fwd), min(loads)
-    print(f"qwen3_moe {a.layers} layers x {a.experts} experts (top {a.top_k}), hidden {a.hidden}, vocab {a.vocab}, "
-          f"{a.dtype}; {tokens:,} tokens in {a.samples} samples, batches of <= {a.batch_tokens}, device {a.device}, "
-          f"best of {a.runs}")
+    print(
+        f"qwen3_moe {a.layers} layers x {a.experts} experts (top {a.top_k}), hidden {a.hidden}, vocab {a.vocab}, "
+        f"{a.dtype}; {tokens:,} tokens in {a.samples} samples, batches of <= {a.batch_tokens}, device {a.device}, "
+        f"best of {a.runs}"
+    )
     print(f"plain forward with LM head: {base:.2f} s ({tokens / base:,.0f} tok/s); from_pretrained {load:.2f} s")
     for P in a.plans:
         t = min(evals[P])
-        print(f"eval, P = {P}: {t:.2f} s end to end = {t / base:.2f}x the plain forward (target <= {1 + P}x), "
-              f"{t / (base + load):.2f}x load + forward")
+        print(
+            f"eval, P = {P}: {t:.2f} s end to end = {t / base:.2f}x the plain forward (target <= {1 + P}x), "
+            f"{t / (base + load):.2f}x load + forward"
+        )
     if len(a.plans) > 1:
         lo, hi = min(a.plans), max(a.plans)
         step = (min(evals[hi]) - min(evals[lo])) / (hi - lo)

@@ -31,9 +31,20 @@ def build(path: Path, layers: int) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(0)
-    cfg = AutoConfig.for_model("qwen3_moe", hidden_size=1024, intermediate_size=2048, moe_intermediate_size=512,
-                               num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
-                               vocab_size=16384, num_experts=32, num_experts_per_tok=4, dtype="bfloat16")
+    cfg = AutoConfig.for_model(
+        "qwen3_moe",
+        hidden_size=1024,
+        intermediate_size=2048,
+        moe_intermediate_size=512,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=128,
+        vocab_size=16384,
+        num_experts=32,
+        num_experts_per_tok=4,
+        dtype="bfloat16",
+    )
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
     model.save_pretrained(path, max_shard_size="200MB")
@@ -90,8 +101,6 @@ def peer_per_shard(src: Path, out: Path) -> None:
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
 
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--layers", type=int, default=6)
@@ -115,14 +124,24 @@ def main() -> None:
         src, out = work / "src", work / "out"
         me = [sys.executable, __file__]
         # Built in a child: ru_maxrss survives fork+exec, so this process must stay small.
-        subprocess.run([*me, "--peer", "build", "--layers", str(args.layers), str(src)], check=True,
-                       stderr=subprocess.DEVNULL)
+        subprocess.run(
+            [*me, "--peer", "build", "--layers", str(args.layers), str(src)], check=True, stderr=subprocess.DEVNULL
+        )
         size = sum(p.stat().st_size for p in src.glob("*.safetensors"))
         cfg = json.loads((src / "config.json").read_text())
         E = cfg.get("num_experts") or cfg["num_local_experts"]
         Plan({str(L): list(range(0, E, KEEP_EVERY)) for L in range(args.layers)}).save(work / "plan.json")
-        shardcut = [sys.executable, "-m", "shardcut_cli.main", "prune", str(src), "-o", str(out),
-                    "--plan", str(work / "plan.json")]
+        shardcut = [
+            sys.executable,
+            "-m",
+            "shardcut_cli.main",
+            "prune",
+            str(src),
+            "-o",
+            str(out),
+            "--plan",
+            str(work / "plan.json"),
+        ]
         contenders = {
             "load + slice + save_pretrained (REAP reference style)": [*me, "--peer", "load-save", str(src), str(out)],
             "per-shard load_file + filter + save_file": [*me, "--peer", "per-shard", str(src), str(out)],

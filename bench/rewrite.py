@@ -32,10 +32,19 @@ def spec_for(size_gb: float) -> SyntheticSpec:
     # DeepSeek-V3 proportions scaled down: 64 experts, grouped routing, hidden 1024, bf16.
     per_layer = 64 * 3 * 1024 * 512 * 2  # experts' bytes per MoE layer
     layers = max(2, round(size_gb * 1e9 / per_layer))
-    return SyntheticSpec(layers=layers, first_dense=1, experts=64, top_k=8, n_group=8, topk_group=4,
-                         hidden=1024, moe_inter=512, dense_inter=2048, vocab=8192, shards=max(4, layers // 2))
-
-
+    return SyntheticSpec(
+        layers=layers,
+        first_dense=1,
+        experts=64,
+        top_k=8,
+        n_group=8,
+        topk_group=4,
+        hidden=1024,
+        moe_inter=512,
+        dense_inter=2048,
+        vocab=8192,
+        shards=max(4, layers // 2),
+    )
 
 
 def du(path: Path) -> int:
@@ -83,15 +92,20 @@ def main() -> None:
     sizes = args.size_gb or [4.0]
     workdir = args.dir or Path(tempfile.mkdtemp(prefix="shardcut-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    print("| input | written | prune | prune --no-verify | cp written+sync | cp input+sync | "
-          "prune / cp written | peak RSS |\n|---|---|---|---|---|---|---|---|")
+    print(
+        "| input | written | prune | prune --no-verify | cp written+sync | cp input+sync | "
+        "prune / cp written | peak RSS |\n|---|---|---|---|---|---|---|---|"
+    )
     try:
         for size in sizes:
             r = bench(size, args.runs, workdir)
-            print(f"| {r['input_bytes'] / 1e9:.2f} GB | {r['written_bytes'] / 1e9:.2f} GB | {r['prune']:.2f} s "
-                  f"| {r['prune_noverify']:.2f} s | {r['cp_out']:.2f} s | {r['cp_in']:.2f} s "
-                  f"| {r['prune_noverify'] / r['cp_out']:.2f}x ({r['prune'] / r['cp_out']:.2f}x verified) "
-                  f"| {r['peak_rss'] / 1e6:.0f} MB |", flush=True)
+            print(
+                f"| {r['input_bytes'] / 1e9:.2f} GB | {r['written_bytes'] / 1e9:.2f} GB | {r['prune']:.2f} s "
+                f"| {r['prune_noverify']:.2f} s | {r['cp_out']:.2f} s | {r['cp_in']:.2f} s "
+                f"| {r['prune_noverify'] / r['cp_out']:.2f}x ({r['prune'] / r['cp_out']:.2f}x verified) "
+                f"| {r['peak_rss'] / 1e6:.0f} MB |",
+                flush=True,
+            )
     finally:
         if args.dir is None:
             shutil.rmtree(workdir, ignore_errors=True)

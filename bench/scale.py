@@ -24,10 +24,21 @@ from shardcut.checkpoint import INDEX_NAME
 from shardcut.plan import Plan
 from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
 
-KIMI_K2 = SyntheticSpec(layers=61, first_dense=1, experts=384, top_k=8, hidden=64, moe_inter=32, dense_inter=64,
-                        vocab=256, mtp_layers=1, int4=True, group_size=32, shards=60, model_type="kimi_k2")
-
-
+KIMI_K2 = SyntheticSpec(
+    layers=61,
+    first_dense=1,
+    experts=384,
+    top_k=8,
+    hidden=64,
+    moe_inter=32,
+    dense_inter=64,
+    vocab=256,
+    mtp_layers=1,
+    int4=True,
+    group_size=32,
+    shards=60,
+    model_type="kimi_k2",
+)
 
 
 def main() -> None:

@@ -45,9 +45,15 @@ class _Display:
     def __enter__(self) -> _Display:
         if self.live:
             self.bar = Progress(
-                TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"), TextColumn("{task.fields[memory]}"), TimeElapsedColumn(),
-                TimeRemainingColumn(), console=err_console, transient=True,
+                TextColumn("[progress.description]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"),
+                TextColumn("{task.fields[memory]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=err_console,
+                transient=True,
             )
             self.bar.__enter__()
         return self
@@ -63,13 +69,16 @@ class _Display:
         if event.kind == "info":
             self.print(event.message)
             return
-        name = "embeddings" if event.layer < 0 else f"layer {event.layer}" + (f" (MoE {event.key})" if event.key else "")
+        name = (
+            "embeddings" if event.layer < 0 else f"layer {event.layer}" + (f" (MoE {event.key})" if event.key else "")
+        )
         if event.kind == "layer_start":
             self.layer_started = time.perf_counter()
             if self.bar is not None:
                 if self.overall is None:
-                    self.overall = self.bar.add_task("overall", total=event.steps, completed=event.step, rate="",
-                                                     memory="")
+                    self.overall = self.bar.add_task(
+                        "overall", total=event.steps, completed=event.step, rate="", memory=""
+                    )
                 if self.layer is not None:
                     self.bar.remove_task(self.layer)
                 self.layer = self.bar.add_task(name, total=event.layer_tokens, rate="", memory="")
@@ -83,8 +92,9 @@ class _Display:
             if self.bar is not None:
                 self.bar.update(self.overall, completed=event.step)
             else:
-                self.print(f"[{event.step}/{event.steps}] {name} done in {seconds:.1f} s, "
-                           f"memory {human_bytes(event.memory)}")
+                self.print(
+                    f"[{event.step}/{event.steps}] {name} done in {seconds:.1f} s, memory {human_bytes(event.memory)}"
+                )
 
 
 @handle_errors
@@ -92,33 +102,60 @@ def calibrate_cmd(
     model: str = typer.Argument(..., help="Checkpoint folder or Hub repo id (org/name[@revision])."),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
     out: Path = typer.Option(..., "-o", "--out", help="Score file to write (shardcut-scores/1, safetensors)."),
-    samples: int | None = typer.Option(None, "--samples", help="Samples in all (default: every record; "
-                                       "per-source :N counts take precedence)."),
-    max_length: int = typer.Option(2048, "--max-length", help="Keep the first L tokens of each sample (with --pack: "
-                                   "the length of each packed sequence)."),
-    pack: bool = typer.Option(False, "--pack", help="Pack samples end to end into sequences of --max-length tokens, "
-                              "as the REAP reference does (a sample that does not fit is cut; :N counts sequences). "
-                              "Default: one sequence per sample, truncated. The score metadata records which."),
+    samples: int | None = typer.Option(
+        None, "--samples", help="Samples in all (default: every record; per-source :N counts take precedence)."
+    ),
+    max_length: int = typer.Option(
+        2048,
+        "--max-length",
+        help="Keep the first L tokens of each sample (with --pack: the length of each packed sequence).",
+    ),
+    pack: bool = typer.Option(
+        False,
+        "--pack",
+        help="Pack samples end to end into sequences of --max-length tokens, "
+        "as the REAP reference does (a sample that does not fit is cut; :N counts sequences). "
+        "Default: one sequence per sample, truncated. The score metadata records which.",
+    ),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cuda, cuda:N or cpu."),
     dtype: str | None = typer.Option(None, "--dtype", help="bfloat16 (default on GPU) or float32 (default on CPU)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (same data and settings; "
-                                "--max-memory may differ) from its last saved layer."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Continue an interrupted run (same data and settings; --max-memory may differ) from its last saved layer.",
+    ),
     seed: int = typer.Option(0, "--seed", help="Seed of the sample selection."),
-    max_memory: str | None = typer.Option(None, "--max-memory", help="RAM for activations, e.g. 64GB "
-                                          "(default: half the available memory); beyond it they spill to disk."),
-    shard: str | None = typer.Option(None, "--shard", help="i/N: compute the i-th of N disjoint sample shards "
-                                     "(combine the files with `shardcut scores merge`)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the checkpoint's own "
-                                           "modeling code (off by default)."),
-    batch_tokens: int | None = typer.Option(None, "--batch-tokens", help="Token budget of one batch "
-                                            "(default 16384 on GPU, 4096 on CPU)."),
-    work_dir: Path | None = typer.Option(None, "--work-dir", help="Resume state and spilled activations "
-                                         "(default: OUT.calib next to the output): a new or empty folder, or "
-                                         "one shardcut made; shardcut removes only its own files."),
+    max_memory: str | None = typer.Option(
+        None,
+        "--max-memory",
+        help="RAM for activations, e.g. 64GB (default: half the available memory); beyond it they spill to disk.",
+    ),
+    shard: str | None = typer.Option(
+        None,
+        "--shard",
+        help="i/N: compute the i-th of N disjoint sample shards (combine the files with `shardcut scores merge`).",
+    ),
+    trust_remote_code: bool = typer.Option(
+        False, "--trust-remote-code", help="Allow the checkpoint's own modeling code (off by default)."
+    ),
+    batch_tokens: int | None = typer.Option(
+        None, "--batch-tokens", help="Token budget of one batch (default 16384 on GPU, 4096 on CPU)."
+    ),
+    work_dir: Path | None = typer.Option(
+        None,
+        "--work-dir",
+        help="Resume state and spilled activations "
+        "(default: OUT.calib next to the output): a new or empty folder, or "
+        "one shardcut made; shardcut removes only its own files.",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing score file OUT."),
-    checkpoint_every: int | None = typer.Option(None, "--checkpoint-every", help="Save activations held in RAM "
-                                                "every N layers, so --resume recomputes at most N (default: "
-                                                "as often as costs <= 10% of the compute; 0: never)."),
+    checkpoint_every: int | None = typer.Option(
+        None,
+        "--checkpoint-every",
+        help="Save activations held in RAM "
+        "every N layers, so --resume recomputes at most N (default: "
+        "as often as costs <= 10% of the compute; 0: never).",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary at the end."),
 ) -> None:
     """Compute REAP saliency statistics of a MoE checkpoint, one decoder layer at a time.
@@ -141,20 +178,49 @@ def calibrate_cmd(
     live = err_console.is_terminal and not as_json
     try:
         with _Display(live) as display:
-            scores = calibrate(model, data, out, samples=samples, max_length=max_length, device=device, dtype=dtype,
-                               seed=seed, resume=resume, max_memory=max_memory, shard=shard,
-                               trust_remote_code=trust_remote_code, progress=display, batch_tokens=batch_tokens,
-                               work_dir=work_dir, sequences="pack" if pack else "truncate", overwrite=overwrite,
-                               checkpoint_every=checkpoint_every)
+            scores = calibrate(
+                model,
+                data,
+                out,
+                samples=samples,
+                max_length=max_length,
+                device=device,
+                dtype=dtype,
+                seed=seed,
+                resume=resume,
+                max_memory=max_memory,
+                shard=shard,
+                trust_remote_code=trust_remote_code,
+                progress=display,
+                batch_tokens=batch_tokens,
+                work_dir=work_dir,
+                sequences="pack" if pack else "truncate",
+                overwrite=overwrite,
+                checkpoint_every=checkpoint_every,
+            )
     except KeyboardInterrupt:
         err_console.print("interrupted: rerun with --resume to continue from the last finished layer")
         raise typer.Exit(130) from None
     meta = scores.metadata
     if as_json:
-        typer.echo(json.dumps({"out": str(out), "layers": scores.layers, "num_experts": scores.num_experts,
-                               "samples": int(meta["samples"]), "tokens": int(meta["tokens"]), "metadata": meta},
-                              indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "out": str(out),
+                    "layers": scores.layers,
+                    "num_experts": scores.num_experts,
+                    "samples": int(meta["samples"]),
+                    "tokens": int(meta["tokens"]),
+                    "metadata": meta,
+                },
+                indent=2,
+            )
+        )
         return
-    console.print(f"[green]wrote[/] {safe(out)}: {len(scores.layers)} MoE layers x {scores.num_experts} experts, "
-                  f"{int(meta['tokens']):,} tokens from {safe(meta['samples'])} samples; "
-                  f"see it with `shardcut scores show {safe(out)}`", highlight=False, soft_wrap=True)
+    console.print(
+        f"[green]wrote[/] {safe(out)}: {len(scores.layers)} MoE layers x {scores.num_experts} experts, "
+        f"{int(meta['tokens']):,} tokens from {safe(meta['samples'])} samples; "
+        f"see it with `shardcut scores show {safe(out)}`",
+        highlight=False,
+        soft_wrap=True,
+    )

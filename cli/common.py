@@ -35,8 +35,9 @@ def safe(value: object, *, markup: bool = True, lines: bool = False) -> str:
         model\[v2] \x1b]52;c;aGk=\x07
     """
     pattern = _UNSAFE_KEEP_LINES if lines else _UNSAFE
-    text = pattern.sub(lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}",
-                       str(value))
+    text = pattern.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", str(value)
+    )
     return escape(text) if markup else text
 
 
@@ -69,8 +70,13 @@ def byte_progress(description: str, enabled: bool = True):
         yield None
         return
     with Progress(
-        "[progress.description]{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), console=err_console, transient=True,
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        transient=True,
     ) as bar:
         task = bar.add_task(description, total=None)
 

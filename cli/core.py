@@ -36,17 +36,30 @@ def inspect_cmd(
     routing = info["routing"]
     rows = [
         ("architecture", f"{info['architecture']} (model_type {info['model_type']})"),
-        ("MoE layers", f"{len(keys)}: {_span(keys)}" + (f" (MTP: {', '.join(info['mtp_layers'])})" if info["mtp_layers"] else "")),
+        (
+            "MoE layers",
+            f"{len(keys)}: {_span(keys)}" + (f" (MTP: {', '.join(info['mtp_layers'])})" if info["mtp_layers"] else ""),
+        ),
         ("experts per layer", _by_config(info.get("num_experts_by_config")) or str(info["num_experts"])),
         ("top-k", str(info["top_k"])),
-        ("routing", f"{routing['scoring']}" + (f", grouped n_group={routing['n_group']} topk_group={routing['topk_group']}"
-                                              if routing["grouped"] else "")
-         + (f", selection bias {routing['selection_bias']}" if routing["selection_bias"] else "")),
+        (
+            "routing",
+            f"{routing['scoring']}"
+            + (
+                f", grouped n_group={routing['n_group']} topk_group={routing['topk_group']}"
+                if routing["grouped"]
+                else ""
+            )
+            + (f", selection bias {routing['selection_bias']}" if routing["selection_bias"] else ""),
+        ),
         ("dtypes", ", ".join(f"{k} {human_bytes(v)}" for k, v in info["dtypes"].items())),
         ("quantization", str(info["quantization"] or "none")),
         *((f"  {group} tensors", _group_line(g)) for group, g in info["quantization_groups"].items()),
         ("size", f"{human_bytes(info['total_bytes'])} in {info['shards']} shards, {info['tensors']} tensors"),
-        ("expert bytes", f"{human_bytes(info['expert_bytes'])} ({human_bytes(info['bytes_per_expert'])} per expert per layer)"),
+        (
+            "expert bytes",
+            f"{human_bytes(info['expert_bytes'])} ({human_bytes(info['bytes_per_expert'])} per expert per layer)",
+        ),
         ("pruning saves", _savings_line(info["bytes_saved_per_expert_removed"])),
     ]
     for k, v in rows:
@@ -60,30 +73,61 @@ def prune_cmd(
     out: Path = typer.Option(..., "-o", "--out", help="Output folder (must not exist, or be empty)."),
     plan: Path | None = typer.Option(None, "--plan", help="A shardcut-plan/1 file."),
     scores: Path | None = typer.Option(None, "--scores", help="A score file to plan from (with --ratio or --experts)."),
-    ratio: float | None = typer.Option(None, "--ratio", help="Fraction of routed experts to remove, in (0, 1); "
-                                       "pruned per layer = floor(E x ratio), E each stack's own count."),
-    experts: int | None = typer.Option(None, "--experts", help="Experts to keep per layer, the same in every stack "
-                                       "of a model with several expert counts (refused where it does not fit one)."),
-    criterion: str | None = typer.Option(None, "--criterion", help="With --scores: the saliency criterion (see "
-                                         "`shardcut plan --help`; default reap, or an imported file's only one)."),
+    ratio: float | None = typer.Option(
+        None,
+        "--ratio",
+        help="Fraction of routed experts to remove, in (0, 1); "
+        "pruned per layer = floor(E x ratio), E each stack's own count.",
+    ),
+    experts: int | None = typer.Option(
+        None,
+        "--experts",
+        help="Experts to keep per layer, the same in every stack "
+        "of a model with several expert counts (refused where it does not fit one).",
+    ),
+    criterion: str | None = typer.Option(
+        None,
+        "--criterion",
+        help="With --scores: the saliency criterion (see "
+        "`shardcut plan --help`; default reap, or an imported file's only one).",
+    ),
     seed: int = typer.Option(0, "--seed", help="With --scores: seed of the random criterion."),
-    protect_super_experts: bool = typer.Option(False, "--protect-super-experts", help="With --scores: keep super "
-                                               "experts (see `shardcut plan --help`)."),
+    protect_super_experts: bool = typer.Option(
+        False, "--protect-super-experts", help="With --scores: keep super experts (see `shardcut plan --help`)."
+    ),
     protect: list[str] | None = typer.Option(None, "--protect", help="With --scores: always keep LAYER:ID[,ID...]."),
-    mtp_policy: str | None = typer.Option(None, "--mtp-policy", help="With --scores: reuse-last, scores-of:N or "
-                                          "same-ids-as:N for MoE layers without scores (MTP)."),
-    multiple_of: int = typer.Option(1, "--multiple-of", metavar="N", help="With --scores: round the kept count up "
-                                    "to a multiple of N, e.g. the expert-parallel size (see `shardcut plan --help`)."),
-    super_percentile: float = typer.Option(99.5, "--super-percentile", help="With --scores: super-expert rule "
-                                           "percentile (see `shardcut plan --help`)."),
-    super_layer_fraction: float = typer.Option(0.75, "--super-layer-fraction", help="With --scores: super-expert "
-                                               "rule layer fraction (see `shardcut plan --help`)."),
+    mtp_policy: str | None = typer.Option(
+        None,
+        "--mtp-policy",
+        help="With --scores: reuse-last, scores-of:N or same-ids-as:N for MoE layers without scores (MTP).",
+    ),
+    multiple_of: int = typer.Option(
+        1,
+        "--multiple-of",
+        metavar="N",
+        help="With --scores: round the kept count up "
+        "to a multiple of N, e.g. the expert-parallel size (see `shardcut plan --help`).",
+    ),
+    super_percentile: float = typer.Option(
+        99.5, "--super-percentile", help="With --scores: super-expert rule percentile (see `shardcut plan --help`)."
+    ),
+    super_layer_fraction: float = typer.Option(
+        0.75,
+        "--super-layer-fraction",
+        help="With --scores: super-expert rule layer fraction (see `shardcut plan --help`).",
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be written; write nothing."),
-    max_shard_size: str | None = typer.Option(None, "--max-shard-size", help="Re-shard, e.g. 5GB (default: keep source shards)."),
+    max_shard_size: str | None = typer.Option(
+        None, "--max-shard-size", help="Re-shard, e.g. 5GB (default: keep source shards)."
+    ),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip re-reading the output against the source."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted prune into the same OUT."),
-    stream: bool = typer.Option(False, "--stream", help="Hub repo: fetch, rewrite and delete one shard at a time "
-                                "(disk = output + one shard); a rerun continues an interrupted stream."),
+    stream: bool = typer.Option(
+        False,
+        "--stream",
+        help="Hub repo: fetch, rewrite and delete one shard at a time "
+        "(disk = output + one shard); a rerun continues an interrupted stream.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
 ) -> None:
     """Write a pruned checkpoint: kept tensors byte for byte, experts renumbered, routers sliced."""
@@ -105,24 +149,44 @@ def prune_cmd(
         from shardcut.select import parse_protect
         from shardcut_cli.scores_cmd import print_plan_report
 
-        the_plan, plan_report = make_plan(model, scores, ratio=ratio, experts=experts, criterion=criterion,
-                                          seed=seed, protect_super_experts=protect_super_experts,
-                                          protect=parse_protect(protect), mtp_policy=mtp_policy,
-                                          multiple_of=multiple_of, super_percentile=super_percentile,
-                                          super_layer_fraction=super_layer_fraction)
+        the_plan, plan_report = make_plan(
+            model,
+            scores,
+            ratio=ratio,
+            experts=experts,
+            criterion=criterion,
+            seed=seed,
+            protect_super_experts=protect_super_experts,
+            protect=parse_protect(protect),
+            mtp_policy=mtp_policy,
+            multiple_of=multiple_of,
+            super_percentile=super_percentile,
+            super_layer_fraction=super_layer_fraction,
+        )
         if not as_json:
             print_plan_report(plan_report)
     with byte_progress("pruning", enabled=not dry_run and not as_json) as progress:
-        report = prune_model(model, out, the_plan, stream=stream, max_shard_size=max_shard_size, dry_run=dry_run,
-                             verify=not no_verify, resume=resume, progress=progress)
+        report = prune_model(
+            model,
+            out,
+            the_plan,
+            stream=stream,
+            max_shard_size=max_shard_size,
+            dry_run=dry_run,
+            verify=not no_verify,
+            resume=resume,
+            progress=progress,
+        )
     if as_json:
         body = {k: str(v) if isinstance(v, Path) else v for k, v in vars(report).items()}
         if not body["experts_by_config"]:  # only for several expert counts, as inspect's num_experts_by_config
             del body["experts_by_config"]
         typer.echo(json.dumps(body, indent=2))
         return
-    counts = (", ".join(f"{name} {a} -> {b}" for name, (a, b) in report.experts_by_config.items())
-              or f"{report.experts_before} -> {report.experts_after}")
+    counts = (
+        ", ".join(f"{name} {a} -> {b}" for name, (a, b) in report.experts_by_config.items())
+        or f"{report.experts_before} -> {report.experts_after}"
+    )
     t = Table(title=safe(f"{'dry run: ' if dry_run else ''}{report.architecture}: {counts} experts per layer"))
     t.add_column("layer")
     t.add_column("kept (original ids)")
@@ -136,20 +200,28 @@ def prune_cmd(
         f"tensors: {report.copied} copied, {report.renamed} renumbered, {report.sliced} sliced, {report.dropped} dropped"
     )
     if report.config_changes:
-        console.print(safe("config.json: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in report.config_changes.items())))
+        console.print(
+            safe("config.json: " + ", ".join(f"{k} {a} -> {b}" for k, (a, b) in report.config_changes.items()))
+        )
     verbs = {"leave": "left out", "prune": "pruned", "rewrite": "rewrote"}
     for side in report.side_files:  # every side file not copied unchanged, and why
-        console.print(f"{verbs.get(side['action'], side['action'])} {safe(side['path'])}: {safe(side['why'])}",
-                      highlight=False)
+        console.print(
+            f"{verbs.get(side['action'], side['action'])} {safe(side['path'])}: {safe(side['why'])}", highlight=False
+        )
     if dry_run:
         disk = report.disk
         missing = disk["input"] - disk["input_on_disk"]
-        console.print(f"disk needed: {human_bytes(disk['plain'])} to prune"
-                      + (f" (output + {human_bytes(missing)} to download into the Hugging Face cache)" if missing else "")
-                      + f"; {human_bytes(disk['stream'])} with --stream (output + one shard not yet on disk)")
+        console.print(
+            f"disk needed: {human_bytes(disk['plain'])} to prune"
+            + (f" (output + {human_bytes(missing)} to download into the Hugging Face cache)" if missing else "")
+            + f"; {human_bytes(disk['stream'])} with --stream (output + one shard not yet on disk)"
+        )
     else:
-        console.print(f"[green]wrote[/] {safe(report.out)}" + (" (verified against the source)" if report.verified else "")
-                      + (f"; streamed {len(report.downloaded)} shards" if report.stream else ""))
+        console.print(
+            f"[green]wrote[/] {safe(report.out)}"
+            + (" (verified against the source)" if report.verified else "")
+            + (f"; streamed {len(report.downloaded)} shards" if report.stream else "")
+        )
 
 
 @handle_errors
@@ -190,8 +262,11 @@ def demo_cmd(
     t.add_row("checkpoint", safe(report["source"]), safe(report["pruned"]))
     console.print(t)
     q = report["eval"]  # shardcut eval on held-out text
-    console.print(f"eval on held-out text: perplexity {q.perplexity:.4g}, KL(original || pruned) mean {q.kl_mean:.3g} "
-                  f"(p99 {q.kl_p99:.3g}), top-1 agreement {q.top1_agreement:.1%}", highlight=False)
+    console.print(
+        f"eval on held-out text: perplexity {q.perplexity:.4g}, KL(original || pruned) mean {q.kl_mean:.3g} "
+        f"(p99 {q.kl_p99:.3g}), top-1 agreement {q.top1_agreement:.1%}",
+        highlight=False,
+    )
     console.print(
         f"logits check: max |pruned - masked original| = {report['max_logit_diff']:.2e} "
         f"(masking changed the original by {report['masking_effect']:.2e}) "
@@ -214,7 +289,7 @@ def _savings_line(saved: dict) -> str:
 
 
 def _by_config(counts: dict[str, int] | None) -> str:
-    """"8 (thinker_config.text_config), 6 (talker_config.text_config)" for several expert counts."""
+    """ "8 (thinker_config.text_config), 6 (talker_config.text_config)" for several expert counts."""
     return ", ".join(f"{n} ({name})" for name, n in counts.items()) if counts else ""
 
 

@@ -36,8 +36,18 @@ def check_size(option: str, text: str | None) -> None:
     if text is None:
         return
     m = _SIZE.fullmatch(text)
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     if m is None:
         fail(f"{option} {escape(repr(text))}: not a size (try 5GB or 500MB)")
     value = float(m.group(1)) * units[(m.group(2) or "").upper()]

@@ -11,11 +11,15 @@ from rich.table import Table
 from shardcut_cli.common import console, fail, handle_errors, human_bytes, safe
 from shardcut_cli.options import check_int, check_mtp_policy, check_ratio
 
-CRITERION_HELP = ("Saliency criterion: reap (mean g·‖f‖ over routed tokens), ean (Σ‖f‖), ean_mean (mean ‖f‖), "
-                  "frequency (routed tokens), weighted_frequency (Σ g), random (seeded), or an imported one. "
-                  "Default: reap, or the only criterion an imported values-only file holds.")
-MTP_HELP = ("How to prune MoE layers the scores do not cover (MTP layers): reuse-last (rank with the last scored "
-            "layer's scores), scores-of:N (with layer N's), same-ids-as:N (keep exactly layer N's ids).")
+CRITERION_HELP = (
+    "Saliency criterion: reap (mean g·‖f‖ over routed tokens), ean (Σ‖f‖), ean_mean (mean ‖f‖), "
+    "frequency (routed tokens), weighted_frequency (Σ g), random (seeded), or an imported one. "
+    "Default: reap, or the only criterion an imported values-only file holds."
+)
+MTP_HELP = (
+    "How to prune MoE layers the scores do not cover (MTP layers): reuse-last (rank with the last scored "
+    "layer's scores), scores-of:N (with layer N's), same-ids-as:N (keep exactly layer N's ids)."
+)
 
 scores_app = typer.Typer(help="Read, merge and import score files (shardcut-scores/1).", no_args_is_help=True)
 
@@ -25,11 +29,15 @@ def register(app: typer.Typer) -> None:
     app.command("plan")(plan_cmd)
 
 
-MULTIPLE_HELP = ("Round the kept count per layer up to a multiple of N (and of n_group), e.g. the expert-parallel "
-                 "size vLLM serves with (E' % ep_size == 0); never prunes more than asked. Default: off.")
-SUPER_HELP = ("Keep super experts whatever their score. Defined as in the REAP reference: experts whose act_max "
-              "exceeds max(99.5th percentile of act_max over all scored layers, global max / 10), in the first 75% "
-              "of the scored MoE layers (by layer key).")
+MULTIPLE_HELP = (
+    "Round the kept count per layer up to a multiple of N (and of n_group), e.g. the expert-parallel "
+    "size vLLM serves with (E' % ep_size == 0); never prunes more than asked. Default: off."
+)
+SUPER_HELP = (
+    "Keep super experts whatever their score. Defined as in the REAP reference: experts whose act_max "
+    "exceeds max(99.5th percentile of act_max over all scored layers, global max / 10), in the first 75% "
+    "of the scored MoE layers (by layer key)."
+)
 
 
 @scores_app.command("show")
@@ -65,15 +73,32 @@ def show_cmd(
             *((str(row["experts"]),) if multi else ()),
             "-" if row["tokens"] is None else f"{row['tokens']:.0f}",
             "-" if never is None else (f"{len(never)}: {_ids(never)}" if never else "0"),
-            _pairs(row["lowest"]), _pairs(row["highest"]),
+            _pairs(row["lowest"]),
+            _pairs(row["highest"]),
         )
     console.print(t)
     console.print(safe(f"{summary['criterion']} = {summary['criterion_definition']}"))
     if not s.has_sums:
         console.print(safe(f"imported values only ({', '.join(s.values)}): no sums, so no other criteria and no merge"))
-    shown = {k: v for k, v in meta.items() if k in ("model", "revision", "model_fingerprint", "architecture", "data",
-                                                     "samples", "sequences", "gate_convention", "caveats",
-                                                     "imported_from", "merged_from", "created")}
+    shown = {
+        k: v
+        for k, v in meta.items()
+        if k
+        in (
+            "model",
+            "revision",
+            "model_fingerprint",
+            "architecture",
+            "data",
+            "samples",
+            "sequences",
+            "gate_convention",
+            "caveats",
+            "imported_from",
+            "merged_from",
+            "created",
+        )
+    }
     for k, v in shown.items():
         console.print(safe(f"{k}: {v}"), highlight=False)  # metadata: anyone's text, escapes included
 
@@ -84,9 +109,13 @@ def merge_cmd(
     inputs: list[str] = typer.Argument(..., help="Score files, each optionally PATH:WEIGHT (e.g. code.safetensors:2)."),
     out: Path = typer.Option(..., "-o", "--out", help="The merged score file to write (never one of the inputs)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
-    force: bool = typer.Option(False, "--force", help="Merge files whose gate sums follow different conventions "
-                               "(the applied gates vs the REAP reference's softmax of the logits); recorded as a "
-                               "caveat in the merged file."),
+    force: bool = typer.Option(
+        False,
+        "--force",
+        help="Merge files whose gate sums follow different conventions "
+        "(the applied gates vs the REAP reference's softmax of the logits); recorded as a "
+        "caveat in the merged file.",
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
 ) -> None:
     """Merge score files of one model: sums add (times each file's weight), maxima take the max.
@@ -99,35 +128,58 @@ def merge_cmd(
     parsed = [parse_weighted(a) for a in inputs]
     merged = merge_score_files(parsed, out, overwrite=overwrite, force=force)
     if as_json:
-        typer.echo(json.dumps({"out": str(out), "inputs": [{"file": str(p), "weight": w} for p, w in parsed],
-                               "layers": merged.layers, "num_experts": merged.num_experts,
-                               **({"layer_experts": merged.layer_experts} if merged.layer_experts else {}),
-                               "tokens": merged.tokens.tolist(), "sha256": merged.sha256()}, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "out": str(out),
+                    "inputs": [{"file": str(p), "weight": w} for p, w in parsed],
+                    "layers": merged.layers,
+                    "num_experts": merged.num_experts,
+                    **({"layer_experts": merged.layer_experts} if merged.layer_experts else {}),
+                    "tokens": merged.tokens.tolist(),
+                    "sha256": merged.sha256(),
+                },
+                indent=2,
+            )
+        )
         return
-    console.print(f"[green]wrote[/] {safe(out)}: {len(parsed)} files merged ("
-                  + ", ".join(f"{safe(p)} x{w:g}" for p, w in parsed) + f"), {len(merged.layers)} layers, "
-                  f"{merged.num_experts} experts")
+    console.print(
+        f"[green]wrote[/] {safe(out)}: {len(parsed)} files merged ("
+        + ", ".join(f"{safe(p)} x{w:g}" for p, w in parsed)
+        + f"), {len(merged.layers)} layers, "
+        f"{merged.num_experts} experts"
+    )
 
 
 @scores_app.command("import")
 @handle_errors
 def import_cmd(
-    file: Path = typer.Argument(..., help="A torch file ({layer: tensor}, {layer: {stat: tensor}}, wrapped, stacked "
-                                "[L, E], REAP observer), a folder of REAP block_NNN_metrics.pt checkpoints, a JSON "
-                                "report (saliency, sums, llm-compressor, keep-list / pruning metadata)."),
+    file: Path = typer.Argument(
+        ...,
+        help="A torch file ({layer: tensor}, {layer: {stat: tensor}}, wrapped, stacked "
+        "[L, E], REAP observer), a folder of REAP block_NNN_metrics.pt checkpoints, a JSON "
+        "report (saliency, sums, llm-compressor, keep-list / pruning metadata).",
+    ),
     model: str = typer.Option(..., "--model", "-m", help="The model the file is for (folder or Hub id)."),
     out: Path = typer.Option(..., "-o", "--out", help="The shardcut-scores/1 file to write (not inside MODEL)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it exists."),
-    fmt: str = typer.Option("auto", "--format", help="auto, torch (= reap-observer), saliency-json, llm-compressor "
-                            "or keep-list."),
-    criterion: str | None = typer.Option(None, "--criterion", "-c",
-                                         help="Criterion of a saliency report's values when the file does not say."),
-    layer_offset: int | None = typer.Option(None, "--layer-offset", help="Add this to every integer layer key "
-                                            "(keys counted from 0 at the first MoE layer). Without it, keys 0..n-1 "
-                                            "that are not the model's MoE layers are read as positions in its MoE "
-                                            "layer list, and the mapping is printed."),
-    layout: str | None = typer.Option(None, "--layout", help="layers-experts or experts-layers, for a stacked "
-                                      "square tensor that reads both ways."),
+    fmt: str = typer.Option(
+        "auto", "--format", help="auto, torch (= reap-observer), saliency-json, llm-compressor or keep-list."
+    ),
+    criterion: str | None = typer.Option(
+        None, "--criterion", "-c", help="Criterion of a saliency report's values when the file does not say."
+    ),
+    layer_offset: int | None = typer.Option(
+        None,
+        "--layer-offset",
+        help="Add this to every integer layer key "
+        "(keys counted from 0 at the first MoE layer). Without it, keys 0..n-1 "
+        "that are not the model's MoE layers are read as positions in its MoE "
+        "layer list, and the mapping is printed.",
+    ),
+    layout: str | None = typer.Option(
+        None, "--layout", help="layers-experts or experts-layers, for a stacked square tensor that reads both ways."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
 ) -> None:
     """Convert a published score file into shardcut-scores/1, checked against MODEL.
@@ -137,16 +189,38 @@ def import_cmd(
     """
     from shardcut.score_import import import_scores
 
-    scores, report = import_scores(file, model, fmt=fmt, criterion=criterion, layer_offset=layer_offset,
-                                   layout=layout, out=out, overwrite=overwrite)
+    scores, report = import_scores(
+        file,
+        model,
+        fmt=fmt,
+        criterion=criterion,
+        layer_offset=layer_offset,
+        layout=layout,
+        out=out,
+        overwrite=overwrite,
+    )
     if as_json:
-        typer.echo(json.dumps({"out": str(out), "source": str(file), "format": report.format,
-                               "layers": report.layers, "num_experts": report.num_experts,
-                               "has_sums": report.has_sums, "criterion": report.criterion,
-                               "notes": report.notes, "sha256": scores.sha256()}, indent=2))
+        typer.echo(
+            json.dumps(
+                {
+                    "out": str(out),
+                    "source": str(file),
+                    "format": report.format,
+                    "layers": report.layers,
+                    "num_experts": report.num_experts,
+                    "has_sums": report.has_sums,
+                    "criterion": report.criterion,
+                    "notes": report.notes,
+                    "sha256": scores.sha256(),
+                },
+                indent=2,
+            )
+        )
         return
-    console.print(f"[green]wrote[/] {safe(out)}: {report.format} with {len(report.layers)} layers x "
-                  f"{report.num_experts} experts" + ("" if report.has_sums else safe(f", {report.criterion!r} values only")))
+    console.print(
+        f"[green]wrote[/] {safe(out)}: {report.format} with {len(report.layers)} layers x "
+        f"{report.num_experts} experts" + ("" if report.has_sums else safe(f", {report.criterion!r} values only"))
+    )
     for note in report.notes:
         console.print(f"note: {safe(note)}", highlight=False, soft_wrap=True)
 
@@ -155,26 +229,46 @@ def import_cmd(
 def plan_cmd(
     model: str = typer.Argument(..., help="Checkpoint folder or Hub repo id (only headers are read)."),
     scores: Path = typer.Option(..., "--scores", "-s", help="A shardcut-scores/1 file."),
-    ratio: float | None = typer.Option(None, "--ratio", help="Fraction of routed experts removed, in (0, 1); "
-                                       "pruned per layer = floor(E x ratio), with E each stack's own count where "
-                                       "stacks differ (Qwen3-Omni's talker)."),
-    experts: int | None = typer.Option(None, "--experts", help="Experts kept per layer. A model with several expert "
-                                       "counts keeps this many in every stack; refused, naming the stack, where it "
-                                       "does not fit one (not below its count, or below its top-k): use --ratio."),
+    ratio: float | None = typer.Option(
+        None,
+        "--ratio",
+        help="Fraction of routed experts removed, in (0, 1); "
+        "pruned per layer = floor(E x ratio), with E each stack's own count where "
+        "stacks differ (Qwen3-Omni's talker).",
+    ),
+    experts: int | None = typer.Option(
+        None,
+        "--experts",
+        help="Experts kept per layer. A model with several expert "
+        "counts keeps this many in every stack; refused, naming the stack, where it "
+        "does not fit one (not below its count, or below its top-k): use --ratio.",
+    ),
     criterion: str | None = typer.Option(None, "--criterion", "-c", help=CRITERION_HELP),
     seed: int = typer.Option(0, "--seed", help="Seed of the random criterion."),
     protect_super_experts: bool = typer.Option(False, "--protect-super-experts", help=SUPER_HELP),
-    super_percentile: float = typer.Option(99.5, "--super-percentile", help="Super-expert rule: the act_max "
-                                           "percentile of the threshold (REAP reference: 99.5)."),
-    super_layer_fraction: float = typer.Option(0.75, "--super-layer-fraction", help="Super-expert rule: look in "
-                                               "the first this fraction of the scored layers (REAP reference: 0.75; "
-                                               "1 = every layer)."),
-    protect: list[str] | None = typer.Option(None, "--protect", help="Always keep these experts: LAYER:ID[,ID...] "
-                                             "(repeatable), e.g. --protect 3:0,17."),
+    super_percentile: float = typer.Option(
+        99.5,
+        "--super-percentile",
+        help="Super-expert rule: the act_max percentile of the threshold (REAP reference: 99.5).",
+    ),
+    super_layer_fraction: float = typer.Option(
+        0.75,
+        "--super-layer-fraction",
+        help="Super-expert rule: look in "
+        "the first this fraction of the scored layers (REAP reference: 0.75; "
+        "1 = every layer).",
+    ),
+    protect: list[str] | None = typer.Option(
+        None, "--protect", help="Always keep these experts: LAYER:ID[,ID...] (repeatable), e.g. --protect 3:0,17."
+    ),
     mtp_policy: str | None = typer.Option(None, "--mtp-policy", help=MTP_HELP),
     multiple_of: int = typer.Option(1, "--multiple-of", metavar="N", help=MULTIPLE_HELP),
-    out: Path | None = typer.Option(None, "-o", "--out", help="Plan file to write (without it: print only; "
-                                    "never inside MODEL or over the score file)."),
+    out: Path | None = typer.Option(
+        None,
+        "-o",
+        "--out",
+        help="Plan file to write (without it: print only; never inside MODEL or over the score file).",
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the plan file if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable plan and report."),
 ) -> None:
@@ -188,14 +282,26 @@ def plan_cmd(
     check_mtp_policy("--mtp-policy", mtp_policy)
     if (ratio is None) == (experts is None):
         fail("give exactly one of --ratio or --experts")
-    plan, report = make_plan(model, scores, ratio=ratio, experts=experts, criterion=criterion, seed=seed,
-                             protect_super_experts=protect_super_experts, protect=parse_protect(protect),
-                             mtp_policy=mtp_policy, super_percentile=super_percentile,
-                             super_layer_fraction=super_layer_fraction, multiple_of=multiple_of, out=out,
-                             overwrite=overwrite)
+    plan, report = make_plan(
+        model,
+        scores,
+        ratio=ratio,
+        experts=experts,
+        criterion=criterion,
+        seed=seed,
+        protect_super_experts=protect_super_experts,
+        protect=parse_protect(protect),
+        mtp_policy=mtp_policy,
+        super_percentile=super_percentile,
+        super_layer_fraction=super_layer_fraction,
+        multiple_of=multiple_of,
+        out=out,
+        overwrite=overwrite,
+    )
     if as_json:
-        typer.echo(json.dumps({"plan": plan.to_json(), "report": report.to_json(),
-                               "out": str(out) if out else None}, indent=2))
+        typer.echo(
+            json.dumps({"plan": plan.to_json(), "report": report.to_json(), "out": str(out) if out else None}, indent=2)
+        )
         return
     print_plan_report(report)
     if out is not None:
@@ -204,8 +310,10 @@ def plan_cmd(
 
 def print_plan_report(report) -> None:
     """The per-layer plan table (also printed by `prune --scores`)."""
-    counts = (", ".join(f"{name} {g['num_experts']} -> {g['kept']}" for name, g in report.by_config.items())
-              or f"{report.num_experts} -> {report.kept}")
+    counts = (
+        ", ".join(f"{name} {g['num_experts']} -> {g['kept']}" for name, g in report.by_config.items())
+        or f"{report.num_experts} -> {report.kept}"
+    )
     t = Table(title=safe(f"{report.architecture}: {counts} experts per layer (criterion {report.criterion})"))
     for col in ("layer", "kept", "pruned", "lowest kept", "highest pruned", "protected", "note"):
         t.add_column(col, justify="right" if col in ("kept", "pruned") else "left")
@@ -217,8 +325,15 @@ def print_plan_report(report) -> None:
             note.append("protection overrode order")
         if row.group_balance_overrode:
             note.append("group balance overrode order")
-        t.add_row(safe(row.layer), str(row.kept), str(row.pruned), _num(row.lowest_kept), _num(row.highest_pruned),
-                  _ids(row.protected) if row.protected else "", safe("; ".join(note)))
+        t.add_row(
+            safe(row.layer),
+            str(row.kept),
+            str(row.pruned),
+            _num(row.lowest_kept),
+            _num(row.highest_pruned),
+            _ids(row.protected) if row.protected else "",
+            safe("; ".join(note)),
+        )
     console.print(t)
     console.print(f"rounding: {safe(report.rule)}", highlight=False, soft_wrap=True)
     for note in report.notes:
@@ -226,8 +341,11 @@ def print_plan_report(report) -> None:
     for warning in report.warnings:
         console.print(f"[yellow]warning:[/] {safe(warning)}", highlight=False, soft_wrap=True)
     saved = report.input_bytes - report.output_bytes
-    console.print(f"size estimate: {human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} "
-                  f"({report.output_bytes} bytes, {saved / max(1, report.input_bytes):.0%} smaller)", soft_wrap=True)
+    console.print(
+        f"size estimate: {human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} "
+        f"({report.output_bytes} bytes, {saved / max(1, report.input_bytes):.0%} smaller)",
+        soft_wrap=True,
+    )
 
 
 def _num(x: float | None) -> str:

@@ -228,10 +228,14 @@ _DEEPSEEK_KEYS = ("n_routed_experts", "num_local_experts", "num_experts")
 _GROUPS = ("n_group", "topk_group")
 # calibration facts shared by several entries
 _SHARED_IMAGES = Calibration(images_share_experts=True)
-_ROUTER_SCALES_INPUT = Calibration(unsupported="its router scales the expert input by the routing score, so f_j(x) "
-                                               "is not the plain expert output the statistics need")
-_NO_TRANSFORMERS = Calibration(unsupported="transformers has no implementation of it (the Hub's remote code builds "
-                                           "another MoE block, which the observer does not hook)")
+_ROUTER_SCALES_INPUT = Calibration(
+    unsupported="its router scales the expert input by the routing score, so f_j(x) "
+    "is not the plain expert output the statistics need"
+)
+_NO_TRANSFORMERS = Calibration(
+    unsupported="transformers has no implementation of it (the Hub's remote code builds "
+    "another MoE block, which the observer does not hook)"
+)
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("qwen3_moe", ("qwen3_moe",), (_qwen_layers(),), _QWEN_KEYS, moe_rule=qwen_sparse_step),
@@ -240,18 +244,32 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "qwen3_next",
         ("qwen3_next",),
-        (_qwen_layers(), Stack(("mtp.layers",), "mlp.experts", ("mlp.gate.weight",), plan_prefix="mtp.", follows_rule=False)),
+        (
+            _qwen_layers(),
+            Stack(("mtp.layers",), "mlp.experts", ("mlp.gate.weight",), plan_prefix="mtp.", follows_rule=False),
+        ),
         _QWEN_KEYS,
         moe_rule=qwen_sparse_step,
     ),
     Architecture("mixtral", ("mixtral",), (_MIXTRAL,), ("num_local_experts", "num_experts")),
-    Architecture("phimoe", ("phimoe",), (_MIXTRAL,), ("num_local_experts", "num_experts"), top_k_exact=2,
-                 notes=("vLLM's PhiMoE (sparsemixer) asserts top_k == 2",)),
+    Architecture(
+        "phimoe",
+        ("phimoe",),
+        (_MIXTRAL,),
+        ("num_local_experts", "num_experts"),
+        top_k_exact=2,
+        notes=("vLLM's PhiMoE (sparsemixer) asserts top_k == 2",),
+    ),
     Architecture(
         "minimax_m2",
         ("minimax_m2",),
-        (Stack(("model.layers",), "block_sparse_moe.experts",
-               ("block_sparse_moe.gate.weight", "block_sparse_moe.e_score_correction_bias")),),
+        (
+            Stack(
+                ("model.layers",),
+                "block_sparse_moe.experts",
+                ("block_sparse_moe.gate.weight", "block_sparse_moe.e_score_correction_bias"),
+            ),
+        ),
         ("num_local_experts", "num_experts"),
         scoring="sigmoid",
         selection_bias="block_sparse_moe.e_score_correction_bias",
@@ -311,8 +329,14 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "ernie4_5_moe",
         ("ernie4_5_moe",),
-        (Stack(("model.layers",), "mlp.experts", ("mlp.gate.weight",),
-               expert_cols=("mlp.moe_statics.e_score_correction_bias",)),),
+        (
+            Stack(
+                ("model.layers",),
+                "mlp.experts",
+                ("mlp.gate.weight",),
+                expert_cols=("mlp.moe_statics.e_score_correction_bias",),
+            ),
+        ),
         ("moe_num_experts", "num_experts"),
         top_k_keys=("moe_k", "num_experts_per_tok"),
         moe_rule=ernie_interval,
@@ -327,8 +351,11 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "llama4",
         ("llama4", "llama4_text"),
-        (Stack(("language_model.model.layers", "model.layers"), "feed_forward.experts",
-               ("feed_forward.router.weight",)),),
+        (
+            Stack(
+                ("language_model.model.layers", "model.layers"), "feed_forward.experts", ("feed_forward.router.weight",)
+            ),
+        ),
         ("num_local_experts",),
         moe_rule=llama4_moe_layers,
         config_path=("text_config",),
@@ -338,9 +365,17 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
         "granitemoe",
         ("granitemoe", "granitemoeshared", "granitemoehybrid"),
-        (Stack(("model.layers",), None,
-               ("block_sparse_moe.router.layer.weight", "block_sparse_moe.input_linear.weight",
-                "block_sparse_moe.output_linear.weight")),),
+        (
+            Stack(
+                ("model.layers",),
+                None,
+                (
+                    "block_sparse_moe.router.layer.weight",
+                    "block_sparse_moe.input_linear.weight",
+                    "block_sparse_moe.output_linear.weight",
+                ),
+            ),
+        ),
         ("num_local_experts",),
     ),
 )
@@ -349,121 +384,275 @@ _SPARSE = ("sparse",)
 
 
 def _ernie_vl_half(block: int, plan_prefix: str, router: str) -> Stack:
-    return Stack(("model.layers", "model.language_model.layers"), "mlp.experts", (), (router,),
-                 plan_prefix=plan_prefix, expert_block=block,
-                 block_cols=("mlp.moe_statics.e_score_correction_bias",))
+    return Stack(
+        ("model.layers", "model.language_model.layers"),
+        "mlp.experts",
+        (),
+        (router,),
+        plan_prefix=plan_prefix,
+        expert_block=block,
+        block_cols=("mlp.moe_statics.e_score_correction_bias",),
+    )
 
 
 def _qwen_omni(stack: str, config: str, plan_prefix: str) -> Stack:
-    return Stack((f"{stack}.model.layers",), "mlp.experts", ("mlp.gate.weight",), plan_prefix=plan_prefix,
-                 config_path=(config, "text_config"))
+    return Stack(
+        (f"{stack}.model.layers",),
+        "mlp.experts",
+        ("mlp.gate.weight",),
+        plan_prefix=plan_prefix,
+        config_path=(config, "text_config"),
+    )
 
 
 ARCHITECTURES += (
     # ---- vision-language and omni variants of the Qwen / GLM families ------------------------
-    Architecture("qwen3_vl_moe", ("qwen3_vl_moe",),
-                 (_qwen_layers(("model.language_model.layers",)),),  # fused, [E,H,2I] / [E,I,H] on the Hub
-                 _QWEN_KEYS, moe_rule=qwen_sparse_step, config_path=("text_config",), calibration=_SHARED_IMAGES),
-    Architecture("qwen3_5_moe", ("qwen3_5_moe", "qwen3_5_moe_text"),
-                 (_qwen_layers(("model.language_model.layers", "model.layers")),
-                  Stack(("mtp.layers",), "mlp.experts", ("mlp.gate.weight",), plan_prefix="mtp.", follows_rule=False)),
-                 _QWEN_KEYS, moe_rule=qwen_sparse_step, config_path=("text_config",),
-                 calibration_by_type=(("qwen3_5_moe", _SHARED_IMAGES),)),
-    Architecture("qwen3_omni_moe", ("qwen3_omni_moe",),
-                 (_qwen_omni("thinker", "thinker_config", ""), _qwen_omni("talker", "talker_config", "talker.")),
-                 _QWEN_KEYS, moe_rule=qwen_sparse_step,
-                 notes=("thinker and talker have their own expert counts; plan keys 'L' and 'talker.L'",),
-                 calibration=Calibration(images_share_experts=True, text_only_stacks=("talker.",))),
-    Architecture("glm4v_moe", ("glm4v_moe",), (_deepseek_layers(("model.language_model.layers",)),), _DEEPSEEK_KEYS,
-                 moe_rule=first_k_dense, config_path=("text_config",), group_keys=_GROUPS, scoring="sigmoid",
-                 selection_bias="mlp.gate.e_score_correction_bias", calibration=_SHARED_IMAGES),
-    Architecture("ernie4_5_vl_moe", ("ernie4_5_vl_moe",),
-                 (_ernie_vl_half(0, "", "mlp.gate.weight"), _ernie_vl_half(1, "vision.", "mlp.gate.weight_1")),
-                 ("moe_num_experts", "num_experts"), top_k_keys=("moe_k", "num_experts_per_tok"),
-                 moe_rule=per_layer_types("mlp_layer_types", _SPARSE, ernie_interval), config_path=("text_config",),
-                 selection_bias="mlp.moe_statics.e_score_correction_bias",
-                 notes=("text experts are ids 0..E-1, vision experts E..2E-1 of one ModuleList; routers are [H, E]; "
-                        "plan keys 'L' (text) and 'vision.L', kept counts equal",),
-                 calibration=Calibration(text_only_stacks=("vision.",), experts_module="mlp.text_moe.experts")),
+    Architecture(
+        "qwen3_vl_moe",
+        ("qwen3_vl_moe",),
+        (_qwen_layers(("model.language_model.layers",)),),  # fused, [E,H,2I] / [E,I,H] on the Hub
+        _QWEN_KEYS,
+        moe_rule=qwen_sparse_step,
+        config_path=("text_config",),
+        calibration=_SHARED_IMAGES,
+    ),
+    Architecture(
+        "qwen3_5_moe",
+        ("qwen3_5_moe", "qwen3_5_moe_text"),
+        (
+            _qwen_layers(("model.language_model.layers", "model.layers")),
+            Stack(("mtp.layers",), "mlp.experts", ("mlp.gate.weight",), plan_prefix="mtp.", follows_rule=False),
+        ),
+        _QWEN_KEYS,
+        moe_rule=qwen_sparse_step,
+        config_path=("text_config",),
+        calibration_by_type=(("qwen3_5_moe", _SHARED_IMAGES),),
+    ),
+    Architecture(
+        "qwen3_omni_moe",
+        ("qwen3_omni_moe",),
+        (_qwen_omni("thinker", "thinker_config", ""), _qwen_omni("talker", "talker_config", "talker.")),
+        _QWEN_KEYS,
+        moe_rule=qwen_sparse_step,
+        notes=("thinker and talker have their own expert counts; plan keys 'L' and 'talker.L'",),
+        calibration=Calibration(images_share_experts=True, text_only_stacks=("talker.",)),
+    ),
+    Architecture(
+        "glm4v_moe",
+        ("glm4v_moe",),
+        (_deepseek_layers(("model.language_model.layers",)),),
+        _DEEPSEEK_KEYS,
+        moe_rule=first_k_dense,
+        config_path=("text_config",),
+        group_keys=_GROUPS,
+        scoring="sigmoid",
+        selection_bias="mlp.gate.e_score_correction_bias",
+        calibration=_SHARED_IMAGES,
+    ),
+    Architecture(
+        "ernie4_5_vl_moe",
+        ("ernie4_5_vl_moe",),
+        (_ernie_vl_half(0, "", "mlp.gate.weight"), _ernie_vl_half(1, "vision.", "mlp.gate.weight_1")),
+        ("moe_num_experts", "num_experts"),
+        top_k_keys=("moe_k", "num_experts_per_tok"),
+        moe_rule=per_layer_types("mlp_layer_types", _SPARSE, ernie_interval),
+        config_path=("text_config",),
+        selection_bias="mlp.moe_statics.e_score_correction_bias",
+        notes=(
+            "text experts are ids 0..E-1, vision experts E..2E-1 of one ModuleList; routers are [H, E]; "
+            "plan keys 'L' (text) and 'vision.L', kept counts equal",
+        ),
+        calibration=Calibration(text_only_stacks=("vision.",), experts_module="mlp.text_moe.experts"),
+    ),
     # ---- DeepSeek-style routers elsewhere ---------------------------------------------------
-    Architecture("kimi_linear", ("kimi_linear",),
-                 (Stack(("model.layers",), "block_sparse_moe.experts",
-                        ("block_sparse_moe.gate.weight", "block_sparse_moe.gate.e_score_correction_bias")),),
-                 ("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_token", "num_experts_per_tok"),
-                 moe_rule=per_layer_types("mlp_layer_types", _SPARSE, first_k_dense),
-                 group_keys=(("num_expert_group", "n_group"), "topk_group"), scoring="sigmoid",
-                 selection_bias="block_sparse_moe.gate.e_score_correction_bias"),
-    Architecture("bailing_moe", ("bailing_moe", "bailing_moe_v2", "bailing_hybrid"),  # Ling / Ring 2.x
-                 (Stack(("model.layers",), "mlp.experts", ("mlp.gate.weight", "mlp.gate.expert_bias")),),
-                 ("num_experts", "num_local_experts"), top_k_keys=("num_experts_per_tok", "num_experts_per_token"),
-                 moe_rule=per_layer_types("mlp_layer_types", _SPARSE, first_k_dense),
-                 group_keys=(("n_group", "num_expert_group"), "topk_group"), scoring="sigmoid",
-                 selection_bias="mlp.gate.expert_bias",
-                 calibration_by_type=(("bailing_moe", _NO_TRANSFORMERS), ("bailing_moe_v2", _NO_TRANSFORMERS))),
-    Architecture("afmoe", ("afmoe",),
-                 (Stack(("model.layers",), "mlp.experts", ("mlp.router.gate.weight", "mlp.expert_bias")),),
-                 ("num_experts",), moe_rule=after_dense_layers, scoring="sigmoid", selection_bias="mlp.expert_bias"),
-    Architecture("lfm2_moe", ("lfm2_moe",),
-                 (Stack(("model.layers",), "feed_forward.experts",
-                        ("feed_forward.gate.weight", "feed_forward.expert_bias")),),
-                 ("num_experts",), moe_rule=after_dense_layers, scoring="sigmoid",
-                 selection_bias="feed_forward.expert_bias"),
-    Architecture("nemotron_h", ("nemotron_h",),
-                 (Stack(("backbone.layers", "model.layers"), "mixer.experts",  # non-gated: up_proj, down_proj
-                        ("mixer.gate.weight", "mixer.gate.e_score_correction_bias")),),
-                 ("n_routed_experts", "num_local_experts"), moe_rule=nemotron_h_pattern, group_keys=_GROUPS,
-                 layer_count_keys=("num_hidden_layers", "layers_block_type", "hybrid_override_pattern"),
-                 scoring="sigmoid", selection_bias="mixer.gate.e_score_correction_bias"),
-    Architecture("deepseek_v4", ("deepseek_v4",),
-                 (Stack(("layers", "model.layers"), "ffn.experts", ("ffn.gate.weight", "ffn.gate.bias"),
-                        unprunable=(("ffn.gate.tid2eid", "is hash-routed: gate.tid2eid fixes each token's expert ids, "
-                                     "so removing experts would leave tokens routed to experts that no longer exist"),)),),
-                 ("n_routed_experts", "num_local_experts"), moe_rule=per_layer_types("mlp_layer_types", ("moe", "hash_moe"), every_layer),
-                 scoring="sqrtsoftplus", selection_bias="ffn.gate.bias",
-                 calibration=Calibration(unsupported="its hash-routed layers are not streamed yet")),
-    Architecture("longcat_flash", ("longcat_flash",),
-                 (Stack(("model.layers",), "mlp.experts",
-                        ("mlp.router.classifier.weight", "mlp.router.classifier.bias", "mlp.router.e_score_correction_bias"),
-                        zero_experts_key="zero_expert_num"),),
-                 ("n_routed_experts", "num_local_experts"), top_k_keys=("moe_topk", "num_experts_per_tok"),
-                 layer_count_keys=("num_layers",), selection_bias="mlp.router.e_score_correction_bias",
-                 notes=("zero-computation experts keep router rows E..E+Z-1 after the kept real experts",),
-                 calibration=Calibration(unsupported="its zero-computation (identity) experts are not modelled by the "
-                                                     "observer yet")),
+    Architecture(
+        "kimi_linear",
+        ("kimi_linear",),
+        (
+            Stack(
+                ("model.layers",),
+                "block_sparse_moe.experts",
+                ("block_sparse_moe.gate.weight", "block_sparse_moe.gate.e_score_correction_bias"),
+            ),
+        ),
+        ("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_token", "num_experts_per_tok"),
+        moe_rule=per_layer_types("mlp_layer_types", _SPARSE, first_k_dense),
+        group_keys=(("num_expert_group", "n_group"), "topk_group"),
+        scoring="sigmoid",
+        selection_bias="block_sparse_moe.gate.e_score_correction_bias",
+    ),
+    Architecture(
+        "bailing_moe",
+        ("bailing_moe", "bailing_moe_v2", "bailing_hybrid"),  # Ling / Ring 2.x
+        (Stack(("model.layers",), "mlp.experts", ("mlp.gate.weight", "mlp.gate.expert_bias")),),
+        ("num_experts", "num_local_experts"),
+        top_k_keys=("num_experts_per_tok", "num_experts_per_token"),
+        moe_rule=per_layer_types("mlp_layer_types", _SPARSE, first_k_dense),
+        group_keys=(("n_group", "num_expert_group"), "topk_group"),
+        scoring="sigmoid",
+        selection_bias="mlp.gate.expert_bias",
+        calibration_by_type=(("bailing_moe", _NO_TRANSFORMERS), ("bailing_moe_v2", _NO_TRANSFORMERS)),
+    ),
+    Architecture(
+        "afmoe",
+        ("afmoe",),
+        (Stack(("model.layers",), "mlp.experts", ("mlp.router.gate.weight", "mlp.expert_bias")),),
+        ("num_experts",),
+        moe_rule=after_dense_layers,
+        scoring="sigmoid",
+        selection_bias="mlp.expert_bias",
+    ),
+    Architecture(
+        "lfm2_moe",
+        ("lfm2_moe",),
+        (Stack(("model.layers",), "feed_forward.experts", ("feed_forward.gate.weight", "feed_forward.expert_bias")),),
+        ("num_experts",),
+        moe_rule=after_dense_layers,
+        scoring="sigmoid",
+        selection_bias="feed_forward.expert_bias",
+    ),
+    Architecture(
+        "nemotron_h",
+        ("nemotron_h",),
+        (
+            Stack(
+                ("backbone.layers", "model.layers"),
+                "mixer.experts",  # non-gated: up_proj, down_proj
+                ("mixer.gate.weight", "mixer.gate.e_score_correction_bias"),
+            ),
+        ),
+        ("n_routed_experts", "num_local_experts"),
+        moe_rule=nemotron_h_pattern,
+        group_keys=_GROUPS,
+        layer_count_keys=("num_hidden_layers", "layers_block_type", "hybrid_override_pattern"),
+        scoring="sigmoid",
+        selection_bias="mixer.gate.e_score_correction_bias",
+    ),
+    Architecture(
+        "deepseek_v4",
+        ("deepseek_v4",),
+        (
+            Stack(
+                ("layers", "model.layers"),
+                "ffn.experts",
+                ("ffn.gate.weight", "ffn.gate.bias"),
+                unprunable=(
+                    (
+                        "ffn.gate.tid2eid",
+                        "is hash-routed: gate.tid2eid fixes each token's expert ids, "
+                        "so removing experts would leave tokens routed to experts that no longer exist",
+                    ),
+                ),
+            ),
+        ),
+        ("n_routed_experts", "num_local_experts"),
+        moe_rule=per_layer_types("mlp_layer_types", ("moe", "hash_moe"), every_layer),
+        scoring="sqrtsoftplus",
+        selection_bias="ffn.gate.bias",
+        calibration=Calibration(unsupported="its hash-routed layers are not streamed yet"),
+    ),
+    Architecture(
+        "longcat_flash",
+        ("longcat_flash",),
+        (
+            Stack(
+                ("model.layers",),
+                "mlp.experts",
+                ("mlp.router.classifier.weight", "mlp.router.classifier.bias", "mlp.router.e_score_correction_bias"),
+                zero_experts_key="zero_expert_num",
+            ),
+        ),
+        ("n_routed_experts", "num_local_experts"),
+        top_k_keys=("moe_topk", "num_experts_per_tok"),
+        layer_count_keys=("num_layers",),
+        selection_bias="mlp.router.e_score_correction_bias",
+        notes=("zero-computation experts keep router rows E..E+Z-1 after the kept real experts",),
+        calibration=Calibration(
+            unsupported="its zero-computation (identity) experts are not modelled by the observer yet"
+        ),
+    ),
     # ---- other layouts ------------------------------------------------------------------------
-    Architecture("hunyuan_v1_moe", ("hunyuan_v1_moe",),
-                 (Stack(("model.layers",), "mlp.experts", ("mlp.gate.wg.weight",)),),
-                 ("num_experts",), top_k_keys=("moe_topk", "num_experts_per_tok")),
-    Architecture("jamba", ("jamba",), (Stack(("model.layers",), "feed_forward.experts", ("feed_forward.router.weight",)),),
-                 ("num_experts",), moe_rule=jamba_period),
-    Architecture("dbrx", ("dbrx",),
-                 (Stack(("transformer.blocks",), "ffn.experts", ("ffn.router.layer.weight",)),),  # 2-D [E·F, H] blocks
-                 ("moe_num_experts",), top_k_keys=("moe_top_k",), config_path=("ffn_config",),
-                 calibration=Calibration(unsupported="its transformer.blocks layout is not streamed yet")),
+    Architecture(
+        "hunyuan_v1_moe",
+        ("hunyuan_v1_moe",),
+        (Stack(("model.layers",), "mlp.experts", ("mlp.gate.wg.weight",)),),
+        ("num_experts",),
+        top_k_keys=("moe_topk", "num_experts_per_tok"),
+    ),
+    Architecture(
+        "jamba",
+        ("jamba",),
+        (Stack(("model.layers",), "feed_forward.experts", ("feed_forward.router.weight",)),),
+        ("num_experts",),
+        moe_rule=jamba_period,
+    ),
+    Architecture(
+        "dbrx",
+        ("dbrx",),
+        (Stack(("transformer.blocks",), "ffn.experts", ("ffn.router.layer.weight",)),),  # 2-D [E·F, H] blocks
+        ("moe_num_experts",),
+        top_k_keys=("moe_top_k",),
+        config_path=("ffn_config",),
+        calibration=Calibration(unsupported="its transformer.blocks layout is not streamed yet"),
+    ),
     Architecture("minimax", ("minimax",), (_MIXTRAL,), ("num_local_experts", "num_experts")),
-    Architecture("step3", ("step3_text", "step3_vl", "step3p5", "step3p7"),
-                 (Stack(("model.layers", "model.language_model.layers", "language_model.model.layers"), "moe.experts",
-                        ("moe.gate.weight", "moe.router_bias"),
-                        fused=("moe.gate_proj", "moe.up_proj", "moe.down_proj")),),
-                 ("moe_num_experts", "n_routed_experts", "num_local_experts"),
-                 top_k_keys=("moe_top_k", "num_experts_per_tok"),
-                 moe_rule=per_layer_types("mlp_layer_types", _SPARSE, step3_moe_layers), config_path=("text_config",),
-                 selection_bias="moe.router_bias",
-                 calibration_by_type=(("step3_text", _NO_TRANSFORMERS), ("step3_vl", _NO_TRANSFORMERS),
-                                      ("step3p5", Calibration(unsupported="transformers has no model with a head for "
-                                                              "its text-only config (Step-3.5-Flash), only for the "
-                                                              "step3p7 wrapper, which calibrates")))),
-    Architecture("gemma4", ("gemma4", "gemma4_text"),
-                 (Stack(("model.language_model.layers", "model.layers"), "experts",
-                        ("router.proj.weight", "router.per_expert_scale")),),
-                 ("num_experts",), top_k_keys=("top_k_experts",), moe_rule=moe_block_enabled,
-                 config_path=("text_config",),
-                 calibration=Calibration(unsupported="its per-layer token inputs are not streamed yet")),
-    Architecture("jetmoe", ("jetmoe",),
-                 (Stack(("model.layers",), None, ("mlp.router.layer.weight",)),), ("num_local_experts",),
-                 unsupported=("JetMoE's num_local_experts counts both its FFN experts and its attention (MoA) "
-                              "experts, and shardcut cannot prune the attention experts; pruning the FFN experts "
-                              "alone would leave a config no engine can load")),
+    Architecture(
+        "step3",
+        ("step3_text", "step3_vl", "step3p5", "step3p7"),
+        (
+            Stack(
+                ("model.layers", "model.language_model.layers", "language_model.model.layers"),
+                "moe.experts",
+                ("moe.gate.weight", "moe.router_bias"),
+                fused=("moe.gate_proj", "moe.up_proj", "moe.down_proj"),
+            ),
+        ),
+        ("moe_num_experts", "n_routed_experts", "num_local_experts"),
+        top_k_keys=("moe_top_k", "num_experts_per_tok"),
+        moe_rule=per_layer_types("mlp_layer_types", _SPARSE, step3_moe_layers),
+        config_path=("text_config",),
+        selection_bias="moe.router_bias",
+        calibration_by_type=(
+            ("step3_text", _NO_TRANSFORMERS),
+            ("step3_vl", _NO_TRANSFORMERS),
+            (
+                "step3p5",
+                Calibration(
+                    unsupported="transformers has no model with a head for "
+                    "its text-only config (Step-3.5-Flash), only for the "
+                    "step3p7 wrapper, which calibrates"
+                ),
+            ),
+        ),
+    ),
+    Architecture(
+        "gemma4",
+        ("gemma4", "gemma4_text"),
+        (
+            Stack(
+                ("model.language_model.layers", "model.layers"),
+                "experts",
+                ("router.proj.weight", "router.per_expert_scale"),
+            ),
+        ),
+        ("num_experts",),
+        top_k_keys=("top_k_experts",),
+        moe_rule=moe_block_enabled,
+        config_path=("text_config",),
+        calibration=Calibration(unsupported="its per-layer token inputs are not streamed yet"),
+    ),
+    Architecture(
+        "jetmoe",
+        ("jetmoe",),
+        (Stack(("model.layers",), None, ("mlp.router.layer.weight",)),),
+        ("num_local_experts",),
+        unsupported=(
+            "JetMoE's num_local_experts counts both its FFN experts and its attention (MoA) "
+            "experts, and shardcut cannot prune the attention experts; pruning the FFN experts "
+            "alone would leave a config no engine can load"
+        ),
+    ),
 )
 
 _BY_MODEL_TYPE = {mt: a for a in ARCHITECTURES for mt in a.model_types}

@@ -20,8 +20,25 @@ CONFIG_NAME = "config.json"
 
 # Weights in any format: outside the main index, each one would bring back every pruned expert.
 WEIGHT_PATTERNS = (
-    "*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.gguf", "*.npz", "*.npy", "*.h5", "*.msgpack",
-    "*.onnx", "*.pkl", "*.pickle", "*.tflite", "*.ot", "*.keras", "*.pdparams", "*.nemo", "*.mlmodel",
+    "*.safetensors",
+    "*.bin",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.gguf",
+    "*.npz",
+    "*.npy",
+    "*.h5",
+    "*.msgpack",
+    "*.onnx",
+    "*.pkl",
+    "*.pickle",
+    "*.tflite",
+    "*.ot",
+    "*.keras",
+    "*.pdparams",
+    "*.nemo",
+    "*.mlmodel",
 )
 
 
@@ -35,9 +52,17 @@ def require_regular(path: Path) -> None:
     except OSError as exc:
         raise ShardcutError(f"cannot read ({exc.strerror or exc})", path) from None
     if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                else "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
-                else "not a regular file")
+        kind = (
+            "a directory"
+            if stat.S_ISDIR(mode)
+            else "a FIFO"
+            if stat.S_ISFIFO(mode)
+            else "a socket"
+            if stat.S_ISSOCK(mode)
+            else "a device"
+            if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "not a regular file"
+        )
         raise ShardcutError(f"is {kind}, expected a regular file", path)
 
 
@@ -150,16 +175,22 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         by_name[name] = header
         for tname, info in header.tensors.items():
             if tname in tensors:
-                raise ShardcutError(f"tensor {tname!r} appears in two shards ({tensors[tname][0].path.name})", shard_path)
+                raise ShardcutError(
+                    f"tensor {tname!r} appears in two shards ({tensors[tname][0].path.name})", shard_path
+                )
             tensors[tname] = (header, info)
     if weight_map is not None:
         for tname, shard in weight_map.items():
             found = tensors.get(tname)
             if found is None or found[0] is not by_name[shard]:
-                raise ShardcutError(f"index lists tensor {tname!r} in {shard!r} but that shard does not hold it", index_path)
+                raise ShardcutError(
+                    f"index lists tensor {tname!r} in {shard!r} but that shard does not hold it", index_path
+                )
         extra = set(tensors) - set(weight_map)
         if extra:
-            raise ShardcutError(f"shards hold {len(extra)} tensors the index does not list, e.g. {min(extra)!r}", index_path)
+            raise ShardcutError(
+                f"shards hold {len(extra)} tensors the index does not list, e.g. {min(extra)!r}", index_path
+            )
     return Checkpoint(root, config, shards, tensors, index_metadata)
 
 

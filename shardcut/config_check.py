@@ -76,16 +76,25 @@ def check_config(config: Mapping, path: str | Path, tensors: Mapping | None = No
             elif key in ("hidden_size", "vocab_size", "decoder_sparse_step"):
                 if not _is_int(value) or not 1 <= value <= MAX_COUNT:
                     fail(where, key, value, "must be a positive integer")
-            elif key in ("first_k_dense_replace", "num_nextn_predict_layers", "n_group", "topk_group",
-                         "num_expert_group"):  # a group count of 0 means no groups (read as 1)
+            elif key in (
+                "first_k_dense_replace",
+                "num_nextn_predict_layers",
+                "n_group",
+                "topk_group",
+                "num_expert_group",
+            ):  # a group count of 0 means no groups (read as 1)
                 if not _is_int(value) or not 0 <= value <= MAX_COUNT:
                     fail(where, key, value, "must be a non-negative integer")
             elif key == "mlp_only_layers":
                 if not isinstance(value, list) or not all(_is_int(v) and 0 <= v < MAX_COUNT for v in value):
                     fail(where, key, value, "must be a list of layer indices (non-negative integers)")
             elif key == "moe_layer_freq":
-                ok = (_is_int(value) and 1 <= value <= MAX_COUNT
-                      or isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value))
+                ok = (
+                    _is_int(value)
+                    and 1 <= value <= MAX_COUNT
+                    or isinstance(value, list)
+                    and all(_is_int(v) and v >= 0 for v in value)
+                )
                 if not ok:
                     fail(where, key, value, "must be a positive integer or a list of non-negative integers")
     if tensors:
@@ -104,12 +113,12 @@ def _check_embedding(config: Mapping, path: str | Path, tensors: Mapping) -> Non
         return
     hidden, vocab = config.get("hidden_size"), config.get("vocab_size")
     if _is_int(hidden) and hidden != shape[1]:
-        raise CheckpointError(f"hidden_size={hidden} but {_EMBEDDING} has shape {list(shape)} "
-                              f"(hidden size {shape[1]})", path)
+        raise CheckpointError(
+            f"hidden_size={hidden} but {_EMBEDDING} has shape {list(shape)} (hidden size {shape[1]})", path
+        )
     # An embedding may have more rows than the vocabulary (padding), never fewer.
     if _is_int(vocab) and vocab > shape[0]:
-        raise CheckpointError(f"vocab_size={vocab} but {_EMBEDDING} has shape {list(shape)} "
-                              f"({shape[0]} rows)", path)
+        raise CheckpointError(f"vocab_size={vocab} but {_EMBEDDING} has shape {list(shape)} ({shape[0]} rows)", path)
 
 
 def _show(value: object) -> str:

@@ -21,11 +21,28 @@ from shardcut.errors import ShardcutError
 
 # Bits per element of every dtype safetensors defines (sub-byte dtypes are packed).
 DTYPE_BITS: dict[str, int] = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
-    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
-    "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
-    "I32": 32, "U32": 32, "F32": 32,
-    "I64": 64, "U64": 64, "F64": 64, "C64": 64,
+    "BOOL": 8,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "I64": 64,
+    "U64": 64,
+    "F64": 64,
+    "C64": 64,
 }
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 COPY_CHUNK = 64 << 20
@@ -251,7 +268,10 @@ class PinnedSources:
         head = os.pread(fd, shard.data_start, 0)
         again = parse_header_bytes(head, st.st_size, path) if len(head) == shard.data_start else None
         if again is None or (again.tensors, again.metadata, again.file_size) != (
-                shard.tensors, shard.metadata, shard.file_size):
+            shard.tensors,
+            shard.metadata,
+            shard.file_size,
+        ):
             raise ShardcutError("source shard changed between reading its header and opening it", path)
         self._ident[path] = (_identity(st), head)
 
@@ -277,8 +297,7 @@ class PinnedSources:
                 why = "header rewritten"
             else:
                 continue
-            raise ShardcutError(f"source shard changed while shardcut read it ({why}); no output was committed",
-                                path)
+            raise ShardcutError(f"source shard changed while shardcut read it ({why}); no output was committed", path)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -440,8 +459,9 @@ def hash_pieces(pieces: list[Piece], hasher) -> None:
 COMPARE_CHUNK = 16 << 20  # bytes per read when comparing written tensors with their sources
 
 
-def slice_expert_axis(path: Path, t: TensorInfo, axis: int, num_experts: int,
-                      kept: list[int] | list[list[int]]) -> OutTensor:
+def slice_expert_axis(
+    path: Path, t: TensorInfo, axis: int, num_experts: int, kept: list[int] | list[list[int]]
+) -> OutTensor:
     """Byte ranges of `t` restricted to the kept experts' blocks along `axis`.
 
     The axis holds `num_experts` equal blocks (one row per expert for routers and fused
@@ -464,15 +484,17 @@ def slice_expert_axis(path: Path, t: TensorInfo, axis: int, num_experts: int,
         raise ShardcutError(f"tensor {t.name!r} {list(t.shape)}: {outer} rows need equal kept lists for each", path)
     pieces = [
         Piece(path, t.start + (o * num_experts + k) * block_bytes, block_bytes)
-        for o in range(outer) for k in per_outer[o]
+        for o in range(outer)
+        for k in per_outer[o]
     ]
     shape = list(t.shape)
     shape[axis] = block * len(per_outer[0])
     return OutTensor(t.name, t.dtype, tuple(shape), merge_pieces(pieces))
 
 
-def compare_written(out_dir: Path, shards: list[list[OutTensor]], names: list[str],
-                    pinned: PinnedSources | None = None) -> int:
+def compare_written(
+    out_dir: Path, shards: list[list[OutTensor]], names: list[str], pinned: PinnedSources | None = None
+) -> int:
     """Re-read every written tensor and compare it with its source byte ranges.
 
     Raises ShardcutError at the first difference; returns the bytes compared. Reads in

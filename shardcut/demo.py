@@ -18,9 +18,20 @@ from shardcut.rewrite import prune
 from shardcut.verification import verify
 
 DEMO_CONFIG = dict(
-    model_type="qwen3_moe", hidden_size=64, intermediate_size=96, moe_intermediate_size=48, num_hidden_layers=4,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=512, num_experts=16,
-    num_experts_per_tok=4, norm_topk_prob=True, max_position_embeddings=256, tie_word_embeddings=False,
+    model_type="qwen3_moe",
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=512,
+    num_experts=16,
+    num_experts_per_tok=4,
+    norm_topk_prob=True,
+    max_position_embeddings=256,
+    tie_word_embeddings=False,
 )
 DEMO_TEXT = "demo.txt"
 DEMO_HELDOUT = "demo-heldout.txt"  # evaluation text, not calibration text
@@ -38,8 +49,10 @@ def demo_text_path() -> Path:
 
 # Qwen2's pre-tokenizer (its tokenizer.json, verbatim): llama.cpp implements it as `qwen2`, so a
 # tokenizer that splits this way converts to GGUF with the same pre-tokenization HF applies.
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]
 
 
@@ -62,20 +75,28 @@ def build_tokenizer(path: str | Path, texts: Iterable[str], vocab_size: int):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     alphabet = pre_tokenizers.ByteLevel.alphabet() if vocab_size > 256 + len(SPECIAL_TOKENS) else []
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet, show_progress=False
+    )
     tok.train_from_iterator(list(texts), trainer)
     if tok.get_vocab_size() > vocab_size:
-        raise ValueError(f"the texts' alphabet alone needs {tok.get_vocab_size()} ids, more than vocab_size {vocab_size}")
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
+        raise ValueError(
+            f"the texts' alphabet alone needs {tok.get_vocab_size()} ids, more than vocab_size {vocab_size}"
+        )
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(str(path))
     # transformers 5 names its own backend class here, which transformers 4 (and so llama.cpp's pinned
@@ -119,8 +140,11 @@ def claim_demo_dir(directory: str | Path) -> Path:
         raise OutputError("exists and is not a folder: give the demo a new or empty folder", directory)
     if directory.is_dir() and not (directory / MARKER).is_file():
         if any(directory.iterdir()):
-            raise OutputError(f"is not empty and was not made by `shardcut demo` (no {MARKER} file): "
-                              "give the demo a new or empty folder", directory)
+            raise OutputError(
+                f"is not empty and was not made by `shardcut demo` (no {MARKER} file): "
+                "give the demo a new or empty folder",
+                directory,
+            )
     try:
         directory.mkdir(parents=True, exist_ok=True)
         (directory / MARKER).write_text(MARKER_TEXT)
@@ -157,9 +181,16 @@ def run_demo(directory: str | Path, log: Callable[[str], None] = print) -> dict:
     model = build_demo_model(source)
     E = DEMO_CONFIG["num_experts"]
     log(f"calibrating on the bundled text {demo_text_path().name}")
-    scores = calibrate(source, str(demo_text_path()), scores_path, max_length=128, device="cpu", dtype="float32",
-                       overwrite=True,  # the demo's own file in its own folder
-                       progress=lambda e: log(e.message) if e.kind == "info" else None)
+    scores = calibrate(
+        source,
+        str(demo_text_path()),
+        scores_path,
+        max_length=128,
+        device="cpu",
+        dtype="float32",
+        overwrite=True,  # the demo's own file in its own folder
+        progress=lambda e: log(e.message) if e.kind == "info" else None,
+    )
     plan, _ = make_plan(source, scores_path, ratio=0.5)
     log(f"pruning {E} -> {plan.num_experts} experts per layer (lowest REAP scores) into {pruned}")
     report = prune(source, pruned, plan)
@@ -167,8 +198,15 @@ def run_demo(directory: str | Path, log: Callable[[str], None] = print) -> dict:
     from shardcut.evaluation.runner import evaluate
 
     log("evaluating the pruned checkpoint against the original on held-out text (shardcut eval)")
-    quality = evaluate(source, str(demo_text_path().with_name(DEMO_HELDOUT)), pruned=[pruned], scores=scores_path,
-                       max_length=128, device="cpu", dtype="float32").plans[0]
+    quality = evaluate(
+        source,
+        str(demo_text_path().with_name(DEMO_HELDOUT)),
+        pruned=[pruned],
+        scores=scores_path,
+        max_length=128,
+        device="cpu",
+        dtype="float32",
+    ).plans[0]
     ids = torch.randint(0, DEMO_CONFIG["vocab_size"], (2, 32), generator=torch.Generator().manual_seed(1))
     with quiet_transformers():
         small = AutoModelForCausalLM.from_pretrained(pruned).eval()
@@ -180,8 +218,17 @@ def run_demo(directory: str | Path, log: Callable[[str], None] = print) -> dict:
     diff = (got - masked).abs().max().item()
     effect = (base - masked).abs().max().item()
     return {
-        "source": source, "pruned": pruned, "scores": scores_path, "experts_before": E,
-        "experts_after": report.experts_after, "bytes_before": report.input_bytes, "bytes_after": report.output_bytes,
-        "calibration_tokens": int(scores.tokens[0]), "verify_ok": check.ok, "max_logit_diff": diff,
-        "masking_effect": effect, "passed": check.ok and diff < 1e-4 and effect > 0, "eval": quality,
+        "source": source,
+        "pruned": pruned,
+        "scores": scores_path,
+        "experts_before": E,
+        "experts_after": report.experts_after,
+        "bytes_before": report.input_bytes,
+        "bytes_after": report.output_bytes,
+        "calibration_tokens": int(scores.tokens[0]),
+        "verify_ok": check.ok,
+        "max_logit_diff": diff,
+        "masking_effect": effect,
+        "passed": check.ok and diff < 1e-4 and effect > 0,
+        "eval": quality,
     }

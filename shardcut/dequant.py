@@ -23,8 +23,12 @@ from shardcut.errors import ShardcutError
 _FP8_COMPANIONS = (".weight_scale_inv", ".activation_scale", ".input_scale")
 
 
-def dequantize(name_to_tensors: Mapping[str, torch.Tensor], quant_config: Mapping | None,
-               device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def dequantize(
+    name_to_tensors: Mapping[str, torch.Tensor],
+    quant_config: Mapping | None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, torch.Tensor]:
     """Float weights of one layer's tensors, under their plain `.weight` names, on `device`.
 
     Quantized modules (`X.weight` + `X.weight_scale_inv`, or `X.weight_packed` + its companions)
@@ -49,8 +53,10 @@ def dequantize(name_to_tensors: Mapping[str, torch.Tensor], quant_config: Mappin
         return _compressed_tensors(tensors, quant_config, dtype)
     if method == "mxfp4":
         return _mxfp4(tensors, dtype)
-    raise ShardcutError(f"cannot dequantize quant_method {method!r} for calibration "
-                        "(supported: fp8 block, compressed-tensors, mxfp4)", "config.json")
+    raise ShardcutError(
+        f"cannot dequantize quant_method {method!r} for calibration (supported: fp8 block, compressed-tensors, mxfp4)",
+        "config.json",
+    )
 
 
 def check_dequantizable(quant_config: Mapping | None, path: str | Path = "config.json") -> None:
@@ -65,8 +71,11 @@ def check_dequantizable(quant_config: Mapping | None, path: str | Path = "config
     if not method or method in ("fp8", "mxfp4"):
         return
     if method != "compressed-tensors":
-        raise ShardcutError(f"cannot dequantize quant_method {method!r} for calibration "
-                            "(supported: fp8 block, compressed-tensors, mxfp4)", path)
+        raise ShardcutError(
+            f"cannot dequantize quant_method {method!r} for calibration "
+            "(supported: fp8 block, compressed-tensors, mxfp4)",
+            path,
+        )
     config, _ = _ct_config(quant_config, path)
     for name, scheme in config.config_groups.items():
         _ct_compressor(scheme, config, path, name)
@@ -74,12 +83,16 @@ def check_dequantizable(quant_config: Mapping | None, path: str | Path = "config
     if sparsity not in (None, "dense"):
         raise ShardcutError(f"cannot dequantize compressed-tensors sparsity format {sparsity!r} for calibration", path)
     if quant_config.get("transform_config"):
-        raise ShardcutError("cannot calibrate a compressed-tensors checkpoint with a transform_config (rotated "
-                            "weights: their dequantized values are not the model's)", path)
+        raise ShardcutError(
+            "cannot calibrate a compressed-tensors checkpoint with a transform_config (rotated "
+            "weights: their dequantized values are not the model's)",
+            path,
+        )
 
 
-def fp8_block_reference(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None,
-                        dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def fp8_block_reference(
+    weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int] | None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
     """`weight * scale_inv`, each scale covering a `block` of the (zero-padded) weight; a scalar
     scale covers the whole weight."""
     w = weight.to(torch.float32)
@@ -110,8 +123,9 @@ def _fp8_block(tensors: dict, quant_config: Mapping, dtype: torch.dtype) -> dict
     else:
         out = dict(tensors)
         for module in modules:
-            out[f"{module}.weight"] = fp8_block_reference(out[f"{module}.weight"], out.pop(f"{module}.weight_scale_inv"),
-                                                          block, dtype)
+            out[f"{module}.weight"] = fp8_block_reference(
+                out[f"{module}.weight"], out.pop(f"{module}.weight_scale_inv"), block, dtype
+            )
     for module in modules:
         for companion in _FP8_COMPANIONS:
             out.pop(module + companion, None)
@@ -124,13 +138,16 @@ def _ct_config(quant_config: Mapping, path: str | Path = "config.json"):
         from compressed_tensors.quantization import QuantizationConfig
         from compressed_tensors.utils.match import match_name
     except ImportError:
-        raise ShardcutError("dequantizing a compressed-tensors checkpoint needs the compressed-tensors package "
-                            "(pip install compressed-tensors)") from None
+        raise ShardcutError(
+            "dequantizing a compressed-tensors checkpoint needs the compressed-tensors package "
+            "(pip install compressed-tensors)"
+        ) from None
     try:
         config = QuantizationConfig.model_validate(dict(quant_config))
     except Exception as exc:  # pydantic's ValidationError: one line naming the problem
-        raise ShardcutError(f"quantization_config is not a compressed-tensors config "
-                            f"({str(exc).splitlines()[0][:100]})", path) from None
+        raise ShardcutError(
+            f"quantization_config is not a compressed-tensors config ({str(exc).splitlines()[0][:100]})", path
+        ) from None
     return config, match_name
 
 
@@ -146,8 +163,9 @@ def _ct_compressor(scheme, config, path: str | Path = "config.json", group: str 
     try:
         return BaseCompressor.get_value_from_registry(fmt)
     except Exception:  # the registry raises ValueError/KeyError for formats it has no compressor for
-        raise ShardcutError(f"cannot dequantize compressed-tensors format {fmt!r} (config group {group!r}) for "
-                            "calibration", path) from None
+        raise ShardcutError(
+            f"cannot dequantize compressed-tensors format {fmt!r} (config group {group!r}) for calibration", path
+        ) from None
 
 
 def _compressed_tensors(tensors: dict, quant_config: Mapping, dtype: torch.dtype) -> dict:
@@ -189,7 +207,9 @@ def _mxfp4(tensors: dict, dtype: torch.dtype) -> dict:
             raise ShardcutError(f"{name} has no {base}_scales")
         packed, scales = out.pop(name), out.pop(base + "_scales")
         if packed.ndim != 4 or tuple(packed.shape[:-1]) != tuple(scales.shape):
-            raise ShardcutError(f"{name} {list(packed.shape)} / {base}_scales {list(scales.shape)}: not gpt-oss "
-                                "MXFP4 expert blocks [E, out, in/32, 16] and scales [E, out, in/32]")
+            raise ShardcutError(
+                f"{name} {list(packed.shape)} / {base}_scales {list(scales.shape)}: not gpt-oss "
+                "MXFP4 expert blocks [E, out, in/32, 16] and scales [E, out, in/32]"
+            )
         out[base] = convert_moe_packed_tensors(packed, scales, dtype=dtype)
     return out

@@ -41,7 +41,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, mode: int | None = None) -
                 os.fchmod(fd, mode)
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -57,8 +57,9 @@ def atomic_write_text(path: str | Path, text: str, mode: int | None = None) -> N
     atomic_write_bytes(path, text.encode(), mode)
 
 
-def check_output(out: str | Path, inputs: Iterable[str | Path | None] = (), *, overwrite: bool = False,
-                 what: str = "output") -> Path:
+def check_output(
+    out: str | Path, inputs: Iterable[str | Path | None] = (), *, overwrite: bool = False, what: str = "output"
+) -> Path:
     """Refuse, before any work, an output file that would destroy something.
 
     Refused: `out` resolving to one of `inputs` (a file) or lying inside one of them (a folder,

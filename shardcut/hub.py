@@ -134,11 +134,15 @@ def hub_errors(ref: RepoRef | str, revision: str | None = None) -> Iterator[None
     except ShardcutError:
         raise
     except e.GatedRepoError:
-        raise ShardcutError(f"gated repo: accept its conditions on the Hub and authenticate ({LOGIN_HINT})",
-                            ref) from None
+        raise ShardcutError(
+            f"gated repo: accept its conditions on the Hub and authenticate ({LOGIN_HINT})", ref
+        ) from None
     except e.RepositoryNotFoundError:
-        why = ("it is private and your token cannot read it" if current_token()
-               else f"it is private and no token is set ({LOGIN_HINT})")
+        why = (
+            "it is private and your token cannot read it"
+            if current_token()
+            else f"it is private and no token is set ({LOGIN_HINT})"
+        )
         raise ShardcutError(f"repository not found on the Hub, or {why}", ref) from None
     except e.RevisionNotFoundError:
         raise ShardcutError(f"revision {revision or 'main'!r} does not exist in this repo", ref) from None
@@ -169,14 +173,18 @@ def resolve_commit(ref: RepoRef, api=None) -> str:
     if offline():
         folder = cache_folder(ref)
         if not folder.is_dir():
-            raise ShardcutError(f"not in the local Hugging Face cache ({cache_root()}) and HF_HUB_OFFLINE=1 "
-                                "forbids downloading it", ref)
+            raise ShardcutError(
+                f"not in the local Hugging Face cache ({cache_root()}) and HF_HUB_OFFLINE=1 forbids downloading it", ref
+            )
         ref_file = folder / "refs" / revision
         commit = ref_file.read_text().strip() if ref_file.is_file() else revision
         if not (_COMMIT.match(commit) and (folder / "snapshots" / commit).is_dir()):
             cached = ", ".join(_cached_refs(ref)) or "none"
-            raise ShardcutError(f"revision {revision!r} is not in the local Hugging Face cache (cached: {cached}) "
-                                "and HF_HUB_OFFLINE=1 forbids looking it up", ref)
+            raise ShardcutError(
+                f"revision {revision!r} is not in the local Hugging Face cache (cached: {cached}) "
+                "and HF_HUB_OFFLINE=1 forbids looking it up",
+                ref,
+            )
         return commit
     with hub_errors(ref):
         sha = (api or hub_api()).repo_info(ref.repo_id, revision=revision).sha
@@ -209,8 +217,11 @@ def _require_cached(ref: RepoRef, root: Path) -> None:
     names, _ = _shard_names(root)
     missing = [n for n in names if not (root / n).is_file()]
     if missing:
-        raise ShardcutError(f"{len(missing)} of {len(names)} shards (e.g. {missing[0]}) are not in the local "
-                            "Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading them", ref)
+        raise ShardcutError(
+            f"{len(missing)} of {len(names)} shards (e.g. {missing[0]}) are not in the local "
+            "Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading them",
+            ref,
+        )
 
 
 def resolve_model(model: str | Path, *, api=None) -> Path:
@@ -229,13 +240,15 @@ def resolve_model(model: str | Path, *, api=None) -> Path:
     if offline():
         root = cache_folder(ref) / "snapshots" / resolve_commit(ref)
         if not (root / CONFIG_NAME).is_file():
-            raise ShardcutError(f"{CONFIG_NAME} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 "
-                                "forbids downloading it", ref)
+            raise ShardcutError(
+                f"{CONFIG_NAME} is not in the local Hugging Face cache and HF_HUB_OFFLINE=1 forbids downloading it", ref
+            )
         _require_cached(ref, root)
         return root
     with hub_errors(ref):
-        return Path((api or hub_api()).snapshot_download(ref.repo_id, revision=ref.revision,
-                                                         ignore_patterns=OTHER_WEIGHTS))
+        return Path(
+            (api or hub_api()).snapshot_download(ref.repo_id, revision=ref.revision, ignore_patterns=OTHER_WEIGHTS)
+        )
 
 
 def open_model(model: str | Path, *, api=None) -> Checkpoint:
@@ -276,8 +289,10 @@ def open_model(model: str | Path, *, api=None) -> Checkpoint:
 def remote_header(path: Path, file_meta) -> ShardHeader:
     """A ShardHeader from huggingface_hub's `SafetensorsFileMetadata`, validated by the same
     parser as local files. Offsets count from a re-encoded header, not the file's own."""
-    header: dict = {name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)}
-                    for name, t in file_meta.tensors.items()}
+    header: dict = {
+        name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": list(t.data_offsets)}
+        for name, t in file_meta.tensors.items()
+    }
     if file_meta.metadata:
         header["__metadata__"] = file_meta.metadata
     raw = json.dumps(header, separators=(",", ":")).encode()
@@ -304,8 +319,9 @@ def remote_checkpoint(root: Path, meta, index: dict | None, ref: RepoRef | str) 
     if index:
         for tname, shard in index["weight_map"].items():
             if tname not in tensors or tensors[tname][0].path.name != shard:
-                raise ShardcutError(f"index lists tensor {tname!r} in {shard!r} but that shard does not hold it",
-                                    INDEX_NAME)
+                raise ShardcutError(
+                    f"index lists tensor {tname!r} in {shard!r} but that shard does not hold it", INDEX_NAME
+                )
         if set(tensors) - set(index["weight_map"]):
             raise ShardcutError("shards hold tensors the index does not list", INDEX_NAME)
     metadata = index.get("metadata") if index and isinstance(index.get("metadata"), dict) else {}

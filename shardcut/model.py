@@ -226,8 +226,9 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _first_int(cfg: dict, keys: tuple[str, ...], what: str, arch: Architecture, element: int = 0,
-               largest: bool = False) -> int:
+def _first_int(
+    cfg: dict, keys: tuple[str, ...], what: str, arch: Architecture, element: int = 0, largest: bool = False
+) -> int:
     """The first integer among `keys`; a list of integers gives its `element` entry (ERNIE-VL's
     `[text, vision]` counts) or, with `largest`, its maximum (per-layer top-k lists)."""
     for key in keys:
@@ -249,8 +250,9 @@ def _layer_count(config: dict, path: tuple[str, ...], arch: Architecture) -> int
                 return value
             if isinstance(value, (list, str)) and value:  # a per-layer list or pattern: its length
                 return len(value)
-    raise ShardcutError(f"{arch.name} config has no integer layer count "
-                        f"(looked for {', '.join(arch.layer_count_keys)})", CONFIG_NAME)
+    raise ShardcutError(
+        f"{arch.name} config has no integer layer count (looked for {', '.join(arch.layer_count_keys)})", CONFIG_NAME
+    )
 
 
 def _group_value(cfg: dict, spellings: str | tuple[str, ...]) -> int:
@@ -331,13 +333,28 @@ def _find_layers(ckpt: Checkpoint, arch: Architecture, main: _StackCounts, cfg_f
                 continue
             mtp = stack.follows_rule and idx >= counts.num_hidden or not stack.follows_rule
             key = f"{stack.plan_prefix}{idx}"
-            found[(s_idx, idx)] = MoELayer(key, idx, f"{prefix}.{idx}.", stack, mtp, counts.num_experts,
-                                           counts.top_k, counts.zero_experts, counts.path)
+            found[(s_idx, idx)] = MoELayer(
+                key,
+                idx,
+                f"{prefix}.{idx}.",
+                stack,
+                mtp,
+                counts.num_experts,
+                counts.top_k,
+                counts.zero_experts,
+                counts.path,
+            )
         if stack.follows_rule:
-            _check_mtp_count(ckpt.config, stack, counts,
-                             sorted(i for (s, i), layer in found.items() if s == s_idx and layer.mtp), cfg_file)
-            _check_rule(arch, stack, counts, {i for (s, i), layer in found.items() if s == s_idx and not layer.mtp},
-                        cfg_file)
+            _check_mtp_count(
+                ckpt.config,
+                stack,
+                counts,
+                sorted(i for (s, i), layer in found.items() if s == s_idx and layer.mtp),
+                cfg_file,
+            )
+            _check_rule(
+                arch, stack, counts, {i for (s, i), layer in found.items() if s == s_idx and not layer.mtp}, cfg_file
+            )
     layers = [found[k] for k in sorted(found)]
     if not layers:
         raise ShardcutError(f"no MoE layers found for architecture {arch.name}", cfg_file)
@@ -375,8 +392,11 @@ def _check_counts(ckpt: Checkpoint, arch: Architecture, layers: list[MoELayer], 
         if E < 1:
             raise ShardcutError(f"{field} = {E}: a MoE layer needs at least one expert", cfg_file)
         if not 1 <= k <= E + zero:
-            raise ShardcutError(f"{_count_field(ckpt.config, layer.config_path, arch.top_k_keys)} = {k}: top-k must "
-                                f"be in [1, {E + zero}] (the experts of layer {layer.key})", cfg_file)
+            raise ShardcutError(
+                f"{_count_field(ckpt.config, layer.config_path, arch.top_k_keys)} = {k}: top-k must "
+                f"be in [1, {E + zero}] (the experts of layer {layer.key})",
+                cfg_file,
+            )
         name = layer.prefix + stack.marker
         found = ckpt.tensors.get(name)
         axis = 0 if stack.marker in stack.expert_rows else 1
@@ -385,8 +405,11 @@ def _check_counts(ckpt: Checkpoint, arch: Architecture, layers: list[MoELayer], 
         rows = found[1].shape[axis]
         if rows != E + zero:
             said = f"{E} (+ {zero} zero-computation)" if zero else str(E)
-            raise ShardcutError(f"{field} = {said} but layer {layer.key}'s router {name} has {rows} expert "
-                                f"{'rows' if axis == 0 else 'columns'} (shape {list(found[1].shape)})", cfg_file)
+            raise ShardcutError(
+                f"{field} = {said} but layer {layer.key}'s router {name} has {rows} expert "
+                f"{'rows' if axis == 0 else 'columns'} (shape {list(found[1].shape)})",
+                cfg_file,
+            )
     expected: dict[str, tuple[int, MoELayer]] = {}
     for layer in layers:
         if layer.stack.experts:
@@ -402,8 +425,11 @@ def _check_counts(ckpt: Checkpoint, arch: Architecture, layers: list[MoELayer], 
         n, layer = expected[prefix]
         if present != set(range(n)):
             field = _count_field(ckpt.config, layer.config_path, arch.expert_keys)
-            raise ShardcutError(f"{field} = {layer.num_experts} but layer {layer.key} holds expert ids "
-                                f"{min(present)}..{max(present)} ({len(present)} experts) under {prefix}", cfg_file)
+            raise ShardcutError(
+                f"{field} = {layer.num_experts} but layer {layer.key} holds expert ids "
+                f"{min(present)}..{max(present)} ({len(present)} experts) under {prefix}",
+                cfg_file,
+            )
 
 
 _FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
@@ -420,9 +446,12 @@ def _check_mtp_count(config: dict, stack: Stack, counts: _StackCounts, extra: li
         declared = next((config.get(k) for k in _MTP_COUNT_KEYS if _is_int(config.get(k))), 0)
     if len(extra) > declared:
         where = f"{stack.plan_prefix.rstrip('.')} " if stack.plan_prefix else ""
-        raise ShardcutError(f"num_hidden_layers = {counts.num_hidden} but the checkpoint has {where}MoE layers "
-                            f"{extra[:5]} beyond it, more than the {declared} MTP layer(s) the config declares "
-                            f"({' / '.join(_MTP_COUNT_KEYS)})", cfg_file)
+        raise ShardcutError(
+            f"num_hidden_layers = {counts.num_hidden} but the checkpoint has {where}MoE layers "
+            f"{extra[:5]} beyond it, more than the {declared} MTP layer(s) the config declares "
+            f"({' / '.join(_MTP_COUNT_KEYS)})",
+            cfg_file,
+        )
 
 
 def _check_rule(arch: Architecture, stack: Stack, counts: _StackCounts, present: set[int], cfg_file) -> None:
@@ -464,9 +493,16 @@ def count_groups(info: ModelInfo) -> list[CountGroup]:
         [('thinker_config.text_config', 8), ('talker_config.text_config', 6)]
     """
     main = info.layers[0].config_path
-    return [CountGroup(".".join(path) or "config", layers, layers[0].num_experts, layers[0].top_k,
-                       *((info.n_group, info.topk_group) if path == main else (1, 1)))
-            for path, layers in info.layers_by_config().items()]
+    return [
+        CountGroup(
+            ".".join(path) or "config",
+            layers,
+            layers[0].num_experts,
+            layers[0].top_k,
+            *((info.n_group, info.topk_group) if path == main else (1, 1)),
+        )
+        for path, layers in info.layers_by_config().items()
+    ]
 
 
 def experts_by_config(info: ModelInfo, keep: dict[str, list[int]]) -> dict[str, list[int]]:

@@ -25,9 +25,13 @@ def _layer_key(name: str) -> str | None:
 
 
 @contextmanager
-def forbid_pruned_experts(model, keep: dict[str, list[int]], num_experts: int | Mapping[str, int],
-                          layer_key: Callable[[str], str | None] | None = None,
-                          zero_experts: int = 0) -> Iterator[int]:
+def forbid_pruned_experts(
+    model,
+    keep: dict[str, list[int]],
+    num_experts: int | Mapping[str, int],
+    layer_key: Callable[[str], str | None] | None = None,
+    zero_experts: int = 0,
+) -> Iterator[int]:
     """Inside the block, `model`'s routers cannot choose experts missing from `keep`.
 
     Yields the number of routers masked (a test should check it equals the MoE layer count).
@@ -61,18 +65,24 @@ def forbid_pruned_experts(model, keep: dict[str, list[int]], num_experts: int | 
         key = key_of(name)
         if key not in keep or "experts." in name.replace("shared_experts.", ""):
             continue
-        if param.ndim == 2 and _ROUTER.search(name) and \
-                (pruned := pruned_mask(key, param.shape[0])) is not None:
+        if param.ndim == 2 and _ROUTER.search(name) and (pruned := pruned_mask(key, param.shape[0])) is not None:
             masks[param.data_ptr()] = pruned
-        elif any(w in name for w in _BIAS_WORDS) and param.ndim <= 2 and \
-                (pruned := pruned_mask(key, param.shape[-1])) is not None:
+        elif (
+            any(w in name for w in _BIAS_WORDS)
+            and param.ndim <= 2
+            and (pruned := pruned_mask(key, param.shape[-1])) is not None
+        ):
             saved.append((param, param.detach().clone()))
             with torch.no_grad():
                 param[..., pruned] = float("-inf")
     for name, buf in model.named_buffers():  # some families keep the selection bias as a buffer
         key = key_of(name)
-        if key in keep and any(w in name for w in _BIAS_WORDS) and buf.ndim >= 1 and \
-                (pruned := pruned_mask(key, buf.shape[-1])) is not None:
+        if (
+            key in keep
+            and any(w in name for w in _BIAS_WORDS)
+            and buf.ndim >= 1
+            and (pruned := pruned_mask(key, buf.shape[-1])) is not None
+        ):
             saved.append((buf, buf.clone()))
             buf[..., pruned] = float("-inf")
 

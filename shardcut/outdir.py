@@ -41,8 +41,11 @@ def check_output_path(out: Path, source: Path) -> None:
     if out.is_symlink():
         raise OutputError(f"the output is a symlink (to {os.readlink(out)}); give the real folder", out)
     if os.path.ismount(out):
-        raise OutputError("the output is a mount point: shardcut builds OUT beside it and renames it into "
-                          "place, which cannot cross filesystems; give a folder inside the mount", out)
+        raise OutputError(
+            "the output is a mount point: shardcut builds OUT beside it and renames it into "
+            "place, which cannot cross filesystems; give a folder inside the mount",
+            out,
+        )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OutputExistsError("output exists and is not an empty directory", out)
     src_r, out_r = source.resolve(), out.resolve()
@@ -74,9 +77,7 @@ def check_free_space(where: Path, needed: int) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed:
-        raise ShardcutError(
-            f"not enough disk space: the output needs {needed:,} bytes, {free:,} are free", probe
-        )
+        raise ShardcutError(f"not enough disk space: the output needs {needed:,} bytes, {free:,} are free", probe)
 
 
 def sync_tree(root: Path) -> None:

@@ -21,12 +21,39 @@ from shardcut.checkpoint import Checkpoint
 from shardcut.model import ModelInfo
 
 _COMPANIONS = (
-    ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4", ".weight.nested_quant_map",
-    ".weight.nested_absmax", ".weight.quant_map", ".weight.absmax", ".weight_scale_inv", ".weight_global_scale",
-    ".weight_zero_point", ".weight_scale_2", ".weight_packed", ".weight_format", ".weight_g_idx", ".weight_scale",
-    ".weight_shape", ".input_global_scale", ".input_zero_point", ".input_scale", ".activation_scale",
-    ".qscale_weight", ".qscale_act", ".qweight", ".qzeros", ".scales", ".g_idx", ".SCB", ".scale", ".weight",
-    ".bias", "_scale_inv", "_blocks", "_scales", "_bias",
+    ".weight.quant_state.bitsandbytes__nf4",
+    ".weight.quant_state.bitsandbytes__fp4",
+    ".weight.nested_quant_map",
+    ".weight.nested_absmax",
+    ".weight.quant_map",
+    ".weight.absmax",
+    ".weight_scale_inv",
+    ".weight_global_scale",
+    ".weight_zero_point",
+    ".weight_scale_2",
+    ".weight_packed",
+    ".weight_format",
+    ".weight_g_idx",
+    ".weight_scale",
+    ".weight_shape",
+    ".input_global_scale",
+    ".input_zero_point",
+    ".input_scale",
+    ".activation_scale",
+    ".qscale_weight",
+    ".qscale_act",
+    ".qweight",
+    ".qzeros",
+    ".scales",
+    ".g_idx",
+    ".SCB",
+    ".scale",
+    ".weight",
+    ".bias",
+    "_scale_inv",
+    "_blocks",
+    "_scales",
+    "_bias",
 )  # a leading "_" marks companions of fused projections (`gate_up_proj_blocks`)
 
 
@@ -64,10 +91,11 @@ def tensor_group(name: str, role, ndim: int) -> str:
         return "other"
     if role.kind == "expert" or ndim >= 3:
         return "expert"
-    stack, rest = role.layer.stack, name[len(role.layer.prefix):]
-    fused = (stack.experts and rest.startswith(stack.experts + ".")) or any(rest.startswith(f + ".") for f in stack.fused)
+    stack, rest = role.layer.stack, name[len(role.layer.prefix) :]
+    fused = (stack.experts and rest.startswith(stack.experts + ".")) or any(
+        rest.startswith(f + ".") for f in stack.fused
+    )
     return "expert" if fused else "router"
-
 
 
 @dataclass
@@ -105,7 +133,8 @@ class Counts:
         active = self.base_active + sum(
             min(self.layer_top_k.get(k, self.top_k), E[k]) * self.expert.get(k, (0, 0))[0]
             + E[k] * self.router.get(k, (0, 0))[0]
-            for k in keys if k not in self.mtp
+            for k in keys
+            if k not in self.mtp
         )
         return {"total": total, "active": active, "bytes": size}
 
@@ -141,19 +170,47 @@ def count_parameters(ckpt: Checkpoint, info: ModelInfo) -> Counts:
         acc[1] += t.nbytes
     E = {layer.key: layer.num_experts for layer in info.layers}  # a stack's own count (Qwen3-Omni's talker)
     per = lambda d: {k: (v[0] // E[k], v[1] // E[k]) for k, v in d.items()}  # noqa: E731
-    return Counts(info.top_k, (base[0], base[1]), base_active, per(expert), per(router),
-                  {layer.key for layer in info.layers if layer.mtp},
-                  {layer.key: layer.top_k for layer in info.layers if layer.top_k != info.top_k})
+    return Counts(
+        info.top_k,
+        (base[0], base[1]),
+        base_active,
+        per(expert),
+        per(router),
+        {layer.key for layer in info.layers if layer.mtp},
+        {layer.key: layer.top_k for layer in info.layers if layer.top_k != info.top_k},
+    )
 
 
 # Companions of a quantized module's weight that are not parameters: scales, zero points,
 # group indices, shapes, lookup tables (bitsandbytes), activation scales.
 _NOT_PARAMETERS = (
-    ".weight_scale_inv", ".weight_global_scale", ".weight_zero_point", ".weight_scale_2", ".weight_format",
-    ".weight_g_idx", ".weight_scale", ".weight_shape", ".input_global_scale", ".input_zero_point", ".input_scale",
-    ".activation_scale", ".qscale_weight", ".qscale_act", ".qzeros", ".scales", ".g_idx", ".SCB", ".scale",
-    "_scale_inv", "_scales", ".weight.absmax", ".weight.quant_map", ".weight.nested_absmax",
-    ".weight.nested_quant_map", ".weight.quant_state.bitsandbytes__nf4", ".weight.quant_state.bitsandbytes__fp4",
+    ".weight_scale_inv",
+    ".weight_global_scale",
+    ".weight_zero_point",
+    ".weight_scale_2",
+    ".weight_format",
+    ".weight_g_idx",
+    ".weight_scale",
+    ".weight_shape",
+    ".input_global_scale",
+    ".input_zero_point",
+    ".input_scale",
+    ".activation_scale",
+    ".qscale_weight",
+    ".qscale_act",
+    ".qzeros",
+    ".scales",
+    ".g_idx",
+    ".SCB",
+    ".scale",
+    "_scale_inv",
+    "_scales",
+    ".weight.absmax",
+    ".weight.quant_map",
+    ".weight.nested_absmax",
+    ".weight.nested_quant_map",
+    ".weight.quant_state.bitsandbytes__nf4",
+    ".weight.quant_state.bitsandbytes__fp4",
 )
 _FLOAT = ("F64", "F32", "F16", "BF16")
 
@@ -222,6 +279,10 @@ def _packed_parameters(shape: list[int] | None, packed, bits: int) -> int:
     if not shape:
         return guess
     full = list(packed.shape[: max(0, len(packed.shape) - len(shape))]) + shape  # fused [E, …], per-expert shape
-    if len(full) == len(packed.shape) and full[:-1] == list(packed.shape[:-1]) and -(-full[-1] // per) == packed.shape[-1]:
+    if (
+        len(full) == len(packed.shape)
+        and full[:-1] == list(packed.shape[:-1])
+        and -(-full[-1] // per) == packed.shape[-1]
+    ):
         return math.prod(full)
     return guess

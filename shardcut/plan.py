@@ -111,7 +111,9 @@ def check_replaceable_plan(out: str | Path) -> None:
     if not out.exists():
         return
     try:
-        ok = out.is_file() and out.stat().st_size < 1 << 30 and json.loads(out.read_bytes()).get("format") == PLAN_FORMAT
+        ok = (
+            out.is_file() and out.stat().st_size < 1 << 30 and json.loads(out.read_bytes()).get("format") == PLAN_FORMAT
+        )
     except (OSError, ValueError, AttributeError, RecursionError):
         ok = False
     if not ok:
@@ -159,14 +161,18 @@ def validate_plan(plan: Plan, info: ModelInfo, source: str | Path = "plan") -> N
             )
         kept = next(iter(counts))
         if kept < layers[0].top_k:
-            raise ShardcutError(f"layer {layers[0].key}: keeps {kept} expert{'s' if kept != 1 else ''}, "
-                                f"fewer than top_k={layers[0].top_k}", source)
+            raise ShardcutError(
+                f"layer {layers[0].key}: keeps {kept} expert{'s' if kept != 1 else ''}, "
+                f"fewer than top_k={layers[0].top_k}",
+                source,
+            )
     if info.arch.top_k_exact and info.top_k != info.arch.top_k_exact:
         raise ShardcutError(f"{info.arch.name} needs top_k == {info.arch.top_k_exact}", source)
     if info.grouped:
         main = info.layers_by_config()[info.layers[0].config_path]
-        _validate_groups(Plan({layer.key: plan.keep[layer.key] for layer in main}), info,
-                         len(plan.keep[main[0].key]), source)
+        _validate_groups(
+            Plan({layer.key: plan.keep[layer.key] for layer in main}), info, len(plan.keep[main[0].key]), source
+        )
 
 
 def _validate_groups(plan: Plan, info: ModelInfo, kept: int, source) -> None:

@@ -136,8 +136,12 @@ def make_plan(
     from shardcut.rewrite import layout
 
     if out is not None:
-        check_output(out, [model if is_local(model) else None, None if isinstance(scores, Scores) else scores],
-                     overwrite=overwrite, what="plan")
+        check_output(
+            out,
+            [model if is_local(model) else None, None if isinstance(scores, Scores) else scores],
+            overwrite=overwrite,
+            what="plan",
+        )
         check_replaceable_plan(out)
     given = {k: v for k, v in locals().items() if k in PLAN_FLAGS}  # every option, recorded in the plan
     ckpt = open_model(model)  # headers only: no shard data
@@ -165,17 +169,23 @@ def make_plan(
     warnings: list[str] = []
     mismatch = _scores_model_mismatch(model, ckpt, info, scores)
     if mismatch:
-        warnings.append(f"the scores were computed on another model ({mismatch}); only their layers and expert "
-                        "counts were checked against MODEL")
+        warnings.append(
+            f"the scores were computed on another model ({mismatch}); only their layers and expert "
+            "counts were checked against MODEL"
+        )
     if protect_super_experts:
         supers, threshold = super_experts(scores, super_layer_fraction, super_percentile)
-        notes.append(f"super-expert threshold {threshold:.6g} (percentile {super_percentile:g}, first "
-                     f"{super_layer_fraction:g} of the layers): "
-                     + (", ".join(f"layer {k}: {v}" for k, v in supers.items()) if supers else "none found"))
+        notes.append(
+            f"super-expert threshold {threshold:.6g} (percentile {super_percentile:g}, first "
+            f"{super_layer_fraction:g} of the layers): "
+            + (", ".join(f"layer {k}: {v}" for k, v in supers.items()) if supers else "none found")
+        )
     for g, c in per_group:
         if c.rounded:
-            notes.append(f"{'rounding' if 'multiple_of=' in c.rounded else 'grouped routing'}{f' ({g.name})' if multi else ''}: "
-                         f"{c.rounded}")
+            notes.append(
+                f"{'rounding' if 'multiple_of=' in c.rounded else 'grouped routing'}{f' ({g.name})' if multi else ''}: "
+                f"{c.rounded}"
+            )
 
     keep: dict[str, list[int]] = {}
     rows: list[LayerRow] = []
@@ -198,18 +208,43 @@ def make_plan(
         keep[layer.key] = sel.kept
         by_id, tie, tied_ids = id_order_ties(values[r, : layer.num_experts], sel.kept, group.n_group, sel.protected)
         never = int(np.sum(scores.count[r, tied_ids] == 0)) if scores.has_sums and tied_ids else 0
-        rows.append(LayerRow(layer.key, len(sel.kept), c.pruned, sel.lowest_kept, sel.highest_pruned,
-                             sel.protected, sel.protection_overrode, sel.group_balance_overrode,
-                             "scores" if src == layer.key else f"ranked with the scores of layer {src}",
-                             by_id, tie, never))
+        rows.append(
+            LayerRow(
+                layer.key,
+                len(sel.kept),
+                c.pruned,
+                sel.lowest_kept,
+                sel.highest_pruned,
+                sel.protected,
+                sel.protection_overrode,
+                sel.group_balance_overrode,
+                "scores" if src == layer.key else f"ranked with the scores of layer {src}",
+                by_id,
+                tie,
+                never,
+            )
+        )
     for key, src in pending:
         keep[key] = list(keep[src])
         if protected.get(key) and not set(protected[key]) <= set(keep[key]):
-            raise ShardcutError(f"layer {key}: protected experts {protected[key]} are not all among layer {src}'s "
-                                f"kept ids, which mtp policy same-ids-as:{src} copies")
+            raise ShardcutError(
+                f"layer {key}: protected experts {protected[key]} are not all among layer {src}'s "
+                f"kept ids, which mtp policy same-ids-as:{src} copies"
+            )
         c = group_of[key][1]
-        rows.append(LayerRow(key, c.kept, c.pruned, None, None, protected.get(key, []), False, False,
-                             f"keeps the same ids as layer {src}"))
+        rows.append(
+            LayerRow(
+                key,
+                c.kept,
+                c.pruned,
+                None,
+                None,
+                protected.get(key, []),
+                False,
+                False,
+                f"keeps the same ids as layer {src}",
+            )
+        )
     order = {layer.key: i for i, layer in enumerate(info.layers)}
     rows.sort(key=lambda row: order[row.layer])
     warnings += _tie_warnings(rows)
@@ -225,10 +260,12 @@ def make_plan(
         chosen = {"experts": counts.kept, "pruned_per_layer": counts.pruned, "rounding": counts.rule}
     else:  # "experts" only where it is one number (experts=N); each group's count, pruned and rule
         kept_all = {c.kept for _, c in per_group}
-        chosen = {**({"experts": kept_all.pop()} if len(kept_all) == 1 else {}),
-                  "num_experts_by_config": {g.name: c.kept for g, c in per_group},
-                  "pruned_per_layer_by_config": {g.name: c.pruned for g, c in per_group},
-                  "rounding_by_config": {g.name: c.rule for g, c in per_group}}
+        chosen = {
+            **({"experts": kept_all.pop()} if len(kept_all) == 1 else {}),
+            "num_experts_by_config": {g.name: c.kept for g, c in per_group},
+            "pruned_per_layer_by_config": {g.name: c.pruned for g, c in per_group},
+            "rounding_by_config": {g.name: c.rule for g, c in per_group},
+        }
     extra: dict = {
         "source": source,
         "criterion": crit,
@@ -242,16 +279,23 @@ def make_plan(
         extra["seed"] = seed
     if mtp_policy and any(kind != "own" for kind, _ in sources.values()):
         extra["mtp_policy"] = mtp_policy
-        notes += [f"mtp policy {mtp_policy}: layer {row.layer} has no scores, {row.source}"
-                  for row in rows if row.source != "scores"]
+        notes += [
+            f"mtp policy {mtp_policy}: layer {row.layer} has no scores, {row.source}"
+            for row in rows
+            if row.source != "scores"
+        ]
     elif mtp_policy:
         notes.append(f"mtp policy {mtp_policy!r} not needed: every MoE layer has scores")
     if protected:
         extra["protected"] = {k: sorted(set(v)) for k, v in protected.items()}
     if protect_super_experts:
         extra["super_expert_threshold"] = threshold
-        extra["super_experts"] = {"percentile": super_percentile, "layer_fraction": super_layer_fraction,
-                                  "max_fraction": SUPER_MAX_FRACTION, "threshold": threshold}
+        extra["super_experts"] = {
+            "percentile": super_percentile,
+            "layer_fraction": super_layer_fraction,
+            "max_fraction": SUPER_MAX_FRACTION,
+            "threshold": threshold,
+        }
     decided = sum(row.decided_by_id for row in rows)
     if warnings:
         extra["warnings"] = warnings
@@ -262,11 +306,40 @@ def make_plan(
     lay = layout(ckpt, info, plan)
     output = sum(shard_size(s, m) for s, m in zip(lay.shards, lay.metadata))
     rule = "; ".join(f"{g.name}: {c.rule}" for g, c in per_group) if multi else counts.rule
-    by_config = {g.name: {"num_experts": g.num_experts, "top_k": g.top_k, "kept": c.kept, "pruned": c.pruned,
-                          "rule": c.rule, "rounded": c.rounded} for g, c in per_group} if multi else {}
-    report = PlanReport(model_text, info.arch.name, crit, info.num_experts, counts.kept, ratio, rule, rows,
-                        ckpt.file_bytes, output, sha, extra.get("mtp_policy"), threshold, notes, by_config,
-                        warnings, decided)
+    by_config = (
+        {
+            g.name: {
+                "num_experts": g.num_experts,
+                "top_k": g.top_k,
+                "kept": c.kept,
+                "pruned": c.pruned,
+                "rule": c.rule,
+                "rounded": c.rounded,
+            }
+            for g, c in per_group
+        }
+        if multi
+        else {}
+    )
+    report = PlanReport(
+        model_text,
+        info.arch.name,
+        crit,
+        info.num_experts,
+        counts.kept,
+        ratio,
+        rule,
+        rows,
+        ckpt.file_bytes,
+        output,
+        sha,
+        extra.get("mtp_policy"),
+        threshold,
+        notes,
+        by_config,
+        warnings,
+        decided,
+    )
     if out is not None:
         plan.save(out)
     return plan, report
@@ -297,13 +370,18 @@ def _tie_warnings(rows: list[LayerRow]) -> list[str]:
             continue
         what = "zero scores" if row.tie_value == 0 else f"scores tied at {row.tie_value:.6g}"
         never = f", {row.never_routed_at_cut} of them never routed" if row.never_routed_at_cut else ""
-        out.append(f"layer {row.layer}: the cut falls among {row.decided_by_id} experts with {what}{never}; "
-                   "which of them stay was decided by id order (lower ids kept)")
+        out.append(
+            f"layer {row.layer}: the cut falls among {row.decided_by_id} experts with {what}{never}; "
+            "which of them stay was decided by id order (lower ids kept)"
+        )
     if out:
         total = sum(row.decided_by_id for row in rows)
         never = sum(row.never_routed_at_cut for row in rows)
-        out.insert(0, f"{len(out)} of {len(rows)} MoE layers cut among equal scores: {total} experts decided by id "
-                      f"order" + (f" ({never} never routed: more calibration data would rank them)" if never else ""))
+        out.insert(
+            0,
+            f"{len(out)} of {len(rows)} MoE layers cut among equal scores: {total} experts decided by id "
+            f"order" + (f" ({never} never routed: more calibration data would rank them)" if never else ""),
+        )
     return out
 
 
@@ -317,13 +395,21 @@ def _scores_model_mismatch(model, ckpt, info: ModelInfo, scores: Scores) -> str 
     if "@" in text and not Path(text).exists():
         here["revision"] = text.split("@", 1)[1]
     return model_mismatch(here, {k: v for k, v in scores.metadata.items() if k != "num_experts"})
+
+
 # The `shardcut plan` / `prune --scores` flag of every `make_plan` option (one table, so the
 # model card's commands and the CLI cannot drift apart; a test checks every option has one).
 # make_plan records every option named here in the plan's `options`.
 PLAN_FLAGS: dict[str, str] = {
-    "ratio": "--ratio", "experts": "--experts", "criterion": "--criterion", "seed": "--seed",
-    "protect_super_experts": "--protect-super-experts", "protect": "--protect", "mtp_policy": "--mtp-policy",
-    "multiple_of": "--multiple-of", "super_percentile": "--super-percentile",
+    "ratio": "--ratio",
+    "experts": "--experts",
+    "criterion": "--criterion",
+    "seed": "--seed",
+    "protect_super_experts": "--protect-super-experts",
+    "protect": "--protect",
+    "mtp_policy": "--mtp-policy",
+    "multiple_of": "--multiple-of",
+    "super_percentile": "--super-percentile",
     "super_layer_fraction": "--super-layer-fraction",
 }
 
@@ -366,8 +452,7 @@ def plan_arguments(options: dict, *, count: bool = True) -> list[str]:
     """
     import inspect
 
-    defaults = {k: p.default for k, p in inspect.signature(make_plan).parameters.items()
-                if p.kind is p.KEYWORD_ONLY}
+    defaults = {k: p.default for k, p in inspect.signature(make_plan).parameters.items() if p.kind is p.KEYWORD_ONLY}
     unknown = [k for k in options if k not in PLAN_FLAGS]
     if unknown:
         raise PlanError(f"plan option {unknown[0]!r} has no shardcut plan flag (a plan of a newer shardcut?)")
@@ -394,23 +479,34 @@ def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin
     """For each MoE layer: ("own", key), ("scores", N) or ("same-ids", N); checks the scores fit the model."""
     E = info.num_experts
     if len(info.layers_by_config()) == 1 and scores.layer_experts is None and scores.num_experts != E:
-        raise ShardcutError(f"holds scores of {scores.num_experts} experts per layer, the model has {E} "
-                            "(scores of another model?)", origin)
+        raise ShardcutError(
+            f"holds scores of {scores.num_experts} experts per layer, the model has {E} (scores of another model?)",
+            origin,
+        )
     model_keys = [layer.key for layer in info.layers]
     foreign = [k for k in scores.layers if k not in info.layer_by_key]
     if foreign:
-        raise ShardcutError(f"covers layers {foreign[:5]} that are not MoE layers of the model (its MoE layers: "
-                            f"{_span(model_keys)}; scores of another model?)", origin)
+        raise ShardcutError(
+            f"covers layers {foreign[:5]} that are not MoE layers of the model (its MoE layers: "
+            f"{_span(model_keys)}; scores of another model?)",
+            origin,
+        )
     scored = set(scores.layers)
     missing_main = [layer.key for layer in info.layers if not layer.mtp and layer.key not in scored]
     if missing_main:
-        raise ShardcutError(f"lacks MoE layers {missing_main[:5]} of the model ({len(scores.layers)} scored, "
-                            f"{len(model_keys)} in the model; scores of another model?)", origin)
+        raise ShardcutError(
+            f"lacks MoE layers {missing_main[:5]} of the model ({len(scores.layers)} scored, "
+            f"{len(model_keys)} in the model; scores of another model?)",
+            origin,
+        )
     for key in scores.layers:
         have, want = scores.experts_of(key), info.layer_by_key[key].num_experts
         if have != want:
-            raise ShardcutError(f"layer {key}: holds scores of {have} experts, the model's layer has {want} (scores "
-                                "of another model, or a file without per-layer counts (layer_experts)?)", origin)
+            raise ShardcutError(
+                f"layer {key}: holds scores of {have} experts, the model's layer has {want} (scores "
+                "of another model, or a file without per-layer counts (layer_experts)?)",
+                origin,
+            )
     unscored = [layer.key for layer in info.layers if layer.key not in scored]
     out = {k: ("own", k) for k in model_keys if k in scored}
     if not unscored:
@@ -418,7 +514,9 @@ def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin
     if not policy:
         raise ShardcutError(
             f"MoE layers {', '.join(unscored)} (MTP) have no scores; choose how to prune them with mtp_policy "
-            f"(--mtp-policy): reuse-last, scores-of:N or same-ids-as:N", origin)
+            f"(--mtp-policy): reuse-last, scores-of:N or same-ids-as:N",
+            origin,
+        )
     name, _, arg = policy.partition(":")
     if name == "reuse-last" and not arg:
         for key in unscored:  # the last scored layer of the same count group (the main stack's, for MTP)
@@ -434,19 +532,24 @@ def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin
         raise ShardcutError(f"unknown mtp policy {policy!r} (known: {', '.join(MTP_POLICIES)}, N a scored layer key)")
     for key, (_, src) in out.items():  # another stack's scores or ids fit only where the counts match
         layer, other = info.layer_by_key[key], info.layer_by_key[src]
-        if layer.num_experts != other.num_experts or (out[key][0] == "same-ids" and
-                                                      layer.config_path != other.config_path):
-            raise ShardcutError(f"mtp policy {policy!r}: layer {key} ({layer.num_experts} experts) cannot take "
-                                f"layer {src}'s {'ids' if out[key][0] == 'same-ids' else 'scores'} "
-                                f"({other.num_experts} experts, expert count of {'.'.join(other.config_path) or 'config'})")
+        if layer.num_experts != other.num_experts or (
+            out[key][0] == "same-ids" and layer.config_path != other.config_path
+        ):
+            raise ShardcutError(
+                f"mtp policy {policy!r}: layer {key} ({layer.num_experts} experts) cannot take "
+                f"layer {src}'s {'ids' if out[key][0] == 'same-ids' else 'scores'} "
+                f"({other.num_experts} experts, expert count of {'.'.join(other.config_path) or 'config'})"
+            )
     return out
 
 
 def _check_protect(protect: dict[str, list[int]], info: ModelInfo) -> dict[str, list[int]]:
     for key, ids in protect.items():
         if key not in info.layer_by_key:
-            raise ShardcutError(f"--protect: layer {key} is not a MoE layer of the model "
-                                f"(MoE layers: {_span([layer.key for layer in info.layers])})")
+            raise ShardcutError(
+                f"--protect: layer {key} is not a MoE layer of the model "
+                f"(MoE layers: {_span([layer.key for layer in info.layers])})"
+            )
         E = info.layer_by_key[key].num_experts
         bad = [i for i in ids if not 0 <= i < E]
         if bad:
@@ -460,5 +563,3 @@ def _span(keys: list[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Summaries for `scores show`
-
-

@@ -66,8 +66,13 @@ class PushReport:
 
     def to_json(self) -> dict:
         return {
-            "repo_id": self.repo_id, "revision": self.revision, "private": self.private, "create_pr": self.create_pr,
-            "dry_run": self.dry_run, "base_model": self.base_model, "url": self.url,
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "private": self.private,
+            "create_pr": self.create_pr,
+            "dry_run": self.dry_run,
+            "base_model": self.base_model,
+            "url": self.url,
             "files": [{"path": f.path_in_repo, "size": f.size, "from": f.origin} for f in self.files],
             "card": self.card,
         }
@@ -152,12 +157,18 @@ def push(
             if revision and not create_pr:
                 api.create_branch(target, branch=revision, exist_ok=True)
             info_commit = api.upload_folder(
-                repo_id=target, folder_path=staging, revision=revision, create_pr=create_pr or None,
+                repo_id=target,
+                folder_path=staging,
+                revision=revision,
+                create_pr=create_pr or None,
                 commit_message=f"Expert-pruned {_counts_text(info, provenance)} experts per layer with "
-                               f"shardcut {__version__}",
+                f"shardcut {__version__}",
             )
-    report.url = getattr(info_commit, "pr_url", None) or getattr(info_commit, "commit_url", None) or \
-        f"https://huggingface.co/{target}"
+    report.url = (
+        getattr(info_commit, "pr_url", None)
+        or getattr(info_commit, "commit_url", None)
+        or f"https://huggingface.co/{target}"
+    )
     return report
 
 
@@ -180,10 +191,12 @@ def with_evaluation(card: str, report_path: str | Path, plot: str | Path | None 
             raise ShardcutError("evaluation picture not found", plot)
         files.append(PushFile(EVAL_PLOT_IN_REPO, plot.stat().st_size, source=plot))
         picture = f"\n\n![quality against ratio and per-layer error]({EVAL_PLOT_IN_REPO})"
-    section = (f"\n## Evaluation\n\nMeasured with `shardcut eval` against `{report.model}` before upload "
-               f"(KL(original || pruned) of the next-token distributions per token, top-1 agreement of the most "
-               f"likely next token; {report.device or 'device unrecorded'}, {report.dtype or 'dtype unrecorded'}; "
-               f"full report `{EVAL_IN_REPO}`):\n\n{report.markdown()}{picture}\n")
+    section = (
+        f"\n## Evaluation\n\nMeasured with `shardcut eval` against `{report.model}` before upload "
+        f"(KL(original || pruned) of the next-token distributions per token, top-1 agreement of the most "
+        f"likely next token; {report.device or 'device unrecorded'}, {report.dtype or 'dtype unrecorded'}; "
+        f"full report `{EVAL_IN_REPO}`):\n\n{report.markdown()}{picture}\n"
+    )
     if report.warnings:
         section += "\n" + "\n".join(f"> warning: {w}" for w in report.warnings) + "\n"
     return card.rstrip("\n") + "\n" + section, files
@@ -214,8 +227,9 @@ def _check_target(repo_id: str, revision: str | None, create_pr: bool) -> str:
     except HFValidationError as exc:
         raise ShardcutError(f"malformed Hub repo id ({str(exc).splitlines()[0]})", repo_id) from None
     if create_pr and revision not in (None, "main"):
-        raise ShardcutError("--create-pr opens a pull request against main; it cannot target --revision "
-                            f"{revision!r}", repo_id)
+        raise ShardcutError(
+            f"--create-pr opens a pull request against main; it cannot target --revision {revision!r}", repo_id
+        )
     return repo_id
 
 
@@ -225,8 +239,9 @@ def _scores_metadata(path: Path, plan: Plan) -> dict:
     scores = Scores.load(path)
     want = plan.extra.get("scores_sha256")
     if want and file_sha256(path) != want:
-        raise ShardcutError(f"is not the score file this checkpoint was planned from (plan records sha256 "
-                            f"{want[:12]}…)", path)
+        raise ShardcutError(
+            f"is not the score file this checkpoint was planned from (plan records sha256 {want[:12]}…)", path
+        )
     meta = {k: v for k, v in scores.metadata.items() if k not in ("format", "layer_keys")}
     if scores.has_sums and "tokens" not in meta:
         meta["tokens"] = str(int(scores.tokens.max()))
@@ -271,22 +286,33 @@ def source_card(out: Path, base: str | None, source: dict, api=None) -> dict:
     return {}
 
 
-def _provenance(out: Path, plan: Plan, source: dict, base: str | None, score_file: Path | None,
-                info: ModelInfo) -> dict:
+def _provenance(
+    out: Path, plan: Plan, source: dict, base: str | None, score_file: Path | None, info: ModelInfo
+) -> dict:
     from shardcut.model import count_groups
 
     index = out / INDEX_NAME
     meta = read_json_object(index).get("metadata", {}) if index.is_file() else {}
     groups = count_groups(info)  # of the pruned checkpoint: its counts are the kept ones
     before = source.get("num_experts_by_config") if isinstance(source.get("num_experts_by_config"), dict) else {}
-    by_config = {"experts_per_layer_by_config": {g.name: {"before": before.get(g.name), "after": g.num_experts}
-                                                 for g in groups}} if len(groups) > 1 else {}
+    by_config = (
+        {
+            "experts_per_layer_by_config": {
+                g.name: {"before": before.get(g.name), "after": g.num_experts} for g in groups
+            }
+        }
+        if len(groups) > 1
+        else {}
+    )
     return {
         "format": "shardcut-provenance/1",
         "shardcut_version": __version__,
         "pruned_with": meta.get("shardcut_version", __version__),
-        "source": {"model": base or source.get("model"), "revision": source.get("revision"),
-                   "num_experts": source.get("num_experts")},
+        "source": {
+            "model": base or source.get("model"),
+            "revision": source.get("revision"),
+            "num_experts": source.get("num_experts"),
+        },
         "plan_sha256": meta.get("plan_sha256") or plan.sha256(),
         "scores_sha256": plan.extra.get("scores_sha256") or None,
         "scores_file": SCORES_IN_REPO if score_file else None,
@@ -313,7 +339,7 @@ def _stacks(info: ModelInfo, provenance: dict) -> list[tuple]:
 
 
 def _counts_text(info: ModelInfo, provenance: dict) -> str:
-    """"16 -> 8", or "thinker_config.text_config 8 -> 4, talker_config.text_config 6 -> 3"."""
+    """ "16 -> 8", or "thinker_config.text_config 8 -> 4, talker_config.text_config 6 -> 3"."""
     stacks = _stacks(info, provenance)
     if len(stacks) == 1:
         return f"{provenance['experts_per_layer']['before'] or '?'} -> {stacks[0][2]}"
@@ -339,8 +365,9 @@ def _own_files(out: Path) -> list[Path]:
                 continue
             _check_link(path, root, out)
             if path.is_dir():
-                raise CheckpointError(f"{path.relative_to(out)} is a symlink to a folder; push uploads files only, "
-                                    "nothing uploaded", out)
+                raise CheckpointError(
+                    f"{path.relative_to(out)} is a symlink to a folder; push uploads files only, nothing uploaded", out
+                )
             found.append(path)
     return sorted(found)
 
@@ -350,8 +377,11 @@ def _check_link(path: Path, root: Path, out: Path) -> None:
     if not target.exists():
         raise CheckpointError(f"{path.relative_to(out)} is a broken symlink, nothing uploaded", out)
     if not target.is_relative_to(root):
-        raise CheckpointError(f"{path.relative_to(out)} is a symlink to {target}, outside OUT; push uploads only "
-                            "OUT's own files, nothing uploaded", out)
+        raise CheckpointError(
+            f"{path.relative_to(out)} is a symlink to {target}, outside OUT; push uploads only "
+            "OUT's own files, nothing uploaded",
+            out,
+        )
 
 
 def _stage(root: Path, files: list[PushFile], out: Path) -> Path:
@@ -383,8 +413,16 @@ def _fmt_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def model_card(repo_id: str, base: str | None, plan: Plan, ckpt: Checkpoint, info: ModelInfo, source_meta: dict,
-               scores_meta: dict | None, provenance: dict):
+def model_card(
+    repo_id: str,
+    base: str | None,
+    plan: Plan,
+    ckpt: Checkpoint,
+    info: ModelInfo,
+    source_meta: dict,
+    scores_meta: dict | None,
+    provenance: dict,
+):
     """The README.md of the pushed repo as a `ModelCard` rendered to text."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -398,7 +436,9 @@ def model_card(repo_id: str, base: str | None, plan: Plan, ckpt: Checkpoint, inf
     criterion = str(plan.extra.get("criterion") or "unrecorded")
     source_name = base or str(provenance["source"]["model"] or "the source model")
     data = ModelCardData(
-        base_model=base, library_name="transformers", tags=list(TAGS),
+        base_model=base,
+        library_name="transformers",
+        tags=list(TAGS),
         **{k: v for k, v in source_meta.items()},
     )
     link = f"[{base}](https://huggingface.co/{base})" if base else f"`{source_name}`"
@@ -407,8 +447,10 @@ def model_card(repo_id: str, base: str | None, plan: Plan, ckpt: Checkpoint, inf
     top_ks = {g.top_k for g, _, _ in stacks}
     rows = [
         *((f"routed experts per MoE layer{f' ({g.name})' if multi else ''}", str(b), str(a)) for g, b, a in stacks),
-        *((f"experts per token (top-k){f' ({g.name})' if len(top_ks) > 1 else ''}", str(g.top_k), str(g.top_k))
-          for g, _, _ in (stacks if len(top_ks) > 1 else stacks[:1])),
+        *(
+            (f"experts per token (top-k){f' ({g.name})' if len(top_ks) > 1 else ''}", str(g.top_k), str(g.top_k))
+            for g, _, _ in (stacks if len(top_ks) > 1 else stacks[:1])
+        ),
         ("MoE layers", str(len(info.layers)), str(len(info.layers))),
         ("total parameters", _fmt_count(before["total"]), _fmt_count(after["total"])),
         ("active parameters per token", _fmt_count(before["active"]), _fmt_count(after["active"])),
@@ -423,7 +465,8 @@ def model_card(repo_id: str, base: str | None, plan: Plan, ckpt: Checkpoint, inf
     reprune = _reprune_command(model_ref, plan)
     if multi:
         removed = "routed experts removed in every MoE layer: " + ", ".join(
-            f"{b - a} of {b} in the {g.name} layers ({(b - a) / max(1, b):.0%})" for g, b, a in stacks)
+            f"{b - a} of {b} in the {g.name} layers ({(b - a) / max(1, b):.0%})" for g, b, a in stacks
+        )
         renumbered, keeps = "0..(kept - 1) in each layer", " / ".join(f"{a} ({g.name})" for g, _, a in stacks)
     else:
         removed = f"{E_before - E_after} of its {E_before} routed experts removed in every MoE layer ({pct:.0%})"
@@ -444,7 +487,9 @@ card of {link}: this card credits it and does not repeat it.
 
 Parameters are counted from the tensor shapes in the safetensors headers ("active" counts everything
 a token runs through: {picks}, every router row, and all non-expert
-weights{", MTP layers excluded" if counts.mtp else ""}{"; quantized weights count unpacked, their scales and zero points not at all" if _quantized(info) else ""}).
+weights{", MTP layers excluded" if counts.mtp else ""}{
+        "; quantized weights count unpacked, their scales and zero points not at all" if _quantized(info) else ""
+    }).
 
 ## Method
 
@@ -476,9 +521,11 @@ hf download {repo_id} {SCORES_IN_REPO} --local-dir .
 ## Provenance
 
 shardcut {provenance["pruned_with"]}; source `{source_name}`{
-    f" at revision `{provenance['source']['revision']}`" if provenance["source"]["revision"] else ""};
+        f" at revision `{provenance['source']['revision']}`" if provenance["source"]["revision"] else ""
+    };
 plan sha256 `{provenance["plan_sha256"]}`{
-    f"; scores sha256 `{provenance['scores_sha256']}`" if provenance["scores_sha256"] else ""}
+        f"; scores sha256 `{provenance['scores_sha256']}`" if provenance["scores_sha256"] else ""
+    }
 (`{PROVENANCE_NAME}`).
 """
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
@@ -499,11 +546,17 @@ def _quantized(info: ModelInfo) -> bool:
 
 def _calibration_section(meta: dict | None, source: str, criterion: str) -> str:
     if meta is None:
-        return ("## Calibration data\n\nNo score file was uploaded with this checkpoint; the plan in "
-                f"`{PLAN_IN_REPO}` records the criterion (`{criterion}`) and the score file's sha256.")
+        return (
+            "## Calibration data\n\nNo score file was uploaded with this checkpoint; the plan in "
+            f"`{PLAN_IN_REPO}` records the criterion (`{criterion}`) and the score file's sha256."
+        )
     lines = [f"- {k}: {v}" for k, v in sorted(meta.items()) if k not in ("merged_from",) and len(str(v)) < 300]
-    return ("## Calibration data\n\nFrom the score file's metadata (`" + SCORES_IN_REPO + "`):\n\n"
-            + "\n".join(lines or ["- (no metadata recorded)"]))
+    return (
+        "## Calibration data\n\nFrom the score file's metadata (`"
+        + SCORES_IN_REPO
+        + "`):\n\n"
+        + "\n".join(lines or ["- (no metadata recorded)"])
+    )
 
 
 def _commands(repo_id: str, source: str, plan: Plan, meta: dict | None, criterion: str) -> str:
@@ -514,18 +567,49 @@ def _commands(repo_id: str, source: str, plan: Plan, meta: dict | None, criterio
     options = recorded_options(plan.extra)
     lines = []
     if meta is not None:
-        opts = [arg for key, flag in (("samples", "--samples"), ("max_length", "--max-length")) if key in meta
-                for arg in (flag, str(meta[key]))]
-        lines.append(shlex.join(["shardcut", "calibrate", source, "--data", str(meta.get("data", "DATA")), *opts,
-                                 "-o", "scores.safetensors"]))
+        opts = [
+            arg
+            for key, flag in (("samples", "--samples"), ("max_length", "--max-length"))
+            if key in meta
+            for arg in (flag, str(meta[key]))
+        ]
+        lines.append(
+            shlex.join(
+                [
+                    "shardcut",
+                    "calibrate",
+                    source,
+                    "--data",
+                    str(meta.get("data", "DATA")),
+                    *opts,
+                    "-o",
+                    "scores.safetensors",
+                ]
+            )
+        )
         if options is not None:
-            lines.append(shlex.join(["shardcut", "plan", source, "--scores", "scores.safetensors",
-                                     *plan_arguments(options), "-o", "plan.json"]))
+            lines.append(
+                shlex.join(
+                    [
+                        "shardcut",
+                        "plan",
+                        source,
+                        "--scores",
+                        "scores.safetensors",
+                        *plan_arguments(options),
+                        "-o",
+                        "plan.json",
+                    ]
+                )
+            )
     plan_file = "plan.json" if meta is not None and options is not None else PLAN_IN_REPO
     lines.append(shlex.join(["shardcut", "prune", source, "-o", "pruned", "--plan", plan_file]))
     lines.append(shlex.join(["shardcut", "verify", "pruned", "--source", source]))
-    lines.append(shlex.join(["shardcut", "push", "pruned", repo_id, *(["--scores", "scores.safetensors"]
-                                                                       if meta is not None else [])]))
+    lines.append(
+        shlex.join(
+            ["shardcut", "push", "pruned", repo_id, *(["--scores", "scores.safetensors"] if meta is not None else [])]
+        )
+    )
     return "\n".join(lines)
 
 
@@ -536,5 +620,17 @@ def _reprune_command(source: str, plan: Plan) -> str:
 
     options = recorded_options(plan.extra) or {"criterion": plan.extra.get("criterion") or "reap"}
     ratio = 0.25 if options.get("ratio") != 0.25 else 0.5
-    return shlex.join(["shardcut", "prune", source, "-o", "pruned", "--scores", SCORES_IN_REPO, "--ratio",
-                       str(ratio), *plan_arguments(options, count=False)])
+    return shlex.join(
+        [
+            "shardcut",
+            "prune",
+            source,
+            "-o",
+            "pruned",
+            "--scores",
+            SCORES_IN_REPO,
+            "--ratio",
+            str(ratio),
+            *plan_arguments(options, count=False),
+        ]
+    )

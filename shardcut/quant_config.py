@@ -46,7 +46,9 @@ class _Renamer:
             layer = self.info._by_prefix.get(m.group(1))
             if layer is None:
                 return name
-            layer, expert = self.info._owner(layer, int(m.group(2)))  # ERNIE-VL: the vision half's ids follow the text half's
+            layer, expert = self.info._owner(
+                layer, int(m.group(2))
+            )  # ERNIE-VL: the vision half's ids follow the text half's
             new = self.info.new_expert_id(layer, expert, self.keep)
             if new is None:
                 return _DROP
@@ -59,13 +61,13 @@ class _Renamer:
         """Renumber a regex naming one expert literally; refuse one that names experts otherwise."""
         head = "^" if pattern.startswith("^") else ""
         tail = "$" if pattern.endswith("$") and not pattern.endswith("\\$") else ""
-        body = pattern[len(head): len(pattern) - len(tail)]
+        body = pattern[len(head) : len(pattern) - len(tail)]
         plain = body.replace("\\.", ".")
         if re.fullmatch(r"[\w.]+", plain):  # a literal module name written as a regex
             new = self.name(plain, excluded_list)
             if new is _DROP or new == plain:
                 return new if new is _DROP else pattern
-            new_id = re.search(r"experts\.(\d+)", new[len(plain.split("experts.")[0]):]).group(1)
+            new_id = re.search(r"experts\.(\d+)", new[len(plain.split("experts.")[0]) :]).group(1)
             # Change only the expert index, keeping the pattern's own spelling (escapes, anchors).
             body = re.sub(r"(experts(?:\\\.|\.))\d+", lambda m: m.group(1) + new_id, body, count=1)
             return head + body + tail
@@ -82,12 +84,14 @@ def _entry(renamer: _Renamer, value: str, where: str, excluded_list: bool):
         return value
     for prefix in ("re:", "+:", "-:"):
         if value.startswith(prefix):
-            new = renamer.regex(value[len(prefix):], where, excluded_list)
+            new = renamer.regex(value[len(prefix) :], where, excluded_list)
             return new if new is _DROP else prefix + new
     if "*" in value or "?" in value or "[" in value:  # fnmatch wildcard (ModelOpt exclude_modules)
         if re.search(r"experts\.\d", value):
-            raise ShardcutError(f"quantization_config {where}: wildcard {value!r} names expert ids; "
-                                "rewrite it with explicit module names")
+            raise ShardcutError(
+                f"quantization_config {where}: wildcard {value!r} names expert ids; "
+                "rewrite it with explicit module names"
+            )
         return value
     return renamer.name(value, excluded_list)
 
@@ -113,8 +117,9 @@ def rewrite_quant_section(section: dict, renamer: _Renamer, where: str) -> dict:
     return section
 
 
-def rewrite_quantization(config: dict, info: ModelInfo, keep: dict[str, list[int]],
-                         side_file: dict | None = None) -> tuple[dict, dict | None]:
+def rewrite_quantization(
+    config: dict, info: ModelInfo, keep: dict[str, list[int]], side_file: dict | None = None
+) -> tuple[dict, dict | None]:
     """Return (config, hf_quant_config) with expert module names dropped/renumbered.
 
     Example:
@@ -123,13 +128,18 @@ def rewrite_quantization(config: dict, info: ModelInfo, keep: dict[str, list[int
     """
     renamer = _Renamer(info, keep)
     config = copy.deepcopy(config)
-    for node, where in ((config, "quantization_config"), (config.get("text_config"), "text_config.quantization_config")):
+    for node, where in (
+        (config, "quantization_config"),
+        (config.get("text_config"), "text_config.quantization_config"),
+    ):
         if isinstance(node, dict) and isinstance(node.get("quantization_config"), dict):
             node["quantization_config"] = rewrite_quant_section(node["quantization_config"], renamer, where)
     if side_file is not None:
         side_file = copy.deepcopy(side_file)
         if isinstance(side_file.get("quantization"), dict):
-            side_file["quantization"] = rewrite_quant_section(side_file["quantization"], renamer, "hf_quant_config.json")
+            side_file["quantization"] = rewrite_quant_section(
+                side_file["quantization"], renamer, "hf_quant_config.json"
+            )
     for (layer_key, module), ids in renamer.excluded.items():
         if 0 < len(ids) < len(keep[layer_key]):
             raise ShardcutError(

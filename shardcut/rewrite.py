@@ -87,8 +87,9 @@ class PruneReport:
     side_files: list[dict] = field(default_factory=list)  # what is not copied unchanged, and why
 
     @classmethod
-    def planned(cls, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout, sizes: list[int],
-                dry_run: bool) -> PruneReport:
+    def planned(
+        cls, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout, sizes: list[int], dry_run: bool
+    ) -> PruneReport:
         """The report of pruning `ckpt` by `plan` into `lay` (not yet written: out None, unverified).
 
         Example:
@@ -98,10 +99,24 @@ class PruneReport:
         from shardcut.side_files import COPY, side_files
 
         sides = [f.to_json() for f in side_files(ckpt, info, plan) if f.action != COPY]
-        return cls(None, info.arch.name, dict(plan.keep), info.num_experts, plan.num_experts, ckpt.file_bytes,
-                   sum(sizes), output_names(ckpt, lay), lay.copied, lay.renamed, lay.sliced, lay.dropped,
-                   dry_run, config_changes=updated_config(info, plan.keep)[1],
-                   experts_by_config=experts_by_config(info, plan.keep), side_files=sides)
+        return cls(
+            None,
+            info.arch.name,
+            dict(plan.keep),
+            info.num_experts,
+            plan.num_experts,
+            ckpt.file_bytes,
+            sum(sizes),
+            output_names(ckpt, lay),
+            lay.copied,
+            lay.renamed,
+            lay.sliced,
+            lay.dropped,
+            dry_run,
+            config_changes=updated_config(info, plan.keep)[1],
+            experts_by_config=experts_by_config(info, plan.keep),
+            side_files=sides,
+        )
 
 
 def layout(ckpt: Checkpoint, info: ModelInfo, plan: Plan, max_shard_size: int | None = None) -> Layout:
@@ -184,8 +199,9 @@ def index_metadata(ckpt: Checkpoint, lay: Layout, plan: Plan) -> dict:
     meta["total_size"] = lay.total_size
     params = meta.get("total_parameters")
     if isinstance(params, int) and not isinstance(params, bool):
-        removed = (sum(math.prod(t.shape) for _, t in ckpt.tensors.values())
-                   - sum(math.prod(t.shape) for t in lay.tensors))
+        removed = sum(math.prod(t.shape) for _, t in ckpt.tensors.values()) - sum(
+            math.prod(t.shape) for t in lay.tensors
+        )
         meta["total_parameters"] = params - removed
     meta["shardcut_version"] = __version__
     meta["plan_sha256"] = plan.sha256()
@@ -224,8 +240,18 @@ def parse_size(text: str | int | None) -> int | None:
     """'5GB', '500MB', '2GiB' or a byte count -> bytes (decimal units as in transformers)."""
     if text is None or isinstance(text, int):
         return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
     s = text.strip().upper()
     num = s.rstrip("KMGTIB")
     unit = s[len(num) :]
@@ -288,8 +314,18 @@ def prune(
     return report
 
 
-def _write_pinned(tx, pinned: PinnedSources, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout,
-                  names: list[str], sizes: list[int], verify: bool, progress: Progress | None) -> None:
+def _write_pinned(
+    tx,
+    pinned: PinnedSources,
+    ckpt: Checkpoint,
+    info: ModelInfo,
+    plan: Plan,
+    lay: Layout,
+    names: list[str],
+    sizes: list[int],
+    verify: bool,
+    progress: Progress | None,
+) -> None:
     """Write (or, resuming, keep) every shard of `lay` into the transaction's folder, reading the
     sources only through `pinned`; the sources are checked unchanged after the copy and again
     after the self-check, so an output mixing two versions of a shard is never committed."""
@@ -344,12 +380,14 @@ def pruned_config(ckpt: Checkpoint, info: ModelInfo, plan: Plan) -> tuple[dict, 
     from shardcut.quant_config import rewrite_quantization
 
     side = ckpt.root / HF_QUANT_NAME
-    return rewrite_quantization(updated_config(info, plan.keep)[0], info, plan.keep,
-                                read_json_object(side) if side.exists() else None)
+    return rewrite_quantization(
+        updated_config(info, plan.keep)[0], info, plan.keep, read_json_object(side) if side.exists() else None
+    )
 
 
-def write_checkpoint_files(dest: Path, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout,
-                           names: list[str]) -> None:
+def write_checkpoint_files(
+    dest: Path, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout, names: list[str]
+) -> None:
     """Everything of the output but the shards' bytes: index, config.json, side files (by the
     rules of `shardcut.side_files`), the plan; every file with its source's permission bits."""
     from shardcut.durable import fsync_dir
@@ -373,10 +411,14 @@ def write_checkpoint_files(dest: Path, ckpt: Checkpoint, info: ModelInfo, plan: 
         if path.exists():
             set_mode(path, output_mode(bits))
     config_mode = mode_of(ckpt.root / CONFIG_NAME)
-    _write_json(dest / INDEX_NAME, {
-        "metadata": index_metadata(ckpt, lay, plan),
-        "weight_map": {t.name: name for name, tensors in zip(names, lay.shards) for t in tensors},
-    }, mode=mode_of(ckpt.root / INDEX_NAME, ckpt.root / CONFIG_NAME))
+    _write_json(
+        dest / INDEX_NAME,
+        {
+            "metadata": index_metadata(ckpt, lay, plan),
+            "weight_map": {t.name: name for name, tensors in zip(names, lay.shards) for t in tensors},
+        },
+        mode=mode_of(ckpt.root / INDEX_NAME, ckpt.root / CONFIG_NAME),
+    )
     config, quant_side = pruned_config(ckpt, info, plan)
     _write_json(dest / CONFIG_NAME, config, mode=config_mode)
     write_side_files(dest, ckpt, info, plan, files, quant_side)

@@ -48,19 +48,50 @@ OBSERVER_FIELDS = {
     "act_max": "max_activations",
 }
 OBSERVER_TOKENS = "total_tokens"
-KEEP_KEYS = ("keep", "kept", "kept_experts", "retained_experts", "experts_kept_per_layer", "retained_experts_by_layer",
-             "kept_experts_per_layer")
-PRUNED_KEYS = ("pruned", "pruned_experts", "removed_experts", "dropped_experts", "pruned_experts_per_layer",
-               "experts_pruned_per_layer")
+KEEP_KEYS = (
+    "keep",
+    "kept",
+    "kept_experts",
+    "retained_experts",
+    "experts_kept_per_layer",
+    "retained_experts_by_layer",
+    "kept_experts_per_layer",
+)
+PRUNED_KEYS = (
+    "pruned",
+    "pruned_experts",
+    "removed_experts",
+    "dropped_experts",
+    "pruned_experts_per_layer",
+    "experts_pruned_per_layer",
+)
 WRAPPER_KEYS = ("scores", "layers", "state", "observations", "results", "data", "saliency_scores")
 NAME_KEYS = ("criterion", "metric", "score_name")
 # Criterion names published files use -> shardcut's (higher = keep in every one of them).
-VALUE_NAMES = {"reap": "reap", "saliency": "reap", "reap_score": "reap", "reap_scores": "reap", "ean_mean": "ean_mean",
-               "ean_sum": "ean", "ean": "ean", "frequency": "frequency", "expert_frequency": "frequency",
-               "count": "frequency", "weighted_frequency": "weighted_frequency",
-               "weighted_expert_frequency_sum": "weighted_frequency"}
-IGNORED_STATS = ("pairwise_expert_frequency", "ttm_similarity_matrix", "routed_characteristic_activation",
-                 "characteristic_activation", "router_logit_similiarity", "topk_weights", "topk_ids", "mean_saliency")
+VALUE_NAMES = {
+    "reap": "reap",
+    "saliency": "reap",
+    "reap_score": "reap",
+    "reap_scores": "reap",
+    "ean_mean": "ean_mean",
+    "ean_sum": "ean",
+    "ean": "ean",
+    "frequency": "frequency",
+    "expert_frequency": "frequency",
+    "count": "frequency",
+    "weighted_frequency": "weighted_frequency",
+    "weighted_expert_frequency_sum": "weighted_frequency",
+}
+IGNORED_STATS = (
+    "pairwise_expert_frequency",
+    "ttm_similarity_matrix",
+    "routed_characteristic_activation",
+    "characteristic_activation",
+    "router_logit_similiarity",
+    "topk_weights",
+    "topk_ids",
+    "mean_saliency",
+)
 _SUM_NAMES = {**{f: f for f in FIELDS}, **{v: k for k, v in OBSERVER_FIELDS.items()}, "expert_frequency": "count"}
 _MTP_KEY = re.compile(r"^mtp\.(?:layers\.)?(\d+)(?:\..*)?$")
 _BLOCK_FILE = re.compile(r"block_(\d+)_metrics\.pt$")
@@ -79,9 +110,17 @@ class ImportReport:
     notes: list[str] = field(default_factory=list)
 
 
-def import_scores(path: str | Path, model: str | Path, *, fmt: str = "auto", criterion: str | None = None,
-                  layer_offset: int | None = None, layout: str | None = None, out: str | Path | None = None,
-                  overwrite: bool = False) -> tuple[Scores, ImportReport]:
+def import_scores(
+    path: str | Path,
+    model: str | Path,
+    *,
+    fmt: str = "auto",
+    criterion: str | None = None,
+    layer_offset: int | None = None,
+    layout: str | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+) -> tuple[Scores, ImportReport]:
     """Read a published score file for `model` (folder or Hub id; headers only) as `Scores`.
 
     fmt: `auto` (by suffix and content), `torch` (= `reap-observer`: any torch shape above),
@@ -120,8 +159,9 @@ def import_scores(path: str | Path, model: str | Path, *, fmt: str = "auto", cri
     ctx = _Context(info, path, criterion, layer_offset, layout)
     if path.is_dir():
         scores, report = _from_accumulator_dir(ctx)
-    elif fmt in ("reap-observer", "torch") or (fmt == "auto" and path.suffix.lower() in (".pt", ".pth", ".bin",
-                                                                                         ".pkl", ".ckpt")):
+    elif fmt in ("reap-observer", "torch") or (
+        fmt == "auto" and path.suffix.lower() in (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+    ):
         scores, report = _from_object(_plain(_torch_load(path), path), ctx, "torch")
     else:
         data = _read_json(path)
@@ -183,12 +223,16 @@ def _torch_load(path: Path):
         text = str(exc)
         m = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
         if m:
-            raise ShardcutError(f"refused: the file needs arbitrary unpickling (it references {m.group(1)}, which "
-                                "torch.load(weights_only=True) does not allow); shardcut never runs code from a "
-                                "data file", path) from None
+            raise ShardcutError(
+                f"refused: the file needs arbitrary unpickling (it references {m.group(1)}, which "
+                "torch.load(weights_only=True) does not allow); shardcut never runs code from a "
+                "data file",
+                path,
+            ) from None
         detail = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("Unsupported")), "corrupt")
-        raise ShardcutError(f"not a readable torch file (weights-only unpickling failed: {detail[:120]})",
-                            path) from None
+        raise ShardcutError(
+            f"not a readable torch file (weights-only unpickling failed: {detail[:120]})", path
+        ) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile errors... for non-torch files
         first = str(exc).splitlines()[0][:160] if str(exc) else ""
         raise ShardcutError(f"not a readable torch file ({type(exc).__name__}: {first})", path) from None
@@ -239,8 +283,9 @@ def _matrix(value: object) -> np.ndarray | None:
 
 
 def _is_stat_name(key: object) -> bool:
-    return isinstance(key, str) and (key in _SUM_NAMES or key in VALUE_NAMES or key in IGNORED_STATS
-                                     or key in (OBSERVER_TOKENS, "tokens"))
+    return isinstance(key, str) and (
+        key in _SUM_NAMES or key in VALUE_NAMES or key in IGNORED_STATS or key in (OBSERVER_TOKENS, "tokens")
+    )
 
 
 def _from_object(data: object, ctx: _Context, kind: str) -> tuple[Scores, ImportReport]:
@@ -257,7 +302,9 @@ def _from_object(data: object, ctx: _Context, kind: str) -> tuple[Scores, Import
         stacked = {k: _matrix(v) for k, v in data.items() if k not in IGNORED_STATS}
         stacked = {k: v for k, v in stacked.items() if v is not None}
         if not stacked:
-            raise ShardcutError(f"holds statistics {sorted(map(str, data))} but no per-layer, per-expert values", ctx.path)
+            raise ShardcutError(
+                f"holds statistics {sorted(map(str, data))} but no per-layer, per-expert values", ctx.path
+            )
         rows = {k: _rows(v, ctx, f"{k!r}") for k, v in stacked.items()}
         keys = next(iter(rows.values()))[0]
         if any(r[0] != keys for r in rows.values()):
@@ -265,8 +312,10 @@ def _from_object(data: object, ctx: _Context, kind: str) -> tuple[Scores, Import
         per_layer = {key: {stat: r[1][i] for stat, r in rows.items()} for i, key in enumerate(keys)}
         if kind == "llm-compressor" or ("saliency" in stacked and not (set(stacked) & set(OBSERVER_FIELDS.values()))):
             fmt = "llm-compressor"
-            ctx.notes.append("llm-compressor saliency report: 'saliency' is its REAP score (mean over routed tokens of "
-                             "the applied top-k gate times ||f_j(x)||), 'count' its routed tokens")
+            ctx.notes.append(
+                "llm-compressor saliency report: 'saliency' is its REAP score (mean over routed tokens of "
+                "the applied top-k gate times ||f_j(x)||), 'count' its routed tokens"
+            )
     else:
         matrix = _matrix(data)
         if matrix is not None:
@@ -301,12 +350,18 @@ def _rows(matrix: np.ndarray, ctx: _Context, what: str) -> tuple[list[str], list
     if ctx.layout:
         readings = [r for r in readings if r[0] == ctx.layout]
     if not readings:
-        raise ShardcutError(f"{what} has shape {[a, b]}; the model has {len(main)} MoE layers"
-                            + (f" ({len(every)} with MTP)" if len(every) != len(main) else "")
-                            + f" of {E} experts (scores of another model?)", ctx.path)
+        raise ShardcutError(
+            f"{what} has shape {[a, b]}; the model has {len(main)} MoE layers"
+            + (f" ({len(every)} with MTP)" if len(every) != len(main) else "")
+            + f" of {E} experts (scores of another model?)",
+            ctx.path,
+        )
     if len({r[0] for r in readings}) > 1:
-        raise ShardcutError(f"{what} has shape {[a, b]}, which reads both as [layers, experts] and as [experts, "
-                            "layers]; say which with --layout layers-experts or --layout experts-layers", ctx.path)
+        raise ShardcutError(
+            f"{what} has shape {[a, b]}, which reads both as [layers, experts] and as [experts, "
+            "layers]; say which with --layout layers-experts or --layout experts-layers",
+            ctx.path,
+        )
     name, keys, rows = readings[0]
     if name == "experts-layers":
         ctx.notes.append(f"{what} read as [experts, layers] (shape {[a, b]})")
@@ -322,11 +377,15 @@ def _layer_entries(data: object, ctx: _Context, what: str) -> dict[str, object]:
         for keys in (main, every):
             if len(data) == len(keys):
                 return dict(zip(keys, data))
-        raise ShardcutError(f"{what} is a list of {len(data)} layers but the model has {len(main)} MoE layers"
-                            + (f" ({len(every)} with MTP)" if len(every) != len(main) else ""), path)
+        raise ShardcutError(
+            f"{what} is a list of {len(data)} layers but the model has {len(main)} MoE layers"
+            + (f" ({len(every)} with MTP)" if len(every) != len(main) else ""),
+            path,
+        )
     if not isinstance(data, dict) or not data:
-        raise ShardcutError(f"{what} must map layers to values (or list them in MoE-layer order); got "
-                            f"{type(data).__name__}", path)
+        raise ShardcutError(
+            f"{what} must map layers to values (or list them in MoE-layer order); got {type(data).__name__}", path
+        )
     raw = list(data)
     if ctx.offset is not None:
         ints = [_as_int(k) for k in raw]
@@ -348,8 +407,10 @@ def _layer_entries(data: object, ctx: _Context, what: str) -> dict[str, object]:
     if foreign and len(ints) == len(raw) and ints == list(range(len(raw))) and len(raw) in (len(main), len(every)):
         keys = main if len(raw) == len(main) else every
         by_pos = {keys[_as_int(k)]: data[k] for k in raw}
-        ctx.notes.append(f"layer keys 0..{len(raw) - 1} are not the model's MoE layers ({_span(keys)}); read as "
-                         f"positions in its MoE layer list: 0 -> {keys[0]}, {len(raw) - 1} -> {keys[len(raw) - 1]}")
+        ctx.notes.append(
+            f"layer keys 0..{len(raw) - 1} are not the model's MoE layers ({_span(keys)}); read as "
+            f"positions in its MoE layer list: 0 -> {keys[0]}, {len(raw) - 1} -> {keys[len(raw) - 1]}"
+        )
         return _in_model_order(by_pos, info, path)
     return _in_model_order(mapped, info, path)
 
@@ -405,15 +466,19 @@ def _observer_sums(per_layer: dict[str, dict], ctx: _Context) -> tuple[Scores, I
                 arr = np.maximum(arr, 0.0)  # signed max in the reference; see the metadata note
             getattr(scores, ours)[r] = arr
         scores.tokens[r] = float(np.asarray(stats[OBSERVER_TOKENS]).reshape(-1)[0])
-    scores.metadata.update({
-        "gate": "softmax(router logits), top-k renormalised when the reference run set renormalize_router_weights "
-                "(the REAP reference's w_j(x), not necessarily the gate the layer applies)",
-        "act_max": "REAP reference max_activations: the signed max element of f_j(x), clipped at 0 "
-                   "(shardcut's own files hold max |f_j(x)_i|)",
-        "gate_convention": GATE_SOFTMAX,
-    })
-    notes = ["act_max holds the reference's signed max element, clipped at 0, not max |f_j(x)_i|",
-             "gate sums use the reference's softmax weights, not the router's applied gates for sigmoid routers"]
+    scores.metadata.update(
+        {
+            "gate": "softmax(router logits), top-k renormalised when the reference run set renormalize_router_weights "
+            "(the REAP reference's w_j(x), not necessarily the gate the layer applies)",
+            "act_max": "REAP reference max_activations: the signed max element of f_j(x), clipped at 0 "
+            "(shardcut's own files hold max |f_j(x)_i|)",
+            "gate_convention": GATE_SOFTMAX,
+        }
+    )
+    notes = [
+        "act_max holds the reference's signed max element, clipped at 0, not max |f_j(x)_i|",
+        "gate sums use the reference's softmax weights, not the router's applied gates for sigmoid routers",
+    ]
     return scores, ImportReport(path, "reap-observer", keys, E, True, notes=notes)
 
 
@@ -428,14 +493,17 @@ def _generic_sums(per_layer: dict[str, dict], ctx: _Context, fmt: str) -> tuple[
         got = {_SUM_NAMES[k]: v for k, v in entry.items() if k in _SUM_NAMES}
         missing = [f for f in FIELDS if f not in got]
         if missing:
-            raise ShardcutError(f"layer {key}: missing sums {missing} (names: {', '.join(FIELDS)} or the "
-                                "REAP reference's)", path)
+            raise ShardcutError(
+                f"layer {key}: missing sums {missing} (names: {', '.join(FIELDS)} or the REAP reference's)", path
+            )
         for f in FIELDS:
             getattr(scores, f)[r] = _vec(got[f], E, f"layer {key}: {f}", path)
         tok = entry.get("tokens", entry.get(OBSERVER_TOKENS, 0))
         scores.tokens[r] = float(tok) if isinstance(tok, (int, float)) else 0.0
-    notes = ["per-expert sums: mergeable", "gate convention not recorded by the file: merging it with files "
-             "of a known convention needs --force"]
+    notes = [
+        "per-expert sums: mergeable",
+        "gate convention not recorded by the file: merging it with files of a known convention needs --force",
+    ]
     return scores, ImportReport(path, fmt, keys, E, True, notes=notes)
 
 
@@ -451,10 +519,25 @@ def _values(per_layer: dict[str, object], ctx: _Context, fmt: str, named: str | 
             if k in VALUE_NAMES and VALUE_NAMES[k] not in names.values():
                 names[k] = VALUE_NAMES[k]
         if not names:
-            raise ShardcutError(f"layer {keys[0]}: holds {sorted(map(str, sample))}, neither the sums "
-                                f"({', '.join(FIELDS)}) nor a known criterion ({', '.join(sorted(VALUE_NAMES))})", path)
-        values = {ours: np.stack([_vec(per_layer[k].get(theirs) if isinstance(per_layer[k], dict) else None, E,
-                                       f"layer {k}: {theirs}", path) for k in keys]) for theirs, ours in names.items()}
+            raise ShardcutError(
+                f"layer {keys[0]}: holds {sorted(map(str, sample))}, neither the sums "
+                f"({', '.join(FIELDS)}) nor a known criterion ({', '.join(sorted(VALUE_NAMES))})",
+                path,
+            )
+        values = {
+            ours: np.stack(
+                [
+                    _vec(
+                        per_layer[k].get(theirs) if isinstance(per_layer[k], dict) else None,
+                        E,
+                        f"layer {k}: {theirs}",
+                        path,
+                    )
+                    for k in keys
+                ]
+            )
+            for theirs, ours in names.items()
+        }
     else:
         name = ctx.criterion or named or _name_from_file(path)
         if not name:
@@ -471,9 +554,12 @@ def _values(per_layer: dict[str, object], ctx: _Context, fmt: str, named: str | 
         if not np.all(np.isfinite(arr)) or np.any(arr < 0):
             raise ShardcutError(f"{name} values hold NaN, infinite or negative values", path)
     names = list(values)
-    notes = [f"only {', '.join(map(repr, names))} values, no sums: plan with --criterion {names[0]}; merging is "
-             "impossible"]
-    notes += [f"{n!r} is not one of shardcut's criteria; it is kept under its own name" for n in names if n not in CRITERIA]
+    notes = [
+        f"only {', '.join(map(repr, names))} values, no sums: plan with --criterion {names[0]}; merging is impossible"
+    ]
+    notes += [
+        f"{n!r} is not one of shardcut's criteria; it is kept under its own name" for n in names if n not in CRITERIA
+    ]
     meta = {"criterion": names[0]}
     if fmt == "llm-compressor":
         meta["gate_convention"] = GATE_APPLIED
@@ -514,8 +600,11 @@ def _looks_like_keep_list(data: object, num_experts: int) -> bool:
     if data.get("format") == "shardcut-plan/1" or any(k in data for k in (*KEEP_KEYS, *PRUNED_KEYS)):
         return True
     lists = [v for v in data.values() if isinstance(v, list)]
-    return bool(lists) and len(lists) == len(data) and all(
-        all(type(i) is int for i in v) and len(v) < num_experts for v in lists)
+    return (
+        bool(lists)
+        and len(lists) == len(data)
+        and all(all(type(i) is int for i in v) and len(v) < num_experts for v in lists)
+    )
 
 
 def _from_keep_list(data: object, path: Path, info: ModelInfo, ctx: _Context) -> tuple[Scores, ImportReport]:
@@ -538,16 +627,19 @@ def _from_keep_list(data: object, path: Path, info: ModelInfo, ctx: _Context) ->
             raise ShardcutError(f"layer {key}: expected a list of expert ids", path)
         bad = [i for i in ids if not 0 <= i < E]
         if bad:
-            raise ShardcutError(f"layer {key}: expert ids {bad[:5]} out of range 0..{E - 1} (model has {E} experts)",
-                                path)
+            raise ShardcutError(
+                f"layer {key}: expert ids {bad[:5]} out of range 0..{E - 1} (model has {E} experts)", path
+            )
         if len(set(ids)) != len(ids):
             raise ShardcutError(f"layer {key}: duplicate expert ids", path)
         values[r, ids] = 1.0
         if pruned_mode:
             values[r] = 1.0 - values[r]
         sizes.add(int(values[r].sum()))
-    notes = ["criterion 'keep' is 1 for a kept expert and 0 for a pruned one; "
-             "plan with --criterion keep (no sums: merging is impossible)"]
+    notes = [
+        "criterion 'keep' is 1 for a kept expert and 0 for a pruned one; "
+        "plan with --criterion keep (no sums: merging is impossible)"
+    ]
     if len(sizes) == 1:
         notes.append(f"{sizes.pop()} experts kept per layer in the list")
     else:
@@ -595,7 +687,7 @@ def _layer_key(raw: object, info: ModelInfo, path: Path) -> str:
             m = re.match(rf"^(?:[\w]+\.)*{re.escape(tail)}\.(\d+)(?:\..*)?$", text)
             if m:
                 return f"{layer.stack.plan_prefix}{int(m.group(1))}"
-    raise ShardcutError(f"cannot read {text!r} as a layer (use the layer index, e.g. \"3\")", path)
+    raise ShardcutError(f'cannot read {text!r} as a layer (use the layer index, e.g. "3")', path)
 
 
 def _check_layers(keys: list[str], info: ModelInfo, path: Path) -> list[str]:
@@ -606,10 +698,15 @@ def _check_layers(keys: list[str], info: ModelInfo, path: Path) -> list[str]:
     foreign = [k for k in keys if k not in info.layer_by_key]
     if foreign:
         shown = ", ".join(model_keys) if len(model_keys) <= 8 else f"{model_keys[0]}..{model_keys[-1]}"
-        raise ShardcutError(f"layers {foreign[:5]} are not MoE layers of the model (its MoE layers: {shown}; "
-                            "scores of another model?)", path)
+        raise ShardcutError(
+            f"layers {foreign[:5]} are not MoE layers of the model (its MoE layers: {shown}; scores of another model?)",
+            path,
+        )
     missing = [layer.key for layer in info.layers if not layer.mtp and layer.key not in keys]
     if missing:
-        raise ShardcutError(f"no scores for MoE layers {missing[:5]} ({len(keys)} layers in the file, "
-                            f"{len(model_keys)} in the model; scores of another model?)", path)
+        raise ShardcutError(
+            f"no scores for MoE layers {missing[:5]} ({len(keys)} layers in the file, "
+            f"{len(model_keys)} in the model; scores of another model?)",
+            path,
+        )
     return [k for k in model_keys if k in keys]

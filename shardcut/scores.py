@@ -107,8 +107,9 @@ class Scores:
         return np.arange(self.num_experts)[None, :] < np.array(self.experts_per_row)[:, None]
 
     @classmethod
-    def zeros(cls, layers: list[str], num_experts: int | Sequence[int],
-              metadata: dict[str, str] | None = None) -> Scores:
+    def zeros(
+        cls, layers: list[str], num_experts: int | Sequence[int], metadata: dict[str, str] | None = None
+    ) -> Scores:
         """Empty accumulators; `num_experts` is one count, or one per layer (stacks with their own)."""
         L = len(layers)
         per_layer = None
@@ -120,12 +121,26 @@ class Scores:
             if all(n == num_experts for n in per_layer):
                 per_layer = None  # one count: a plain single-count file
         z = lambda: np.zeros((L, num_experts), dtype=np.float64)  # noqa: E731
-        return cls(list(layers), z(), z(), z(), z(), z(), np.zeros(L, dtype=np.float64), dict(metadata or {}),
-                   layer_experts=per_layer)
+        return cls(
+            list(layers),
+            z(),
+            z(),
+            z(),
+            z(),
+            z(),
+            np.zeros(L, dtype=np.float64),
+            dict(metadata or {}),
+            layer_experts=per_layer,
+        )
 
     @classmethod
-    def from_values(cls, layers: list[str], values: dict[str, np.ndarray],
-                    metadata: dict[str, str] | None = None, layer_experts: Sequence[int] | None = None) -> Scores:
+    def from_values(
+        cls,
+        layers: list[str],
+        values: dict[str, np.ndarray],
+        metadata: dict[str, str] | None = None,
+        layer_experts: Sequence[int] | None = None,
+    ) -> Scores:
         """A file of imported criterion values only (no sums, so no merge and no other criteria).
 
         `layer_experts`: each layer's expert count where stacks differ (the arrays are padded
@@ -143,8 +158,10 @@ class Scores:
         num_experts = next(iter(arrays.values())).shape[-1]
         scores = cls.zeros(layers, num_experts if layer_experts is None else layer_experts, metadata)
         if scores.num_experts != num_experts:
-            raise ShardcutError(f"criterion values hold {num_experts} experts per layer, the layers' largest "
-                                f"count is {scores.num_experts}")
+            raise ShardcutError(
+                f"criterion values hold {num_experts} experts per layer, the layers' largest "
+                f"count is {scores.num_experts}"
+            )
         scores.values, scores.has_sums = arrays, False
         return scores
 
@@ -211,8 +228,10 @@ class Scores:
 
         arrays = sorted(self.tensors().items())
         le = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for _, a in arrays]
-        described = [OutTensor(name, "I64" if a.dtype.kind == "i" else "F64", a.shape, [Piece(Path(), 0, a.nbytes)])
-                     for (name, _), a in zip(arrays, le)]
+        described = [
+            OutTensor(name, "I64" if a.dtype.kind == "i" else "F64", a.shape, [Piece(Path(), 0, a.nbytes)])
+            for (name, _), a in zip(arrays, le)
+        ]
         return encode_header(described, dict(sorted(self.file_metadata().items()))) + b"".join(a.tobytes() for a in le)
 
     def sha256(self) -> str:
@@ -265,7 +284,7 @@ class Scores:
         if len(layers) != len(layer_ids):
             raise ShardcutError(f"metadata names {len(layers)} layers but 'layers' holds {len(layer_ids)}", path)
         per_layer = _parse_layer_experts(meta.pop("layer_experts", None), len(layers), path)
-        values = {n[len(VALUE_PREFIX):]: arrays[n] for n in value_names}
+        values = {n[len(VALUE_PREFIX) :]: arrays[n] for n in value_names}
         if has_sums:
             scores = cls(layers, *(arrays[n] for n in FIELDS), arrays["tokens"], meta, values, layer_experts=per_layer)
         else:
@@ -318,15 +337,21 @@ class Scores:
         over = seen[:, None] & (self.count > self.tokens[:, None] * (1 + 1e-9))
         if over.any():
             r, j = (int(x) for x in np.argwhere(over)[0])
-            raise ShardcutError(f"layer {self.layers[r]}: 'count' of expert {j} is {self.count[r, j]:.6g}, more than "
-                                f"the layer's {self.tokens[r]:.6g} tokens", source)
+            raise ShardcutError(
+                f"layer {self.layers[r]}: 'count' of expert {j} is {self.count[r, j]:.6g}, more than "
+                f"the layer's {self.tokens[r]:.6g} tokens",
+                source,
+            )
         # act_max is left out: the REAP reference's observer takes maxima over every token, routed or not.
         for name in ("gate_sum", "norm_sum", "reap_sum"):
             bad = (self.count == 0) & (getattr(self, name) != 0)
             if bad.any():
                 r, j = (int(x) for x in np.argwhere(bad)[0])
-                raise ShardcutError(f"layer {self.layers[r]}: expert {j} has {name} {getattr(self, name)[r, j]:.6g} "
-                                    "but 'count' 0 (sums without routed tokens)", source)
+                raise ShardcutError(
+                    f"layer {self.layers[r]}: expert {j} has {name} {getattr(self, name)[r, j]:.6g} "
+                    "but 'count' 0 (sums without routed tokens)",
+                    source,
+                )
 
     def require_routed(self, source: str | Path = "scores") -> None:
         """Refuse to rank from a layer that saw no routed token: its scores are all zero, so any
@@ -335,8 +360,9 @@ class Scores:
             return
         empty = [k for k, t, c in zip(self.layers, self.tokens, self.count) if t == 0 and not c.any()]
         if empty:
-            raise ShardcutError(f"layers {', '.join(empty[:5])} saw no tokens (all-zero scores): nothing to rank "
-                                "experts by", source)
+            raise ShardcutError(
+                f"layers {', '.join(empty[:5])} saw no tokens (all-zero scores): nothing to rank experts by", source
+            )
 
     def _validate_padding(self, source: str | Path) -> None:
         """Per-layer counts: one per layer, the largest fills the arrays, padding holds zeros."""
@@ -348,14 +374,19 @@ class Scores:
         if max(per) != E:
             raise ShardcutError(f"layer_experts {max(per)} at most, but the arrays hold {E} experts", source)
         padding = ~self.valid_mask()
-        arrays = {**({n: getattr(self, n) for n in FIELDS} if self.has_sums else {}),
-                  **{f"criterion {n!r}": a for n, a in self.values.items()}}
+        arrays = {
+            **({n: getattr(self, n) for n in FIELDS} if self.has_sums else {}),
+            **{f"criterion {n!r}": a for n, a in self.values.items()},
+        }
         for name, a in arrays.items():
             bad = np.argwhere(padding & (a != 0))
             if len(bad):
                 r, j = (int(x) for x in bad[0])
-                raise ShardcutError(f"{name} holds a value for expert {j} of layer {self.layers[r]}, which has "
-                                    f"{per[r]} experts (layer_experts)", source)
+                raise ShardcutError(
+                    f"{name} holds a value for expert {j} of layer {self.layers[r]}, which has "
+                    f"{per[r]} experts (layer_experts)",
+                    source,
+                )
 
 
 def _parse_layer_experts(text: str | None, n_layers: int, path: Path) -> list[int] | None:
@@ -364,8 +395,9 @@ def _parse_layer_experts(text: str | None, n_layers: int, path: Path) -> list[in
     try:
         counts = [int(x) for x in text.split(",")]
     except ValueError:
-        raise ShardcutError(f"metadata layer_experts {text[:60]!r} is not a comma-separated list of counts",
-                            path) from None
+        raise ShardcutError(
+            f"metadata layer_experts {text[:60]!r} is not a comma-separated list of counts", path
+        ) from None
     if len(counts) != n_layers:
         raise ShardcutError(f"metadata layer_experts names {len(counts)} counts for {n_layers} layers", path)
     return counts
@@ -399,8 +431,9 @@ def parse_weighted(arg: str) -> tuple[Path, float]:
     return Path(path), weight
 
 
-def merge_scores(items: Sequence[tuple[Scores, float]], names: Sequence[str] | None = None, *,
-                 force: bool = False) -> Scores:
+def merge_scores(
+    items: Sequence[tuple[Scores, float]], names: Sequence[str] | None = None, *, force: bool = False
+) -> Scores:
     """Merge score files: weighted sums of every sum field, element-wise maxima of `act_max`.
 
     All inputs must be of one model: same layer set, expert count, architecture, and the same
@@ -436,8 +469,9 @@ def merge_scores(items: Sequence[tuple[Scores, float]], names: Sequence[str] | N
             )
         other = next((k for k in first.layers if s.experts_of(k) != first.experts_of(k)), None)
         if other is not None:
-            raise ShardcutError(f"layer {other} has {s.experts_of(other)} experts, in {names[0]} "
-                                f"{first.experts_of(other)}", name)
+            raise ShardcutError(
+                f"layer {other} has {s.experts_of(other)} experts, in {names[0]} {first.experts_of(other)}", name
+            )
         problem = model_mismatch(first.metadata, s.metadata)
         if problem:
             raise ShardcutError(f"scores of another model: {problem} (in {names[0]}: the first value)", name)
@@ -448,9 +482,11 @@ def merge_scores(items: Sequence[tuple[Scores, float]], names: Sequence[str] | N
     if len(set(gates.values())) > 1:
         listed = "; ".join(f"{n}: {g}" for n, g in gates.items())
         if not force:
-            raise ShardcutError(f"the files weight their gate sums differently ({listed}); their reap and "
-                                "weighted_frequency values do not add up to one meaning. Merge anyway with "
-                                "--force (the mix is recorded as a caveat)")
+            raise ShardcutError(
+                f"the files weight their gate sums differently ({listed}); their reap and "
+                "weighted_frequency values do not add up to one meaning. Merge anyway with "
+                "--force (the mix is recorded as a caveat)"
+            )
         caveats.append(f"merged across gate conventions ({listed}); gate_sum and reap_sum mix them")
     merged = Scores.zeros(first.layers, first.experts_per_row)
     for s, w in items:
@@ -481,11 +517,20 @@ def merge_scores(items: Sequence[tuple[Scores, float]], names: Sequence[str] | N
 
         if (merged_sketch := merge_sketches(sketches)) is not None:
             meta["data_sketch"] = merged_sketch
-    meta["merged_from"] = json.dumps([
-        {"file": name, "weight": w, **{k: s.metadata[k] for k in ("data", "samples", "tokens", "data_fingerprint",
-                                                                   "sequences", "imported_from") if k in s.metadata}}
-        for (s, w), name in zip(items, names)
-    ])
+    meta["merged_from"] = json.dumps(
+        [
+            {
+                "file": name,
+                "weight": w,
+                **{
+                    k: s.metadata[k]
+                    for k in ("data", "samples", "tokens", "data_fingerprint", "sequences", "imported_from")
+                    if k in s.metadata
+                },
+            }
+            for (s, w), name in zip(items, names)
+        ]
+    )
     merged.metadata = meta
     merged.validate("merged scores")
     return merged
@@ -523,8 +568,13 @@ def model_mismatch(a: dict[str, str], b: dict[str, str]) -> str | None:
     for key in ("architecture", "num_experts"):
         if a.get(key) and b.get(key) and a[key] != b[key]:
             return f"{key} is {b[key]!r}, not {a[key]!r}"
-    if not (fa and fb) and not commits and a.get("model") and b.get("model") \
-            and _model_name(a["model"]) != _model_name(b["model"]):
+    if (
+        not (fa and fb)
+        and not commits
+        and a.get("model")
+        and b.get("model")
+        and _model_name(a["model"]) != _model_name(b["model"])
+    ):
         return f"model is {b['model']!r}, not {a['model']!r} (neither fingerprint nor commit recorded in both)"
     return None
 
@@ -535,8 +585,15 @@ def provenance(ckpt, gate: str) -> dict[str, str]:
     from shardcut.checkpoint import layout_fingerprint
 
     return {"gate_convention": gate, "model_fingerprint": layout_fingerprint(ckpt)}
-def merge_score_files(inputs: Sequence[str | Path | tuple[str | Path, float]], out: str | Path, *,
-                      overwrite: bool = False, force: bool = False) -> Scores:
+
+
+def merge_score_files(
+    inputs: Sequence[str | Path | tuple[str | Path, float]],
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    force: bool = False,
+) -> Scores:
     """`scores merge`: load the files (each `PATH`, `PATH:WEIGHT` or `(path, weight)`), merge them
     (see `merge_scores`; `force` merges different gate conventions) and write the result to `out`.
 

@@ -85,8 +85,10 @@ def criterion_values(scores: Scores, criterion: str | None = "reap", seed: int =
         return np.where(scores.valid_mask(), np.random.default_rng(seed).random(scores.count.shape), 0.0)
     if not scores.has_sums:
         held = ", ".join(scores.values)
-        raise ShardcutError(f"this score file holds only imported {held!r} values (no sums), so {name!r} cannot "
-                            f"be derived; use --criterion {next(iter(scores.values))}")
+        raise ShardcutError(
+            f"this score file holds only imported {held!r} values (no sums), so {name!r} cannot "
+            f"be derived; use --criterion {next(iter(scores.values))}"
+        )
     with np.errstate(divide="ignore", invalid="ignore"):
         if name == "reap":
             return np.where(scores.count > 0, scores.reap_sum / scores.count, 0.0)
@@ -121,8 +123,16 @@ class Counts:
         return self.num_experts - self.kept
 
 
-def kept_count(num_experts: int, top_k: int, *, ratio: float | None = None, experts: int | None = None,
-               n_group: int = 1, topk_group: int = 1, multiple_of: int = 1) -> Counts:
+def kept_count(
+    num_experts: int,
+    top_k: int,
+    *,
+    ratio: float | None = None,
+    experts: int | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    multiple_of: int = 1,
+) -> Counts:
     """Experts kept per layer for `ratio` (fraction removed) or `experts` (kept), with the floors.
 
     `multiple_of`: round the kept count up to a multiple of it (and of n_group) as well.
@@ -151,10 +161,12 @@ def kept_count(num_experts: int, top_k: int, *, ratio: float | None = None, expe
             raise ShardcutError(f"ratio {ratio:g} removes no expert of {E} (floor({E} x {ratio:g}) = 0)")
         if G > 1 and pruned % G:
             down = pruned - pruned % G
-            rounded = (f"rounded down to {down}, a multiple of n_group={G}, so every group drops {down // G}")
+            rounded = f"rounded down to {down}, a multiple of n_group={G}, so every group drops {down // G}"
             if down == 0:
-                raise ShardcutError(f"ratio {ratio:g} prunes {pruned} of {E} experts, fewer than one per group "
-                                    f"(n_group={G}); use a ratio of at least {G / E:g}")
+                raise ShardcutError(
+                    f"ratio {ratio:g} prunes {pruned} of {E} experts, fewer than one per group "
+                    f"(n_group={G}); use a ratio of at least {G / E:g}"
+                )
             pruned = down
             rule += f", {rounded}"
         kept = E - pruned
@@ -181,8 +193,9 @@ def kept_count(num_experts: int, top_k: int, *, ratio: float | None = None, expe
         what = f"multiple_of={M}" + (f" and n_group={G}" if G > 1 else "")
         note = f"kept rounded up from {kept} to {up}, a multiple of {what} (E' % {M} == 0)"
         if up >= E:
-            raise PlanError(f"{rule}; {note} keeps all {E} experts: use a larger ratio (fewer kept) or another "
-                                f"multiple_of")
+            raise PlanError(
+                f"{rule}; {note} keeps all {E} experts: use a larger ratio (fewer kept) or another multiple_of"
+            )
         rounded = f"{rounded}; {note}" if rounded else note
         rule += f", {note}"
         kept = up
@@ -193,13 +206,16 @@ def kept_count(num_experts: int, top_k: int, *, ratio: float | None = None, expe
         if per < 2:
             raise ShardcutError(f"{rule}: {per} per group with n_group={G}; grouped routing needs at least 2 per group")
         if topk_group * per < top_k:
-            raise ShardcutError(f"{rule}: topk_group={topk_group} x {per} per group < top_k={top_k}, so a token "
-                                f"could not find {top_k} experts in its {topk_group} groups")
+            raise ShardcutError(
+                f"{rule}: topk_group={topk_group} x {per} per group < top_k={top_k}, so a token "
+                f"could not find {top_k} experts in its {topk_group} groups"
+            )
     return Counts(E, kept, ratio, rule, rounded, M)
 
 
-def group_counts(info: ModelInfo, *, ratio: float | None = None, experts: int | None = None,
-                 multiple_of: int = 1) -> list[tuple[CountGroup, Counts]]:
+def group_counts(
+    info: ModelInfo, *, ratio: float | None = None, experts: int | None = None, multiple_of: int = 1
+) -> list[tuple[CountGroup, Counts]]:
     """Each count group with the experts its layers keep (`kept_count` on the group's own facts).
 
     Example:
@@ -210,13 +226,23 @@ def group_counts(info: ModelInfo, *, ratio: float | None = None, experts: int | 
     out = []
     for g in groups:
         try:
-            counts = kept_count(g.num_experts, g.top_k, ratio=ratio, experts=experts, n_group=g.n_group,
-                                topk_group=g.topk_group, multiple_of=multiple_of)
+            counts = kept_count(
+                g.num_experts,
+                g.top_k,
+                ratio=ratio,
+                experts=experts,
+                n_group=g.n_group,
+                topk_group=g.topk_group,
+                multiple_of=multiple_of,
+            )
         except ShardcutError as exc:
             if len(groups) == 1:
                 raise
-            hint = ("; experts N keeps N in every layer of every stack, a ratio prunes each its own share"
-                    if experts is not None else "")
+            hint = (
+                "; experts N keeps N in every layer of every stack, a ratio prunes each its own share"
+                if experts is not None
+                else ""
+            )
             raise ShardcutError(f"{g.name} ({g.num_experts} experts per layer, top_k={g.top_k}): {exc}{hint}") from None
         out.append((g, counts))
     return out
@@ -287,8 +313,9 @@ def _plain(v: np.ndarray, kept: int, G: int) -> list[int]:
     return sorted(g * size + int(i) for g in range(G) for i in rank(v[g * size : (g + 1) * size])[:per])
 
 
-def super_experts(scores: Scores, layer_fraction: float = SUPER_LAYER_FRACTION,
-                  percentile: float = SUPER_PERCENTILE) -> tuple[dict[str, list[int]], float]:
+def super_experts(
+    scores: Scores, layer_fraction: float = SUPER_LAYER_FRACTION, percentile: float = SUPER_PERCENTILE
+) -> tuple[dict[str, list[int]], float]:
     """Experts with outlier activations, by layer key, and the threshold used.
 
     threshold = max(`percentile`-th percentile of act_max over every scored layer, global max / 10);
@@ -302,8 +329,9 @@ def super_experts(scores: Scores, layer_fraction: float = SUPER_LAYER_FRACTION,
         ({'5': [17]}, 812.5)
     """
     if not scores.has_sums:
-        raise ShardcutError("this score file has no act_max (imported criterion values only): "
-                            "super experts cannot be found")
+        raise ShardcutError(
+            "this score file has no act_max (imported criterion values only): super experts cannot be found"
+        )
     if not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
         raise ShardcutError(f"super-expert percentile {percentile} must lie in (0, 100]")
     if not (isinstance(layer_fraction, (int, float)) and 0 < layer_fraction <= 1):
@@ -355,14 +383,16 @@ def summarize_scores(scores: Scores, criterion: str | None = None, seed: int = 0
     layers = []
     for r, (key, E) in enumerate(zip(scores.layers, scores.experts_per_row)):
         order = rank(values[r, :E])  # a layer's own experts only, never the padding
-        layers.append({
-            "layer": key,
-            **({"experts": E} if multi else {}),
-            "tokens": float(scores.tokens[r]) if scores.has_sums else None,
-            "never_routed": [int(i) for i in np.flatnonzero(scores.count[r, :E] == 0)] if scores.has_sums else None,
-            "lowest": [[int(i), float(values[r, i])] for i in order[::-1][:n]],
-            "highest": [[int(i), float(values[r, i])] for i in order[:n]],
-        })
+        layers.append(
+            {
+                "layer": key,
+                **({"experts": E} if multi else {}),
+                "tokens": float(scores.tokens[r]) if scores.has_sums else None,
+                "never_routed": [int(i) for i in np.flatnonzero(scores.count[r, :E] == 0)] if scores.has_sums else None,
+                "lowest": [[int(i), float(values[r, i])] for i in order[::-1][:n]],
+                "highest": [[int(i), float(values[r, i])] for i in order[:n]],
+            }
+        )
     return {
         "format": "shardcut-scores/1",
         "criterion": crit,

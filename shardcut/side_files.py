@@ -35,6 +35,7 @@ PLAN_COPY_NAME = "shardcut-plan.json"
 HF_QUANT_NAME = "hf_quant_config.json"  # ModelOpt's legacy side file
 _COPY_CHUNK = 8 << 20
 
+
 @dataclass(frozen=True)
 class Rule:
     """Files matching any of `patterns` (fnmatch on the path relative to MODEL, `/`-separated)
@@ -68,26 +69,45 @@ class DerivedSet:
 # `block.{n}.mlp.gate.{weight,bias}` [E,H]/[E], `mlp1_weight.{blocks,scales}` [E,2I,H/32,16]/[E,2I,H/32],
 # `mlp1_bias` [E,2I], `mlp2_weight.{blocks,scales}` [E,H,I/32,16]/[E,H,I/32], `mlp2_bias` [E,H].
 DERIVED_SETS: tuple[DerivedSet, ...] = (
-    DerivedSet("gpt_oss", "original", ("model.safetensors",), "config.json", "num_experts",
-               r"block\.(\d+)\.mlp\.",
-               ("gate.weight", "gate.bias", "mlp1_weight.blocks", "mlp1_weight.scales", "mlp1_bias",
-                "mlp2_weight.blocks", "mlp2_weight.scales", "mlp2_bias"),
-               "OpenAI's own copy of the weights (all experts): pruned by the same plan"),
+    DerivedSet(
+        "gpt_oss",
+        "original",
+        ("model.safetensors",),
+        "config.json",
+        "num_experts",
+        r"block\.(\d+)\.mlp\.",
+        (
+            "gate.weight",
+            "gate.bias",
+            "mlp1_weight.blocks",
+            "mlp1_weight.scales",
+            "mlp1_bias",
+            "mlp2_weight.blocks",
+            "mlp2_weight.scales",
+            "mlp2_bias",
+        ),
+        "OpenAI's own copy of the weights (all experts): pruned by the same plan",
+    ),
 )
 
 # First match wins. Derived sets of the model's architecture are tried before these.
 SIDE_RULES: tuple[Rule, ...] = (
     Rule(("README.md",), LEAVE, "the source model's card: `shardcut push` writes the pruned model's card"),
-    Rule((PLAN_COPY_NAME, "shardcut-provenance.json"), LEAVE,
-         "an earlier prune's record: this prune writes its own"),
-    Rule(("calibration/*", "*scores*.safetensors", "*scores*.json", "*saliency*.json", "*observer*.pt"), LEAVE,
-         "scores or calibration data of the source model: stale for the pruned one"),
+    Rule((PLAN_COPY_NAME, "shardcut-provenance.json"), LEAVE, "an earlier prune's record: this prune writes its own"),
+    Rule(
+        ("calibration/*", "*scores*.safetensors", "*scores*.json", "*saliency*.json", "*observer*.pt"),
+        LEAVE,
+        "scores or calibration data of the source model: stale for the pruned one",
+    ),
     Rule((HF_QUANT_NAME,), REWRITE, "ModelOpt's quantization config: entries naming experts renumbered"),
     Rule(("metal/*",), LEAVE, "Metal weights of every expert, a format shardcut cannot prune"),
     Rule(("original/*",), LEAVE, "a second copy of the weights in a layout shardcut cannot prune for this model"),
-    Rule(WEIGHT_PATTERNS, LEAVE,
-         "weights outside the main index, in a format or set shardcut cannot prune: they would bring back "
-         "every pruned expert"),
+    Rule(
+        WEIGHT_PATTERNS,
+        LEAVE,
+        "weights outside the main index, in a format or set shardcut cannot prune: they would bring back "
+        "every pruned expert",
+    ),
     Rule(("*",), COPY, ""),
 )
 
@@ -164,8 +184,9 @@ def _inside_or_refuse(root: Path, p: Path, area: Path) -> None:
     try:
         target.relative_to(area)
     except ValueError:
-        raise CheckpointError(f"a symlink resolving outside the checkpoint folder ({target}): refusing to copy it",
-                              p) from None
+        raise CheckpointError(
+            f"a symlink resolving outside the checkpoint folder ({target}): refusing to copy it", p
+        ) from None
 
 
 def main_files(ckpt: Checkpoint) -> set[str]:
@@ -189,11 +210,13 @@ def side_files(ckpt: Checkpoint, info, plan=None) -> list[SideFile]:
     root = ckpt.root
     files = walk(root, main_files(ckpt))
     derived = {d.folder: d for d in DERIVED_SETS if d.architecture == info.arch.name}
-    set_problems = {folder: _derived_problem(root, d, info, plan) for folder, d in derived.items()
-                    if (root / d.folder).is_dir()}
+    set_problems = {
+        folder: _derived_problem(root, d, info, plan) for folder, d in derived.items() if (root / d.folder).is_dir()
+    }
     # the counts the output will state: a copied JSON stating any other would contradict it
-    counts = ({len(v) for v in plan.keep.values()} if plan is not None else
-              {layer.num_experts for layer in info.layers}) or {info.num_experts}
+    counts = (
+        {len(v) for v in plan.keep.values()} if plan is not None else {layer.num_experts for layer in info.layers}
+    ) or {info.num_experts}
     out = []
     for rel, st in files:
         folder = rel.split("/", 1)[0] if "/" in rel else None
@@ -245,8 +268,12 @@ def _checked_copy(root: Path, rel: str, st: os.stat_result, counts: set[int]) ->
     if rel.endswith(".json") and st.st_size <= 64 << 20:
         stale = stale_counts(root / rel, counts)
         if stale:
-            return SideFile(rel, LEAVE, f"states the source's expert count ({stale[0]}), which the pruned "
-                                        "config no longer has", st.st_mode)
+            return SideFile(
+                rel,
+                LEAVE,
+                f"states the source's expert count ({stale[0]}), which the pruned config no longer has",
+                st.st_mode,
+            )
     return SideFile(rel, COPY, "", st.st_mode, st=st)
 
 
@@ -308,8 +335,11 @@ def derived_layout(root: Path, d: DerivedSet, info, plan) -> tuple[dict[str, lis
     count = config.get(d.count_key)
     if count != info.num_experts:
         raise ShardcutError(f"{d.folder}/{d.config} has {d.count_key}={count}, the model {info.num_experts}")
-    keep = {k: list(v) for k, v in plan.keep.items()} if plan is not None else \
-        {layer.key: list(range(layer.num_experts)) for layer in info.layers}
+    keep = (
+        {k: list(v) for k, v in plan.keep.items()}
+        if plan is not None
+        else {layer.key: list(range(layer.num_experts)) for layer in info.layers}
+    )
     layer_re = re.compile(d.layer)
     seen_layers: set[str] = set()
     tensors: dict[str, list[OutTensor]] = {}
@@ -317,14 +347,16 @@ def derived_layout(root: Path, d: DerivedSet, info, plan) -> tuple[dict[str, lis
     for wname in d.weights:
         path = folder / wname
         if not path.is_file():
-            raise ShardcutError(f"{d.folder}/{wname} is not on disk (prune --stream never downloads it: "
-                                "prune without --stream to keep it, pruned)")
+            raise ShardcutError(
+                f"{d.folder}/{wname} is not on disk (prune --stream never downloads it: "
+                "prune without --stream to keep it, pruned)"
+            )
         header = read_header(path)
         metadata[wname] = header.metadata
         out = []
         for t in header.tensors.values():
             m = layer_re.match(t.name)
-            suffix = t.name[m.end():] if m else ""
+            suffix = t.name[m.end() :] if m else ""
             if m and suffix in d.expert_rows:
                 key = m.group(1)
                 if key not in keep:
@@ -350,8 +382,7 @@ def derived_layout(root: Path, d: DerivedSet, info, plan) -> tuple[dict[str, lis
 # --- writing --------------------------------------------------------------------------------
 
 
-def write_side_files(dest: Path, ckpt: Checkpoint, info, plan, files: list[SideFile],
-                     quant_side: dict | None) -> None:
+def write_side_files(dest: Path, ckpt: Checkpoint, info, plan, files: list[SideFile], quant_side: dict | None) -> None:
     """Write every side file that travels into `dest`: copies, rewrites and pruned derived sets;
     each keeps its source's permission bits, is fsynced, and so is each folder written to."""
     folders: set[Path] = set()
@@ -376,11 +407,13 @@ def write_side_files(dest: Path, ckpt: Checkpoint, info, plan, files: list[SideF
                 write_shard(path, out, metadata[wname])
                 set_mode(path, output_mode(os.stat(src).st_mode))
             cfg_src = ckpt.root / d.folder / d.config
-            atomic_write_text(dest / d.folder / d.config, json.dumps(config, indent=2, ensure_ascii=False) + "\n",
-                              output_mode(os.stat(cfg_src).st_mode))
+            atomic_write_text(
+                dest / d.folder / d.config,
+                json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                output_mode(os.stat(cfg_src).st_mode),
+            )
         elif f.rel == HF_QUANT_NAME and quant_side is not None:
-            atomic_write_text(target, json.dumps(quant_side, indent=2, ensure_ascii=False) + "\n",
-                              output_mode(f.mode))
+            atomic_write_text(target, json.dumps(quant_side, indent=2, ensure_ascii=False) + "\n", output_mode(f.mode))
         else:
             copy_file(ckpt.root / f.rel, target, expected=f.st)
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
@@ -428,7 +461,7 @@ def copy_file(src: Path, dest: Path, expected: os.stat_result | None = None) -> 
                     break
                 view = memoryview(buf)
                 while view:
-                    view = view[os.write(out, view):]
+                    view = view[os.write(out, view) :]
             os.fsync(out)
         finally:
             os.close(out)

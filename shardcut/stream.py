@@ -109,11 +109,21 @@ def prune_model(
         True
     """
     if stream and max_shard_size:
-        raise ShardcutError("--stream keeps the source's shards (each is rewritten on its own); "
-                            "drop --max-shard-size or prune without --stream")
+        raise ShardcutError(
+            "--stream keeps the source's shards (each is rewritten on its own); "
+            "drop --max-shard-size or prune without --stream"
+        )
     if hub.is_local(model):  # nothing to download: the plain rewrite; a stream needs no different disk
-        base = prune(model, out, plan, max_shard_size=max_shard_size, dry_run=dry_run, verify=verify,
-                     resume=resume, progress=progress)
+        base = prune(
+            model,
+            out,
+            plan,
+            max_shard_size=max_shard_size,
+            dry_run=dry_run,
+            verify=verify,
+            resume=resume,
+            progress=progress,
+        )
         needs = DiskNeeds(base.output_bytes, base.input_bytes, base.input_bytes, 0)
         return HubPruneReport(**vars(base), disk=needs.to_json())
 
@@ -131,8 +141,20 @@ def prune_model(
         return HubPruneReport(**vars(report), disk=needs.to_json(), stream=stream)
     out = Path(out)
     if stream:
-        return _stream(pinned, ckpt, info, plan, lay, sizes, out, needs, verify=verify, progress=progress,
-                       api=api, download=download)
+        return _stream(
+            pinned,
+            ckpt,
+            info,
+            plan,
+            lay,
+            sizes,
+            out,
+            needs,
+            verify=verify,
+            progress=progress,
+            api=api,
+            download=download,
+        )
     _check_space({out.parent: needs.output, hub.cache_root(): needs.input - needs.input_on_disk})
     snapshot = hub.resolve_model(str(pinned), api=api)  # downloads what the cache lacks
     base = prune(snapshot, out, plan, max_shard_size=max_shard_size, verify=verify, resume=resume, progress=progress)
@@ -150,8 +172,7 @@ def _rel(ckpt: Checkpoint, shard: ShardHeader) -> str:
     return shard.path.relative_to(ckpt.root).as_posix()
 
 
-def _report(ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout, sizes: list[int], dry_run: bool
-            ) -> PruneReport:
+def _report(ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout, sizes: list[int], dry_run: bool) -> PruneReport:
     return PruneReport.planned(ckpt, info, plan, lay, sizes, dry_run)
 
 
@@ -172,17 +193,30 @@ def _check_space(needs: dict[Path, int]) -> None:
 
 
 def _one_shard(ckpt: Checkpoint, header: ShardHeader) -> Checkpoint:
-    return Checkpoint(ckpt.root, ckpt.config, [header], {n: (header, t) for n, t in header.tensors.items()},
-                      ckpt.index_metadata)
+    return Checkpoint(
+        ckpt.root, ckpt.config, [header], {n: (header, t) for n, t in header.tensors.items()}, ckpt.index_metadata
+    )
 
 
 def _signature(tensors: list[OutTensor]) -> list[tuple]:
     return [(t.name, t.dtype, tuple(t.shape), t.nbytes) for t in tensors]
 
 
-def _stream(ref: RepoRef, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout, sizes: list[int],
-            out: Path, needs: DiskNeeds, *, verify: bool, progress: Progress | None, api, download: Download | None
-            ) -> HubPruneReport:
+def _stream(
+    ref: RepoRef,
+    ckpt: Checkpoint,
+    info: ModelInfo,
+    plan: Plan,
+    lay: Layout,
+    sizes: list[int],
+    out: Path,
+    needs: DiskNeeds,
+    *,
+    verify: bool,
+    progress: Progress | None,
+    api,
+    download: Download | None,
+) -> HubPruneReport:
     from shardcut.outdir import OutputTransaction, check_free_space, check_output_path
 
     names = output_names(ckpt, lay)
@@ -199,14 +233,17 @@ def _stream(ref: RepoRef, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: La
     check_output_path(out, ckpt.root)
     if not hub.offline():  # tokenizer, templates, remote code: small files, into the cache
         with hub_errors(ref):  # what the side-file rules leave out is not even downloaded
-            api.snapshot_download(ref.repo_id, revision=ref.revision,
-                                  ignore_patterns=sorted({"*.safetensors", *OTHER_WEIGHTS, *download_ignore_patterns()}))
+            api.snapshot_download(
+                ref.repo_id,
+                revision=ref.revision,
+                ignore_patterns=sorted({"*.safetensors", *OTHER_WEIGHTS, *download_ignore_patterns()}),
+            )
     listing = _repo_files(api, ref)
     fetch = download or _hub_download(api, ref)
-    report = HubPruneReport(**vars(_report(ckpt, info, plan, lay, sizes, dry_run=False)),
-                            disk=needs.to_json(), stream=True)
-    state = {"mode": "stream", "source": f"hub:{ref}", "plan_sha256": plan.sha256(), "shards": names,
-             "sizes": sizes}
+    report = HubPruneReport(
+        **vars(_report(ckpt, info, plan, lay, sizes, dry_run=False)), disk=needs.to_json(), stream=True
+    )
+    state = {"mode": "stream", "source": f"hub:{ref}", "plan_sha256": plan.sha256(), "shards": names, "sizes": sizes}
     failure: BaseException | None = None
     current = ""
     with OutputTransaction(out, state, resume=True) as tx:
@@ -243,8 +280,9 @@ def _stream(ref: RepoRef, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: La
                 part = layout(_one_shard(ckpt, on_disk), info, plan)
                 tensors = part.shards[0] if part.shards else []
                 if _signature(tensors) != _signature(expect) or shard_size(tensors, meta) != size:
-                    raise ShardcutError("shard differs from the header read from the Hub (did the repo change?)",
-                                        f"{ref}/{current}")
+                    raise ShardcutError(
+                        "shard differs from the header read from the Hub (did the repo change?)", f"{ref}/{current}"
+                    )
                 with PinnedSources([on_disk]) as pinned:  # copy and self-check read one file, unchanged
                     write_shard(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned)
                     if verify:
@@ -265,8 +303,11 @@ def _stream(ref: RepoRef, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: La
             failure = exc  # keep the finished shards: a rerun continues from them
     if failure is not None:
         kept = sum((tx.dir / n).exists() for n in names)
-        raise ShardcutError(f"stream stopped at {current} ({_why(failure)}); {kept} of {len(names)} output shards "
-                            f"are kept in {tx.dir}: run the same command again to continue", out) from failure
+        raise ShardcutError(
+            f"stream stopped at {current} ({_why(failure)}); {kept} of {len(names)} output shards "
+            f"are kept in {tx.dir}: run the same command again to continue",
+            out,
+        ) from failure
     report.verified = verify
     report.out = out
     return report
@@ -318,7 +359,12 @@ def is_transient(exc: BaseException) -> bool:
     if status is not None:
         return status >= 500 or status == 429
     return isinstance(exc, (ConnectionError, TimeoutError)) or type(exc).__name__ in (
-        "ConnectError", "ReadTimeout", "ConnectTimeout", "RemoteProtocolError", "ReadError")
+        "ConnectError",
+        "ReadTimeout",
+        "ConnectTimeout",
+        "RemoteProtocolError",
+        "ReadError",
+    )
 
 
 def with_retries(fetch: Download, attempts: int = 5, base_delay: float = 2.0, sleep=None) -> Download:

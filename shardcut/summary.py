@@ -114,30 +114,39 @@ def inspect_model(model: str | Path) -> dict:
     quant = quant if isinstance(quant, dict) else {}
     saved = savings_per_expert(info, ckpt.tensors)
     out = info.summary()
-    out.update({
-        "path": str(ckpt.root),
-        "layers": [
-            {"key": layer.key, "prefix": layer.prefix.rstrip("."), "mtp": layer.mtp,
-             "expert_bytes": per_layer[layer.key], "bytes_saved_per_expert_removed": round(saved[layer.key])}
-            for layer in info.layers
-        ],
-        "routing": {
-            "scoring": info.arch.scoring,
-            "grouped": info.grouped,
-            "n_group": info.n_group,
-            "topk_group": info.topk_group,
-            "selection_bias": info.arch.selection_bias,
-        },
-        "dtypes": dict(sorted(dtype_bytes.items())),
-        "quantization": quant.get("quant_method"),
-        "quantization_groups": quantization_groups(info, ckpt.tensors, quant),
-        "total_bytes": ckpt.total_bytes,
-        "expert_bytes": expert_bytes,
-        "bytes_per_expert": expert_bytes // max(1, info.num_experts * len(info.layers)),
-        "bytes_saved_per_expert_removed": {"total": round(sum(saved.values())),
-                                           "per_layer_min": round(min(saved.values())),
-                                           "per_layer_max": round(max(saved.values()))},
-        "shards": len(ckpt.shards),
-        "tensors": len(ckpt.tensors),
-    })
+    out.update(
+        {
+            "path": str(ckpt.root),
+            "layers": [
+                {
+                    "key": layer.key,
+                    "prefix": layer.prefix.rstrip("."),
+                    "mtp": layer.mtp,
+                    "expert_bytes": per_layer[layer.key],
+                    "bytes_saved_per_expert_removed": round(saved[layer.key]),
+                }
+                for layer in info.layers
+            ],
+            "routing": {
+                "scoring": info.arch.scoring,
+                "grouped": info.grouped,
+                "n_group": info.n_group,
+                "topk_group": info.topk_group,
+                "selection_bias": info.arch.selection_bias,
+            },
+            "dtypes": dict(sorted(dtype_bytes.items())),
+            "quantization": quant.get("quant_method"),
+            "quantization_groups": quantization_groups(info, ckpt.tensors, quant),
+            "total_bytes": ckpt.total_bytes,
+            "expert_bytes": expert_bytes,
+            "bytes_per_expert": expert_bytes // max(1, info.num_experts * len(info.layers)),
+            "bytes_saved_per_expert_removed": {
+                "total": round(sum(saved.values())),
+                "per_layer_min": round(min(saved.values())),
+                "per_layer_max": round(max(saved.values())),
+            },
+            "shards": len(ckpt.shards),
+            "tensors": len(ckpt.tensors),
+        }
+    )
     return out

@@ -74,20 +74,37 @@ def _tensors(spec: SyntheticSpec) -> Iterator[tuple[str, str, tuple[int, ...]]]:
 
 def synthetic_config(spec: SyntheticSpec) -> dict:
     config = {
-        "architectures": ["DeepseekV3ForCausalLM"], "model_type": spec.model_type,
-        "hidden_size": spec.hidden, "intermediate_size": spec.dense_inter, "moe_intermediate_size": spec.moe_inter,
-        "num_hidden_layers": spec.layers, "first_k_dense_replace": spec.first_dense, "moe_layer_freq": 1,
-        "n_routed_experts": spec.experts, "num_experts_per_tok": spec.top_k, "n_shared_experts": 1,
-        "n_group": spec.n_group, "topk_group": spec.topk_group, "topk_method": "noaux_tc",
-        "scoring_func": "sigmoid", "norm_topk_prob": True, "routed_scaling_factor": 2.5,
-        "num_nextn_predict_layers": spec.mtp_layers, "vocab_size": spec.vocab, "torch_dtype": "bfloat16",
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "model_type": spec.model_type,
+        "hidden_size": spec.hidden,
+        "intermediate_size": spec.dense_inter,
+        "moe_intermediate_size": spec.moe_inter,
+        "num_hidden_layers": spec.layers,
+        "first_k_dense_replace": spec.first_dense,
+        "moe_layer_freq": 1,
+        "n_routed_experts": spec.experts,
+        "num_experts_per_tok": spec.top_k,
+        "n_shared_experts": 1,
+        "n_group": spec.n_group,
+        "topk_group": spec.topk_group,
+        "topk_method": "noaux_tc",
+        "scoring_func": "sigmoid",
+        "norm_topk_prob": True,
+        "routed_scaling_factor": 2.5,
+        "num_nextn_predict_layers": spec.mtp_layers,
+        "vocab_size": spec.vocab,
+        "torch_dtype": "bfloat16",
     }
     if spec.int4:
         config["quantization_config"] = {
-            "quant_method": "compressed-tensors", "format": "pack-quantized",
-            "config_groups": {"group_0": {"targets": ["re:.*mlp\\.experts\\.\\d+\\.(gate|up|down)_proj$"],
-                                          "weights": {"num_bits": 4, "group_size": spec.group_size,
-                                                      "strategy": "group", "symmetric": True}}},
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "config_groups": {
+                "group_0": {
+                    "targets": ["re:.*mlp\\.experts\\.\\d+\\.(gate|up|down)_proj$"],
+                    "weights": {"num_bits": 4, "group_size": spec.group_size, "strategy": "group", "symmetric": True},
+                }
+            },
             "ignore": ["lm_head"],
         }
     return config

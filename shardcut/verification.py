@@ -83,8 +83,10 @@ def verify(path: str | Path, source: str | Path | None = None) -> VerifyReport:
         suffix_sets = {frozenset(s) for s in ids.values()}
         if len(suffix_sets) > 1:
             report.problems.append(f"layer {layer.key}: experts carry different tensor sets")
-    report.checks.append(f"{len(info.layers)} MoE layers: experts contiguous 0..{info.num_experts - 1}, "
-                         "expert-axis tensors sized for num_experts")
+    report.checks.append(
+        f"{len(info.layers)} MoE layers: experts contiguous 0..{info.num_experts - 1}, "
+        "expert-axis tensors sized for num_experts"
+    )
     check_side_files(path, ckpt, info, report)
 
     if source is not None:
@@ -100,8 +102,10 @@ def verify(path: str | Path, source: str | Path | None = None) -> VerifyReport:
         missing = sorted(set(expected) - set(ckpt.tensors))
         extra = sorted(set(ckpt.tensors) - set(expected))
         if missing or extra:
-            report.problems.append(f"tensor set differs from the source under the plan: "
-                                   f"{len(missing)} missing (e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]})")
+            report.problems.append(
+                f"tensor set differs from the source under the plan: "
+                f"{len(missing)} missing (e.g. {missing[:1]}), {len(extra)} unexpected (e.g. {extra[:1]})"
+            )
         else:
             by_shard: dict[Path, list] = defaultdict(list)
             for name, (shard, _) in ckpt.tensors.items():
@@ -109,7 +113,9 @@ def verify(path: str | Path, source: str | Path | None = None) -> VerifyReport:
             try:
                 for shard_path, tensors in by_shard.items():
                     report.compared_bytes += compare_written(shard_path.parent, [tensors], [shard_path.name])
-                report.checks.append(f"every tensor byte-identical to its source ranges ({report.compared_bytes} bytes)")
+                report.checks.append(
+                    f"every tensor byte-identical to its source ranges ({report.compared_bytes} bytes)"
+                )
             except ShardcutError as exc:
                 report.problems.append(str(exc))
         check_against_source(ckpt, info, src, plan, report)
@@ -158,8 +164,7 @@ def check_side_files(path: Path, ckpt: Checkpoint, info: ModelInfo, report: Veri
     report.checks.append(f"{len(files)} side files: no weights outside the index, no contradicting expert count")
 
 
-def check_against_source(ckpt: Checkpoint, info: ModelInfo, src: Checkpoint, plan: Plan,
-                         report: VerifyReport) -> None:
+def check_against_source(ckpt: Checkpoint, info: ModelInfo, src: Checkpoint, plan: Plan, report: VerifyReport) -> None:
     """With the source: config.json differs only where the plan changes it, every side file is
     what the prune makes of the source's (copies byte for byte, left-out files absent, derived
     sets byte-exact), and the config's expert counts agree with every expert-axis size."""
@@ -178,8 +183,11 @@ def check_against_source(ckpt: Checkpoint, info: ModelInfo, src: Checkpoint, pla
     want_config, want_quant = pruned_config(src, src_info, plan)
     diffs = json_diff(want_config, read_json_object(ckpt.root / CONFIG_NAME))
     if diffs:
-        report.problems.append(f"{CONFIG_NAME} differs from the source beyond the plan's changes: "
-                               + "; ".join(diffs[:4]) + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else ""))
+        report.problems.append(
+            f"{CONFIG_NAME} differs from the source beyond the plan's changes: "
+            + "; ".join(diffs[:4])
+            + (f" (+{len(diffs) - 4} more)" if len(diffs) > 4 else "")
+        )
     report.checks.append(f"{CONFIG_NAME} equals the source's with the plan's changes only")
 
     try:
@@ -217,8 +225,10 @@ def check_against_source(ckpt: Checkpoint, info: ModelInfo, src: Checkpoint, pla
             diffs = json_diff(want, read_json_object(cfg)) if cfg.is_file() else ["missing"]
             if diffs:
                 report.problems.append(f"{d.folder}/{d.config}: {'; '.join(diffs[:2])}")
-    report.checks.append(f"{len(files)} side files as the prune makes them (copies byte-identical, "
-                         f"{sum(f.action == LEAVE for f in files)} left out)")
+    report.checks.append(
+        f"{len(files)} side files as the prune makes them (copies byte-identical, "
+        f"{sum(f.action == LEAVE for f in files)} left out)"
+    )
 
     for name, (_, t) in ckpt.tensors.items():
         role, src_role = info.classify(name), src_info.classify(name) if name in src.tensors else None
@@ -228,8 +238,10 @@ def check_against_source(ckpt: Checkpoint, info: ModelInfo, src: Checkpoint, pla
         block = src_dim // src_role.blocks
         dim = t.shape[role.axis] if role.axis < len(t.shape) else -1
         if dim != role.blocks * block:
-            report.problems.append(f"{name}: dim {role.axis} is {dim}, but config.json's count makes it "
-                                   f"{role.blocks} x {block} = {role.blocks * block}")
+            report.problems.append(
+                f"{name}: dim {role.axis} is {dim}, but config.json's count makes it "
+                f"{role.blocks} x {block} = {role.blocks * block}"
+            )
     report.checks.append("expert-axis sizes agree with config.json's expert counts")
 
 

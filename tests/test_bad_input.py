@@ -20,8 +20,10 @@ INDEX = "model.safetensors.index.json"
 
 def snapshot(root: Path) -> dict[str, str]:
     """Every file and folder under `root` (hidden ones too) -> sha256 of its bytes ("dir" for folders)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(root.rglob("*"))
+    }
 
 
 class Case:
@@ -70,11 +72,11 @@ def rewrite_header(path: Path, edit: Callable[[dict], None]) -> None:
     """Re-encode a shard's JSON header after `edit`, keeping its data bytes."""
     raw = path.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     edit(header)
     new = json.dumps(header, separators=(",", ":")).encode()
     new += b" " * (-len(new) % 8)
-    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+    path.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n :])
 
 
 def _tensors(header: dict) -> list[tuple[str, dict]]:
@@ -145,8 +147,11 @@ def test_offsets_overlapping(case):
 
     def edit(header):
         tensors = _tensors(header)
-        first, second = next((a, b) for a, b in zip(tensors, tensors[1:])
-                             if a[1]["shape"] == b[1]["shape"] and a[1]["dtype"] == b[1]["dtype"])
+        first, second = next(
+            (a, b)
+            for a, b in zip(tensors, tensors[1:])
+            if a[1]["shape"] == b[1]["shape"] and a[1]["dtype"] == b[1]["dtype"]
+        )
         second[1]["data_offsets"] = list(first[1]["data_offsets"])
 
     rewrite_header(shard, edit)

@@ -18,10 +18,33 @@ from shardcut.scores import FIELDS, Scores, merge_scores
 
 PROOF_FAMILIES = ["qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss"]
 # every other family the adapter table lists, on the same reference
-MORE_FAMILIES = ["qwen2_moe", "olmoe", "qwen3_next", "qwen3_5_moe", "phimoe", "minimax", "minimax_m2", "deepseek_v2",
-                 "kimi_k2", "glm4_moe", "dots1", "ernie4_5_moe", "granitemoe", "kimi_linear", "bailing_hybrid", "afmoe",
-                 "lfm2_moe", "nemotron_h", "hunyuan_v1_moe", "jamba", "granitemoeshared", "granitemoehybrid",
-                 "deepseek_v32", "step3", "qwen3_5_moe_text"]
+MORE_FAMILIES = [
+    "qwen2_moe",
+    "olmoe",
+    "qwen3_next",
+    "qwen3_5_moe",
+    "phimoe",
+    "minimax",
+    "minimax_m2",
+    "deepseek_v2",
+    "kimi_k2",
+    "glm4_moe",
+    "dots1",
+    "ernie4_5_moe",
+    "granitemoe",
+    "kimi_linear",
+    "bailing_hybrid",
+    "afmoe",
+    "lfm2_moe",
+    "nemotron_h",
+    "hunyuan_v1_moe",
+    "jamba",
+    "granitemoeshared",
+    "granitemoehybrid",
+    "deepseek_v32",
+    "step3",
+    "qwen3_5_moe_text",
+]
 # multimodal wrappers: their text stack streams from the wrapper's own shards, keyed as plan/prune key it
 WRAPPERS = ["kimi_k25", "qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe"]
 CALIBRATED = PROOF_FAMILIES + MORE_FAMILIES + WRAPPERS
@@ -51,8 +74,14 @@ def streamed(families, ids_data, tmp_path_factory):
                 hidden[step] = [cal.hidden_states(j) for j in range(len(cal.local))]
 
             out = tmp_path_factory.mktemp(f"calib-{name}") / "scores.safetensors"
-            cal = Calibrator(str(families(name).source), str(ids_data[0]), out, max_length=64,
-                             batch_tokens=BATCH_TOKENS, on_layer=on_layer)
+            cal = Calibrator(
+                str(families(name).source),
+                str(ids_data[0]),
+                out,
+                max_length=64,
+                batch_tokens=BATCH_TOKENS,
+                on_layer=on_layer,
+            )
             scores = cal.run()
             cache[name] = (scores, hidden, cal)
         return cache[name]
@@ -99,8 +128,9 @@ def test_statistics_equal_hook_reference(name, families, streamed):
         assert scores.tokens[r] == ref[key]["tokens"] == sum(LENGTHS)
         np.testing.assert_array_equal(scores.count[r], ref[key]["count"], err_msg=f"layer {key} count")
         for f in ("gate_sum", "norm_sum", "reap_sum", "act_max"):
-            np.testing.assert_allclose(getattr(scores, f)[r], ref[key][f], rtol=1e-6, atol=1e-9,
-                                       err_msg=f"layer {key} {f}")
+            np.testing.assert_allclose(
+                getattr(scores, f)[r], ref[key][f], rtol=1e-6, atol=1e-9, err_msg=f"layer {key} {f}"
+            )
 
 
 @pytest.mark.parametrize("name", PROOF_FAMILIES)
@@ -149,8 +179,7 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("name,memory", [(n, "1") for n in PROOF_FAMILIES] + [("qwen3_moe", None),
-                                                                                 ("gpt_oss", None)])
+@pytest.mark.parametrize("name,memory", [(n, "1") for n in PROOF_FAMILIES] + [("qwen3_moe", None), ("gpt_oss", None)])
 def test_resume_after_interruption_is_identical(name, memory, families, ids_data, streamed, tmp_path):
     """Interrupted after the first MoE layer (activations spilled to disk, or held in RAM and
     rebuilt by replaying), then resumed: the scores equal an uninterrupted run's bit for bit."""
@@ -171,8 +200,14 @@ def test_resume_after_interruption_is_identical(name, memory, families, ids_data
     assert (tmp_path / "scores.safetensors.calib" / "state.json").exists()
     assert ("spilled" in modes[0]) == (memory is not None)
     resumed_msgs = []
-    scores = _run(families(name).source, ids_data[0], out, max_memory=memory, resume=True,
-                  progress=lambda e: resumed_msgs.append(e.message) if e.kind == "info" else None)
+    scores = _run(
+        families(name).source,
+        ids_data[0],
+        out,
+        max_memory=memory,
+        resume=True,
+        progress=lambda e: resumed_msgs.append(e.message) if e.kind == "info" else None,
+    )
     assert any(m.startswith(f"resuming at step {first_moe_step + 1}") for m in resumed_msgs)
     _assert_identical(scores, full)
     _assert_identical(Scores.load(out), full)
@@ -182,8 +217,9 @@ def test_resume_after_interruption_is_identical(name, memory, families, ids_data
 @pytest.mark.parametrize("name", PROOF_FAMILIES)
 def test_shard_halves_merge_to_full_run(name, families, ids_data, streamed, tmp_path):
     full, _, _ = streamed(name)
-    halves = [_run(families(name).source, ids_data[0], tmp_path / f"half{i}.safetensors", shard=f"{i}/2")
-              for i in (1, 2)]
+    halves = [
+        _run(families(name).source, ids_data[0], tmp_path / f"half{i}.safetensors", shard=f"{i}/2") for i in (1, 2)
+    ]
     assert halves[0].metadata["shard"] == "1/2"
     assert sum(int(h.metadata["samples"]) for h in halves) == len(LENGTHS)
     merged = merge_scores([(Scores.load(tmp_path / f"half{i}.safetensors"), 1.0) for i in (1, 2)])
@@ -251,8 +287,10 @@ def test_deepseek_v32_indexer_drops_tokens(families, streamed):
     model = families("deepseek_v32").model
     _, _, cal = streamed("deepseek_v32")
     picked = []
-    hooks = [layer.self_attn.indexer.register_forward_hook(lambda m, a, o: picked.append(o.shape))
-             for layer in model.model.layers]
+    hooks = [
+        layer.self_attn.indexer.register_forward_hook(lambda m, a, o: picked.append(o.shape))
+        for layer in model.model.layers
+    ]
     try:
         with torch.no_grad():
             model(torch.as_tensor(max(cal.local, key=len))[None])
@@ -289,12 +327,25 @@ def test_gpu_settings_run_on_the_cpu(families, ids_data, streamed, tmp_path, mon
         return layer
 
     monkeypatch.setattr(stream.LayerLoader, "load_layer", spy)
-    ahead = Calibrator(str(source), str(ids_data[0]), tmp_path / "a.safetensors", max_length=64,
-                       batch_tokens=BATCH_TOKENS, prefetch=True).run()
+    ahead = Calibrator(
+        str(source),
+        str(ids_data[0]),
+        tmp_path / "a.safetensors",
+        max_length=64,
+        batch_tokens=BATCH_TOKENS,
+        prefetch=True,
+    ).run()
     _assert_identical(ahead, full)
     placed.clear()
-    bf16 = Calibrator(str(source), str(ids_data[0]), tmp_path / "b.safetensors", max_length=64,
-                      batch_tokens=BATCH_TOKENS, prefetch=True, dtype="bfloat16").run()
+    bf16 = Calibrator(
+        str(source),
+        str(ids_data[0]),
+        tmp_path / "b.safetensors",
+        max_length=64,
+        batch_tokens=BATCH_TOKENS,
+        prefetch=True,
+        dtype="bfloat16",
+    ).run()
     assert placed and all(device == torch.device("cpu") for _, device, _, _ in placed)
     assert all(dtype == (torch.float32 if keep32 else torch.bfloat16) for _, _, dtype, keep32 in placed), placed
     assert any(keep32 for *_, keep32 in placed) and not all(keep32 for *_, keep32 in placed)

@@ -42,8 +42,9 @@ def model_with_tokenizer(families, tokenizer_dir, tmp_path_factory) -> Path:
 
 def _load(spec: str, model_dir: Path, **kw):
     kw.setdefault("samples", None)
-    return load_data(spec, model_dir, max_length=kw.pop("max_length", 64), seed=kw.pop("seed", 0), vocab_size=VOCAB,
-                     **kw)
+    return load_data(
+        spec, model_dir, max_length=kw.pop("max_length", 64), seed=kw.pop("seed", 0), vocab_size=VOCAB, **kw
+    )
 
 
 # -- data specs ---------------------------------------------------------------------------------
@@ -76,13 +77,19 @@ def test_jsonl_text_messages_and_input_ids(tmp_path, tokenizer_dir):
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     msgs = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "the quick fox"}]
     path = tmp_path / "mixed.jsonl"
-    path.write_text("\n".join(json.dumps(o) for o in [{"text": "a router sends"}, {"messages": msgs},
-                                                       {"input_ids": [5, 6, 7]}]) + "\n")
+    path.write_text(
+        "\n".join(json.dumps(o) for o in [{"text": "a router sends"}, {"messages": msgs}, {"input_ids": [5, 6, 7]}])
+        + "\n"
+    )
     data = _load(str(path), tokenizer_dir)
     got = sorted(s.tolist() for s in data.samples)
-    want = sorted([tok("a router sends")["input_ids"],
-                   tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"],
-                   [5, 6, 7]])
+    want = sorted(
+        [
+            tok("a router sends")["input_ids"],
+            tok(tok.apply_chat_template(msgs, tokenize=False), add_special_tokens=False)["input_ids"],
+            [5, 6, 7],
+        ]
+    )
     assert got == want
 
 
@@ -110,8 +117,16 @@ def test_folder_of_files(tmp_path, tokenizer_dir):
 # -- bad input: library ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content,match", [(None, "not found"), ("", "empty"), ("\n\n  \n", "empty"),
-                                           ('{"nothing": 1}\n', "row 1"), ('{"input_ids": [1, 500]}\n', "vocabulary")])
+@pytest.mark.parametrize(
+    "content,match",
+    [
+        (None, "not found"),
+        ("", "empty"),
+        ("\n\n  \n", "empty"),
+        ('{"nothing": 1}\n', "row 1"),
+        ('{"input_ids": [1, 500]}\n', "vocabulary"),
+    ],
+)
 def test_bad_data_files(tmp_path, tokenizer_dir, content, match):
     path = tmp_path / "data.jsonl"
     if content is not None:
@@ -233,10 +248,24 @@ def test_cli_calibrates_text_with_json_summary(model_with_tokenizer, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text(PARAGRAPHS)
     out = tmp_path / "s.safetensors"
-    result = CliRunner().invoke(app, ["calibrate", str(model_with_tokenizer), "--data", str(text), "-o", str(out),
-                                      "--max-length", "16", "--samples", "2", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            str(model_with_tokenizer),
+            "--data",
+            str(text),
+            "-o",
+            str(out),
+            "--max-length",
+            "16",
+            "--samples",
+            "2",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index("{"):])
+    summary = json.loads(result.output[result.output.index("{") :])
     scores = Scores.load(out)
     assert summary["layers"] == scores.layers == ["1", "2", "3"]
     assert summary["samples"] == 2 and summary["tokens"] == int(scores.tokens[0])

@@ -91,8 +91,9 @@ def test_quantized_checkpoint_calibrates_like_its_dequantized_float_model(name, 
         assert q.tokens[r] == ref[key]["tokens"]
         np.testing.assert_array_equal(q.count[r], ref[key]["count"], err_msg=f"layer {key} count")
         for field in ("gate_sum", "norm_sum", "reap_sum", "act_max"):
-            np.testing.assert_allclose(getattr(q, field)[r], ref[key][field], rtol=1e-6, atol=1e-9,
-                                       err_msg=f"layer {key} {field}")
+            np.testing.assert_allclose(
+                getattr(q, field)[r], ref[key][field], rtol=1e-6, atol=1e-9, err_msg=f"layer {key} {field}"
+            )
 
 
 def test_dequantizing_one_module_at_a_time_changes_nothing(runs, monkeypatch, tmp_path):
@@ -148,14 +149,28 @@ def _ct_fp8_twins(float_dir: Path, quant_dir: Path, twin_dir: Path) -> int:
         else:
             quantized[name] = twin[name] = t
     config = json.loads((float_dir / "config.json").read_text())
-    qc = QuantizationConfig(config_groups={"group_0": scheme}, format="float-quantized", quantization_status="compressed",
-                            ignore=["lm_head", r"re:.*mlp\.gate$"])
+    qc = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format="float-quantized",
+        quantization_status="compressed",
+        ignore=["lm_head", r"re:.*mlp\.gate$"],
+    )
     for path, tensors, quant in ((quant_dir, quantized, True), (twin_dir, twin, False)):
         path.mkdir()
         save_sharded(path, tensors)
-        cfg = {**config, "quantization_config": {"quant_method": "compressed-tensors", "sparsity_config": {},
-                                                 "transform_config": {}, **qc.model_dump(exclude=["quant_method"])}} \
-            if quant else config
+        cfg = (
+            {
+                **config,
+                "quantization_config": {
+                    "quant_method": "compressed-tensors",
+                    "sparsity_config": {},
+                    "transform_config": {},
+                    **qc.model_dump(exclude=["quant_method"]),
+                },
+            }
+            if quant
+            else config
+        )
         (path / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     return sum(1 for n in quantized if n.endswith(".weight_scale"))
 
@@ -175,20 +190,32 @@ def test_compressed_tensors_fp8_with_plain_norms_calibrates_like_its_twin(runs, 
     np.testing.assert_array_equal(q.count.sum(axis=1), TOP_K * q.tokens)
 
 
-_CT_INT4 = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
-    "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
-                                       "group_size": 32}}}}
+_CT_INT4 = {
+    "quant_method": "compressed-tensors",
+    "format": "pack-quantized",
+    "config_groups": {
+        "g": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32},
+        }
+    },
+}
 
 
-@pytest.mark.parametrize("quant, message", [
-    ({"quant_method": "gptq", "bits": 4, "group_size": 16}, "cannot dequantize quant_method 'gptq'"),
-    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "cannot dequantize quant_method 'bitsandbytes'"),
-    ({**_CT_INT4, "format": "marlin-24"}, "cannot dequantize compressed-tensors format 'marlin-24'"),
-    ({**_CT_INT4, "sparsity_config": {"format": "sparse-bitmask"}},
-     "cannot dequantize compressed-tensors sparsity format 'sparse-bitmask'"),
-    ({**_CT_INT4, "transform_config": {"config_groups": {"u": {"type": "hadamard"}}}}, "transform_config"),
-    ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "not a compressed-tensors config"),
-])
+@pytest.mark.parametrize(
+    "quant, message",
+    [
+        ({"quant_method": "gptq", "bits": 4, "group_size": 16}, "cannot dequantize quant_method 'gptq'"),
+        ({"quant_method": "bitsandbytes", "load_in_4bit": True}, "cannot dequantize quant_method 'bitsandbytes'"),
+        ({**_CT_INT4, "format": "marlin-24"}, "cannot dequantize compressed-tensors format 'marlin-24'"),
+        (
+            {**_CT_INT4, "sparsity_config": {"format": "sparse-bitmask"}},
+            "cannot dequantize compressed-tensors sparsity format 'sparse-bitmask'",
+        ),
+        ({**_CT_INT4, "transform_config": {"config_groups": {"u": {"type": "hadamard"}}}}, "transform_config"),
+        ({"quant_method": "compressed-tensors", "format": "pack-quantized"}, "not a compressed-tensors config"),
+    ],
+)
 def test_schemes_it_cannot_dequantize_are_refused(quant, message, families, tmp_path):
     if quant["quant_method"] == "compressed-tensors":
         pytest.importorskip("compressed_tensors")

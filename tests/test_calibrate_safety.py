@@ -96,24 +96,45 @@ def _env() -> dict[str, str]:
     return {**os.environ, "SOURCE_DATE_EPOCH": EPOCH, "PYTHONPATH": str(ROOT)}
 
 
-def _killed(model: Path, data: Path, out: Path, step: int, memory: str | None = None,
-            every: int | None = None) -> None:
+def _killed(model: Path, data: Path, out: Path, step: int, memory: str | None = None, every: int | None = None) -> None:
     """Run calibrate in its own process and SIGKILL it during step `step`."""
-    proc = subprocess.run([sys.executable, "-c", _KILLED, str(model), str(data), str(out), str(step),
-                           memory or "-", "-" if every is None else str(every)],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _KILLED,
+            str(model),
+            str(data),
+            str(out),
+            str(step),
+            memory or "-",
+            "-" if every is None else str(every),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert not out.exists()
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shardcut_cli.main", "calibrate", *args], env=_env(),
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "shardcut_cli.main", "calibrate", *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def _digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _resumed(model: Path, data: Path, out: Path, **kwargs) -> tuple[list[int], list[str]]:
@@ -182,9 +203,12 @@ def test_output_that_is_an_input_is_refused(model, data, tmp_path):
     before, data_bytes = _digest(model), data.read_bytes()
     shard = sorted(model.glob("*.safetensors"))[0]
     runner = CliRunner()
-    for target, message in ((shard, "one of the inputs"), (data, "one of the inputs"),
-                            (model / "new.safetensors", "inside the input folder"),
-                            (model / "config.json", "one of the inputs")):
+    for target, message in (
+        (shard, "one of the inputs"),
+        (data, "one of the inputs"),
+        (model / "new.safetensors", "inside the input folder"),
+        (model / "config.json", "one of the inputs"),
+    ):
         result = runner.invoke(app, ["calibrate", str(model), "--data", str(data), "-o", str(target), "--overwrite"])
         assert result.exit_code == 2 and message in result.output, result.output
     assert _digest(model) == before and data.read_bytes() == data_bytes
@@ -342,7 +366,11 @@ def test_files_are_durable_before_the_state_goes(model, data, reference, tmp_pat
     _run(model, data, out)
     monkeypatch.undo()
     assert out.read_bytes() == reference
-    folder, work, target = str(tmp_path.resolve()), str((tmp_path / "s.safetensors.calib").resolve()), str(out.resolve())
+    folder, work, target = (
+        str(tmp_path.resolve()),
+        str((tmp_path / "s.safetensors.calib").resolve()),
+        str(out.resolve()),
+    )
 
     def at(op: str, pred) -> list[int]:
         return [i for i, (o, p) in enumerate(calls) if o == op and pred(p)]
@@ -354,8 +382,12 @@ def test_files_are_durable_before_the_state_goes(model, data, reference, tmp_pat
     removed = at("unlink", lambda p: p.startswith(work + "/")) + at("rmdir", lambda p: p == work)
     assert written and renamed and removed
     last_rename = renamed[-1]
-    assert written[-1] < last_rename < min(i for i in dir_synced if i > last_rename) < min(
-        i for i in removed if i > last_rename)
+    assert (
+        written[-1]
+        < last_rename
+        < min(i for i in dir_synced if i > last_rename)
+        < min(i for i in removed if i > last_rename)
+    )
     # every state.json: its tmp fsynced just before its rename, the folder just after; the partial
     # file it names fsynced, renamed and the folder fsynced before it
     for i in at("replace", lambda p: p.endswith(work + "/state.json")):
@@ -372,8 +404,12 @@ def test_files_are_durable_before_the_state_goes(model, data, reference, tmp_pat
 
 def test_two_runs_of_one_output_are_locked_against_each_other(model, data, reference, tmp_path):
     out, ready, go = tmp_path / "s.safetensors", tmp_path / "ready", tmp_path / "go"
-    held = subprocess.Popen([sys.executable, "-c", _HELD, str(model), str(data), str(out), str(ready), str(go)],
-                            env=_env(), stderr=subprocess.PIPE, text=True)
+    held = subprocess.Popen(
+        [sys.executable, "-c", _HELD, str(model), str(data), str(out), str(ready), str(go)],
+        env=_env(),
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while not ready.exists():
@@ -403,8 +439,15 @@ def test_spill_files_are_reserved_up_front(model, data, reference, tmp_path):
 
     from shardcut.calibration.runner import Calibrator
 
-    cal = Calibrator(str(model), str(data), tmp_path / "s.safetensors", max_length=64, batch_tokens=96,
-                     max_memory="1", on_layer=on_layer)
+    cal = Calibrator(
+        str(model),
+        str(data),
+        tmp_path / "s.safetensors",
+        max_length=64,
+        batch_tokens=96,
+        max_memory="1",
+        on_layer=on_layer,
+    )
     cal.run()
     assert sizes and all(size == cal.store.nbytes and blocks >= size for size, blocks in sizes)
     assert (tmp_path / "s.safetensors").read_bytes() == reference
@@ -415,8 +458,9 @@ def test_full_disk_is_a_one_line_error(model, data, tmp_path, monkeypatch):
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(store.shutil, "disk_usage", lambda p: usage._replace(free=1000))
-    result = CliRunner().invoke(app, ["calibrate", str(model), "--data", str(data), "-o",
-                                      str(tmp_path / "s.safetensors"), "--max-memory", "1"])
+    result = CliRunner().invoke(
+        app, ["calibrate", str(model), "--data", str(data), "-o", str(tmp_path / "s.safetensors"), "--max-memory", "1"]
+    )
     assert result.exit_code == 2 and "not enough disk space for the spilled activations" in result.output
     assert len(result.output.strip().splitlines()) == 1 and "Traceback" not in result.output
     # activations in RAM: no room for checkpoints is said, and the run still completes

@@ -28,8 +28,9 @@ def test_dequantize_fp8_applies_one_scale_per_block():
     gen = torch.Generator().manual_seed(0)
     w8 = torch.randn(6, 10, generator=gen).to(torch.float8_e4m3fn)
     scale = torch.rand(2, 3, generator=gen) + 0.5  # blocks of 4 x 4, the last ones partial
-    got = dequantize({"m.weight": w8, "m.weight_scale_inv": scale},
-                     {"quant_method": "fp8", "weight_block_size": [4, 4]})["m.weight"]
+    got = dequantize(
+        {"m.weight": w8, "m.weight_scale_inv": scale}, {"quant_method": "fp8", "weight_block_size": [4, 4]}
+    )["m.weight"]
     for r in range(6):
         for c in range(10):
             assert got[r, c].item() == (w8[r, c].float() * scale[r // 4, c // 4]).item()
@@ -66,8 +67,12 @@ def _fp8_twins(source: Path, fp8: Path, plain: Path) -> int:
         save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
         cfg = dict(config)
         if quant:
-            cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                          "weight_block_size": [BLOCK, BLOCK]}
+            cfg["quantization_config"] = {
+                "quant_method": "fp8",
+                "fmt": "e4m3",
+                "activation_scheme": "dynamic",
+                "weight_block_size": [BLOCK, BLOCK],
+            }
         (path / "config.json").write_text(json.dumps(cfg))
     return sum(1 for n in quantized if n.endswith("_scale_inv"))
 
@@ -103,9 +108,25 @@ def test_torchrun_two_ranks_equal_one_process(families, tmp_path):
     with socket.socket() as s:  # a free port: other test runs may share this machine
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(port), str(script), str(source), str(data), str(out)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(port),
+            str(script),
+            str(source),
+            str(data),
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = Scores.load(out)
     assert two.metadata["samples"] == "7" and two.metadata["tokens"] == str(sum([3, 17, 40, 9, 64, 25, 33]))

@@ -37,8 +37,9 @@ DIMS = dict(hidden_size=64, moe_intermediate_size=32, intermediate_size=96)
 def _k25_family():
     fam = family("kimi_k25")
     text = {**fam.config["text_config"], **DIMS, "n_routed_experts": 384, "num_experts_per_tok": 8}
-    return dataclasses.replace(fam, name="kimi_k25_shaped", config={**fam.config, "text_config": text},
-                               counts={"": 384})
+    return dataclasses.replace(
+        fam, name="kimi_k25_shaped", config={**fam.config, "text_config": text}, counts={"": 384}
+    )
 
 
 def _v32_family():
@@ -58,13 +59,25 @@ def _k25_int4(float_dir: Path, source: Path) -> None:
     save_sharded(source, _ct_quantize(load_tensors(float_dir), symmetric=True))
     scheme = ct_scheme(True)
     scheme.targets = [r"re:language_model\.model\.layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj$"]
-    qc = QuantizationConfig(config_groups={"group_0": scheme}, format="pack-quantized", quantization_status="compressed",
-                            ignore=["language_model.lm_head", r"re:vision_tower.*", r"re:mm_projector.*",
-                                    r"re:language_model\.model\.layers\.\d+\.self_attn.*"])
+    qc = QuantizationConfig(
+        config_groups={"group_0": scheme},
+        format="pack-quantized",
+        quantization_status="compressed",
+        ignore=[
+            "language_model.lm_head",
+            r"re:vision_tower.*",
+            r"re:mm_projector.*",
+            r"re:language_model\.model\.layers\.\d+\.self_attn.*",
+        ],
+    )
     config = json.loads((float_dir / "config.json").read_text())
-    config["quantization_config"] = {"version": compressed_tensors.__version__, "quant_method": "compressed-tensors",
-                                     "sparsity_config": {}, "transform_config": {},
-                                     **qc.model_dump(exclude=["quant_method"])}
+    config["quantization_config"] = {
+        "version": compressed_tensors.__version__,
+        "quant_method": "compressed-tensors",
+        "sparsity_config": {},
+        "transform_config": {},
+        **qc.model_dump(exclude=["quant_method"]),
+    }
     (source / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
@@ -87,12 +100,14 @@ def _assert_reference(scores: Scores, model, samples, num_experts: int) -> None:
         r = scores.row(key)
         np.testing.assert_array_equal(scores.count[r], ref[key]["count"], err_msg=f"layer {key} count")
         for f in ("gate_sum", "norm_sum", "reap_sum", "act_max"):
-            np.testing.assert_allclose(getattr(scores, f)[r], ref[key][f], rtol=1e-6, atol=1e-9,
-                                       err_msg=f"layer {key} {f}")
+            np.testing.assert_allclose(
+                getattr(scores, f)[r], ref[key][f], rtol=1e-6, atol=1e-9, err_msg=f"layer {key} {f}"
+            )
 
 
-def _plan_prune_verify_oracle(fam, source: Path, scores_path: Path, tmp: Path, original, pruned_float=None,
-                              mtp_policy: str | None = None) -> dict:
+def _plan_prune_verify_oracle(
+    fam, source: Path, scores_path: Path, tmp: Path, original, pruned_float=None, mtp_policy: str | None = None
+) -> dict:
     """plan -> prune -> verify on `source` (no renaming), then the logits oracle on the float
     models (`original` loaded from the source or its float twin; the pruned one likewise)."""
     from shardcut.oracle import forbid_pruned_experts

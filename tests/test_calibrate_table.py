@@ -21,7 +21,6 @@ _FIXTURE_TYPES = {(f.config_edits.get("model_type") or f.model_type): f.name for
 _CALIBRATED_TYPES = {f.model_type for f in FAMILIES if f.name in CALIBRATED} | set(_FIXTURE_TYPES)
 
 
-
 def _all_types() -> list[tuple[str, str]]:
     return [(a.name, mt) for a in ARCHITECTURES for mt in a.model_types]
 
@@ -30,8 +29,7 @@ def _all_types() -> list[tuple[str, str]]:
 def test_every_model_type_calibrates_on_a_fixture_or_says_why_not(arch, model_type):
     reason = unsupported_reason({"model_type": model_type})
     if reason is None:
-        assert model_type in _CALIBRATED_TYPES, (
-            f"{model_type} claims to calibrate but no fixture proves it")
+        assert model_type in _CALIBRATED_TYPES, f"{model_type} claims to calibrate but no fixture proves it"
         assert model_type in calibratable_model_types()
     else:
         assert reason.strip() and "\n" not in reason and len(reason) > 20
@@ -50,8 +48,16 @@ def test_every_family_transformers_registers_calibrates_or_is_explained():
     assert len(calibrates) >= 30
     # what transformers builds but shardcut does not calibrate yet, each with its reason
     assert {mt for mt in registered if explained[mt]} <= {
-        "llama4", "llama4_text", "longcat_flash", "deepseek_v4", "gemma4", "gemma4_text", "dbrx", "jetmoe",
-        "step3p5"}
+        "llama4",
+        "llama4_text",
+        "longcat_flash",
+        "deepseek_v4",
+        "gemma4",
+        "gemma4_text",
+        "dbrx",
+        "jetmoe",
+        "step3p5",
+    }
 
 
 def test_the_cli_prints_the_reason_in_one_line(families, tmp_path):

@@ -17,9 +17,28 @@ from shardcut.errors import ShardcutError
 
 # Every dtype safetensors 0.8 defines, with its bits per element (packed sub-byte types included).
 SAFETENSORS_DTYPES = {
-    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8,
-    "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32,
-    "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+    "BOOL": 8,
+    "F4": 4,
+    "F6_E2M3": 6,
+    "F6_E3M2": 6,
+    "U8": 8,
+    "I8": 8,
+    "F8_E5M2": 8,
+    "F8_E4M3": 8,
+    "F8_E8M0": 8,
+    "F8_E4M3FNUZ": 8,
+    "F8_E5M2FNUZ": 8,
+    "I16": 16,
+    "U16": 16,
+    "F16": 16,
+    "BF16": 16,
+    "I32": 32,
+    "U32": 32,
+    "F32": 32,
+    "C64": 64,
+    "F64": 64,
+    "I64": 64,
+    "U64": 64,
 }
 SHAPE = (6, 4)  # 24 elements: whole bytes for 4- and 6-bit types; 6 "experts" of 4 elements
 
@@ -42,7 +61,11 @@ def every_dtype(tmp_path) -> tuple[Path, dict[str, bytes]]:
     header, data, blobs = {"__metadata__": {"format": "pt", "note": "all dtypes"}}, b"", {}
     for i, dtype in enumerate(SAFETENSORS_DTYPES):
         blob = os.urandom(nbytes(dtype))
-        header[f"t.{i}.{dtype}"] = {"dtype": dtype, "shape": list(SHAPE), "data_offsets": [len(data), len(data) + len(blob)]}
+        header[f"t.{i}.{dtype}"] = {
+            "dtype": dtype,
+            "shape": list(SHAPE),
+            "data_offsets": [len(data), len(data) + len(blob)],
+        }
         blobs[f"t.{i}.{dtype}"] = blob
         data += blob
     return raw_file(tmp_path / "src.safetensors", header, data), blobs
@@ -60,7 +83,7 @@ def test_read_header_gives_exact_byte_ranges(every_dtype):
     for name, blob in blobs.items():
         t = header.tensors[name]
         assert (t.dtype, t.shape) == (name.split(".")[-1], SHAPE)
-        assert raw[t.start:t.end] == blob
+        assert raw[t.start : t.end] == blob
 
 
 @pytest.mark.parametrize("copy_file_range", [True, False], ids=["copy_file_range", "read_write"])
@@ -69,7 +92,9 @@ def test_every_dtype_round_trips_byte_exact(every_dtype, tmp_path, monkeypatch, 
         monkeypatch.setattr(container, "_copy_file_range_ok", False)  # the portable fallback
     path, blobs = every_dtype
     src = read_header(path)
-    out = [OutTensor(t.name, t.dtype, t.shape, [Piece(path, t.start, t.nbytes)]) for t in reversed(src.tensors.values())]
+    out = [
+        OutTensor(t.name, t.dtype, t.shape, [Piece(path, t.start, t.nbytes)]) for t in reversed(src.tensors.values())
+    ]
     copied = []
     size = write_shard(tmp_path / "out.safetensors", out, {"format": "pt"}, on_bytes=copied.append)
     raw = (tmp_path / "out.safetensors").read_bytes()
@@ -91,9 +116,9 @@ def test_expert_row_slices_copy_the_right_bytes(every_dtype, tmp_path, dtype):
     pieces = merge_pieces([Piece(path, t.start + k * row, row) for k in kept])
     assert len(pieces) == 3  # rows 2 and 3 are adjacent: one copy
     write_shard(tmp_path / "rows.safetensors", [OutTensor("rows", dtype, (len(kept), SHAPE[1]), pieces)])
-    (name, got), = deserialize((tmp_path / "rows.safetensors").read_bytes())
+    ((name, got),) = deserialize((tmp_path / "rows.safetensors").read_bytes())
     blob = blobs[t.name]
-    assert bytes(got["data"]) == b"".join(blob[k * row:(k + 1) * row] for k in kept)
+    assert bytes(got["data"]) == b"".join(blob[k * row : (k + 1) * row] for k in kept)
 
 
 def test_writer_refuses_pieces_of_the_wrong_size(every_dtype, tmp_path):
@@ -135,11 +160,14 @@ def test_bad_header_is_one_line_naming_the_file(tmp_path, case):
     assert words in message and str(path) in message and "\n" not in message
 
 
-@pytest.mark.parametrize("length, size, words", [
-    (None, 5, "shorter than the 8-byte"),
-    (200_000_000, 64, "exceeds the safetensors limit"),
-    (1000, 64, "beyond the end of the file"),
-])
+@pytest.mark.parametrize(
+    "length, size, words",
+    [
+        (None, 5, "shorter than the 8-byte"),
+        (200_000_000, 64, "exceeds the safetensors limit"),
+        (1000, 64, "beyond the end of the file"),
+    ],
+)
 def test_bad_header_length(tmp_path, length, size, words):
     path = tmp_path / "bad.safetensors"
     body = b"" if length is None else length.to_bytes(8, "little")

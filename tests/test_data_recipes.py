@@ -57,8 +57,12 @@ def cache_dir(tmp_path_factory, rows) -> Path:
     root = tmp_path_factory.mktemp("hf-datasets")
     for repo, r in rows.items():
         build_hub_cache(root, repo, {"train": r})
-    build_hub_cache(root, "someone/plain-chat", {"train": [{"text": "hello there"}, {"text": "general kenobi"}],
-                                                  "test": [{"text": "only in test"}]}, config="en")
+    build_hub_cache(
+        root,
+        "someone/plain-chat",
+        {"train": [{"text": "hello there"}, {"text": "general kenobi"}], "test": [{"text": "only in test"}]},
+        config="en",
+    )
     return root
 
 
@@ -119,9 +123,19 @@ def test_seed003_from_local_files_in_the_real_schemas(tmp_path, tok_dir, rows):
 
 
 def test_every_reference_dataset_has_a_recipe():
-    wanted = ["evol-codealpaca-v1", "xlam-function-calling-60k", "SWE-smith-trajectories", "tulu-3-sft-mixture",
-              "Magicoder-Evol-Instruct-110K", "CodeFeedback-Filtered-Instruction", "c4", "mmlu",
-              "WritingPrompts_curated", "tulu-3-sft-personas-math", "Mixture-of-Thoughts"]
+    wanted = [
+        "evol-codealpaca-v1",
+        "xlam-function-calling-60k",
+        "SWE-smith-trajectories",
+        "tulu-3-sft-mixture",
+        "Magicoder-Evol-Instruct-110K",
+        "CodeFeedback-Filtered-Instruction",
+        "c4",
+        "mmlu",
+        "WritingPrompts_curated",
+        "tulu-3-sft-personas-math",
+        "Mixture-of-Thoughts",
+    ]
     assert sorted(r.name for r in REAP_RECIPES) == sorted(wanted)
     assert find_recipe("Salesforce/xlam-function-calling-60k").name == "xlam-function-calling-60k"
 
@@ -132,14 +146,24 @@ def test_turn_recipes_format_like_the_reference(tmp_path, tok_dir):
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     cases = {
-        "mmlu": ({"question": "2+2?", "choices": ["3", "4"], "subject": "math", "answer": 1},
-                 [{"role": "user", "content": "2+2? Choose from the following options: ['3', '4']"}]),
-        "WritingPrompts_curated": ({"prompt": "a cat", "body": "Once."},
-                                   [{"role": "user", "content": "Please write a creative story using the following "
-                                     "writing prompt:\n\n a cat"}, {"role": "assistant", "content": "Once."}]),
-        "Magicoder-Evol-Instruct-110K": ({"instruction": "sort", "response": "sorted()"},
-                                         [{"role": "user", "content": "sort"},
-                                          {"role": "assistant", "content": "sorted()"}]),
+        "mmlu": (
+            {"question": "2+2?", "choices": ["3", "4"], "subject": "math", "answer": 1},
+            [{"role": "user", "content": "2+2? Choose from the following options: ['3', '4']"}],
+        ),
+        "WritingPrompts_curated": (
+            {"prompt": "a cat", "body": "Once."},
+            [
+                {
+                    "role": "user",
+                    "content": "Please write a creative story using the following writing prompt:\n\n a cat",
+                },
+                {"role": "assistant", "content": "Once."},
+            ],
+        ),
+        "Magicoder-Evol-Instruct-110K": (
+            {"instruction": "sort", "response": "sorted()"},
+            [{"role": "user", "content": "sort"}, {"role": "assistant", "content": "sorted()"}],
+        ),
     }
     for name, (row, messages) in cases.items():
         path = tmp_path / f"{name}.jsonl"
@@ -175,8 +199,14 @@ def test_saved_datasets_parquet_json_csv_agree(tmp_path, tok_dir, rows):
     Dataset.from_list(evol[:2]).to_parquet(str(tmp_path / "repo" / "data" / "test-00000-of-00001.parquet"))
     (tmp_path / "evol.json").write_text(json.dumps(evol))
     ds.to_csv(str(tmp_path / "evol.csv"), index=False)
-    forms = [tmp_path / "saved", f"{tmp_path / 'dict'}(validation)", tmp_path / "evol.parquet", tmp_path / "repo",
-             tmp_path / "evol.json", tmp_path / "evol.csv"]
+    forms = [
+        tmp_path / "saved",
+        f"{tmp_path / 'dict'}(validation)",
+        tmp_path / "evol.parquet",
+        tmp_path / "repo",
+        tmp_path / "evol.json",
+        tmp_path / "evol.csv",
+    ]
     streams = [sorted(s.tolist() for s in _load(str(f), tok_dir).samples) for f in forms]
     assert all(s == streams[0] for s in streams) and len(streams[0]) == 20
     assert len(_load(f"{tmp_path / 'repo'}(test)", tok_dir).samples) == 2
@@ -191,10 +221,14 @@ def test_explicit_mapping_and_recipe_file(tmp_path, tok_dir):
     tok = AutoTokenizer.from_pretrained(tok_dir)
     path = tmp_path / "qa.jsonl"
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
-    path.write_text(json.dumps({"question": "why", "answer": "because", "sys": "be brief",
-                                "fns": json.dumps(tools)}) + "\n")
-    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "why"},
-            {"role": "assistant", "content": "because"}]
+    path.write_text(
+        json.dumps({"question": "why", "answer": "because", "sys": "be brief", "fns": json.dumps(tools)}) + "\n"
+    )
+    msgs = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "why"},
+        {"role": "assistant", "content": "because"},
+    ]
     want = tok(tok.apply_chat_template(msgs, tools=tools, tokenize=False), add_special_tokens=False)["input_ids"]
     got = _load(f"{path}{{prompt=question;response=answer;system=sys;tools=fns}}", tok_dir).samples[0].tolist()
     assert got == want
@@ -251,7 +285,8 @@ def test_packing_like_the_reference(tmp_path, tok_dir):
         _load(f"{path}:30", tok_dir, max_length=8, sequences="pack")
     truncated = _load(str(path), tok_dir, max_length=4)
     assert truncated.sequences == "truncate" and sorted(s.tolist() for s in truncated.samples) == sorted(
-        s[:4] for s in samples)
+        s[:4] for s in samples
+    )
 
 
 def test_calibrate_records_sequences_and_provenance(families, tmp_path):

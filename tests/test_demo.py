@@ -21,13 +21,21 @@ SHARDCUT = [sys.executable, "-m", "shardcut_cli.main"]
 
 def _snapshot(root: Path) -> dict[str, tuple[str, int]]:
     """Every file under `root`: relative path -> (sha256, mtime_ns)."""
-    return {str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _demo(directory: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([*SHARDCUT, "demo", str(directory)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "COLUMNS": "200"})
+    return subprocess.run(
+        [*SHARDCUT, "demo", str(directory)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "COLUMNS": "200"},
+    )
 
 
 def _user_folder(root: Path) -> Path:

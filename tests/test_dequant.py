@@ -82,8 +82,15 @@ def test_bad_quantized_layers_are_refused():
     with pytest.raises(ShardcutError, match="cannot dequantize quant_method 'awq'"):
         dequantize({"x.qweight": torch.zeros(1, 1, dtype=torch.int32)}, {"quant_method": "awq"})
     pytest.importorskip("compressed_tensors")
-    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {"g": {
-        "targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
-                                           "group_size": 32}}}}
+    qc = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {
+            "g": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32},
+            }
+        },
+    }
     with pytest.raises(ShardcutError, match=r"companion tensors \['weight_scale', 'weight_shape'\] are missing"):
         dequantize({"x.weight_packed": torch.zeros(4, 4, dtype=torch.int32)}, qc)

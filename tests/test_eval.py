@@ -43,8 +43,15 @@ def evaluated(families, ids_data):
     def get(name: str):
         if name not in cache:
             built = families(name)
-            report = evaluate(built.source, str(ids_data[0]), plans=[Plan(built.keep)], pruned=[built.pruned],
-                              max_length=64, batch_tokens=BATCH_TOKENS, device="cpu")
+            report = evaluate(
+                built.source,
+                str(ids_data[0]),
+                plans=[Plan(built.keep)],
+                pruned=[built.pruned],
+                max_length=64,
+                batch_tokens=BATCH_TOKENS,
+                device="cpu",
+            )
             cache[name] = (report, built)
         return cache[name]
 
@@ -57,18 +64,25 @@ def _full_forward(model, sample: np.ndarray, blocks: dict[str, object]):
 
     layer_out: dict[int, object] = {}
     moe_out: dict[str, object] = {}
-    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: layer_out.__setitem__(i, o[0] if isinstance(o, tuple) else o))
-             for i, layer in enumerate(decoder_layers(model))]
-    hooks += [b.register_forward_hook(lambda m, a, o, k=k: moe_out.__setitem__(k, o[0] if isinstance(o, tuple) else o))
-              for k, b in blocks.items()]
+    hooks = [
+        layer.register_forward_hook(lambda m, a, o, i=i: layer_out.__setitem__(i, o[0] if isinstance(o, tuple) else o))
+        for i, layer in enumerate(decoder_layers(model))
+    ]
+    hooks += [
+        b.register_forward_hook(lambda m, a, o, k=k: moe_out.__setitem__(k, o[0] if isinstance(o, tuple) else o))
+        for k, b in blocks.items()
+    ]
     try:
         with torch.no_grad():
             logits = model(torch.as_tensor(sample)[None]).logits[0]
     finally:
         for h in hooks:
             h.remove()
-    return (logits.double().numpy(), [layer_out[i][0].double().numpy() for i in sorted(layer_out)],
-            {k: v.reshape(len(sample), -1).double().numpy() for k, v in moe_out.items()})
+    return (
+        logits.double().numpy(),
+        [layer_out[i][0].double().numpy() for i in sorted(layer_out)],
+        {k: v.reshape(len(sample), -1).double().numpy() for k, v in moe_out.items()},
+    )
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
@@ -101,9 +115,13 @@ def reference(model, keep: dict[str, list[int]], runs: list[str], samples: list[
             moe[k] += [((m_p[k] - m_o[k]) ** 2).sum(), (m_o[k] ** 2).sum()]
     kl, agree = np.concatenate(kl), np.concatenate(agree)
     return {
-        "original_loss": np.concatenate(nll_o).mean(), "loss": np.concatenate(nll_p).mean(),
-        "kl_mean": kl.mean(), "kl_p50": np.percentile(kl, 50), "kl_p99": np.percentile(kl, 99),
-        "top1_agreement": agree.mean(), "residual_error": np.sqrt(res[:, 0] / res[:, 1]),
+        "original_loss": np.concatenate(nll_o).mean(),
+        "loss": np.concatenate(nll_p).mean(),
+        "kl_mean": kl.mean(),
+        "kl_p50": np.percentile(kl, 50),
+        "kl_p99": np.percentile(kl, 99),
+        "top1_agreement": agree.mean(),
+        "residual_error": np.sqrt(res[:, 0] / res[:, 1]),
         "moe_error": {k: np.sqrt(d / r) for k, (d, r) in moe.items()},
     }
 
@@ -150,8 +168,15 @@ def test_eval_of_a_pruned_checkpoint_equals_eval_of_its_plan(name, evaluated):
 def test_eval_of_a_pruned_checkpoint_alone(families, ids_data, evaluated):
     """`shardcut eval OUT --source MODEL`: the checkpoint streamed next to its source, no plan."""
     report, built = evaluated("qwen3_moe")
-    alone = evaluate(built.source, str(ids_data[0]), pruned=[built.pruned], max_length=64, batch_tokens=40,
-                     device="cpu", max_memory="1KB")  # another batching, and both streams spilled to disk
+    alone = evaluate(
+        built.source,
+        str(ids_data[0]),
+        pruned=[built.pruned],
+        max_length=64,
+        batch_tokens=40,
+        device="cpu",
+        max_memory="1KB",
+    )  # another batching, and both streams spilled to disk
     assert len(alone.plans) == 1
     _assert_same_quality(alone.plans[0], report.plans[0])
 
@@ -159,8 +184,9 @@ def test_eval_of_a_pruned_checkpoint_alone(families, ids_data, evaluated):
 def test_a_plan_that_prunes_nothing_changes_nothing_exactly(families, ids_data):
     built = families("deepseek_v3")
     everything = Plan({k: list(range(E)) for k in built.keep})
-    report = evaluate(built.source, str(ids_data[0]), plans=[everything], max_length=64, batch_tokens=BATCH_TOKENS,
-                      device="cpu")
+    report = evaluate(
+        built.source, str(ids_data[0]), plans=[everything], max_length=64, batch_tokens=BATCH_TOKENS, device="cpu"
+    )
     p = report.plans[0]
     assert p.kl_mean == 0.0 and p.kl_p50 == 0.0 and p.kl_p99 == 0.0
     assert p.top1_agreement == 1.0 and p.loss == report.loss and p.ratio == 0.0
@@ -184,15 +210,25 @@ def test_pruning_what_a_layer_relies_on_shows_first_at_that_layer(families, ids_
     scores = calibrate(built.source, str(ids_data[0]), tmp_path / "s.safetensors", max_length=64, device="cpu")
     least = {k: sorted(_usage(scores, k)[:-1]) for k in built.keep}
     relied = dict(least, **{"2": sorted(_usage(scores, "2")[1:])})
-    report = evaluate(built.source, str(ids_data[0]), plans=[Plan(least), Plan(relied)],
-                      scores=tmp_path / "s.safetensors", max_length=64, device="cpu")
+    report = evaluate(
+        built.source,
+        str(ids_data[0]),
+        plans=[Plan(least), Plan(relied)],
+        scores=tmp_path / "s.safetensors",
+        max_length=64,
+        device="cpu",
+    )
     a, b = report.plans
     parted = next(i for i, (x, y) in enumerate(zip(a.residual_error, b.residual_error)) if x != y)
     assert parted == 2 and a.moe_error["1"] == b.moe_error["1"]
     assert b.moe_error["2"] > 1.3 * a.moe_error["2"] and b.moe_error["2"] > 1.5 * b.moe_error["1"]
     assert b.residual_error[2] > a.residual_error[2] and b.kl_mean > a.kl_mean
-    assert report.overlap == {"compared": len(LENGTHS), "matched": len(LENGTHS), "samples": len(LENGTHS),
-                              "fraction": 1.0}
+    assert report.overlap == {
+        "compared": len(LENGTHS),
+        "matched": len(LENGTHS),
+        "samples": len(LENGTHS),
+        "fraction": 1.0,
+    }
     assert any("not held out" in w for w in report.warnings)
 
 
@@ -203,8 +239,14 @@ def test_held_out_data_gives_no_overlap_warning(families, ids_data, tmp_path):
     other = tmp_path / "calib.jsonl"
     write_ids_jsonl(other, [20, 30, 12], vocab=96, seed=99)
     calibrate(built.source, str(other), tmp_path / "s.safetensors", max_length=64, device="cpu")
-    report = evaluate(built.source, str(ids_data[0]), plans=[Plan(built.keep)], scores=tmp_path / "s.safetensors",
-                      max_length=64, device="cpu")
+    report = evaluate(
+        built.source,
+        str(ids_data[0]),
+        plans=[Plan(built.keep)],
+        scores=tmp_path / "s.safetensors",
+        max_length=64,
+        device="cpu",
+    )
     assert report.overlap["matched"] == 0 and report.overlap["compared"] == len(LENGTHS)
     assert report.warnings == []
 
@@ -232,13 +274,28 @@ def test_cli_table_json_plot_and_a_card_that_carries_them(families, ids_data, ev
     runner = CliRunner()
     Plan(built.keep).save(tmp_path / "plan.json")
     common = ["--data", str(ids_data[0]), "--max-length", "64", "--batch-tokens", str(BATCH_TOKENS), "--device", "cpu"]
-    run = runner.invoke(app, ["eval", str(built.source), "--plan", str(tmp_path / "plan.json"), *common, "--json",
-                              "-o", str(tmp_path / "r.json"), "--plot", str(tmp_path / "r.png")])
+    run = runner.invoke(
+        app,
+        [
+            "eval",
+            str(built.source),
+            "--plan",
+            str(tmp_path / "plan.json"),
+            *common,
+            "--json",
+            "-o",
+            str(tmp_path / "r.json"),
+            "--plot",
+            str(tmp_path / "r.png"),
+        ],
+    )
     assert run.exit_code == 0, run.output
     printed = json.loads(run.stdout)
     assert printed == json.loads((tmp_path / "r.json").read_text()) and printed["format"] == "shardcut-eval/1"
     _assert_same_quality(EvalReport.load(tmp_path / "r.json").plans[0], report.plans[0])
-    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "r.png").stat().st_size > 10_000
+    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (
+        tmp_path / "r.png"
+    ).stat().st_size > 10_000
 
     table = runner.invoke(app, ["eval", str(built.pruned), "--source", str(built.source), *common])
     assert table.exit_code == 0, table.output
@@ -248,8 +305,20 @@ def test_cli_table_json_plot_and_a_card_that_carries_them(families, ids_data, ev
     bad = runner.invoke(app, ["eval", str(built.source), *common])
     assert bad.exit_code == 2 and "give --plan" in bad.output
 
-    push = runner.invoke(app, ["push", str(built.pruned), "me/tiny-reap-50", "--dry-run", "--json",
-                               "--eval", str(tmp_path / "r.json"), "--eval-plot", str(tmp_path / "r.png")])
+    push = runner.invoke(
+        app,
+        [
+            "push",
+            str(built.pruned),
+            "me/tiny-reap-50",
+            "--dry-run",
+            "--json",
+            "--eval",
+            str(tmp_path / "r.json"),
+            "--eval-plot",
+            str(tmp_path / "r.png"),
+        ],
+    )
     assert push.exit_code == 0, push.output
     body = json.loads(push.stdout)
     assert {"eval/report.json", "eval/report.png"} <= {f["path"] for f in body["files"]}
@@ -320,15 +389,32 @@ def test_ratios_from_a_score_file_are_the_plans_make_plan_writes(families, ids_d
     write_ids_jsonl(other, [30, 41, 17, 22], vocab=96, seed=5)
     calibrate(built.source, str(other), tmp_path / "s.safetensors", max_length=64, device="cpu")
     plans = [make_plan(built.source, tmp_path / "s.safetensors", ratio=r)[0] for r in (0.25, 0.5)]
-    by_ratio = evaluate(built.source, str(ids_data[0]), scores=tmp_path / "s.safetensors", ratios=[0.25, 0.5],
-                        max_length=64, device="cpu")
+    by_ratio = evaluate(
+        built.source,
+        str(ids_data[0]),
+        scores=tmp_path / "s.safetensors",
+        ratios=[0.25, 0.5],
+        max_length=64,
+        device="cpu",
+    )
     by_plan = evaluate(built.source, str(ids_data[0]), plans=plans, max_length=64, device="cpu")
     assert [(p.name, p.kept, p.ratio) for p in by_ratio.plans] == [("ratio=0.25", 6, 0.25), ("ratio=0.5", 4, 0.5)]
     for a, b in zip(by_ratio.plans, by_plan.plans):
         assert (a.kl_mean, a.residual_error, a.moe_error) == (b.kl_mean, b.residual_error, b.moe_error)
     assert by_ratio.plans[0].kl_mean < by_ratio.plans[1].kl_mean  # pruning more costs more, here
-    bad = CliRunner().invoke(app, ["eval", str(built.source), "--data", str(ids_data[0]), "--scores",
-                                   str(tmp_path / "s.safetensors"), "--ratio", "half"])
+    bad = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(built.source),
+            "--data",
+            str(ids_data[0]),
+            "--scores",
+            str(tmp_path / "s.safetensors"),
+            "--ratio",
+            "half",
+        ],
+    )
     assert bad.exit_code == 2 and "--ratio must be comma-separated fractions" in bad.output
 
 
@@ -347,8 +433,10 @@ def test_bad_input_is_one_line_naming_the_file(families, ids_data, tmp_path):
         (["eval", str(built.source), "--plan", str(tmp_path / "short.json"), *common], "short.json"),
         (["eval", str(other.pruned), "--source", str(built.source), *common], "not a pruned copy of"),
         (["eval", str(built.source), "--plan", str(tmp_path / "missing.json"), *common], "missing.json"),
-        (["eval", str(built.pruned), "--source", str(built.source), *common, "--work-dir", str(tmp_path / "no")],
-         "work folder does not exist"),
+        (
+            ["eval", str(built.pruned), "--source", str(built.source), *common, "--work-dir", str(tmp_path / "no")],
+            "work folder does not exist",
+        ),
     ]
     for args, needle in cases:
         r = runner.invoke(app, args)

@@ -80,16 +80,24 @@ def test_pruned_tensors_are_the_source_bytes(families, name):
         for rel in sum(fam.tensors_of(key), ()) + fam.block_cols:
             assert prefix + rel in src, f"{prefix + rel} not in the source checkpoint"
         if fam.experts:
-            found = {n[len(prefix + fam.experts) + 1:].split(".")[0] for n in src if n.startswith(prefix + fam.experts + ".")}
+            found = {
+                n[len(prefix + fam.experts) + 1 :].split(".")[0]
+                for n in src
+                if n.startswith(prefix + fam.experts + ".")
+            }
             assert found >= {str(e) for e in range(fam.experts_of(key) * len(fam.halves(key)))}, (key, found)
-    assert any(len({s for n, (s, *_) in src.items() if n.startswith(p)}) > 1 for p in fam.moe_layers.values()), \
+    assert any(len({s for n, (s, *_) in src.items() if n.startswith(p)}) > 1 for p in fam.moe_layers.values()), (
         "no MoE layer straddles two source shards"
+    )
 
     assert_pruned_bytes(fam, keep, src, out)
     if fam.experts:
         for key, prefix in fam.moe_layers.items():
-            ids = {int(n[len(prefix + fam.experts) + 1:].split(".")[0]) for n in out
-                   if n.startswith(prefix + fam.experts + ".") and n[len(prefix + fam.experts) + 1].isdigit()}
+            ids = {
+                int(n[len(prefix + fam.experts) + 1 :].split(".")[0])
+                for n in out
+                if n.startswith(prefix + fam.experts + ".") and n[len(prefix + fam.experts) + 1].isdigit()
+            }
             total = sum(fam.kept_of(k) for k in fam.halves(key))
             assert ids == set(range(total)), f"layer {key}: expert ids {sorted(ids)}"
 
@@ -132,6 +140,7 @@ def test_index_and_side_files(families, name):
     for rel in side:
         if (b.source / rel).exists():
             assert (b.pruned / rel).read_bytes() == (b.source / rel).read_bytes(), rel
+
     def others(root):
         return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.suffix != ".safetensors"}
 
@@ -171,18 +180,33 @@ def test_unprunable_layouts_are_refused_with_the_reason(tmp_path, case):
     from shardcut.rewrite import prune
 
     if case == "jetmoe":  # one count shared by FFN experts and attention (MoA) experts
-        src = _tiny_checkpoint(tmp_path / "src", {"model_type": "jetmoe", "num_hidden_layers": 1, "num_local_experts": 4,
-                                                  "num_experts_per_tok": 2},
-                               {"model.layers.0.mlp.router.layer.weight": np.zeros((4, 8), np.float32),
-                                "model.layers.0.mlp.input_linear.weight": np.zeros((4, 6, 8), np.float32)})
+        src = _tiny_checkpoint(
+            tmp_path / "src",
+            {"model_type": "jetmoe", "num_hidden_layers": 1, "num_local_experts": 4, "num_experts_per_tok": 2},
+            {
+                "model.layers.0.mlp.router.layer.weight": np.zeros((4, 8), np.float32),
+                "model.layers.0.mlp.input_linear.weight": np.zeros((4, 6, 8), np.float32),
+            },
+        )
         keep, reason = {"0": [0, 1, 3]}, "attention (MoA) experts"
     else:  # a hash-routed layer fixes each token's experts in gate.tid2eid
-        src = _tiny_checkpoint(tmp_path / "src", {"model_type": "deepseek_v4", "num_hidden_layers": 2, "n_routed_experts": 4,
-                                                  "num_experts_per_tok": 2, "mlp_layer_types": ["hash_moe", "moe"]},
-                               {**{f"layers.{L}.ffn.gate.weight": np.zeros((4, 8), np.float32) for L in range(2)},
-                                "layers.0.ffn.gate.tid2eid": np.zeros((16, 2), np.int64),
-                                "layers.1.ffn.gate.bias": np.zeros(4, np.float32),
-                                **_experts("layers.0.ffn.experts", 4), **_experts("layers.1.ffn.experts", 4)})
+        src = _tiny_checkpoint(
+            tmp_path / "src",
+            {
+                "model_type": "deepseek_v4",
+                "num_hidden_layers": 2,
+                "n_routed_experts": 4,
+                "num_experts_per_tok": 2,
+                "mlp_layer_types": ["hash_moe", "moe"],
+            },
+            {
+                **{f"layers.{L}.ffn.gate.weight": np.zeros((4, 8), np.float32) for L in range(2)},
+                "layers.0.ffn.gate.tid2eid": np.zeros((16, 2), np.int64),
+                "layers.1.ffn.gate.bias": np.zeros(4, np.float32),
+                **_experts("layers.0.ffn.experts", 4),
+                **_experts("layers.1.ffn.experts", 4),
+            },
+        )
         keep, reason = {"0": [0, 1, 3], "1": [0, 1, 2]}, "MoE layer 0 is hash-routed"
     with pytest.raises(ShardcutError, match=re.escape(reason)):
         prune(src, tmp_path / "out", Plan(keep))

@@ -100,16 +100,20 @@ def _expected(name: str, src: dict[str, np.ndarray], layer: str, kept: list[int]
         gate_up = src[p + "mlp.experts.gate_up_proj"][kept].transpose(0, 2, 1)
         bias = src[p + "mlp.experts.gate_up_proj_bias"][kept]
         return {
-            blk + "ffn_gate_exps.weight": gate_up[:, ::2], blk + "ffn_up_exps.weight": gate_up[:, 1::2],
+            blk + "ffn_gate_exps.weight": gate_up[:, ::2],
+            blk + "ffn_up_exps.weight": gate_up[:, 1::2],
             blk + "ffn_down_exps.weight": src[p + "mlp.experts.down_proj"][kept].transpose(0, 2, 1),
-            blk + "ffn_gate_exps.bias": bias[:, ::2], blk + "ffn_up_exps.bias": bias[:, 1::2],
+            blk + "ffn_gate_exps.bias": bias[:, ::2],
+            blk + "ffn_up_exps.bias": bias[:, 1::2],
             blk + "ffn_down_exps.bias": src[p + "mlp.experts.down_proj_bias"][kept],
             blk + "ffn_gate_inp.weight": src[p + "mlp.router.weight"][kept],
             blk + "ffn_gate_inp.bias": src[p + "mlp.router.bias"][kept],
         }
     moe, parts = ("block_sparse_moe.", MIXTRAL) if name == "mixtral" else ("mlp.", PER_EXPERT)
-    out = {blk + f"{gguf}.weight": np.stack([src[f"{p}{moe}experts.{e}.{hf}.weight"] for e in kept])
-           for gguf, hf in parts.items()}
+    out = {
+        blk + f"{gguf}.weight": np.stack([src[f"{p}{moe}experts.{e}.{hf}.weight"] for e in kept])
+        for gguf, hf in parts.items()
+    }
     out[blk + "ffn_gate_inp.weight"] = src[p + moe + "gate.weight"][kept]
     if name == "deepseek_v3":
         out[blk + "exp_probs_b.bias"] = src[p + "mlp.gate.e_score_correction_bias"][kept]
@@ -150,7 +154,10 @@ def test_demo_tokenizer_converts_as_qwen2_bpe(cases):
     assert field(r, "tokenizer.ggml.model") == "gpt2" and field(r, "tokenizer.ggml.pre") == "qwen2"
     assert field(r, "tokenizer.ggml.tokens") == sorted(vocab, key=vocab.get)
     assert field(r, "tokenizer.ggml.merges") == [" ".join(m) for m in tok["model"]["merges"]]
-    assert field(r, "tokenizer.ggml.bos_token_id") == vocab["<s>"] and field(r, "tokenizer.ggml.eos_token_id") == vocab["</s>"]
+    assert (
+        field(r, "tokenizer.ggml.bos_token_id") == vocab["<s>"]
+        and field(r, "tokenizer.ggml.eos_token_id") == vocab["</s>"]
+    )
     from shardcut.demo import CHAT_TEMPLATE
 
     assert field(r, "tokenizer.chat_template") == CHAT_TEMPLATE
@@ -158,4 +165,3 @@ def test_demo_tokenizer_converts_as_qwen2_bpe(cases):
 
 def _count(config: dict) -> int:
     return next(config[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if k in config)
-

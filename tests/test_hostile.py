@@ -62,33 +62,48 @@ def symlink_outside(ckpt: Path) -> None:
 def duplicate_across_shards(ckpt: Path) -> None:
     a, b = sorted(ckpt.glob("model-*.safetensors"))[:2]
     header_b = json.loads(b.read_bytes()[8 : 8 + int.from_bytes(b.read_bytes()[:8], "little")])
-    clash = next(iter(json.loads(a.read_bytes()[8 : 8 + int.from_bytes(a.read_bytes()[:8], "little")])
-                      .keys() - {"__metadata__"}))
+    clash = next(
+        iter(json.loads(a.read_bytes()[8 : 8 + int.from_bytes(a.read_bytes()[:8], "little")]).keys() - {"__metadata__"})
+    )
     name = next(k for k in header_b if k != "__metadata__")
     header_b[clash] = header_b.pop(name)
     raw = json.dumps(header_b).encode()
-    data = b.read_bytes()[8 + int.from_bytes(b.read_bytes()[:8], "little"):]
+    data = b.read_bytes()[8 + int.from_bytes(b.read_bytes()[:8], "little") :]
     set_header(b, raw, data)
 
 
 HOSTILE = {
-    "index entry with ../": (lambda c: edit_index(c, lambda m: redirect_first(m, "../evil.safetensors")),
-                             "outside the checkpoint"),
-    "index entry with an absolute path": (lambda c: edit_index(c, lambda m: redirect_first(m, "/etc/passwd")),
-                                          "outside the checkpoint"),
+    "index entry with ../": (
+        lambda c: edit_index(c, lambda m: redirect_first(m, "../evil.safetensors")),
+        "outside the checkpoint",
+    ),
+    "index entry with an absolute path": (
+        lambda c: edit_index(c, lambda m: redirect_first(m, "/etc/passwd")),
+        "outside the checkpoint",
+    ),
     "shard symlinked out of the folder": (symlink_outside, "outside the checkpoint"),
-    "header over the size limit": (lambda c: first_shard(c).write_bytes((200_000_000).to_bytes(8, "little") + b"{}"),
-                                   "exceeds the safetensors limit"),
+    "header over the size limit": (
+        lambda c: first_shard(c).write_bytes((200_000_000).to_bytes(8, "little") + b"{}"),
+        "exceeds the safetensors limit",
+    ),
     "dtype x shape not matching the bytes": (
         lambda c: set_header(first_shard(c), b'{"w":{"dtype":"F32","shape":[4],"data_offsets":[0,8]}}', bytes(8)),
-        "needs 16 bytes"),
+        "needs 16 bytes",
+    ),
     "overlapping ranges": (
-        lambda c: set_header(first_shard(c), b'{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},'
-                                             b'"b":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}}', bytes(8)),
-        "overlaps"),
+        lambda c: set_header(
+            first_shard(c),
+            b'{"a":{"dtype":"U8","shape":[8],"data_offsets":[0,8]},'
+            b'"b":{"dtype":"U8","shape":[4],"data_offsets":[4,8]}}',
+            bytes(8),
+        ),
+        "overlaps",
+    ),
     "non-UTF-8 header": (lambda c: set_header(first_shard(c), b'{"\xff\xfe":1}'), "corrupt header JSON"),
-    "deeply nested header JSON": (lambda c: set_header(first_shard(c), b"[" * 100_000 + b"]" * 100_000),
-                                  "corrupt header JSON"),
+    "deeply nested header JSON": (
+        lambda c: set_header(first_shard(c), b"[" * 100_000 + b"]" * 100_000),
+        "corrupt header JSON",
+    ),
     "duplicate tensor names across shards": (duplicate_across_shards, "appears in two shards"),
     "config.json that is not an object": (lambda c: (c / "config.json").write_text("[1, 2]"), "JSON object"),
 }
@@ -109,18 +124,25 @@ def test_hostile_checkpoint_is_a_clean_error(ckpt, case, tmp_path):
 # Fuzzing: any input gives a valid object or ShardcutError, never another exception.
 
 # Bounded for CI; derandomized there so a landing never depends on luck (locally, new inputs each run).
-FUZZ = settings(max_examples=300, deadline=None, derandomize=bool(os.environ.get("CI")),
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=bool(os.environ.get("CI")),
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=20,
 )
-entries = st.fixed_dictionaries({}, optional={
-    "dtype": st.sampled_from(["F32", "BF16", "F8_E4M3", "F4", "I64", "XX"]) | json_values,
-    "shape": st.lists(st.integers(-2, 70), max_size=4) | json_values,
-    "data_offsets": st.lists(st.integers(-5, 300), min_size=0, max_size=3) | json_values,
-})
+entries = st.fixed_dictionaries(
+    {},
+    optional={
+        "dtype": st.sampled_from(["F32", "BF16", "F8_E4M3", "F4", "I64", "XX"]) | json_values,
+        "shape": st.lists(st.integers(-2, 70), max_size=4) | json_values,
+        "data_offsets": st.lists(st.integers(-5, 300), min_size=0, max_size=3) | json_values,
+    },
+)
 
 
 @FUZZ
@@ -155,7 +177,9 @@ def score_files(tmp_path_factory) -> tuple[Path, bytes]:
 def test_fuzz_score_loader(score_files, blob, mutate_at):
     path, good = score_files
     # Half the cases start from a valid file with a stretch overwritten, to get past the header.
-    data = blob if mutate_at == 0 else good[: len(good) // mutate_at] + blob + good[len(good) // mutate_at + len(blob):]
+    data = (
+        blob if mutate_at == 0 else good[: len(good) // mutate_at] + blob + good[len(good) // mutate_at + len(blob) :]
+    )
     path.write_bytes(data)
     _accepts_or_shardcut_error(lambda: Scores.load(path))
 

@@ -71,6 +71,7 @@ def _edit_config(**changes) -> Callable[[Path], None]:
         cfg = json.loads(cfg_path.read_text())
         cfg.update(changes)
         cfg_path.write_text(json.dumps(cfg))
+
     return edit
 
 
@@ -89,6 +90,7 @@ def _config_duplicate_key(w: Path) -> None:
 def _scores(edit: Callable[[Scores], None], metadata: dict | None = None) -> Callable[[Path], None]:
     """Rewrite the score file with its arrays or metadata edited (written by hand, so no
     validation on the way out)."""
+
     def apply(w: Path) -> None:
         from safetensors.numpy import save_file
 
@@ -96,6 +98,7 @@ def _scores(edit: Callable[[Scores], None], metadata: dict | None = None) -> Cal
         edit(s)
         meta = {**s.file_metadata(), **(metadata or {})}
         save_file(s.tensors(), str(w / "scores.safetensors"), metadata=meta)
+
     return apply
 
 
@@ -122,20 +125,24 @@ def _fifo(rel: str) -> Callable[[Path], None]:
         path = next(iter(sorted(w.glob(rel))))
         path.unlink()
         os.mkfifo(path)
+
     return make
 
 
 def _jsonl(lines: list[str]) -> Callable[[Path], None]:
     def write(w: Path) -> None:
         (w / "data.jsonl").write_text("\n".join(lines) + "\n")
+
     return write
 
 
 def _looping_template(w: Path) -> None:
     path = w / "model" / "tokenizer_config.json"
     cfg = json.loads(path.read_text())
-    cfg["chat_template"] = ("{% for i in range(100000) %}{% for j in range(100000) %}{% for k in range(100000) %}"
-                            "{% endfor %}{% endfor %}{% endfor %}")
+    cfg["chat_template"] = (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% for k in range(100000) %}"
+        "{% endfor %}{% endfor %}{% endfor %}"
+    )
     path.write_text(json.dumps(cfg))
     (w / "model" / "chat_template.jinja").unlink(missing_ok=True)
     _jsonl(['{"messages": [{"role": "user", "content": "hi"}]}'])(w)
@@ -196,8 +203,7 @@ CONFIGS: dict[str, tuple[Callable[[Path], None], tuple[str, ...], str | None]] =
     "top_k 0": (_edit_config(num_experts_per_tok=0), ("num_experts_per_tok",), None),
     "top_k -3": (_edit_config(num_experts_per_tok=-3), ("num_experts_per_tok",), None),
     "top_k above the experts": (_edit_config(num_experts_per_tok=17), ("num_experts_per_tok",), OUTSAFE),
-    "num_hidden_layers below the layers present": (_edit_config(num_hidden_layers=2), ("num_hidden_layers",),
-                                                   OUTSAFE),
+    "num_hidden_layers below the layers present": (_edit_config(num_hidden_layers=2), ("num_hidden_layers",), OUTSAFE),
     "experts below the tensors": (_edit_config(num_local_experts=8), ("num_local_experts",), OUTSAFE),
 }
 
@@ -205,8 +211,15 @@ CASES: dict[str, Hostile] = {}
 for _name, (_damage, _words, _xfail) in CONFIGS.items():
     for _cmd, _args in (("inspect", INSPECT), ("plan", PLAN), ("prune", PRUNE), ("verify", ["verify", M])):
         CASES[f"{_cmd}: {_name}"] = Hostile(_damage, _args, ("config.json", *_words), xfail=_xfail)
-for _name in ("experts 0", "decoder_sparse_step '2'", "model_type a list", "config key duplicated",
-              "top_k above the experts", "experts below the tensors", "num_hidden_layers below the layers present"):
+for _name in (
+    "experts 0",
+    "decoder_sparse_step '2'",
+    "model_type a list",
+    "config key duplicated",
+    "top_k above the experts",
+    "experts below the tensors",
+    "num_hidden_layers below the layers present",
+):
     _damage, _words, _xfail = CONFIGS[_name]
     CASES[f"calibrate: {_name}"] = Hostile(_damage, CALIB, ("config.json", *_words), xfail=_xfail)
 for _name in ("experts 0", "mlp_only_layers 5", "config key duplicated", "hidden_size contradicts tensors"):
@@ -214,85 +227,122 @@ for _name in ("experts 0", "mlp_only_layers 5", "config key duplicated", "hidden
     CASES[f"push: {_name}"] = Hostile(_damage, ["push", M, "me/pruned", "--dry-run"], ("config.json", *_words))
     CASES[f"scores import: {_name}"] = Hostile(
         lambda w, d=_damage: (d(w), (w / "keep.json").write_text(json.dumps({k: [0, 1] for k in "0123"}))),
-        ["scores", "import", "{w}/keep.json", "--model", M, "-o", "{w}/imp.safetensors"], ("config.json", *_words))
+        ["scores", "import", "{w}/keep.json", "--model", M, "-o", "{w}/imp.safetensors"],
+        ("config.json", *_words),
+    )
 
-CASES.update({
-    # numeric and enumerated options
-    "calibrate --max-memory nanGB": Hostile(_nothing, [*CALIB, "--max-memory", "nanGB"], ("--max-memory",)),
-    "calibrate --max-memory 1e400GB": Hostile(_nothing, [*CALIB, "--max-memory", "1e400GB"], ("--max-memory",)),
-    "calibrate --max-memory -5GB": Hostile(_nothing, [*CALIB, "--max-memory", "-5GB"], ("--max-memory",)),
-    "calibrate --seed -1": Hostile(_nothing, [*CALIB, "--seed", "-1"], ("--seed",)),
-    "calibrate --max-length 0": Hostile(_nothing, [*CALIB, "--max-length", "0"], ("--max-length",)),
-    "calibrate --samples 0": Hostile(_nothing, [*CALIB, "--samples", "0"], ("--samples",)),
-    "calibrate --batch-tokens -1": Hostile(_nothing, [*CALIB, "--batch-tokens", "-1"], ("--batch-tokens",)),
-    "calibrate --work-dir a file": Hostile(_work_dir_file, [*CALIB, "--work-dir", "{w}/wd"], ("wd",)),
-    "prune --max-shard-size nanGB": Hostile(_nothing, [*PRUNE, "--max-shard-size", "nanGB"], ("--max-shard-size",)),
-    "prune --max-shard-size 1e400GB": Hostile(_nothing, [*PRUNE, "--max-shard-size", "1e400GB"],
-                                              ("--max-shard-size",)),
-    "prune --max-shard-size 0": Hostile(_nothing, [*PRUNE, "--max-shard-size", "0"], ("--max-shard-size",)),
-    "prune --ratio nan": Hostile(_nothing, ["prune", M, "-o", O, "--scores", S, "--ratio", "nan"], ("--ratio",)),
-    "prune --mtp-policy bogus": Hostile(_nothing, ["prune", M, "-o", O, "--scores", S, "--ratio", "0.5",
-                                                   "--mtp-policy", "bogus"], ("--mtp-policy", "bogus")),
-    "plan --ratio nan": Hostile(_nothing, ["plan", M, "--scores", S, "--ratio", "nan"], ("--ratio",)),
-    "plan --ratio inf": Hostile(_nothing, ["plan", M, "--scores", S, "--ratio", "inf"], ("--ratio",)),
-    "plan --ratio 1.5": Hostile(_nothing, ["plan", M, "--scores", S, "--ratio", "1.5"], ("--ratio",)),
-    "plan --experts -1": Hostile(_nothing, ["plan", M, "--scores", S, "--experts", "-1"], ("--experts",)),
-    "plan --seed -1": Hostile(_nothing, [*PLAN, "--seed", "-1"], ("--seed",)),
-    "plan --mtp-policy bogus": Hostile(_nothing, [*PLAN, "--mtp-policy", "bogus"], ("--mtp-policy", "bogus")),
-    "scores show --top -5": Hostile(_nothing, ["scores", "show", S, "--top", "-5"], ("--top",)),
-    "scores show --top 0": Hostile(_nothing, ["scores", "show", S, "--top", "0"], ("--top",)),
-    "scores show --seed -1": Hostile(_nothing, ["scores", "show", S, "--seed", "-1"], ("--seed",)),
-    "scores merge weight nan": Hostile(_nothing, ["scores", "merge", f"{S}:nan", S, "-o", "{w}/m.safetensors"],
-                                       ("nan",)),
-    "scores merge weight 1e400": Hostile(_nothing, ["scores", "merge", f"{S}:1e400", S, "-o", "{w}/m.safetensors"],
-                                         ("1e400",)),
-    "demo DIR an existing file": Hostile(_existing_file, ["demo", "{w}/demo-here"], ("demo-here",)),
-    # score files
-    "plan: counts 1e308": Hostile(_scores(_counts_huge), PLAN, ("scores.safetensors", "count")),
-    "show: counts 1e308": Hostile(_scores(_counts_huge), ["scores", "show", S], ("scores.safetensors", "count")),
-    "plan: sums without counts": Hostile(_scores(_sums_without_counts), PLAN, ("scores.safetensors",)),
-    "plan: all-zero scores": Hostile(_scores(_all_zero), PLAN, ("scores.safetensors", "no tokens")),
-    "prune: all-zero scores": Hostile(_scores(_all_zero), ["prune", M, "-o", O, "--scores", S, "--ratio", "0.5"],
-                                      ("scores.safetensors", "no tokens")),
-    "plan: empty layer key": Hostile(_scores(_empty_layer_key), PLAN, ("scores.safetensors", "layer key")),
-    "show: empty layer key": Hostile(_scores(_empty_layer_key), ["scores", "show", S], ("layer key",)),
-    "merge: rich markup in metadata of another model": Hostile(
-        _scores(lambda s: None, {"model": "[/oops]"}), ["scores", "merge", S, "{w}/plain.safetensors", "-o",
-                                                        "{w}/m.safetensors"], ("[/oops]",),
+CASES.update(
+    {
+        # numeric and enumerated options
+        "calibrate --max-memory nanGB": Hostile(_nothing, [*CALIB, "--max-memory", "nanGB"], ("--max-memory",)),
+        "calibrate --max-memory 1e400GB": Hostile(_nothing, [*CALIB, "--max-memory", "1e400GB"], ("--max-memory",)),
+        "calibrate --max-memory -5GB": Hostile(_nothing, [*CALIB, "--max-memory", "-5GB"], ("--max-memory",)),
+        "calibrate --seed -1": Hostile(_nothing, [*CALIB, "--seed", "-1"], ("--seed",)),
+        "calibrate --max-length 0": Hostile(_nothing, [*CALIB, "--max-length", "0"], ("--max-length",)),
+        "calibrate --samples 0": Hostile(_nothing, [*CALIB, "--samples", "0"], ("--samples",)),
+        "calibrate --batch-tokens -1": Hostile(_nothing, [*CALIB, "--batch-tokens", "-1"], ("--batch-tokens",)),
+        "calibrate --work-dir a file": Hostile(_work_dir_file, [*CALIB, "--work-dir", "{w}/wd"], ("wd",)),
+        "prune --max-shard-size nanGB": Hostile(_nothing, [*PRUNE, "--max-shard-size", "nanGB"], ("--max-shard-size",)),
+        "prune --max-shard-size 1e400GB": Hostile(
+            _nothing, [*PRUNE, "--max-shard-size", "1e400GB"], ("--max-shard-size",)
         ),
-    "import: saliency value too large for float": Hostile(
-        lambda w: (w / "sal.json").write_text('{"0": [1e400' + ", 1" * 15 + "]}"),
-        ["scores", "import", "{w}/sal.json", "--model", M, "-o", "{w}/imp.safetensors", "--format", "saliency-json"],
-        ("sal.json",)),
-    # plans
-    "prune: plan keeps 0 experts": Hostile(
-        lambda w: (w / "plan.json").write_text(json.dumps({"format": "shardcut-plan/1",
-                                                           "keep": {k: [] for k in "0123"}})),
-        PRUNE, ("plan.json",)),
-    "prune: plan with an id 10**30": Hostile(
-        lambda w: (w / "plan.json").write_text('{"format": "shardcut-plan/1", "keep": {"0": [100000000000000000'
-                                               '0000000000000], "1": [0], "2": [0], "3": [0]}}'),
-        PRUNE, ("plan.json",)),
-    # data files
-    "calibrate: input_ids beyond int64": Hostile(_jsonl(['{"input_ids": [1, 99999999999999999999999]}']),
-                                                 CALIB_JSONL, ("data.jsonl",)),
-    "calibrate: negative input_ids": Hostile(_jsonl(['{"input_ids": [1, -4]}']), CALIB_JSONL, ("data.jsonl",)),
-    "calibrate: deeply nested JSON line": Hostile(_jsonl(["[" * 100_000 + "]" * 100_000]), CALIB_JSONL,
-                                                  ("data.jsonl",)),
-    "calibrate: input_ids a float": Hostile(_jsonl(['{"input_ids": [1.5, 2]}']), CALIB_JSONL, ("data.jsonl",)),
-    # special files and untrusted code: out of process, under a timeout
-    "inspect: a shard that is a FIFO": Hostile(_fifo("model/model-*.safetensors"), INSPECT,
-                                               ("FIFO",), subprocess=True),
-    "verify: a shard that is a FIFO": Hostile(_fifo("model/model-*.safetensors"), ["verify", M], ("FIFO",),
-                                              subprocess=True),
-    "prune: a shard that is a FIFO": Hostile(_fifo("model/model-*.safetensors"), PRUNE, ("FIFO",), subprocess=True),
-    "prune: a side file that is a FIFO": Hostile(_side_fifo, PRUNE, ("notes.txt",), subprocess=True),
-    "calibrate: data file a FIFO": Hostile(_fifo("data.txt"), CALIB, ("data.txt",), subprocess=True),
-    "plan: score file a FIFO": Hostile(_fifo("scores.safetensors"), PLAN, ("scores.safetensors",), subprocess=True),
-    "prune: plan a FIFO": Hostile(_fifo("plan.json"), PRUNE, ("plan.json",), subprocess=True),
-    "calibrate: a chat template that loops": Hostile(_looping_template, CALIB_JSONL, ("chat template",),
-                                                     subprocess=True),
-})
+        "prune --max-shard-size 0": Hostile(_nothing, [*PRUNE, "--max-shard-size", "0"], ("--max-shard-size",)),
+        "prune --ratio nan": Hostile(_nothing, ["prune", M, "-o", O, "--scores", S, "--ratio", "nan"], ("--ratio",)),
+        "prune --mtp-policy bogus": Hostile(
+            _nothing,
+            ["prune", M, "-o", O, "--scores", S, "--ratio", "0.5", "--mtp-policy", "bogus"],
+            ("--mtp-policy", "bogus"),
+        ),
+        "plan --ratio nan": Hostile(_nothing, ["plan", M, "--scores", S, "--ratio", "nan"], ("--ratio",)),
+        "plan --ratio inf": Hostile(_nothing, ["plan", M, "--scores", S, "--ratio", "inf"], ("--ratio",)),
+        "plan --ratio 1.5": Hostile(_nothing, ["plan", M, "--scores", S, "--ratio", "1.5"], ("--ratio",)),
+        "plan --experts -1": Hostile(_nothing, ["plan", M, "--scores", S, "--experts", "-1"], ("--experts",)),
+        "plan --seed -1": Hostile(_nothing, [*PLAN, "--seed", "-1"], ("--seed",)),
+        "plan --mtp-policy bogus": Hostile(_nothing, [*PLAN, "--mtp-policy", "bogus"], ("--mtp-policy", "bogus")),
+        "scores show --top -5": Hostile(_nothing, ["scores", "show", S, "--top", "-5"], ("--top",)),
+        "scores show --top 0": Hostile(_nothing, ["scores", "show", S, "--top", "0"], ("--top",)),
+        "scores show --seed -1": Hostile(_nothing, ["scores", "show", S, "--seed", "-1"], ("--seed",)),
+        "scores merge weight nan": Hostile(
+            _nothing, ["scores", "merge", f"{S}:nan", S, "-o", "{w}/m.safetensors"], ("nan",)
+        ),
+        "scores merge weight 1e400": Hostile(
+            _nothing, ["scores", "merge", f"{S}:1e400", S, "-o", "{w}/m.safetensors"], ("1e400",)
+        ),
+        "demo DIR an existing file": Hostile(_existing_file, ["demo", "{w}/demo-here"], ("demo-here",)),
+        # score files
+        "plan: counts 1e308": Hostile(_scores(_counts_huge), PLAN, ("scores.safetensors", "count")),
+        "show: counts 1e308": Hostile(_scores(_counts_huge), ["scores", "show", S], ("scores.safetensors", "count")),
+        "plan: sums without counts": Hostile(_scores(_sums_without_counts), PLAN, ("scores.safetensors",)),
+        "plan: all-zero scores": Hostile(_scores(_all_zero), PLAN, ("scores.safetensors", "no tokens")),
+        "prune: all-zero scores": Hostile(
+            _scores(_all_zero),
+            ["prune", M, "-o", O, "--scores", S, "--ratio", "0.5"],
+            ("scores.safetensors", "no tokens"),
+        ),
+        "plan: empty layer key": Hostile(_scores(_empty_layer_key), PLAN, ("scores.safetensors", "layer key")),
+        "show: empty layer key": Hostile(_scores(_empty_layer_key), ["scores", "show", S], ("layer key",)),
+        "merge: rich markup in metadata of another model": Hostile(
+            _scores(lambda s: None, {"model": "[/oops]"}),
+            ["scores", "merge", S, "{w}/plain.safetensors", "-o", "{w}/m.safetensors"],
+            ("[/oops]",),
+        ),
+        "import: saliency value too large for float": Hostile(
+            lambda w: (w / "sal.json").write_text('{"0": [1e400' + ", 1" * 15 + "]}"),
+            [
+                "scores",
+                "import",
+                "{w}/sal.json",
+                "--model",
+                M,
+                "-o",
+                "{w}/imp.safetensors",
+                "--format",
+                "saliency-json",
+            ],
+            ("sal.json",),
+        ),
+        # plans
+        "prune: plan keeps 0 experts": Hostile(
+            lambda w: (w / "plan.json").write_text(
+                json.dumps({"format": "shardcut-plan/1", "keep": {k: [] for k in "0123"}})
+            ),
+            PRUNE,
+            ("plan.json",),
+        ),
+        "prune: plan with an id 10**30": Hostile(
+            lambda w: (w / "plan.json").write_text(
+                '{"format": "shardcut-plan/1", "keep": {"0": [100000000000000000'
+                '0000000000000], "1": [0], "2": [0], "3": [0]}}'
+            ),
+            PRUNE,
+            ("plan.json",),
+        ),
+        # data files
+        "calibrate: input_ids beyond int64": Hostile(
+            _jsonl(['{"input_ids": [1, 99999999999999999999999]}']), CALIB_JSONL, ("data.jsonl",)
+        ),
+        "calibrate: negative input_ids": Hostile(_jsonl(['{"input_ids": [1, -4]}']), CALIB_JSONL, ("data.jsonl",)),
+        "calibrate: deeply nested JSON line": Hostile(
+            _jsonl(["[" * 100_000 + "]" * 100_000]), CALIB_JSONL, ("data.jsonl",)
+        ),
+        "calibrate: input_ids a float": Hostile(_jsonl(['{"input_ids": [1.5, 2]}']), CALIB_JSONL, ("data.jsonl",)),
+        # special files and untrusted code: out of process, under a timeout
+        "inspect: a shard that is a FIFO": Hostile(
+            _fifo("model/model-*.safetensors"), INSPECT, ("FIFO",), subprocess=True
+        ),
+        "verify: a shard that is a FIFO": Hostile(
+            _fifo("model/model-*.safetensors"), ["verify", M], ("FIFO",), subprocess=True
+        ),
+        "prune: a shard that is a FIFO": Hostile(_fifo("model/model-*.safetensors"), PRUNE, ("FIFO",), subprocess=True),
+        "prune: a side file that is a FIFO": Hostile(_side_fifo, PRUNE, ("notes.txt",), subprocess=True),
+        "calibrate: data file a FIFO": Hostile(_fifo("data.txt"), CALIB, ("data.txt",), subprocess=True),
+        "plan: score file a FIFO": Hostile(_fifo("scores.safetensors"), PLAN, ("scores.safetensors",), subprocess=True),
+        "prune: plan a FIFO": Hostile(_fifo("plan.json"), PRUNE, ("plan.json",), subprocess=True),
+        "calibrate: a chat template that loops": Hostile(
+            _looping_template, CALIB_JSONL, ("chat template",), subprocess=True
+        ),
+    }
+)
 
 
 def _prepare(world: Path, tmp: Path, case: Hostile) -> tuple[Path, list[str]]:
@@ -300,8 +350,13 @@ def _prepare(world: Path, tmp: Path, case: Hostile) -> tuple[Path, list[str]]:
     shutil.copytree(world, w)
     shutil.copy(w / "scores.safetensors", w / "plain.safetensors")
     case.damage(w)
-    fill = {"{m}": str(w / "model"), "{s}": str(w / "scores.safetensors"), "{p}": str(w / "plan.json"),
-            "{o}": str(w / "out"), "{d}": str(w / "data.jsonl")}
+    fill = {
+        "{m}": str(w / "model"),
+        "{s}": str(w / "scores.safetensors"),
+        "{p}": str(w / "plan.json"),
+        "{o}": str(w / "out"),
+        "{d}": str(w / "data.jsonl"),
+    }
 
     def sub(arg: str) -> str:
         for k, v in fill.items():
@@ -320,8 +375,13 @@ def _run(args: list[str], out_of_process: bool) -> tuple[int, str, str]:
             return 1, result.stdout, "Traceback\n" + "".join(traceback.format_exception(result.exception))
         return result.exit_code, result.stdout, result.stderr
     try:
-        proc = subprocess.run([sys.executable, "-m", "shardcut_cli.main", *args], capture_output=True, text=True,
-                              timeout=LIMIT_S, env={**os.environ, "COLUMNS": "400"})
+        proc = subprocess.run(
+            [sys.executable, "-m", "shardcut_cli.main", *args],
+            capture_output=True,
+            text=True,
+            timeout=LIMIT_S,
+            env={**os.environ, "COLUMNS": "400"},
+        )
     except subprocess.TimeoutExpired:
         return -1, "", f"timed out after {LIMIT_S} s"
     return proc.returncode, proc.stdout, proc.stderr
@@ -364,8 +424,9 @@ def test_hostile_input_is_refused_cleanly(world, tmp_path, name):
 
 def test_markup_in_score_metadata_is_shown_literally(world, tmp_path):
     """Metadata is data, never rich markup: `scores show` prints it as written."""
-    w, args = _prepare(world, tmp_path, Hostile(_scores(lambda s: None, {"model": "[/oops] [bold]x"}),
-                                                ["scores", "show", S]))
+    w, args = _prepare(
+        world, tmp_path, Hostile(_scores(lambda s: None, {"model": "[/oops] [bold]x"}), ["scores", "show", S])
+    )
     code, stdout, stderr = _run(args, False)
     assert code == 0, stderr
     assert "model: [/oops] [bold]x" in stdout
@@ -388,8 +449,12 @@ def test_chat_template_runs_under_a_time_limit():
     from shardcut.errors import DataError
 
     messages = [{"role": "user", "content": "hi"}]
-    assert render_chat_template(_Jinja("{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}"),
-                                messages, "chat.jsonl") == "user: hi"
+    assert (
+        render_chat_template(
+            _Jinja("{% for m in messages %}{{ m.role }}: {{ m.content }}{% endfor %}"), messages, "chat.jsonl"
+        )
+        == "user: hi"
+    )
     tracer = sys.gettrace()
     loop = _Jinja("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}")
     start = time.monotonic()

@@ -60,14 +60,17 @@ def test_parse_repo_id_forms():
     assert hub.parse_repo_id("org/name@refs/pr/3").revision == "refs/pr/3"
 
 
-@pytest.mark.parametrize("bad, why", [
-    ("no-such-folder", "not a Hub repo id"),
-    ("a/b/c", "not a Hub repo id"),
-    ("org/na me", "malformed Hub repo id"),
-    ("org/x--y", "malformed Hub repo id"),
-    ("org/name@", "malformed revision"),
-    ("org/name@bad..rev", "malformed revision"),
-])
+@pytest.mark.parametrize(
+    "bad, why",
+    [
+        ("no-such-folder", "not a Hub repo id"),
+        ("a/b/c", "not a Hub repo id"),
+        ("org/na me", "malformed Hub repo id"),
+        ("org/x--y", "malformed Hub repo id"),
+        ("org/name@", "malformed revision"),
+        ("org/name@bad..rev", "malformed revision"),
+    ],
+)
 def test_malformed_repo_id_is_one_line_exit_2(bad, why):
     line = one_line_error(run("inspect", bad))
     assert why in line and bad in line
@@ -182,8 +185,10 @@ def test_private_repo_with_token_never_prints_it(t, tmp_path, monkeypatch):
     line = one_line_error(run("inspect", "tiny-org/private-model"))
     assert "your token cannot read it" in line and secret not in line
     # a library message that carried the token would still not show it
-    leaky = FakeHubApi({REPO: (t.source, SHA)}, fail={"repo_info": http_error(
-        HfHubHTTPError, 500, f"500 Server Error for Authorization: Bearer {secret}")})
+    leaky = FakeHubApi(
+        {REPO: (t.source, SHA)},
+        fail={"repo_info": http_error(HfHubHTTPError, 500, f"500 Server Error for Authorization: Bearer {secret}")},
+    )
     monkeypatch.setattr(hub, "hub_api", lambda: leaky)
     result = run("inspect", REPO)
     line = one_line_error(result)

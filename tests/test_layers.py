@@ -21,8 +21,17 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "model": ("architectures", "model", "quant_config", "parameters", "dequant", "oracle", "config_check"),
     "plans": ("plan", "scores", "select", "score_import"),
     "rewrite": ("side_files", "outdir", "rewrite", "stream"),
-    "ops": ("shardcut", "planning", "summary", "verification", "publish", "demo", "synthetic", "calibration",
-            "evaluation"),
+    "ops": (
+        "shardcut",
+        "planning",
+        "summary",
+        "verification",
+        "publish",
+        "demo",
+        "synthetic",
+        "calibration",
+        "evaluation",
+    ),
 }
 RANK = {name: i for i, names in enumerate(LAYERS.values()) for name in names}
 
@@ -76,7 +85,8 @@ def test_every_module_has_a_layer():
 def test_no_module_imports_a_higher_layer():
     upward = [
         f"{m} ({layer_of(m)}: layer {RANK[layer_of(m)]}) imports {t} (layer {RANK[layer_of(t)]})"
-        for m, targets in graph().items() for t in targets
+        for m, targets in graph().items()
+        for t in targets
         if layer_of(m) in RANK and layer_of(t) in RANK and RANK[layer_of(t)] > RANK[layer_of(m)]
     ]
     assert not upward, "\n".join(upward)
@@ -90,7 +100,7 @@ def test_no_import_cycle():
         state[node] = "open"
         for nxt in sorted(g[node]):
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, [*path, nxt])
         state[node] = "done"

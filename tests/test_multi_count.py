@@ -100,13 +100,16 @@ def test_score_file_holds_each_layers_own_count(tmp_path):
     assert values.experts_of("talker.1") == 6 and not values.has_sums
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda t, m: t["count"].__setitem__((2, 7), 1.0), "count holds a value for expert 7 of layer talker.0"),
-    (lambda t, m: m.__setitem__("layer_experts", "8,8,6"), "3 counts for 4 layers"),
-    (lambda t, m: m.__setitem__("layer_experts", "8,8,six,6"), "not a comma-separated list"),
-    (lambda t, m: m.__setitem__("layer_experts", "6,6,6,6"), "6 at most, but the arrays hold 8"),
-    (lambda t, m: m.__setitem__("layer_experts", "8,8,0,6"), "counts in 1..8"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda t, m: t["count"].__setitem__((2, 7), 1.0), "count holds a value for expert 7 of layer talker.0"),
+        (lambda t, m: m.__setitem__("layer_experts", "8,8,6"), "3 counts for 4 layers"),
+        (lambda t, m: m.__setitem__("layer_experts", "8,8,six,6"), "not a comma-separated list"),
+        (lambda t, m: m.__setitem__("layer_experts", "6,6,6,6"), "6 at most, but the arrays hold 8"),
+        (lambda t, m: m.__setitem__("layer_experts", "8,8,0,6"), "counts in 1..8"),
+    ],
+)
 def test_bad_per_layer_counts_are_refused(tmp_path, edit, message):
     s, _ = hand_scores()
     s.save(tmp_path / "s.safetensors")
@@ -162,8 +165,10 @@ def test_ratio_rounds_per_count_group(omni):
     assert {k: len(v) for k, v in plan.keep.items()} == {"0": 6, "1": 6, "talker.0": 5, "talker.1": 5}
     assert all(plan.keep[k] == best(reap[k], len(plan.keep[k])) for k in KEYS)
     assert (report.num_experts, report.kept, report.pruned) == (8, 6, 2)
-    assert {n: (g["num_experts"], g["kept"], g["pruned"]) for n, g in report.by_config.items()} == \
-        {THINKER: (8, 6, 2), TALKER: (6, 5, 1)}
+    assert {n: (g["num_experts"], g["kept"], g["pruned"]) for n, g in report.by_config.items()} == {
+        THINKER: (8, 6, 2),
+        TALKER: (6, 5, 1),
+    }
     assert "floor(8 x 0.3) = 2" in report.rule and "floor(6 x 0.3) = 1" in report.rule
     assert [row.pruned for row in report.rows] == [2, 2, 1, 1]
     assert plan.extra["num_experts_by_config"] == {THINKER: 6, TALKER: 5} and "experts" not in plan.extra
@@ -251,13 +256,19 @@ def test_prune_command_prints_each_count(omni, planned, tmp_path):
     assert data["experts_by_config"] == {THINKER: [8, 4], TALKER: [6, 3]} and data["experts_after"] == 4
     r = runner.invoke(app, ["plan", str(omni.source), "--scores", str(root / "scores.safetensors"), "--ratio", "0.5"])
     assert r.exit_code == 0 and f"{THINKER} 8 -> 4, {TALKER} 6 -> 3 experts per layer" in squash(r.output)
-    r = runner.invoke(app, ["plan", str(omni.source), "--scores", str(root / "scores.safetensors"), "--ratio", "0.5",
-                            "--json"])
+    r = runner.invoke(
+        app, ["plan", str(omni.source), "--scores", str(root / "scores.safetensors"), "--ratio", "0.5", "--json"]
+    )
     data = json.loads(r.output)
     assert data["plan"]["num_experts_by_config"] == {THINKER: 4, TALKER: 3}
-    assert data["report"]["by_config"][TALKER] == {"num_experts": 6, "top_k": 2, "kept": 3, "pruned": 3,
-                                                   "rule": "pruned per layer = floor(6 x 0.5) = 3 -> 3 kept",
-                                                   "rounded": None}
+    assert data["report"]["by_config"][TALKER] == {
+        "num_experts": 6,
+        "top_k": 2,
+        "kept": 3,
+        "pruned": 3,
+        "rule": "pruned per layer = floor(6 x 0.5) = 3 -> 3 kept",
+        "rounded": None,
+    }
     r = runner.invoke(app, ["inspect", str(omni.source)], env={"COLUMNS": "250"})
     assert f"8 ({THINKER}), 6 ({TALKER})" in squash(r.output)
 
@@ -291,7 +302,9 @@ def test_card_counts_every_stack(omni, planned, which, tmp_path, monkeypatch):
     (uploaded,) = api.uploaded
     provenance = json.loads(uploaded[PROVENANCE_NAME])
     assert provenance["experts_per_layer"] == {"before": 8, "after": 4}
-    assert provenance["experts_per_layer_by_config"] == {THINKER: {"before": 8, "after": 4},
-                                                         TALKER: {"before": 6, "after": 3}}
+    assert provenance["experts_per_layer_by_config"] == {
+        THINKER: {"before": 8, "after": 4},
+        TALKER: {"before": 6, "after": 3},
+    }
     message = api.called("upload_folder")[0][2]["commit_message"]
     assert f"{THINKER} 8 -> 4, {TALKER} 6 -> 3 experts per layer" in message

@@ -33,14 +33,18 @@ CLI = [sys.executable, "-m", "shardcut_cli.main"]
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run(*args: object) -> subprocess.CompletedProcess:
     # wide, so rich does not wrap the paths the assertions look for
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, timeout=120,
-                          env={**os.environ, "COLUMNS": "500"})
+    return subprocess.run(
+        [*CLI, *map(str, args)], capture_output=True, timeout=120, env={**os.environ, "COLUMNS": "500"}
+    )
 
 
 def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:
@@ -70,8 +74,9 @@ def filled(seed: int, metadata: dict | None = None) -> Scores:
     rng = np.random.default_rng(seed)
     for key in s.layers:
         n = 64
-        s.accumulate(key, rng.integers(0, SPEC.experts, n), rng.random(n), rng.random(n) * 3, rng.normal(size=n),
-                     tokens=n // 2)
+        s.accumulate(
+            key, rng.integers(0, SPEC.experts, n), rng.random(n), rng.random(n) * 3, rng.normal(size=n), tokens=n // 2
+        )
     return s
 
 
@@ -104,8 +109,10 @@ def test_existing_plan_is_kept_unless_overwrite(source, scores_file, tmp_path):
     # --overwrite replaces a plan, never another kind of file (say, another model's config)
     other = tmp_path / "config.json"
     other.write_text('{"model_type": "qwen3_moe"}')
-    one_line_error(run("plan", source, "--scores", scores_file, "--ratio", "0.5", "-o", other, "--overwrite"),
-                   "not a shardcut-plan/1 file")
+    one_line_error(
+        run("plan", source, "--scores", scores_file, "--ratio", "0.5", "-o", other, "--overwrite"),
+        "not a shardcut-plan/1 file",
+    )
     assert other.read_text() == '{"model_type": "qwen3_moe"}'
 
 
@@ -218,12 +225,19 @@ def test_shard_replaced_by_another_process_during_prune(fresh_source, tmp_path):
         prune(sys.argv[1], sys.argv[2], Plan(json.loads(sys.argv[3])), progress=progress)
         print("committed", flush=True)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script, str(fresh_source), str(out), json.dumps(KEEP)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, str(fresh_source), str(out), json.dumps(KEEP)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout.readline().strip() == "copying"
-        subprocess.run([sys.executable, "-c", "import os, sys; os.replace(sys.argv[1], sys.argv[2])",
-                        str(tampered), str(shard)], check=True)
+        subprocess.run(
+            [sys.executable, "-c", "import os, sys; os.replace(sys.argv[1], sys.argv[2])", str(tampered), str(shard)],
+            check=True,
+        )
         stdout, stderr = proc.communicate("go\n", timeout=120)
     finally:
         proc.kill()
@@ -246,21 +260,35 @@ def test_unchanged_sources_still_prune_and_verify(fresh_source, tmp_path):
 def _gpt_oss(path: Path, config_experts: int = 8, **config_edits) -> Path:
     """A gpt-oss checkpoint (fused experts, router with bias) with 8 experts in its tensors."""
     E, H, I, V, L = 8, 16, 8, 64, 2
-    tensors = [("model.embed_tokens.weight", "BF16", (V, H)), ("model.norm.weight", "BF16", (H,)),
-               ("lm_head.weight", "BF16", (V, H))]
+    tensors = [
+        ("model.embed_tokens.weight", "BF16", (V, H)),
+        ("model.norm.weight", "BF16", (H,)),
+        ("lm_head.weight", "BF16", (V, H)),
+    ]
     for layer in range(L):
         p = f"model.layers.{layer}"
-        tensors += [(f"{p}.input_layernorm.weight", "BF16", (H,)), (f"{p}.self_attn.q_proj.weight", "BF16", (H, H)),
-                    (f"{p}.mlp.router.weight", "BF16", (E, H)), (f"{p}.mlp.router.bias", "BF16", (E,)),
-                    (f"{p}.mlp.experts.gate_up_proj", "BF16", (E, H, 2 * I)),
-                    (f"{p}.mlp.experts.gate_up_proj_bias", "BF16", (E, 2 * I)),
-                    (f"{p}.mlp.experts.down_proj", "BF16", (E, I, H)),
-                    (f"{p}.mlp.experts.down_proj_bias", "BF16", (E, H))]
+        tensors += [
+            (f"{p}.input_layernorm.weight", "BF16", (H,)),
+            (f"{p}.self_attn.q_proj.weight", "BF16", (H, H)),
+            (f"{p}.mlp.router.weight", "BF16", (E, H)),
+            (f"{p}.mlp.router.bias", "BF16", (E,)),
+            (f"{p}.mlp.experts.gate_up_proj", "BF16", (E, H, 2 * I)),
+            (f"{p}.mlp.experts.gate_up_proj_bias", "BF16", (E, 2 * I)),
+            (f"{p}.mlp.experts.down_proj", "BF16", (E, I, H)),
+            (f"{p}.mlp.experts.down_proj_bias", "BF16", (E, H)),
+        ]
     path.mkdir(parents=True)
     _write_raw_shard(path / "model.safetensors", tensors, np.random.default_rng(0))
-    config = {"model_type": "gpt_oss", "architectures": ["GptOssForCausalLM"], "hidden_size": H,
-              "num_hidden_layers": L, "num_local_experts": config_experts, "num_experts_per_tok": 2,
-              "vocab_size": V, **config_edits}
+    config = {
+        "model_type": "gpt_oss",
+        "architectures": ["GptOssForCausalLM"],
+        "hidden_size": H,
+        "num_hidden_layers": L,
+        "num_local_experts": config_experts,
+        "num_experts_per_tok": 2,
+        "vocab_size": V,
+        **config_edits,
+    }
     (path / "config.json").write_text(json.dumps(config))
     return path
 
@@ -271,8 +299,11 @@ def test_fused_expert_count_that_divides_the_real_one_is_refused(tmp_path):
     model = _gpt_oss(tmp_path / "gpt-oss", config_experts=4)
     plan = tmp_path / "plan.json"
     Plan({"0": [0, 1], "1": [2, 3]}).save(plan)
-    err = one_line_error(run("prune", model, "-o", tmp_path / "out", "--plan", plan),
-                         "num_local_experts = 4", "model.layers.0.mlp.router.weight has 8 expert rows")
+    err = one_line_error(
+        run("prune", model, "-o", tmp_path / "out", "--plan", plan),
+        "num_local_experts = 4",
+        "model.layers.0.mlp.router.weight has 8 expert rows",
+    )
     assert str(model / "config.json") in err
     assert not (tmp_path / "out").exists() and not partial_dir(tmp_path / "out").exists()
     one_line_error(run("inspect", model), "num_local_experts = 4")
@@ -285,14 +316,17 @@ def test_fused_expert_count_that_divides_the_real_one_is_refused(tmp_path):
     assert run("inspect", tmp_path / "good-out").returncode == 0
 
 
-@pytest.mark.parametrize("edit, field", [
-    ({"num_experts_per_tok": 0}, "num_experts_per_tok = 0"),
-    ({"num_experts_per_tok": -3}, "num_experts_per_tok = -3"),
-    ({"num_experts_per_tok": 9}, "num_experts_per_tok = 9"),
-    ({"num_local_experts": 0}, "num_local_experts = 0"),
-    ({"num_local_experts": 16}, "num_local_experts = 16"),
-    ({"num_hidden_layers": 1}, "num_hidden_layers = 1"),
-])
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        ({"num_experts_per_tok": 0}, "num_experts_per_tok = 0"),
+        ({"num_experts_per_tok": -3}, "num_experts_per_tok = -3"),
+        ({"num_experts_per_tok": 9}, "num_experts_per_tok = 9"),
+        ({"num_local_experts": 0}, "num_local_experts = 0"),
+        ({"num_local_experts": 16}, "num_local_experts = 16"),
+        ({"num_hidden_layers": 1}, "num_hidden_layers = 1"),
+    ],
+)
 def test_lying_counts_are_refused_naming_the_field(tmp_path, edit, field):
     model = _gpt_oss(tmp_path / "m", **edit)
     err = one_line_error(run("inspect", model), "config.json")
@@ -346,21 +380,25 @@ def test_out_is_fsynced_file_then_folder_then_rename_then_parent(source, tmp_pat
     synced = [(i, path) for i, (kind, path) in enumerate(events) if kind == "fsync"]
     files = [p for p in sorted(out.rglob("*")) if p.is_file()]
     assert {"config.json", "model.safetensors.index.json", "shardcut-plan.json", "generation_config.json"} <= {
-        p.name for p in files}
+        p.name for p in files
+    }
     for f in files:
         in_partial = os.path.join(partial, str(f.relative_to(out)))
         file_syncs = [i for i, p in synced if p == in_partial and i < commit]
         assert file_syncs, f"{f.name} was never fsynced before the commit"
         folder = os.path.dirname(in_partial)
-        assert any(i > file_syncs[-1] and p == folder for i, p in synced if i < commit), \
+        assert any(i > file_syncs[-1] and p == folder for i, p in synced if i < commit), (
             f"{f.name}'s folder was not fsynced after it"
+        )
     assert any(i > commit and p == str(out.parent.absolute()) for i, p in synced), "parent not fsynced after rename"
 
 
 def test_plan_and_score_writes_are_fsynced_before_their_rename(tmp_path, monkeypatch):
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(os, "fsync", lambda fd: (real_fsync(fd), events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))))
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (real_fsync(fd), events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))))
+    )
     monkeypatch.setattr(os, "replace", lambda a, b: (real_replace(a, b), events.append(("replace", str(b)))))
     Plan(KEEP).save(tmp_path / "plan.json")
     filled(seed=0).save(tmp_path / "s.safetensors")
@@ -517,6 +555,10 @@ def test_pinning_many_shards_under_a_low_descriptor_limit(tmp_path):
         print(prune(sys.argv[1], sys.argv[2], Plan(json.loads(sys.argv[3]))).verified)
     """)
     keep = {"1": [0, 2, 3, 7], "2": [1, 2, 5, 6]}
-    r = subprocess.run([sys.executable, "-c", script, str(model), str(tmp_path / "out"), json.dumps(keep)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", script, str(model), str(tmp_path / "out"), json.dumps(keep)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and r.stdout.strip() == "True", r.stderr[-2000:]

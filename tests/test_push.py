@@ -133,8 +133,12 @@ def test_upload_through_recording_api(t, fake, caplog):
     assert fake.calls[1][2]["revision"] is None and not fake.calls[1][2]["create_pr"]
     (uploaded,) = fake.uploaded
     assert set(uploaded) == {f.path_in_repo for f in dry.files} == expected_files(t)
-    for rel in expected_files(t) - {"README.md", PROVENANCE_NAME, "calibration/plan.json",
-                                    "calibration/scores.safetensors"}:
+    for rel in expected_files(t) - {
+        "README.md",
+        PROVENANCE_NAME,
+        "calibration/plan.json",
+        "calibration/scores.safetensors",
+    }:
         assert hashlib.sha256(uploaded[rel]).digest() == hashlib.sha256((t.pruned / rel).read_bytes()).digest()
     assert uploaded["calibration/scores.safetensors"] == t.scores.read_bytes()
     assert uploaded["calibration/plan.json"] == (t.pruned / "shardcut-plan.json").read_bytes()
@@ -218,12 +222,15 @@ def test_hub_failure_during_upload_is_one_line_without_the_token(t, tmp_path, mo
 def _shares(path):
     ckpt = open_checkpoint(path)
     c = count_parameters(ckpt, describe(ckpt))
-    return c, {"base": c.base[0], "active": c.base_active, "expert": {k: v[0] for k, v in c.expert.items()},
-               "router": {k: v[0] for k, v in c.router.items()}}
+    return c, {
+        "base": c.base[0],
+        "active": c.base_active,
+        "expert": {k: v[0] for k, v in c.expert.items()},
+        "router": {k: v[0] for k, v in c.router.items()},
+    }
 
 
-@pytest.mark.parametrize("name", ["ct_int4", "ct_int4_asym", "mxfp4", "gptq", "bnb_nf4", "modelopt_nvfp4",
-                                  "fp8_block"])
+@pytest.mark.parametrize("name", ["ct_int4", "ct_int4_asym", "mxfp4", "gptq", "bnb_nf4", "modelopt_nvfp4", "fp8_block"])
 def test_quantized_checkpoints_count_the_parameters_of_the_float_model(quantized, name):
     """A quantized checkpoint holds as many parameters as the float model it was quantized from,
     share by share: packed INT4 words hold 8 (by `weight_shape`), MXFP4 / NVFP4 / NF4 bytes 2,
@@ -272,12 +279,26 @@ def _int4_model(tmp_path, width: int) -> str:
 
     from shardcut.synthetic import SyntheticSpec, synthetic_config
 
-    spec = SyntheticSpec(layers=2, first_dense=1, experts=4, top_k=2, hidden=width, moe_inter=8, dense_inter=8,
-                         vocab=16, int4=True, group_size=4, shards=1)
+    spec = SyntheticSpec(
+        layers=2,
+        first_dense=1,
+        experts=4,
+        top_k=2,
+        hidden=width,
+        moe_inter=8,
+        dense_inter=8,
+        vocab=16,
+        int4=True,
+        group_size=4,
+        shards=1,
+    )
     rng = np.random.default_rng(0)
     H, I = width, 8
-    t = {"model.embed_tokens.weight": rng.random((16, H), dtype=np.float32),
-         "model.norm.weight": np.ones(H, np.float32), "lm_head.weight": rng.random((16, H), dtype=np.float32)}
+    t = {
+        "model.embed_tokens.weight": rng.random((16, H), dtype=np.float32),
+        "model.norm.weight": np.ones(H, np.float32),
+        "lm_head.weight": rng.random((16, H), dtype=np.float32),
+    }
     for L in (0, 1):
         p = f"model.layers.{L}"
         t[f"{p}.input_layernorm.weight"] = t[f"{p}.post_attention_layernorm.weight"] = np.ones(H, np.float32)
@@ -304,11 +325,21 @@ def _int4_model(tmp_path, width: int) -> str:
     return "m"
 
 
-@pytest.mark.parametrize("name, fused", [
-    ("step3", ("moe.gate_proj.weight", "moe.up_proj.weight", "moe.down_proj.weight")),  # fused outside `experts`
-    ("gpt_oss", ("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias", "mlp.experts.down_proj",
-                 "mlp.experts.down_proj_bias")),
-])
+@pytest.mark.parametrize(
+    "name, fused",
+    [
+        ("step3", ("moe.gate_proj.weight", "moe.up_proj.weight", "moe.down_proj.weight")),  # fused outside `experts`
+        (
+            "gpt_oss",
+            (
+                "mlp.experts.gate_up_proj",
+                "mlp.experts.gate_up_proj_bias",
+                "mlp.experts.down_proj",
+                "mlp.experts.down_proj_bias",
+            ),
+        ),
+    ],
+)
 def test_fused_expert_tensors_are_expert_parameters(families, name, fused):
     """Step3's fused `moe.*_proj` tensors (and gpt-oss's under `experts`) are expert parameters:
     one expert's share is 1/E of them, and a token runs through top_k of them, not all E."""
@@ -340,8 +371,14 @@ def _card_commands(card: str) -> list[list[str]]:
 def _run_cli(argv: list[str], cwd, **env_extra: str) -> subprocess.CompletedProcess:
     assert argv[0] == "shardcut"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200", **env_extra}
-    return subprocess.run([sys.executable, "-m", "shardcut_cli.main", *argv[1:]], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "shardcut_cli.main", *argv[1:]],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_card_commands_reproduce_the_plan(tmp_path, fake):
@@ -356,9 +393,23 @@ def test_card_commands_reproduce_the_plan(tmp_path, fake):
     from shardcut.rewrite import prune
     from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
 
-    src = write_synthetic_checkpoint(tmp_path / "model", SyntheticSpec(
-        layers=4, first_dense=1, experts=16, top_k=2, n_group=2, topk_group=2, mtp_layers=1, shards=2, hidden=16,
-        moe_inter=8, dense_inter=16, vocab=32))
+    src = write_synthetic_checkpoint(
+        tmp_path / "model",
+        SyntheticSpec(
+            layers=4,
+            first_dense=1,
+            experts=16,
+            top_k=2,
+            n_group=2,
+            topk_group=2,
+            mtp_layers=1,
+            shards=2,
+            hidden=16,
+            moe_inter=8,
+            dense_inter=16,
+            vocab=32,
+        ),
+    )
     info = describe(open_checkpoint(src))
     assert info.grouped and [layer.key for layer in info.layers if layer.mtp] == ["4"]
     scores = random_scores(info, seed=2)
@@ -366,13 +417,24 @@ def test_card_commands_reproduce_the_plan(tmp_path, fake):
     scores.act_max[0, 9] = 100.0  # a super expert of layer 1
     scores_path = tmp_path / "made.safetensors"
     scores.save(scores_path)
-    plan, report = make_plan(src, scores_path, ratio=0.4, criterion="random", seed=7, protect={"2": [3]},
-                             protect_super_experts=True, mtp_policy="reuse-last", multiple_of=4)
+    plan, report = make_plan(
+        src,
+        scores_path,
+        ratio=0.4,
+        criterion="random",
+        seed=7,
+        protect={"2": [3]},
+        protect_super_experts=True,
+        mtp_policy="reuse-last",
+        multiple_of=4,
+    )
     assert plan.num_experts == 12 and 9 in plan.keep["1"] and 3 in plan.keep["2"]  # 10 kept -> 12
     prune(src, tmp_path / "out", plan)
     card = push(tmp_path / "out", TARGET, scores=scores_path, dry_run=True).card
-    assert "- Experts kept per layer: pruned per layer = floor(16 x 0.4) = 6 -> 10 kept, kept rounded up from 10 to 12" \
+    assert (
+        "- Experts kept per layer: pruned per layer = floor(16 x 0.4) = 6 -> 10 kept, kept rounded up from 10 to 12"
         in card
+    )
     commands = _card_commands(card)
     (plan_cmd,) = [c for c in commands if c[1] == "plan"]
     (reprune,) = [c for c in commands if c[1] == "prune" and "--scores" in c]
@@ -391,7 +453,7 @@ def test_card_commands_reproduce_the_plan(tmp_path, fake):
 
     done = _run_cli([*reprune, "--dry-run"], work)  # verbatim, at the card's other ratio
     assert done.returncode == 0, done.stderr + done.stdout
-    at_plan_ratio = [*reprune[: reprune.index("--ratio") + 1], "0.4", *reprune[reprune.index("--ratio") + 2:]]
+    at_plan_ratio = [*reprune[: reprune.index("--ratio") + 1], "0.4", *reprune[reprune.index("--ratio") + 2 :]]
     done = _run_cli(at_plan_ratio, work)
     assert done.returncode == 0, done.stderr + done.stdout
     assert Plan.load(work / "pruned" / "shardcut-plan.json").keep == plan.keep
@@ -439,11 +501,21 @@ def test_symlinks_leading_out_of_out_are_refused(t, tmp_path, fake, planted):
     secret_dir = tmp_path / "elsewhere"
     secret_dir.mkdir()
     (secret_dir / "token").write_text(SECRET)
-    link = {"file": out / "notes.txt", "folder": out / "extra", "broken": out / "gone.txt",
-            "nested": out / "assets" / "deep" / "token.txt"}[planted]
+    link = {
+        "file": out / "notes.txt",
+        "folder": out / "extra",
+        "broken": out / "gone.txt",
+        "nested": out / "assets" / "deep" / "token.txt",
+    }[planted]
     link.parent.mkdir(parents=True, exist_ok=True)
-    link.symlink_to({"file": secret_dir / "token", "folder": secret_dir, "broken": tmp_path / "nothing",
-                     "nested": secret_dir / "token"}[planted])
+    link.symlink_to(
+        {
+            "file": secret_dir / "token",
+            "folder": secret_dir,
+            "broken": tmp_path / "nothing",
+            "nested": secret_dir / "token",
+        }[planted]
+    )
     for args in (["--dry-run"], []):
         line = _error(["push", str(out), TARGET, *args])
         assert str(link.relative_to(out)) in line and "nothing uploaded" in line

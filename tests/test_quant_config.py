@@ -53,24 +53,37 @@ def test_int4_companions_travel_with_their_expert(int4, tmp_path):
 
 
 def test_ignore_lists_and_targets_are_renumbered(int4, tmp_path):
-    set_quant(int4, ignore=["lm_head", f"{P}.1.mlp.gate", f"{P}.1.mlp.experts.4.down_proj",
-                            f"re:{P}\\.2\\.mlp\\.experts\\.5\\.up_proj$"],
-              modules_to_not_convert=[f"{P}.2.mlp.experts.3.gate_proj"])
+    set_quant(
+        int4,
+        ignore=[
+            "lm_head",
+            f"{P}.1.mlp.gate",
+            f"{P}.1.mlp.experts.4.down_proj",
+            f"re:{P}\\.2\\.mlp\\.experts\\.5\\.up_proj$",
+        ],
+        modules_to_not_convert=[f"{P}.2.mlp.experts.3.gate_proj"],
+    )
     cfg = json.loads((int4 / "config.json").read_text())
     cfg["quantization_config"]["config_groups"]["group_1"] = {"targets": [f"{P}.1.mlp.experts.7.up_proj"]}
     (int4 / "config.json").write_text(json.dumps(cfg))
     # Expert 5 of layer 2 excluded alone would give that layer two schemes: exclude all its kept experts.
-    set_quant(int4, ignore=["lm_head", f"{P}.1.mlp.gate", f"{P}.1.mlp.experts.4.down_proj"] +
-              [f"re:{P}\\.2\\.mlp\\.experts\\.{e}\\.up_proj$" for e in KEEP["2"]])
+    set_quant(
+        int4,
+        ignore=["lm_head", f"{P}.1.mlp.gate", f"{P}.1.mlp.experts.4.down_proj"]
+        + [f"re:{P}\\.2\\.mlp\\.experts\\.{e}\\.up_proj$" for e in KEEP["2"]],
+    )
     out = tmp_path / "out"
     prune(int4, out, Plan(KEEP))
     q = json.loads((out / "config.json").read_text())["quantization_config"]
     assert q["ignore"] == ["lm_head", f"{P}.1.mlp.gate"] + [
-        f"re:{P}\\.2\\.mlp\\.experts\\.{e}\\.up_proj$" for e in range(4)]
+        f"re:{P}\\.2\\.mlp\\.experts\\.{e}\\.up_proj$" for e in range(4)
+    ]
     assert q["modules_to_not_convert"] == []  # expert 3 of layer 2 was pruned
     assert q["config_groups"]["group_1"]["targets"] == [f"{P}.1.mlp.experts.3.up_proj"]
-    assert q["config_groups"]["group_0"] == json.loads((int4 / "config.json").read_text())[
-        "quantization_config"]["config_groups"]["group_0"]  # a generic regex stays as it is
+    assert (
+        q["config_groups"]["group_0"]
+        == json.loads((int4 / "config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    )  # a generic regex stays as it is
 
 
 def test_partly_excluded_layer_is_refused(int4, tmp_path):
@@ -87,10 +100,16 @@ def test_regex_with_expert_range_is_refused(int4, tmp_path):
 
 
 def test_modelopt_side_file_and_gptq_dynamic(int4, tmp_path):
-    (int4 / "hf_quant_config.json").write_text(json.dumps({"quantization": {
-        "quant_algo": "MIXED_PRECISION",
-        "quantized_layers": {f"{P}.1.mlp.experts.{e}.down_proj": {"quant_algo": "NVFP4"} for e in range(8)},
-    }}))
+    (int4 / "hf_quant_config.json").write_text(
+        json.dumps(
+            {
+                "quantization": {
+                    "quant_algo": "MIXED_PRECISION",
+                    "quantized_layers": {f"{P}.1.mlp.experts.{e}.down_proj": {"quant_algo": "NVFP4"} for e in range(8)},
+                }
+            }
+        )
+    )
     set_quant(int4, dynamic={f"-:{P}\\.2\\.mlp\\.experts\\.{e}\\.gate_proj": {} for e in range(8)})
     out = tmp_path / "out"
     prune(int4, out, Plan(KEEP))

@@ -77,11 +77,14 @@ def test_config_and_quantization_config(built):
         prefix, expert, proj = re.match(rf"(.*)\.{fam.experts}\.(\d+)\.(\w+)$", module).groups()
         key = next(k for k, p in fam.moe_layers.items() if p == prefix + ".")
         if int(expert) in built.keep[key]:
-            renamed[f"{prefix}.{fam.experts}.{built.keep[key].index(int(expert))}.{proj}"] = {"quant_algo": "NVFP4",
-                                                                                             "group_size": 16}
+            renamed[f"{prefix}.{fam.experts}.{built.keep[key].index(int(expert))}.{proj}"] = {
+                "quant_algo": "NVFP4",
+                "group_size": 16,
+            }
     assert qc_out["quantized_layers"] == renamed and len(renamed) < len(qc_src["quantized_layers"])
-    assert {k: v for k, v in qc_out.items() if k != "quantized_layers"} == \
-        {k: v for k, v in qc_src.items() if k != "quantized_layers"}
+    assert {k: v for k, v in qc_out.items() if k != "quantized_layers"} == {
+        k: v for k, v in qc_src.items() if k != "quantized_layers"
+    }
     side_out = json.loads((built.pruned / "hf_quant_config.json").read_text())
     assert side_out["quantization"]["quantized_layers"] == renamed
     assert side_out["producer"] == json.loads(side.read_text())["producer"]
@@ -117,8 +120,15 @@ def test_pruned_logits_equal_masked_original(built):
 
 
 # The largest |dequantized - float| / max|float| per weight a scheme's rounding allows.
-_TOLERANCE = {"fp8_block": 0.07, "ct_int4": 0.15, "ct_int4_asym": 0.07, "mxfp4": 0.35, "gptq": 0.07,
-              "bnb_nf4": 0.2, "modelopt_nvfp4": 0.35}
+_TOLERANCE = {
+    "fp8_block": 0.07,
+    "ct_int4": 0.15,
+    "ct_int4_asym": 0.07,
+    "mxfp4": 0.35,
+    "gptq": 0.07,
+    "bnb_nf4": 0.2,
+    "modelopt_nvfp4": 0.35,
+}
 
 
 def test_reference_dequantization_recovers_the_float_weights(built):
@@ -138,7 +148,9 @@ def test_reference_dequantization_recovers_the_float_weights(built):
             changed += 1
             worst = max(worst, ((d - f.float()).abs().max() / f.float().abs().max()).item())
     experts = [n for n in floats if ".experts." in n and not n.endswith("bias")]
-    assert experts and all(not dequantized[n].float().equal(floats[n].float()) for n in experts), "experts not quantized"
+    assert experts and all(not dequantized[n].float().equal(floats[n].float()) for n in experts), (
+        "experts not quantized"
+    )
     assert changed >= len(experts) and 0 < worst <= _TOLERANCE[sc.name], (changed, worst)
 
 
@@ -151,8 +163,15 @@ def test_verify_with_source_passes(built):
     assert info.num_experts == built.scheme.family.kept_of(info.layers[0].key)
 
 
-_LABELS = {"fp8_block": "fp8 block [16, 16]", "ct_int4": "int4 pack-quantized", "ct_int4_asym": "int4 pack-quantized",
-           "mxfp4": "mxfp4", "gptq": "gptq int4", "bnb_nf4": "bitsandbytes nf4", "modelopt_nvfp4": "nvfp4 (modelopt)"}
+_LABELS = {
+    "fp8_block": "fp8 block [16, 16]",
+    "ct_int4": "int4 pack-quantized",
+    "ct_int4_asym": "int4 pack-quantized",
+    "mxfp4": "mxfp4",
+    "gptq": "gptq int4",
+    "bnb_nf4": "bitsandbytes nf4",
+    "modelopt_nvfp4": "nvfp4 (modelopt)",
+}
 
 
 def test_inspect_reports_the_scheme_and_the_bytes_pruning_saves(built):
@@ -168,7 +187,9 @@ def test_inspect_reports_the_scheme_and_the_bytes_pruning_saves(built):
     # one expert fewer in every layer saves `total`: the prune removed E - E' from each
     removed = fam.experts_of(next(iter(fam.moe_layers))) - fam.kept_of(next(iter(fam.moe_layers)))
     before, after = report["total_bytes"], inspect_model(built.pruned)["total_bytes"]
-    assert report["bytes_saved_per_expert_removed"]["total"] * removed == pytest.approx(before - after, abs=len(fam.moe_layers))
+    assert report["bytes_saved_per_expert_removed"]["total"] * removed == pytest.approx(
+        before - after, abs=len(fam.moe_layers)
+    )
 
 
 def test_inspect_command_shows_schemes_and_savings(quantized):

@@ -18,8 +18,7 @@ from shardcut_cli.main import app
 
 runner = CliRunner()
 E = 8
-OBSERVER_KEYS = ("expert_frequency", "ean_sum", "weighted_ean_sum", "weighted_expert_frequency_sum",
-                 "max_activations")
+OBSERVER_KEYS = ("expert_frequency", "ean_sum", "weighted_ean_sum", "weighted_expert_frequency_sum", "max_activations")
 
 
 @pytest.fixture(scope="session")
@@ -27,8 +26,20 @@ def model(tmp_path_factory):
     """DeepSeek-V3 shaped: MoE layers 1, 2, 3 and MTP layer 4; 8 experts, top-2."""
     base = tmp_path_factory.getbasetemp() / "scores-models"
     base.mkdir(exist_ok=True)
-    return synthetic_model(base, "mtp", layers=4, first_dense=1, experts=8, top_k=2, mtp_layers=1, shards=2,
-                           hidden=16, moe_inter=8, dense_inter=16, vocab=32)
+    return synthetic_model(
+        base,
+        "mtp",
+        layers=4,
+        first_dense=1,
+        experts=8,
+        top_k=2,
+        mtp_layers=1,
+        shards=2,
+        hidden=16,
+        moe_inter=8,
+        dense_inter=16,
+        vocab=32,
+    )
 
 
 def observer_state(layers=(1, 2, 3), experts=E, seed=0) -> dict:
@@ -77,7 +88,9 @@ def test_reap_observer_maps_every_statistic(model, tmp_path):
     assert scores.act_max[1, 3] == 0.0 and "signed max" in scores.metadata["act_max"]
     reap = criterion_values(scores, "reap")
     freq = state[1]["expert_frequency"].numpy()
-    np.testing.assert_allclose(reap[0], np.where(freq > 0, state[1]["weighted_ean_sum"].numpy() / np.maximum(freq, 1), 0))
+    np.testing.assert_allclose(
+        reap[0], np.where(freq > 0, state[1]["weighted_ean_sum"].numpy() / np.maximum(freq, 1), 0)
+    )
     plan, _ = make_plan(model, scores, ratio=0.25, mtp_policy="reuse-last")
     assert plan.num_experts == 6
     scores.save(tmp_path / "s.safetensors")
@@ -104,7 +117,9 @@ def test_observer_needing_arbitrary_unpickling_is_refused_unrun(model, tmp_path)
         import_scores(path, model)
     assert "\n" not in str(exc.value) and str(exc.value).startswith(str(path))
     assert not marker.exists()
-    r = runner.invoke(app, ["scores", "import", str(path), "--model", str(model), "-o", str(tmp_path / "s.safetensors")])
+    r = runner.invoke(
+        app, ["scores", "import", str(path), "--model", str(model), "-o", str(tmp_path / "s.safetensors")]
+    )
     assert r.exit_code == 2 and "arbitrary unpickling" in r.output and len(r.output.strip().splitlines()) == 1
     assert not marker.exists() and not (tmp_path / "s.safetensors").exists()
 
@@ -115,13 +130,19 @@ def _only_frequency():
     return {i: {"expert_frequency": torch.zeros(8), "total_tokens": 5} for i in (1, 2, 3)}
 
 
-@pytest.mark.parametrize("make_state, message", [
-    (lambda: observer_state(experts=16), "16 experts, the model has 8"),
-    (lambda: observer_state(layers=(0, 2, 3)), r"layers \['0'\] are not MoE layers"),  # neither indices nor positions
-    (lambda: observer_state(layers=(1, 2)), r"no scores for MoE layers \['3'\]"),
-    (_only_frequency, "layer 1: missing statistics"),
-    (lambda: [1, 2, 3], "does not name its criterion"),
-])
+@pytest.mark.parametrize(
+    "make_state, message",
+    [
+        (lambda: observer_state(experts=16), "16 experts, the model has 8"),
+        (
+            lambda: observer_state(layers=(0, 2, 3)),
+            r"layers \['0'\] are not MoE layers",
+        ),  # neither indices nor positions
+        (lambda: observer_state(layers=(1, 2)), r"no scores for MoE layers \['3'\]"),
+        (_only_frequency, "layer 1: missing statistics"),
+        (lambda: [1, 2, 3], "does not name its criterion"),
+    ],
+)
 def test_observer_for_another_model_is_refused(model, tmp_path, make_state, message):
     with pytest.raises(ShardcutError, match=message):
         import_scores(save_pt(tmp_path / "o.pt", make_state()), model)
@@ -152,8 +173,17 @@ def test_saliency_json_values_only(model, tmp_path):
     with pytest.raises(ShardcutError, match="merging is impossible"):
         merge_scores([(scores, 1.0), (scores, 1.0)])
     scores.save(tmp_path / "v.safetensors")
-    r = runner.invoke(app, ["scores", "merge", str(tmp_path / "v.safetensors"), str(tmp_path / "v.safetensors"),
-                            "-o", str(tmp_path / "m.safetensors")])
+    r = runner.invoke(
+        app,
+        [
+            "scores",
+            "merge",
+            str(tmp_path / "v.safetensors"),
+            str(tmp_path / "v.safetensors"),
+            "-o",
+            str(tmp_path / "m.safetensors"),
+        ],
+    )
     assert r.exit_code == 2 and "merging is impossible" in r.output
 
 
@@ -171,9 +201,14 @@ def test_saliency_json_with_sums_is_a_full_score_file(model, tmp_path):
     layers = {}
     for i in (1, 2, 3):
         count = rng.integers(1, 20, E)
-        layers[str(i)] = {"expert_frequency": count.tolist(), "gate_sum": (count * 0.3).tolist(),
-                          "ean_sum": (count * 2.0).tolist(), "reap_sum": (count * 0.5).tolist(),
-                          "act_max": rng.random(E).tolist(), "tokens": 40}
+        layers[str(i)] = {
+            "expert_frequency": count.tolist(),
+            "gate_sum": (count * 0.3).tolist(),
+            "ean_sum": (count * 2.0).tolist(),
+            "reap_sum": (count * 0.5).tolist(),
+            "act_max": rng.random(E).tolist(),
+            "tokens": 40,
+        }
     path = tmp_path / "sums.json"
     path.write_text(json.dumps({"layers": layers}))
     scores, report = import_scores(path, model, fmt="saliency-json")
@@ -182,15 +217,21 @@ def test_saliency_json_with_sums_is_a_full_score_file(model, tmp_path):
     np.testing.assert_allclose(criterion_values(scores, "ean_mean"), 2.0)
 
 
-@pytest.mark.parametrize("body, message", [
-    ({"criterion": "reap", "layers": {"1": [0.1] * 7, "2": [0.1] * 8, "3": [0.1] * 8}}, "7 experts, the model has 8"),
-    ({"criterion": "reap", "layers": {"1": [0.1] * 8, "2": [0.1] * 8}}, r"no scores for MoE layers \['3'\]"),
-    ({"criterion": "reap", "layers": {"9": [0.1] * 8, "1": [0.1] * 8}}, r"layers \['9'\] are not MoE layers"),
-    ({"criterion": "reap", "layers": {"1": [-0.1] * 8, "2": [0.1] * 8, "3": [0.1] * 8}}, "negative"),
-    ({"criterion": "reap", "layers": {"1": ["x"] * 8, "2": [0.1] * 8, "3": [0.1] * 8}}, "expected a list of 8"),
-    ({"criterion": "reap", "layers": [[0.1] * 8] * 5}, r"shape \[5, 8\]; the model has 3 MoE layers"),
-    ({"criterion": "reap", "layers": {"layer one": [0.1] * 8}}, "cannot read 'layer one' as a layer"),
-])
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        (
+            {"criterion": "reap", "layers": {"1": [0.1] * 7, "2": [0.1] * 8, "3": [0.1] * 8}},
+            "7 experts, the model has 8",
+        ),
+        ({"criterion": "reap", "layers": {"1": [0.1] * 8, "2": [0.1] * 8}}, r"no scores for MoE layers \['3'\]"),
+        ({"criterion": "reap", "layers": {"9": [0.1] * 8, "1": [0.1] * 8}}, r"layers \['9'\] are not MoE layers"),
+        ({"criterion": "reap", "layers": {"1": [-0.1] * 8, "2": [0.1] * 8, "3": [0.1] * 8}}, "negative"),
+        ({"criterion": "reap", "layers": {"1": ["x"] * 8, "2": [0.1] * 8, "3": [0.1] * 8}}, "expected a list of 8"),
+        ({"criterion": "reap", "layers": [[0.1] * 8] * 5}, r"shape \[5, 8\]; the model has 3 MoE layers"),
+        ({"criterion": "reap", "layers": {"layer one": [0.1] * 8}}, "cannot read 'layer one' as a layer"),
+    ],
+)
 def test_bad_saliency_json_is_refused(model, tmp_path, body, message):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(body))
@@ -201,7 +242,9 @@ def test_bad_saliency_json_is_refused(model, tmp_path, body, message):
 def test_saliency_json_nan_is_refused(model, tmp_path):
     path = tmp_path / "nan.json"
     ones = ", ".join(["1"] * 8)
-    path.write_text(f'{{"criterion": "reap", "layers": {{"1": [NaN, 1, 1, 1, 1, 1, 1, 1], "2": [{ones}], "3": [{ones}]}}}}')
+    path.write_text(
+        f'{{"criterion": "reap", "layers": {{"1": [NaN, 1, 1, 1, 1, 1, 1, 1], "2": [{ones}], "3": [{ones}]}}}}'
+    )
     with pytest.raises(ShardcutError, match="NaN"):
         import_scores(path, model)
     path.write_text("{not json")
@@ -241,8 +284,9 @@ def test_import_command(model, tmp_path):
     assert r.exit_code == 2 and "4 (MTP)" in r.output  # MTP layer 4 is never guessed
     r = runner.invoke(app, ["plan", str(model), "--scores", str(out), "--ratio", "0.5", "--mtp-policy", "reuse-last"])
     assert r.exit_code == 0 and "layer 4 has no scores, ranked with the scores of layer 3" in r.output
-    r = runner.invoke(app, ["scores", "import", str(pt), "--model", str(model), "-o", str(tmp_path / "x"),
-                            "--format", "csv"])
+    r = runner.invoke(
+        app, ["scores", "import", str(pt), "--model", str(model), "-o", str(tmp_path / "x"), "--format", "csv"]
+    )
     assert r.exit_code == 2 and "unknown import format" in r.output
 
 
@@ -254,11 +298,13 @@ def test_keep_list_through_the_cli_uses_its_own_criterion(model, tmp_path):
     assert r.exit_code == 0 and "keep-list" in r.output and "merging is impossible" in r.output
     r = runner.invoke(app, ["scores", "show", str(out), "--json"])
     assert json.loads(r.output)["criterion"] == "keep" and json.loads(r.output)["layers"][0]["tokens"] is None
-    r = runner.invoke(app, ["plan", str(model), "-s", str(out), "--experts", "4", "--mtp-policy", "same-ids-as:3",
-                            "--json"])
+    r = runner.invoke(
+        app, ["plan", str(model), "-s", str(out), "--experts", "4", "--mtp-policy", "same-ids-as:3", "--json"]
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
     assert data["plan"]["criterion"] == "keep" and data["plan"]["keep"] == {**kept, "4": kept["3"]}
-    r = runner.invoke(app, ["plan", str(model), "-s", str(out), "--experts", "4", "-c", "reap",
-                            "--mtp-policy", "reuse-last"])
+    r = runner.invoke(
+        app, ["plan", str(model), "-s", str(out), "--experts", "4", "-c", "reap", "--mtp-policy", "reuse-last"]
+    )
     assert r.exit_code == 2 and "use --criterion keep" in r.output

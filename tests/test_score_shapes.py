@@ -32,8 +32,20 @@ def model(tmp_path_factory):
     """DeepSeek-V3 shaped: MoE layers 1, 2, 3 and MTP layer 4; 8 experts, top-2."""
     base = tmp_path_factory.getbasetemp() / "scores-models"
     base.mkdir(exist_ok=True)
-    return synthetic_model(base, "mtp", layers=4, first_dense=1, experts=8, top_k=2, mtp_layers=1, shards=2,
-                           hidden=16, moe_inter=8, dense_inter=16, vocab=32)
+    return synthetic_model(
+        base,
+        "mtp",
+        layers=4,
+        first_dense=1,
+        experts=8,
+        top_k=2,
+        mtp_layers=1,
+        shards=2,
+        hidden=16,
+        moe_inter=8,
+        dense_inter=16,
+        vocab=32,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -52,11 +64,14 @@ def _observer(native: Scores, keys) -> dict:
     """The native sums as the REAP reference's observer names them, under `keys`."""
     out = {}
     for key, r in zip(keys, range(len(native.layers))):
-        out[key] = {"total_tokens": torch.tensor(int(native.tokens[r])),
-                    "expert_frequency": torch.tensor(native.count[r]).long(),
-                    "ean_sum": torch.tensor(native.norm_sum[r]), "weighted_ean_sum": torch.tensor(native.reap_sum[r]),
-                    "weighted_expert_frequency_sum": torch.tensor(native.gate_sum[r]),
-                    "max_activations": torch.tensor(native.act_max[r]).float()}
+        out[key] = {
+            "total_tokens": torch.tensor(int(native.tokens[r])),
+            "expert_frequency": torch.tensor(native.count[r]).long(),
+            "ean_sum": torch.tensor(native.norm_sum[r]),
+            "weighted_ean_sum": torch.tensor(native.reap_sum[r]),
+            "weighted_expert_frequency_sum": torch.tensor(native.gate_sum[r]),
+            "max_activations": torch.tensor(native.act_max[r]).float(),
+        }
     return out
 
 
@@ -137,16 +152,21 @@ def test_accumulator_checkpoints_with_running_mean_trackers(model, native, tmp_p
 def test_json_reports(model, native, tmp_path):
     reap, freq = criterion_values(native, "reap"), native.count
     path = tmp_path / "report.json"  # llm-compressor's REAPPruningModifier report: layers in order
-    path.write_text(json.dumps({"saliency": reap.tolist(), "count": freq.tolist(),
-                                "topk_weights": [[[0.5, 0.5]]]}))
+    path.write_text(json.dumps({"saliency": reap.tolist(), "count": freq.tolist(), "topk_weights": [[[0.5, 0.5]]]}))
     scores, report = import_scores(path, model)
     assert report.format == "llm-compressor" and set(scores.values) == {"reap", "frequency"}
     assert _keep(model, scores, "reap") == _keep(model, native)
     assert _keep(model, scores, "frequency") == _keep(model, native, "frequency")
     kept = _keep(model, native)
     meta = tmp_path / "pruning_metadata.json"  # a pruned model's record of what it kept
-    meta.write_text(json.dumps({"original_model": "org/m", "experts_kept_per_layer":
-                                {f"model.layers.{k}": v for k, v in kept.items() if k != "4"}}))
+    meta.write_text(
+        json.dumps(
+            {
+                "original_model": "org/m",
+                "experts_kept_per_layer": {f"model.layers.{k}": v for k, v in kept.items() if k != "4"},
+            }
+        )
+    )
     scores, report = import_scores(meta, model)
     assert report.format == "keep-list" and _keep(model, scores, "keep") == kept
 
@@ -166,8 +186,19 @@ def test_layer_names_from_the_architecture_table(families, tmp_path):
 
 
 def test_a_shape_with_two_readings_is_refused(tmp_path):
-    square = synthetic_model(tmp_path, "square", layers=8, first_dense=0, experts=8, top_k=2, shards=1,
-                             hidden=16, moe_inter=8, dense_inter=16, vocab=32)
+    square = synthetic_model(
+        tmp_path,
+        "square",
+        layers=8,
+        first_dense=0,
+        experts=8,
+        top_k=2,
+        shards=1,
+        hidden=16,
+        moe_inter=8,
+        dense_inter=16,
+        vocab=32,
+    )
     m = torch.rand(8, 8)
     torch.save(m, tmp_path / "reap.pt")
     with pytest.raises(ShardcutError, match=r"reads both as \[layers, experts\] and as \[experts, layers\]"):
@@ -193,8 +224,14 @@ def test_merge_refuses_softmax_gates_with_applied_gates(model, native, tmp_path)
     assert any("signed max" in c for c in caveats)  # the imported file's caveat survives
     native.save(tmp_path / "n.safetensors")
     imported.save(tmp_path / "i.safetensors")
-    args = ["scores", "merge", str(tmp_path / "n.safetensors"), str(tmp_path / "i.safetensors"), "-o",
-            str(tmp_path / "m.safetensors")]
+    args = [
+        "scores",
+        "merge",
+        str(tmp_path / "n.safetensors"),
+        str(tmp_path / "i.safetensors"),
+        "-o",
+        str(tmp_path / "m.safetensors"),
+    ]
     r = runner.invoke(app, args)
     assert r.exit_code == 2 and "gate sums differently" in r.output and not (tmp_path / "m.safetensors").exists()
     assert runner.invoke(app, [*args, "--force"]).exit_code == 0
@@ -226,8 +263,9 @@ def test_tie_warning_on_never_routed_experts(model, native, tmp_path):
     row = next(r for r in report.rows if r.layer == "2")
     assert plan.keep["2"][:2] == [0, 1] and row.decided_by_id == 6 and row.never_routed_at_cut == 6
     assert row.tie_value == 0.0 and row.lowest_kept == row.highest_pruned == 0.0
-    assert any("layer 2: the cut falls among 6 experts with zero scores, 6 of them never routed" in w
-               for w in report.warnings)
+    assert any(
+        "layer 2: the cut falls among 6 experts with zero scores, 6 of them never routed" in w for w in report.warnings
+    )
     plan.save(tmp_path / "plan.json")
     saved = json.loads((tmp_path / "plan.json").read_text())
     assert saved["decided_by_id_order"] >= 6 and any("never routed" in w for w in saved["warnings"])
@@ -235,14 +273,37 @@ def test_tie_warning_on_never_routed_experts(model, native, tmp_path):
     clean, clean_report = make_plan(model, native, experts=4, mtp_policy="reuse-last")
     assert not clean_report.warnings and "warnings" not in clean.extra
     scores.save(tmp_path / "s.safetensors")
-    r = runner.invoke(app, ["plan", str(model), "--scores", str(tmp_path / "s.safetensors"), "--experts", "4",
-                            "--mtp-policy", "reuse-last"])
+    r = runner.invoke(
+        app,
+        [
+            "plan",
+            str(model),
+            "--scores",
+            str(tmp_path / "s.safetensors"),
+            "--experts",
+            "4",
+            "--mtp-policy",
+            "reuse-last",
+        ],
+    )
     assert r.exit_code == 0 and "warning:" in r.output and "never routed" in r.output
 
 
 def test_plan_warns_for_scores_of_another_model(model, native, tmp_path):
-    other = synthetic_model(tmp_path, "other", layers=4, first_dense=1, experts=8, top_k=2, mtp_layers=1, shards=2,
-                            hidden=32, moe_inter=8, dense_inter=16, vocab=32)  # same layers and experts, other shapes
+    other = synthetic_model(
+        tmp_path,
+        "other",
+        layers=4,
+        first_dense=1,
+        experts=8,
+        top_k=2,
+        mtp_layers=1,
+        shards=2,
+        hidden=32,
+        moe_inter=8,
+        dense_inter=16,
+        vocab=32,
+    )  # same layers and experts, other shapes
     _, report = make_plan(other, native, experts=4, mtp_policy="reuse-last")
     assert any("computed on another model" in w and "model_fingerprint" in w for w in report.warnings)
     _, same = make_plan(model, native, experts=4, mtp_policy="reuse-last")
@@ -257,9 +318,15 @@ def test_super_expert_rule_is_configurable_and_recorded(model, native):
     plan, report = make_plan(model, scores, experts=4, mtp_policy="reuse-last", protect_super_experts=True)
     assert "super_experts" in plan.extra and plan.extra["super_experts"]["layer_fraction"] == 0.75
     assert "3" not in plan.extra.get("protected", {})  # the last layer is outside the first 75%
-    plan, _ = make_plan(model, scores, experts=4, mtp_policy="reuse-last", protect_super_experts=True,
-                        super_layer_fraction=1.0, super_percentile=90.0)
+    plan, _ = make_plan(
+        model,
+        scores,
+        experts=4,
+        mtp_policy="reuse-last",
+        protect_super_experts=True,
+        super_layer_fraction=1.0,
+        super_percentile=90.0,
+    )
     assert 5 in plan.extra["protected"]["3"] and plan.extra["super_experts"]["percentile"] == 90.0
     with pytest.raises(ShardcutError, match="layer fraction"):
-        make_plan(model, scores, experts=4, mtp_policy="reuse-last", protect_super_experts=True,
-                  super_layer_fraction=0)
+        make_plan(model, scores, experts=4, mtp_policy="reuse-last", protect_super_experts=True, super_layer_fraction=0)

@@ -28,8 +28,9 @@ def filled(layers=("1", "2"), E=4, seed=0, metadata=None) -> Scores:
 
 def test_accumulate_sums_routed_pairs():
     s = Scores.zeros(["3"], 4)
-    s.accumulate("3", experts=[1, 1, 2], gates=[0.5, 0.25, 1.0], norms=[2.0, 4.0, 3.0], peaks=[-7.0, 2.0, 1.5],
-                 tokens=2)
+    s.accumulate(
+        "3", experts=[1, 1, 2], gates=[0.5, 0.25, 1.0], norms=[2.0, 4.0, 3.0], peaks=[-7.0, 2.0, 1.5], tokens=2
+    )
     np.testing.assert_array_equal(s.count[0], [0, 2, 1, 0])
     np.testing.assert_allclose(s.gate_sum[0], [0, 0.75, 1.0, 0])
     np.testing.assert_allclose(s.norm_sum[0], [0, 6.0, 3.0, 0])
@@ -74,19 +75,22 @@ def _write_raw(path, tensors, meta):
     return path
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda t, m: t["count"].__setitem__((0, 1), np.nan), "'count' holds NaN"),
-    (lambda t, m: t["reap_sum"].__setitem__((1, 0), -1.0), "'reap_sum' holds NaN, infinite or negative"),
-    (lambda t, m: t["act_max"].__setitem__((1, 0), -0.5), "'act_max' holds NaN, infinite or negative"),
-    (lambda t, m: t.__setitem__("gate_sum", np.zeros((2, 3))), "'gate_sum' has shape [2, 3]"),
-    (lambda t, m: t.__setitem__("tokens", np.zeros(3)), "'tokens' must be [2]"),
-    (lambda t, m: t.pop("norm_sum"), "missing tensor 'norm_sum'"),
-    (lambda t, m: t.__setitem__("count", t["count"].astype(np.float32)), "dtype F32, expected F64"),
-    (lambda t, m: m.__setitem__("format", "pt"), "not a shardcut-scores/1 file"),
-    (lambda t, m: m.__setitem__("layer_keys", "1,1"), "duplicate layer keys"),
-    (lambda t, m: m.__setitem__("num_experts", "8"), "num_experts=8 but the arrays hold 4"),
-    (lambda t, m: m.__setitem__("layer_keys", "1,2\nx"), "layer key '2\\nx' is not a plan key"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda t, m: t["count"].__setitem__((0, 1), np.nan), "'count' holds NaN"),
+        (lambda t, m: t["reap_sum"].__setitem__((1, 0), -1.0), "'reap_sum' holds NaN, infinite or negative"),
+        (lambda t, m: t["act_max"].__setitem__((1, 0), -0.5), "'act_max' holds NaN, infinite or negative"),
+        (lambda t, m: t.__setitem__("gate_sum", np.zeros((2, 3))), "'gate_sum' has shape [2, 3]"),
+        (lambda t, m: t.__setitem__("tokens", np.zeros(3)), "'tokens' must be [2]"),
+        (lambda t, m: t.pop("norm_sum"), "missing tensor 'norm_sum'"),
+        (lambda t, m: t.__setitem__("count", t["count"].astype(np.float32)), "dtype F32, expected F64"),
+        (lambda t, m: m.__setitem__("format", "pt"), "not a shardcut-scores/1 file"),
+        (lambda t, m: m.__setitem__("layer_keys", "1,1"), "duplicate layer keys"),
+        (lambda t, m: m.__setitem__("num_experts", "8"), "num_experts=8 but the arrays hold 4"),
+        (lambda t, m: m.__setitem__("layer_keys", "1,2\nx"), "layer key '2\\nx' is not a plan key"),
+    ],
+)
 def test_bad_files_are_refused(tmp_path, mutate, message):
     s = filled()
     tensors, meta = s.tensors(), s.file_metadata()
@@ -138,12 +142,15 @@ def test_merge_adds_weighted_sums_and_takes_maxima():
         np.testing.assert_allclose(getattr(both, name), getattr(whole, name))
 
 
-@pytest.mark.parametrize("other, message", [
-    (filled(E=8), "has 8 experts per layer"),
-    (filled(layers=("1", "3")), "layer sets differ"),
-    (filled(metadata={"model": "org/other"}), "scores of another model: model is 'org/other'"),
-    (Scores.from_values(["1", "2"], {"reap": np.ones((2, 4))}), "merging is impossible"),
-])
+@pytest.mark.parametrize(
+    "other, message",
+    [
+        (filled(E=8), "has 8 experts per layer"),
+        (filled(layers=("1", "3")), "layer sets differ"),
+        (filled(metadata={"model": "org/other"}), "scores of another model: model is 'org/other'"),
+        (Scores.from_values(["1", "2"], {"reap": np.ones((2, 4))}), "merging is impossible"),
+    ],
+)
 def test_merge_refuses_mismatches(other, message):
     with pytest.raises(ShardcutError, match=message):
         merge_scores([(filled(), 1.0), (other, 1.0)], ["a.safetensors", "b.safetensors"])
@@ -180,8 +187,18 @@ def test_show_command(tmp_path):
 def test_merge_command(tmp_path):
     filled(seed=1).save(tmp_path / "a.safetensors")
     filled(seed=2).save(tmp_path / "b.safetensors")
-    r = runner.invoke(app, ["scores", "merge", str(tmp_path / "a.safetensors"), f"{tmp_path / 'b.safetensors'}:3",
-                            "-o", str(tmp_path / "m.safetensors"), "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "scores",
+            "merge",
+            str(tmp_path / "a.safetensors"),
+            f"{tmp_path / 'b.safetensors'}:3",
+            "-o",
+            str(tmp_path / "m.safetensors"),
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
     assert [i["weight"] for i in data["inputs"]] == [1.0, 3.0]
@@ -190,17 +207,29 @@ def test_merge_command(tmp_path):
     np.testing.assert_allclose(m.count, a.count + 3 * b.count)
 
 
-@pytest.mark.parametrize("make_b, message", [
-    (lambda: filled(E=8), "has 8 experts per layer"),
-    (lambda: filled(layers=("1", "3")), "layer sets differ"),
-    (lambda: filled(metadata={"model": "org/other"}), "scores of another model"),
-])
+@pytest.mark.parametrize(
+    "make_b, message",
+    [
+        (lambda: filled(E=8), "has 8 experts per layer"),
+        (lambda: filled(layers=("1", "3")), "layer sets differ"),
+        (lambda: filled(metadata={"model": "org/other"}), "scores of another model"),
+    ],
+)
 def test_merge_command_bad_input_exits_2(tmp_path, make_b, message):
     filled().save(tmp_path / "a.safetensors")
     make_b().save(tmp_path / "b.safetensors")
     before = (tmp_path / "a.safetensors").read_bytes()
-    r = runner.invoke(app, ["scores", "merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
-                            "-o", str(tmp_path / "m.safetensors")])
+    r = runner.invoke(
+        app,
+        [
+            "scores",
+            "merge",
+            str(tmp_path / "a.safetensors"),
+            str(tmp_path / "b.safetensors"),
+            "-o",
+            str(tmp_path / "m.safetensors"),
+        ],
+    )
     assert r.exit_code == 2 and message in r.output and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "m.safetensors").exists() and (tmp_path / "a.safetensors").read_bytes() == before
 
@@ -209,8 +238,17 @@ def test_merge_command_never_overwrites_an_input(tmp_path):
     filled(seed=1).save(tmp_path / "a.safetensors")
     filled(seed=2).save(tmp_path / "b.safetensors")
     before = (tmp_path / "a.safetensors").read_bytes()
-    r = runner.invoke(app, ["scores", "merge", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
-                            "-o", str(tmp_path / "a.safetensors")])
+    r = runner.invoke(
+        app,
+        [
+            "scores",
+            "merge",
+            str(tmp_path / "a.safetensors"),
+            str(tmp_path / "b.safetensors"),
+            "-o",
+            str(tmp_path / "a.safetensors"),
+        ],
+    )
     assert r.exit_code == 2 and "is one of the inputs" in r.output
     assert (tmp_path / "a.safetensors").read_bytes() == before
 

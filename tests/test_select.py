@@ -42,8 +42,20 @@ def deepseek(base):
 def with_mtp(base):
     """DeepSeek-V3 shaped: MoE layers 1, 2, 3 and the MTP layer 4; 8 experts, top-2, ungrouped."""
     base.mkdir(exist_ok=True)
-    return synthetic_model(base, "mtp", layers=4, first_dense=1, experts=8, top_k=2, mtp_layers=1, shards=2,
-                           hidden=16, moe_inter=8, dense_inter=16, vocab=32)
+    return synthetic_model(
+        base,
+        "mtp",
+        layers=4,
+        first_dense=1,
+        experts=8,
+        top_k=2,
+        mtp_layers=1,
+        shards=2,
+        hidden=16,
+        moe_inter=8,
+        dense_inter=16,
+        vocab=32,
+    )
 
 
 def hand_scores() -> Scores:
@@ -58,14 +70,17 @@ def hand_scores() -> Scores:
 
 # reap = [0.1, 4.5, 1.2, 0, 0.5]; ean = [10, 5, 20, 0, 40]; ean_mean = [1, 5, 4, 0, 10];
 # frequency = [10, 1, 5, 0, 4]; weighted_frequency = [2, 0.9, 3, 0, 1]. Expert 3 never routed scores 0.
-@pytest.mark.parametrize("criterion, expected_values, expected_order", [
-    ("reap", [0.1, 4.5, 1.2, 0, 0.5], [1, 2, 4, 0, 3]),
-    ("ean", [10, 5, 20, 0, 40], [4, 2, 0, 1, 3]),
-    ("ean_mean", [1, 5, 4, 0, 10], [4, 1, 2, 0, 3]),
-    ("frequency", [10, 1, 5, 0, 4], [0, 2, 4, 1, 3]),
-    ("weighted_frequency", [2, 0.9, 3, 0, 1], [2, 0, 4, 1, 3]),
-    ("ean_sum", [10, 5, 20, 0, 40], [4, 2, 0, 1, 3]),  # the REAP reference's name for ean
-])
+@pytest.mark.parametrize(
+    "criterion, expected_values, expected_order",
+    [
+        ("reap", [0.1, 4.5, 1.2, 0, 0.5], [1, 2, 4, 0, 3]),
+        ("ean", [10, 5, 20, 0, 40], [4, 2, 0, 1, 3]),
+        ("ean_mean", [1, 5, 4, 0, 10], [4, 1, 2, 0, 3]),
+        ("frequency", [10, 1, 5, 0, 4], [0, 2, 4, 1, 3]),
+        ("weighted_frequency", [2, 0.9, 3, 0, 1], [2, 0, 4, 1, 3]),
+        ("ean_sum", [10, 5, 20, 0, 40], [4, 2, 0, 1, 3]),  # the REAP reference's name for ean
+    ],
+)
 def test_every_criterion_has_the_papers_value_and_order(criterion, expected_values, expected_order):
     values = criterion_values(hand_scores(), criterion)
     np.testing.assert_allclose(values[0], expected_values)
@@ -129,13 +144,17 @@ def test_protection_keeps_low_experts_and_says_so():
         select_layer(v, 3, protect=[6])
 
 
-@pytest.mark.parametrize("E, ratio, kept", [
-    (256, 0.30, 180),  # Kimi-Linear-REAP: 76 pruned
-    (160, 0.25, 120), (160, 0.50, 80),  # Qwen3-Coder-REAP-363B / 246B
-    (128, 0.50, 64),
-    (100, 0.29, 71),  # floor on the decimal ratio: 29 pruned, where float math gives 28
-    (8, 0.30, 6),
-])
+@pytest.mark.parametrize(
+    "E, ratio, kept",
+    [
+        (256, 0.30, 180),  # Kimi-Linear-REAP: 76 pruned
+        (160, 0.25, 120),
+        (160, 0.50, 80),  # Qwen3-Coder-REAP-363B / 246B
+        (128, 0.50, 64),
+        (100, 0.29, 71),  # floor on the decimal ratio: 29 pruned, where float math gives 28
+        (8, 0.30, 6),
+    ],
+)
 def test_rounding_rule_is_floor_of_pruned(E, ratio, kept):
     counts = kept_count(E, 8 if E > 8 else 2, ratio=ratio)
     assert counts.kept == kept and counts.pruned == E - kept
@@ -151,19 +170,22 @@ def test_grouped_counts_round_to_whole_groups():
     assert c.kept == 8 and "rounded up to 8" in c.rule
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(ratio=0.0), "strictly between 0 and 1"),
-    (dict(ratio=1.0), "strictly between 0 and 1"),
-    (dict(ratio=-0.2), "strictly between 0 and 1"),
-    (dict(ratio=float("nan")), "strictly between 0 and 1"),
-    (dict(ratio=0.01), "removes no expert"),
-    (dict(ratio=0.95), "fewer than top_k=4"),
-    (dict(experts=17), "must be below"),
-    (dict(experts=16), "must be below"),
-    (dict(experts=3), "fewer than top_k=4"),
-    (dict(), "exactly one of"),
-    (dict(ratio=0.5, experts=8), "exactly one of"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(ratio=0.0), "strictly between 0 and 1"),
+        (dict(ratio=1.0), "strictly between 0 and 1"),
+        (dict(ratio=-0.2), "strictly between 0 and 1"),
+        (dict(ratio=float("nan")), "strictly between 0 and 1"),
+        (dict(ratio=0.01), "removes no expert"),
+        (dict(ratio=0.95), "fewer than top_k=4"),
+        (dict(experts=17), "must be below"),
+        (dict(experts=16), "must be below"),
+        (dict(experts=3), "fewer than top_k=4"),
+        (dict(), "exactly one of"),
+        (dict(ratio=0.5, experts=8), "exactly one of"),
+    ],
+)
 def test_bad_counts_are_refused(kwargs, message):
     with pytest.raises(ShardcutError, match=message):
         kept_count(16, 4, **kwargs)
@@ -234,7 +256,8 @@ def test_round_trip_scores_plan_prune_oracle(request, tmp_path, fixture, ratio, 
         assert plan.keep[key] == select_layer(values[r], kept, info.n_group).kept
     if info.grouped:
         assert "rounded down to 2" in report.rule and all(
-            sum(1 for i in ids if i < 4) == kept // 2 for ids in plan.keep.values())
+            sum(1 for i in ids if i < 4) == kept // 2 for ids in plan.keep.values()
+        )
     out = prune(model, tmp_path / "pruned", plan)
     assert report.output_bytes == out.output_bytes  # the estimate is the rewriter's own layout
     routers, diff, effect = _oracle_logits(model, tmp_path / "pruned", plan.keep, info.num_experts)
@@ -303,8 +326,11 @@ def test_mtp_layers_need_an_explicit_policy(with_mtp):
     assert plan.keep["4"] == plan.keep["1"]
     plan, report = make_plan(with_mtp, s, ratio=0.5, mtp_policy="same-ids-as:2")
     assert plan.keep["4"] == plan.keep["2"] and report.rows[-1].source == "keeps the same ids as layer 2"
-    for bad, message in (("guess", "unknown mtp policy"), ("same-ids-as:4", "layer 4 has no scores"),
-                         ("scores-of:", "unknown mtp policy")):
+    for bad, message in (
+        ("guess", "unknown mtp policy"),
+        ("same-ids-as:4", "layer 4 has no scores"),
+        ("scores-of:", "unknown mtp policy"),
+    ):
         with pytest.raises(ShardcutError, match=message):
             make_plan(with_mtp, s, ratio=0.5, mtp_policy=bad)
     full = random_scores(info, seed=6, layers=["1", "2", "3", "4"])  # MTP scored: no policy needed
@@ -336,36 +362,78 @@ def test_plan_command_writes_a_valid_plan(qwen, tmp_path):
     plan = Plan.load(plan_path)
     validate_plan(plan, model_info(qwen))
     assert plan.num_experts == 6 and plan.extra["ratio"] == 0.3
-    r = runner.invoke(app, ["plan", str(qwen), "--scores", str(scores_path), "--experts", "4", "--json",
-                            "--protect", "0:1", "-c", "frequency"])
+    r = runner.invoke(
+        app,
+        [
+            "plan",
+            str(qwen),
+            "--scores",
+            str(scores_path),
+            "--experts",
+            "4",
+            "--json",
+            "--protect",
+            "0:1",
+            "-c",
+            "frequency",
+        ],
+    )
     assert r.exit_code == 0, r.output
     data = json.loads(r.output)
     assert set(data) == {"plan", "report", "out"} and data["out"] is None
     assert 1 in data["plan"]["keep"]["0"] and data["report"]["criterion"] == "frequency"
-    assert {"layer", "kept", "pruned", "lowest_kept", "highest_pruned", "protected", "protection_overrode",
-            "group_balance_overrode", "source", "decided_by_id", "tie_value", "never_routed_at_cut"} == set(
-               data["report"]["rows"][0])
+    assert {
+        "layer",
+        "kept",
+        "pruned",
+        "lowest_kept",
+        "highest_pruned",
+        "protected",
+        "protection_overrode",
+        "group_balance_overrode",
+        "source",
+        "decided_by_id",
+        "tie_value",
+        "never_routed_at_cut",
+    } == set(data["report"]["rows"][0])
     assert data["report"]["output_bytes"] < data["report"]["input_bytes"]
 
 
 def test_prune_from_scores_prints_the_plan(qwen, tmp_path):
     scores_path = tmp_path / "s.safetensors"
     random_scores(model_info(qwen)).save(scores_path)
-    r = runner.invoke(app, ["prune", str(qwen), "-o", str(tmp_path / "out"), "--scores", str(scores_path),
-                            "--ratio", "0.5", "--dry-run", "--protect", "1:0"])
+    r = runner.invoke(
+        app,
+        [
+            "prune",
+            str(qwen),
+            "-o",
+            str(tmp_path / "out"),
+            "--scores",
+            str(scores_path),
+            "--ratio",
+            "0.5",
+            "--dry-run",
+            "--protect",
+            "1:0",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "lowest kept" in r.output and "8 -> 4 experts" in r.output and not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--ratio", "1.5"], "strictly between 0 and 1"),
-    (["--ratio", "0"], "strictly between 0 and 1"),
-    (["--experts", "9"], "must be below"),
-    (["--experts", "1"], "fewer than top_k=2"),
-    (["--ratio", "0.5", "--criterion", "magic"], "unknown criterion 'magic'"),
-    (["--ratio", "0.5", "--protect", "0:x"], "LAYER:ID"),
-    (["--ratio", "0.5", "--experts", "4"], "exactly one of --ratio or --experts"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ratio", "1.5"], "strictly between 0 and 1"),
+        (["--ratio", "0"], "strictly between 0 and 1"),
+        (["--experts", "9"], "must be below"),
+        (["--experts", "1"], "fewer than top_k=2"),
+        (["--ratio", "0.5", "--criterion", "magic"], "unknown criterion 'magic'"),
+        (["--ratio", "0.5", "--protect", "0:x"], "LAYER:ID"),
+        (["--ratio", "0.5", "--experts", "4"], "exactly one of --ratio or --experts"),
+    ],
+)
 def test_plan_command_bad_input_exits_2(qwen, tmp_path, args, message):
     scores_path = tmp_path / "s.safetensors"
     random_scores(model_info(qwen)).save(scores_path)
@@ -419,13 +487,16 @@ def test_multiple_of_and_group_rounding_together():
         assert c.kept % step == 0 and c.kept >= plain > c.kept - step and c.kept < E
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(ratio=0.25, multiple_of=8), "keeps all 16 experts"),  # 12 kept -> 16
-    (dict(ratio=0.25, multiple_of=0), "positive integer"),
-    (dict(ratio=0.25, multiple_of=-4), "positive integer"),
-    (dict(ratio=0.25, multiple_of=True), "positive integer"),
-    (dict(experts=9, multiple_of=8), "keeps all 16 experts"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(ratio=0.25, multiple_of=8), "keeps all 16 experts"),  # 12 kept -> 16
+        (dict(ratio=0.25, multiple_of=0), "positive integer"),
+        (dict(ratio=0.25, multiple_of=-4), "positive integer"),
+        (dict(ratio=0.25, multiple_of=True), "positive integer"),
+        (dict(experts=9, multiple_of=8), "keeps all 16 experts"),
+    ],
+)
 def test_bad_multiple_of_is_refused(kwargs, message):
     with pytest.raises(PlanError, match=message):
         kept_count(16, 2, **kwargs)
@@ -444,8 +515,23 @@ def test_multiple_of_reaches_the_plan_and_the_commands(qwen, tmp_path):
     r = runner.invoke(app, ["plan", str(qwen), "--scores", str(scores_path), "--ratio", "0.4", "--multiple-of", "2"])
     assert r.exit_code == 0, r.output
     assert "8 -> 6 experts" in r.output and "kept rounded up from 5 to 6, a multiple of multiple_of=2" in r.output
-    r = runner.invoke(app, ["prune", str(qwen), "-o", str(tmp_path / "out"), "--scores", str(scores_path),
-                            "--ratio", "0.4", "--multiple-of", "2", "--dry-run", "--json"])
+    r = runner.invoke(
+        app,
+        [
+            "prune",
+            str(qwen),
+            "-o",
+            str(tmp_path / "out"),
+            "--scores",
+            str(scores_path),
+            "--ratio",
+            "0.4",
+            "--multiple-of",
+            "2",
+            "--dry-run",
+            "--json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["experts_after"] == 6
     r = runner.invoke(app, ["plan", str(qwen), "--scores", str(scores_path), "--ratio", "0.5", "--multiple-of", "0"])
@@ -466,14 +552,34 @@ def test_every_plan_option_has_a_flag_and_comes_back_from_it(qwen, tmp_path):
     assert all(flag in help_text and flag in prune_help for flag in PLAN_FLAGS.values())
     scores_path = tmp_path / "s.safetensors"
     random_scores(model_info(qwen)).save(scores_path)
-    plan, _ = make_plan(qwen, scores_path, experts=4, criterion="random", seed=5, protect={"1": [3, 0]},
-                        protect_super_experts=True, multiple_of=2)
+    plan, _ = make_plan(
+        qwen,
+        scores_path,
+        experts=4,
+        criterion="random",
+        seed=5,
+        protect={"1": [3, 0]},
+        protect_super_experts=True,
+        multiple_of=2,
+    )
     args = plan_arguments(plan.extra["options"])
-    assert args == ["--experts", "4", "--criterion", "random", "--seed", "5", "--protect-super-experts",
-                    "--protect", "1:0,3", "--multiple-of", "2"]
+    assert args == [
+        "--experts",
+        "4",
+        "--criterion",
+        "random",
+        "--seed",
+        "5",
+        "--protect-super-experts",
+        "--protect",
+        "1:0,3",
+        "--multiple-of",
+        "2",
+    ]
     r = runner.invoke(app, ["plan", str(qwen), "--scores", str(scores_path), *args, "-o", str(tmp_path / "p.json")])
     assert r.exit_code == 0, r.output
     assert Plan.load(tmp_path / "p.json").to_json() == plan.to_json()
-    without = runner.invoke(app, ["plan", str(qwen), "--scores", str(scores_path), "--experts", "4", "--criterion",
-                                  "random", "--json"])
+    without = runner.invoke(
+        app, ["plan", str(qwen), "--scores", str(scores_path), "--experts", "4", "--criterion", "random", "--json"]
+    )
     assert json.loads(without.output)["plan"]["keep"] != plan.keep  # the seed and protections mattered

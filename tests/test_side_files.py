@@ -53,8 +53,10 @@ def test_gpt_oss_hub_repo_prunes_to_a_clean_output(hub):
     source, out, report = hub
     left = {f["path"]: f["why"] for f in report.side_files if f["action"] == "leave"}
     assert set(left) == {"README.md", "metal/model.bin"} and all(left.values())
-    assert {f["path"] for f in report.side_files if f["action"] in ("prune", "rewrite")} == \
-        {"original/model.safetensors", "original/config.json"}
+    assert {f["path"] for f in report.side_files if f["action"] in ("prune", "rewrite")} == {
+        "original/model.safetensors",
+        "original/config.json",
+    }
     assert _files(out) == (_files(source) - {"README.md", "metal/model.bin"}) | {"shardcut-plan.json"}
 
     # no file of OUT holds a byte block of a pruned expert (main shards, original/, anything else)
@@ -70,12 +72,14 @@ def test_gpt_oss_hub_repo_prunes_to_a_clean_output(hub):
     # no JSON file states the source's count
     for rel, blob in blobs.items():
         if rel.endswith(".json"):
+
             def counts(node):
                 if isinstance(node, dict):
                     for k, v in node.items():
                         if k in COUNT_KEYS:
                             yield v
                         yield from counts(v)
+
             data = json.loads(blob)
             if rel == "shardcut-plan.json":
                 assert data.pop("source")["num_experts"] == 8  # provenance: the count before, by design
@@ -98,7 +102,7 @@ def test_original_copy_holds_the_kept_experts(hub):
         if ".mlp." in name and not name.endswith("norm.scale"):
             layer = kept[name.split(".")[1]]
             per = len(data) // shape[0]
-            want = b"".join(data[e * per:(e + 1) * per] for e in layer)
+            want = b"".join(data[e * per : (e + 1) * per] for e in layer)
             assert got[name] == ([len(layer), *shape[1:]], want), name
         else:
             assert got[name] == (shape, data), name
@@ -108,8 +112,9 @@ def test_original_copy_holds_the_kept_experts(hub):
     orig = load_file(out / "original/model.safetensors")
     for n in kept:
         assert torch.equal(orig[f"block.{n}.mlp.gate.weight"], main[f"model.layers.{n}.mlp.router.weight"].bfloat16())
-        assert torch.equal(orig[f"block.{n}.mlp.mlp2_bias"],
-                           main[f"model.layers.{n}.mlp.experts.down_proj_bias"].bfloat16())
+        assert torch.equal(
+            orig[f"block.{n}.mlp.mlp2_bias"], main[f"model.layers.{n}.mlp.experts.down_proj_bias"].bfloat16()
+        )
 
 
 def test_source_names_and_index_metadata_kept(hub):
@@ -118,7 +123,7 @@ def test_source_names_and_index_metadata_kept(hub):
     src_meta = json.loads((source / "model.safetensors.index.json").read_text())["metadata"]
     index = json.loads((out / "model.safetensors.index.json").read_text())
     meta = index["metadata"]
-    assert list(meta)[:len(src_meta)] == list(src_meta)  # the source's keys, in its order
+    assert list(meta)[: len(src_meta)] == list(src_meta)  # the source's keys, in its order
     tensors = {}
     for shard in SHARDS:
         tensors.update({k: v[0] for k, v in raw_tensors(out / shard).items()})
@@ -141,8 +146,9 @@ def test_resharding_or_deepseek_names(hub, tmp_path):
     report = prune(ds, tmp_path / "out", Plan(keep(), {}))
     assert report.shards == list(renames.values()) == sorted(p.name for p in (tmp_path / "out").glob("model-*"))
     resharded = prune(ds, tmp_path / "out2", Plan(keep(), {}), max_shard_size="100KB")
-    assert resharded.shards == [f"model-{i:05d}-of-{len(resharded.shards):05d}.safetensors"
-                                for i in range(1, len(resharded.shards) + 1)]
+    assert resharded.shards == [
+        f"model-{i:05d}-of-{len(resharded.shards):05d}.safetensors" for i in range(1, len(resharded.shards) + 1)
+    ]
     assert verify(tmp_path / "out2", source=ds).ok
 
 
@@ -173,8 +179,13 @@ def test_stale_records_and_counted_json_left_out(hub, tmp_path):
     (src / "weights.npz").write_bytes(b"PK\x03\x04")
     report = prune(src, tmp_path / "out", Plan(keep(), {}))
     left = {f["path"]: f["why"] for f in report.side_files if f["action"] == "leave"}
-    assert {"shardcut-plan.json", "calibration/scores.safetensors", "calibration/plan.json", "moe_params.json",
-            "weights.npz"} <= set(left)
+    assert {
+        "shardcut-plan.json",
+        "calibration/scores.safetensors",
+        "calibration/plan.json",
+        "moe_params.json",
+        "weights.npz",
+    } <= set(left)
     assert "num_local_experts=8" in left["moe_params.json"] and "earlier prune" in left["shardcut-plan.json"]
     out = tmp_path / "out"
     assert not (out / "calibration").exists() and not (out / "moe_params.json").exists()
@@ -190,8 +201,9 @@ def test_cli_prints_what_is_left_out(hub, tmp_path):
     source, _, _ = hub
     plan = tmp_path / "plan.json"
     Plan(keep(), {}).save(plan)
-    result = CliRunner().invoke(app, ["prune", str(source), "-o", str(tmp_path / "out"), "--plan", str(plan),
-                                      "--dry-run"])
+    result = CliRunner().invoke(
+        app, ["prune", str(source), "-o", str(tmp_path / "out"), "--plan", str(plan), "--dry-run"]
+    )
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "left out metal/model.bin" in text and "left out README.md" in text
@@ -237,8 +249,12 @@ def test_symlinked_side_file_outside_model_is_refused(tiny, tmp_path):
     # the same through the real CLI process: exit 2, one line, nothing written
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps(_demo_plan(src).to_json()))
-    run = subprocess.run([sys.executable, "-m", "shardcut_cli.main", "prune", str(src), "-o", str(out),
-                          "--plan", str(plan)], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "shardcut_cli.main", "prune", str(src), "-o", str(out), "--plan", str(plan)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2, run.stderr
     assert "symlink resolving outside" in " ".join((run.stderr + run.stdout).split())
     assert not out.exists()
@@ -273,16 +289,21 @@ def test_fifo_side_file_is_refused_without_hanging(tiny, tmp_path):
     plan = tmp_path / "plan.json"
     plan.write_text(json.dumps(_demo_plan(src).to_json()))
     out = tmp_path / "out"
-    run = subprocess.run([sys.executable, "-m", "shardcut_cli.main", "prune", str(src), "-o", str(out),
-                          "--plan", str(plan)], capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "shardcut_cli.main", "prune", str(src), "-o", str(out), "--plan", str(plan)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 2 and "vocab.txt: not a regular file" in " ".join((run.stderr + run.stdout).split())
     assert not out.exists()
     # verify meets a FIFO in OUT: a problem, not a hang
     (src / "vocab.txt").unlink()
     prune(src, out, _demo_plan(src))
     os.mkfifo(out / "notes.txt")
-    ver = subprocess.run([sys.executable, "-m", "shardcut_cli.main", "verify", str(out)],
-                         capture_output=True, text=True, timeout=120)
+    ver = subprocess.run(
+        [sys.executable, "-m", "shardcut_cli.main", "verify", str(out)], capture_output=True, text=True, timeout=120
+    )
     assert ver.returncode != 0 and "notes.txt: not a regular file" in " ".join((ver.stdout + ver.stderr).split())
 
 
@@ -365,7 +386,9 @@ def test_verify_source_catches_a_config_count_that_divides_the_real_one(hub, tmp
     cfg["num_local_experts"] = KEPT // 2
     cfg["num_experts_per_tok"] = 1
     (bad / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ShardcutError, match=r"config\.json: num_local_experts = 2 but layer 0's router .* has 4 expert rows"):
+    with pytest.raises(
+        ShardcutError, match=r"config\.json: num_local_experts = 2 but layer 0's router .* has 4 expert rows"
+    ):
         verify(bad, source=source)
 
 

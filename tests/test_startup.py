@@ -36,8 +36,16 @@ def test_rewrite_commands_never_import_torch(tmp_path: Path):
     out = str(tmp_path / "out")
     commands = [
         ["inspect", str(src), "--json"],
-        ["plan", str(src), "--scores", str(tmp_path / "scores.safetensors"), "--ratio", "0.5",
-         "-o", str(tmp_path / "p2.json")],
+        [
+            "plan",
+            str(src),
+            "--scores",
+            str(tmp_path / "scores.safetensors"),
+            "--ratio",
+            "0.5",
+            "-o",
+            str(tmp_path / "p2.json"),
+        ],
         ["prune", str(src), "-o", out, "--plan", str(tmp_path / "plan.json"), "--dry-run"],
         ["prune", str(src), "-o", out, "--plan", str(tmp_path / "plan.json")],
         ["verify", out, "--source", str(src)],

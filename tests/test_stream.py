@@ -35,8 +35,11 @@ def online(t, tmp_path, monkeypatch):
 
 
 def disk_usage(root: Path, skip: Path | None = None) -> int:
-    return sum(p.stat().st_size for p in root.rglob("*")
-               if p.is_file() and not p.is_symlink() and (skip is None or skip not in p.parents))
+    return sum(
+        p.stat().st_size
+        for p in root.rglob("*")
+        if p.is_file() and not p.is_symlink() and (skip is None or skip not in p.parents)
+    )
 
 
 class Downloader:
@@ -84,9 +87,12 @@ def test_stream_output_is_the_plain_prune_and_disk_is_output_plus_one_shard(t, t
     assert report.disk["stream"] == report.output_bytes + report.disk["largest_missing_shard"]
     assert not list((tmp_path / "cache").rglob("*.safetensors"))  # shards never went to the cache
     assert not online.called("snapshot_download") or all(
-        "*.safetensors" in c[2]["ignore_patterns"] for c in online.called("snapshot_download"))
-    print(f"stream peak disk {fetch.peak} B = output {output} B + {fetch.peak - output} B "
-          f"(largest shard {largest} B); input {source_total} B")
+        "*.safetensors" in c[2]["ignore_patterns"] for c in online.called("snapshot_download")
+    )
+    print(
+        f"stream peak disk {fetch.peak} B = output {output} B + {fetch.peak - output} B "
+        f"(largest shard {largest} B); input {source_total} B"
+    )
 
 
 def test_failure_mid_way_then_rerun_completes(t, tmp_path, online):
@@ -138,10 +144,12 @@ def test_dry_run_states_disk_per_mode(t, tmp_path, online):
     assert abs(disk["largest_missing_shard"] - max(shards)) <= 8
     assert disk["plain"] == disk["output"] + disk["input"] and disk["stream"] < disk["plain"]
     assert not online.called("hf_hub_download") or all(
-        not c[1][1].endswith(".safetensors") for c in online.called("hf_hub_download"))
+        not c[1][1].endswith(".safetensors") for c in online.called("hf_hub_download")
+    )
 
-    result = CliRunner().invoke(app, ["prune", REPO, "-o", str(tmp_path / "x"), "--plan", str(t.plan_path),
-                                      "--dry-run", "--stream"])
+    result = CliRunner().invoke(
+        app, ["prune", REPO, "-o", str(tmp_path / "x"), "--plan", str(t.plan_path), "--dry-run", "--stream"]
+    )
     assert result.exit_code == 0, result.output
     assert "with --stream (output + one shard not yet on disk)" in result.output and "to download" in result.output
     assert not (tmp_path / "x").exists()

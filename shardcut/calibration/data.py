@@ -131,8 +131,9 @@ def parse_mapping(text: str, where: str) -> dict[str, str]:
     for item in (i.strip() for i in text.split(";")):
         key, sep, value = item.partition("=")
         if not item or not sep or not key.strip() or not value.strip():
-            raise DataError(f"mapping {{{text}}}: expected KEY=COLUMN;... (e.g. prompt=instruction;"
-                                "response=output)", where)
+            raise DataError(
+                f"mapping {{{text}}}: expected KEY=COLUMN;... (e.g. prompt=instruction;response=output)", where
+            )
         out[key.strip()] = value.strip()
     return out
 
@@ -229,8 +230,9 @@ def read_source(source: Source) -> Loaded:
         recipe = recipe or recipe_for_hub(m.group("name"))
         rows, how = _read_hub(m.group("name"), m.group("subset"), m.group("split"), recipe)
     else:
-        raise DataError("data source not found: no such file or folder, and not a Hub dataset id "
-                            "(org/name[subset](split))", text)
+        raise DataError(
+            "data source not found: no such file or folder, and not a Hub dataset id (org/name[subset](split))", text
+        )
     del subset  # local sources have no subsets; the syntax is accepted for symmetry with Hub ids
     columns = _columns(rows)
     if recipe is None and not (columns & {"text", "content", "messages", "input_ids"}):
@@ -240,8 +242,10 @@ def read_source(source: Source) -> Loaded:
     if recipe is not None:
         missing = [c for c in recipe.columns if c not in columns]
         if missing and len(rows):
-            raise DataError(f"{recipe.describe()} needs columns {missing} (the source has: "
-                                f"{', '.join(sorted(columns)) or 'none'})", text)
+            raise DataError(
+                f"{recipe.describe()} needs columns {missing} (the source has: {', '.join(sorted(columns)) or 'none'})",
+                text,
+            )
         if not len(rows):
             raise DataError("holds no rows", text)
         return Loaded(rows, f"{how}, {recipe.describe()}", recipe)
@@ -260,8 +264,11 @@ def _generic_records(rows, where: str) -> list[Record]:
         record = _record_from_object(row)
         if record is None:
             cols = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
-            raise DataError(f"row {n}: needs a 'text', 'messages' or 'input_ids' field, the columns of a "
-                                f"known dataset, or a mapping like {{prompt=COL;response=COL}} (has: {cols})", where)
+            raise DataError(
+                f"row {n}: needs a 'text', 'messages' or 'input_ids' field, the columns of a "
+                f"known dataset, or a mapping like {{prompt=COL;response=COL}} (has: {cols})",
+                where,
+            )
         if record.text is None or record.text.strip():
             records.append(record)
     if not records:
@@ -358,8 +365,12 @@ def _read_parquet(files: list[Path], label: str) -> tuple[list[dict], str]:
 
 
 def _read_dir(path: Path, split: str | None) -> tuple[object, str]:
-    if (path / "dataset_dict.json").exists() or (path / "state.json").exists() or \
-            (path / "dataset_info.json").exists() or any(path.glob("*.arrow")):
+    if (
+        (path / "dataset_dict.json").exists()
+        or (path / "state.json").exists()
+        or (path / "dataset_info.json").exists()
+        or any(path.glob("*.arrow"))
+    ):
         return _datasets_rows(path, lambda ds: ds.load_from_disk(str(path)), str(path), split)
     parquet = sorted(path.rglob("*.parquet"))
     if parquet:
@@ -368,13 +379,19 @@ def _read_dir(path: Path, split: str | None) -> tuple[object, str]:
         if chosen is None and len(by_split) == 1:
             chosen = next(iter(by_split))
         if chosen not in by_split:
-            raise DataError(f"parquet folder: split {chosen!r} not found (splits: {', '.join(sorted(by_split))}); "
-                                "pick one with FOLDER(split)" if chosen else
-                                f"parquet folder holds several splits ({', '.join(sorted(by_split))}); pick one with "
-                                "FOLDER(split)", path)
+            raise DataError(
+                f"parquet folder: split {chosen!r} not found (splits: {', '.join(sorted(by_split))}); "
+                "pick one with FOLDER(split)"
+                if chosen
+                else f"parquet folder holds several splits ({', '.join(sorted(by_split))}); pick one with "
+                "FOLDER(split)",
+                path,
+            )
         rows, how = _read_parquet(by_split[chosen], str(path))
         return rows, f"{how}, split {chosen}"
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".jsonl", ".json", ".txt", ".csv"))
+    files = sorted(
+        p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in (".jsonl", ".json", ".txt", ".csv")
+    )
     if not files:
         raise DataError("folder holds no .jsonl, .json, .txt, .csv, .parquet or saved dataset files", path)
     rows: list[dict] = []
@@ -396,8 +413,9 @@ def _parquet_splits(files: list[Path], root: Path) -> dict[str, list[Path]]:
     for f in files:
         rel = f.relative_to(root)
         names = [p.lower() for p in rel.parts[:-1]] + [re.split(r"[-_.]", f.name.lower())[0]]
-        split = next((n for n in reversed(names) if n in ("train", "test", "validation", "valid", "dev", "eval")),
-                     "train")
+        split = next(
+            (n for n in reversed(names) if n in ("train", "test", "validation", "valid", "dev", "eval")), "train"
+        )
         out.setdefault(split, []).append(f)
     return out
 
@@ -406,8 +424,9 @@ def _datasets(where) -> object:
     try:
         import datasets
     except ImportError:
-        raise DataError("reading this source needs the `datasets` package (pip install 'shardcut[calibrate]')",
-                            where) from None
+        raise DataError(
+            "reading this source needs the `datasets` package (pip install 'shardcut[calibrate]')", where
+        ) from None
     datasets.disable_progress_bars()
     return datasets
 
@@ -417,15 +436,19 @@ def _datasets_rows(where, load, label: str, split: str | None = None) -> tuple[o
     try:
         ds = load(datasets)
     except Exception as exc:  # datasets raises many types (network, missing split, format)
-        raise DataError(f"cannot load dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})",
-                            where) from None
+        raise DataError(
+            f"cannot load dataset ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})", where
+        ) from None
     if isinstance(ds, datasets.DatasetDict):
         names = list(ds.keys())
         chosen = split or ("train" if "train" in names else names[0] if len(names) == 1 else None)
         if chosen not in names:
-            raise DataError(f"split {chosen!r} not found (splits: {', '.join(names)}); pick one with "
-                                "SOURCE(split)" if chosen else f"holds several splits ({', '.join(names)}); pick one "
-                                "with SOURCE(split)", where)
+            raise DataError(
+                f"split {chosen!r} not found (splits: {', '.join(names)}); pick one with SOURCE(split)"
+                if chosen
+                else f"holds several splits ({', '.join(names)}); pick one with SOURCE(split)",
+                where,
+            )
         ds, label = ds[chosen], f"{label}({chosen})"
     if len(ds) == 0:
         raise DataError("holds no rows", where)
@@ -454,8 +477,9 @@ def _recipe_records(loaded: Loaded, indices: list[int], source_index: int) -> li
     ds = rows.select(indices) if hasattr(rows, "select") else datasets.Dataset.from_list([rows[i] for i in indices])
     keys = [f"{source_index}:{i}" for i in indices]
     ds = ds.add_column("__shardcut_row__", keys) if "__shardcut_row__" not in ds.column_names else ds
-    mapped = ds.map(lambda row: recipe.format_row(row, row["__shardcut_row__"]), keep_in_memory=True,
-                    load_from_cache_file=False)
+    mapped = ds.map(
+        lambda row: recipe.format_row(row, row["__shardcut_row__"]), keep_in_memory=True, load_from_cache_file=False
+    )
     out = []
     for row in mapped:
         if recipe.kind == "text":
@@ -465,8 +489,13 @@ def _recipe_records(loaded: Loaded, indices: list[int], source_index: int) -> li
             tools_col = "tools" if recipe.kind == "tool-calls" or recipe.fixed_tools is not None else recipe.tools
             tools = row.get(tools_col) if tools_col else None
             msgs = row["messages" if emitted else recipe.messages]
-            out.append(Record(messages=normalize_messages(_maybe_json(msgs)), tools=_maybe_json(tools),
-                              special_tokens=recipe.special_tokens))
+            out.append(
+                Record(
+                    messages=normalize_messages(_maybe_json(msgs)),
+                    tools=_maybe_json(tools),
+                    special_tokens=recipe.special_tokens,
+                )
+            )
     return out
 
 
@@ -481,8 +510,11 @@ def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False):
 
         return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a missing tokenizer
-        raise DataError(f"no usable tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
-                            "pre-tokenised input_ids data needs none", model_dir) from None
+        raise DataError(
+            f"no usable tokenizer ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
+            "pre-tokenised input_ids data needs none",
+            model_dir,
+        ) from None
 
 
 def encode(record: Record, tokenizer_fn, source: str) -> list[int]:
@@ -531,8 +563,9 @@ def _records(loaded: Loaded, order: np.ndarray, source_index: int, chunk: int = 
         yield from _recipe_records(loaded, [int(i) for i in order[at : at + chunk]], source_index)
 
 
-def pack(records: Iterator[Record], tokenizer_fn, count: int | None, max_length: int, vocab_size: int,
-         source: str) -> list[np.ndarray]:
+def pack(
+    records: Iterator[Record], tokenizer_fn, count: int | None, max_length: int, vocab_size: int, source: str
+) -> list[np.ndarray]:
     """Sequences of `max_length` tokens filled as the reference fills them (see the module doc)."""
     out: list[np.ndarray] = []
     records = iter(records)
@@ -551,8 +584,9 @@ def pack(records: Iterator[Record], tokenizer_fn, count: int | None, max_length:
         if seq:
             out.append(_checked(seq, vocab_size, source))
     if count is not None and len(out) < count:
-        raise DataError(f"asks for {count} packed sequences of {max_length} tokens but its rows fill only "
-                            f"{len(out)}", source)
+        raise DataError(
+            f"asks for {count} packed sequences of {max_length} tokens but its rows fill only {len(out)}", source
+        )
     return out
 
 
@@ -565,8 +599,17 @@ def selection_order(n: int, seed: int, source_index: int) -> np.ndarray:
     return np.random.default_rng([seed, source_index]).permutation(n)
 
 
-def load_data(spec: str, model_dir: str | Path, *, samples: int | None, max_length: int, seed: int,
-              vocab_size: int, trust_remote_code: bool = False, sequences: str = "truncate") -> CalibData:
+def load_data(
+    spec: str,
+    model_dir: str | Path,
+    *,
+    samples: int | None,
+    max_length: int,
+    seed: int,
+    vocab_size: int,
+    trust_remote_code: bool = False,
+    sequences: str = "truncate",
+) -> CalibData:
     """Read, select and tokenise the samples of a data spec for the model in `model_dir`.
 
     sequences: `truncate` (one sequence per sample) or `pack` (see the module doc).

@@ -27,8 +27,12 @@ DEFAULT_PAIR_CHUNK = 16384  # (token, expert) pairs per experts call: bounds the
 
 def calibratable_model_types() -> list[str]:
     """Model types the architecture table says calibrate."""
-    return sorted(mt for a in ARCHITECTURES for mt in a.model_types
-                  if a.unsupported is None and a.calibration_of(mt).unsupported is None)
+    return sorted(
+        mt
+        for a in ARCHITECTURES
+        for mt in a.model_types
+        if a.unsupported is None and a.calibration_of(mt).unsupported is None
+    )
 
 
 def unsupported_reason(config: dict) -> str | None:
@@ -44,8 +48,11 @@ def check_supported(info: ModelInfo, source) -> None:
     """Raise a one-line error for a family the architecture table says cannot be calibrated."""
     why = unsupported_reason(info.config)
     if why is not None:
-        raise ShardcutError(f"cannot calibrate model_type={info.config.get('model_type')!r}: {why}; calibration "
-                            f"supports {', '.join(calibratable_model_types())}", source)
+        raise ShardcutError(
+            f"cannot calibrate model_type={info.config.get('model_type')!r}: {why}; calibration "
+            f"supports {', '.join(calibratable_model_types())}",
+            source,
+        )
 
 
 def calibration_notes(info: ModelInfo) -> dict[str, str]:
@@ -53,8 +60,10 @@ def calibration_notes(info: ModelInfo) -> dict[str, str]:
     calib = info.arch.calibration_of(info.config.get("model_type"))
     out = {}
     if calib.images_share_experts:
-        out["text_only"] = ("calibrated on text only; this model also routes image tokens through the same "
-                            "experts, which these statistics do not see")
+        out["text_only"] = (
+            "calibrated on text only; this model also routes image tokens through the same "
+            "experts, which these statistics do not see"
+        )
     if calib.text_only_stacks:
         out["unscored_stacks"] = ", ".join(calib.text_only_stacks)
     return out
@@ -69,8 +78,11 @@ def find_experts(layer: torch.nn.Module, calib: Calibration | None = None) -> to
             return layer.get_submodule(calib.experts_module)
         except AttributeError:
             return None
-    found = [m for m in layer.modules() if hasattr(m, "num_experts") and (
-        hasattr(m, "has_gate") and hasattr(m, "is_concatenated") or _takes_routing(m))]
+    found = [
+        m
+        for m in layer.modules()
+        if hasattr(m, "num_experts") and (hasattr(m, "has_gate") and hasattr(m, "is_concatenated") or _takes_routing(m))
+    ]
     if len(found) > 1:
         raise ShardcutError(f"{type(layer).__name__} holds {len(found)} expert modules; calibration expects one")
     return found[0] if found else None
@@ -93,8 +105,9 @@ class ExpertObserver:
         >>> with obs: out = layer(hidden, **call)
     """
 
-    def __init__(self, experts: torch.nn.Module, scores: Scores, key: str, top_k: int,
-                 pair_chunk: int = DEFAULT_PAIR_CHUNK):
+    def __init__(
+        self, experts: torch.nn.Module, scores: Scores, key: str, top_k: int, pair_chunk: int = DEFAULT_PAIR_CHUNK
+    ):
         self.experts, self.scores, self.key, self.top_k = experts, scores, key, top_k
         self.pair_chunk = max(pair_chunk, top_k)
         self.valid: torch.Tensor | None = None
@@ -103,8 +116,9 @@ class ExpertObserver:
         self._original = type(experts).forward
         self._signature = inspect.signature(self._original)
         if experts.num_experts != scores.num_experts:
-            raise ShardcutError(f"layer {key}: the model has {experts.num_experts} experts, the config says "
-                                f"{scores.num_experts}")
+            raise ShardcutError(
+                f"layer {key}: the model has {experts.num_experts} experts, the config says {scores.num_experts}"
+            )
 
     def __enter__(self) -> ExpertObserver:
         self.experts.forward = self.forward
@@ -118,7 +132,9 @@ class ExpertObserver:
         hidden, index, weights = list(bound.arguments.values())[1:4]
         T, k = index.shape
         if k != self.top_k:
-            raise ShardcutError(f"layer {self.key}: the router chose {k} experts per token, the config says {self.top_k}")
+            raise ShardcutError(
+                f"layer {self.key}: the router chose {k} experts per token, the config says {self.top_k}"
+            )
         valid = self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool, device=hidden.device)
         if valid.numel() != T:
             raise RuntimeError(f"layer {self.key}: experts saw {T} tokens, the batch has {valid.numel()}")
@@ -145,8 +161,11 @@ class ExpertObserver:
             peaks = torch.maximum(high, -low)
             keep = valid.repeat_interleave(k)
             self.scores.accumulate(
-                self.key, experts=index.reshape(-1)[keep].cpu().numpy(),
-                gates=gates.reshape(-1)[keep].double().cpu().numpy(), norms=norms[keep].double().cpu().numpy(),
-                peaks=peaks[keep].double().cpu().numpy(), tokens=int(valid.sum()),
+                self.key,
+                experts=index.reshape(-1)[keep].cpu().numpy(),
+                gates=gates.reshape(-1)[keep].double().cpu().numpy(),
+                norms=norms[keep].double().cpu().numpy(),
+                peaks=peaks[keep].double().cpu().numpy(),
+                tokens=int(valid.sum()),
             )
         return out

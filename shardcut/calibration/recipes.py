@@ -86,14 +86,21 @@ class Recipe:
             return replace(base, **_fields(rest)) if rest else base
         chosen = [k for k in ("text", "messages", "prompt") if k in mapping]
         if len(chosen) != 1:
-            raise DataError("a mapping needs exactly one of text=COL, messages=COL or prompt=COL "
-                                "(with response=COL, system=COL)", where)
+            raise DataError(
+                "a mapping needs exactly one of text=COL, messages=COL or prompt=COL (with response=COL, system=COL)",
+                where,
+            )
         kind = {"text": "text", "messages": "messages", "prompt": "turns"}[chosen[0]]
         if kind != "turns" and ("response" in mapping or "system" in mapping):
             raise DataError("response= and system= go with prompt=", where)
         spec = ";".join(f"{k}={v}" for k, v in mapping.items())
-        return cls(name=f"mapping {{{spec}}}", kind=kind, special_tokens=False, **_fields(mapping),
-                   columns=tuple(v for k, v in mapping.items() if k != "tools"))
+        return cls(
+            name=f"mapping {{{spec}}}",
+            kind=kind,
+            special_tokens=False,
+            **_fields(mapping),
+            columns=tuple(v for k, v in mapping.items() if k != "tools"),
+        )
 
     def format_row(self, row: dict, row_key: str) -> dict:
         """The reference's `_map_fn`: the columns to add to (or replace in) the row."""
@@ -103,8 +110,9 @@ class Recipe:
             if self.kind == "messages":
                 if not self.rebuild_messages:
                     return {}
-                out = {"messages": [_rebuilt(m, f"{row_key}/{i}") for i, m in
-                                    enumerate(_maybe_json(row[self.messages]))]}
+                out = {
+                    "messages": [_rebuilt(m, f"{row_key}/{i}") for i, m in enumerate(_maybe_json(row[self.messages]))]
+                }
                 if self.fixed_tools is not None:
                     out["tools"] = [dict(t) for t in self.fixed_tools]
                 return out
@@ -112,9 +120,14 @@ class Recipe:
             msgs = [{"role": "system", "content": row[self.system]}] if self.system else []
             msgs.append({"role": "user", "content": user})
             if self.kind == "tool-calls":
-                calls = [{"function": {"arguments": json.dumps(c["arguments"]), "name": c["name"]},
-                          "id": _call_id(f"{row_key}/{i}"), "type": "function"}
-                         for i, c in enumerate(_maybe_json(row[self.tool_calls]))]
+                calls = [
+                    {
+                        "function": {"arguments": json.dumps(c["arguments"]), "name": c["name"]},
+                        "id": _call_id(f"{row_key}/{i}"),
+                        "type": "function",
+                    }
+                    for i, c in enumerate(_maybe_json(row[self.tool_calls]))
+                ]
                 msgs.append({"role": "assistant", "content": "", "tool_calls": calls})
                 tools = row[self.tools]
                 return {"messages": msgs, "tools": tools if isinstance(tools, str) else json.dumps(tools)}
@@ -122,11 +135,13 @@ class Recipe:
                 msgs.append({"role": "assistant", "content": row[self.response]})
             return {"messages": msgs}
         except KeyError as exc:
-            raise DataError(f"{self.describe()}: a row has no column {exc.args[0]!r} "
-                                f"(columns: {', '.join(sorted(row))})") from None
+            raise DataError(
+                f"{self.describe()}: a row has no column {exc.args[0]!r} (columns: {', '.join(sorted(row))})"
+            ) from None
         except (TypeError, ValueError) as exc:  # a JSON column that is not JSON, a call without name...
-            raise DataError(f"{self.describe()}: cannot format a row ({type(exc).__name__}: "
-                                f"{str(exc)[:100]})") from None
+            raise DataError(
+                f"{self.describe()}: cannot format a row ({type(exc).__name__}: {str(exc)[:100]})"
+            ) from None
 
 
 def _fields(mapping: dict[str, str]) -> dict:
@@ -156,8 +171,9 @@ def _flatten_content(content) -> str:
                 parts.append(item)
             elif isinstance(item, dict):
                 text = item.get("text")
-                parts.append(text if item.get("type") == "text" and isinstance(text, str)
-                             else json.dumps(item, sort_keys=True))
+                parts.append(
+                    text if item.get("type") == "text" and isinstance(text, str) else json.dumps(item, sort_keys=True)
+                )
             else:
                 parts.append(str(item))
         return "\n".join(p for p in parts if p)
@@ -167,9 +183,14 @@ def _flatten_content(content) -> str:
 def _rebuilt(message: dict, key: str) -> dict:
     out = {"role": message["role"], "content": _flatten_content(message.get("content"))}
     if message.get("tool_calls") is not None:
-        out["tool_calls"] = [{"function": {"arguments": c["function"]["arguments"], "name": c["function"]["name"]},
-                              "id": _call_id(f"{key}/{i}"), "type": "function"}
-                             for i, c in enumerate(message["tool_calls"])]
+        out["tool_calls"] = [
+            {
+                "function": {"arguments": c["function"]["arguments"], "name": c["function"]["name"]},
+                "id": _call_id(f"{key}/{i}"),
+                "type": "function",
+            }
+            for i, c in enumerate(message["tool_calls"])
+        ]
     return out
 
 
@@ -197,8 +218,10 @@ def _tool(name: str, description: str, properties: dict, required: list[str] | N
     if required:
         params["required"] = required
     params["additionalProperties"] = False
-    return {"type": "function", "function": {"name": name, "description": description, "strict": True,
-                                             "parameters": params}}
+    return {
+        "type": "function",
+        "function": {"name": name, "description": description, "strict": True, "parameters": params},
+    }
 
 
 def _prop(kind: str, description: str, **extra) -> dict:
@@ -207,60 +230,125 @@ def _prop(kind: str, description: str, **extra) -> dict:
 
 # The tool list the reference passes with every SWE-smith trajectory (SWESmithTrajectoriesDataset.tools).
 SWE_SMITH_TOOLS: tuple = (
-    _tool("str_replace_editor",
-          "Custom editing tool for viewing, creating and editing files.\n"
-          "State is persistent across calls. If `path` is a file, `view` shows `cat -n`; "
-          "if a directory, `view` lists non-hidden entries up to 2 levels. "
-          "The `create` command fails if `path` already exists as a file. "
-          "Long outputs may be truncated with '<response clipped>'. "
-          "`undo_edit` reverts the last edit for `path`.\n\n"
-          "Notes for `str_replace`:\n"
-          "- `old_str` must match EXACTLY one or more consecutive lines (watch whitespace).\n"
-          "- If `old_str` is not unique in the file, no replacement happens\u2014include enough context.\n"
-          "- `new_str` contains the edited lines replacing `old_str`.",
-          {"command": _prop("string", "The command to run.",
-                            enum=["view", "create", "str_replace", "insert", "undo_edit"]),
-           "path": _prop("string", "Absolute path to file or directory, e.g. `/testbed/file.py` or `/testbed`."),
-           "file_text": _prop("string", "Required for `create`: the full contents of the new file."),
-           "old_str": _prop("string", "Required for `str_replace`: the exact string in `path` to replace."),
-           "new_str": _prop("string", "Optional for `str_replace` (replacement text). "
-                                      "Required for `insert` (the string to insert)."),
-           "insert_line": _prop("integer", "Required for `insert`: insert `new_str` AFTER this 1-based line number."),
-           "view_range": _prop("array", "Optional for `view` when `path` is a file. If omitted, shows the full "
-                                        "file. Provide `[start, end]` (1-based). Use `[start, -1]` to show from "
-                                        "start to EOF.",
-                               items={"type": "integer"}, minItems=2, maxItems=2)},
-          ["command", "path"]),
+    _tool(
+        "str_replace_editor",
+        "Custom editing tool for viewing, creating and editing files.\n"
+        "State is persistent across calls. If `path` is a file, `view` shows `cat -n`; "
+        "if a directory, `view` lists non-hidden entries up to 2 levels. "
+        "The `create` command fails if `path` already exists as a file. "
+        "Long outputs may be truncated with '<response clipped>'. "
+        "`undo_edit` reverts the last edit for `path`.\n\n"
+        "Notes for `str_replace`:\n"
+        "- `old_str` must match EXACTLY one or more consecutive lines (watch whitespace).\n"
+        "- If `old_str` is not unique in the file, no replacement happens\u2014include enough context.\n"
+        "- `new_str` contains the edited lines replacing `old_str`.",
+        {
+            "command": _prop(
+                "string", "The command to run.", enum=["view", "create", "str_replace", "insert", "undo_edit"]
+            ),
+            "path": _prop("string", "Absolute path to file or directory, e.g. `/testbed/file.py` or `/testbed`."),
+            "file_text": _prop("string", "Required for `create`: the full contents of the new file."),
+            "old_str": _prop("string", "Required for `str_replace`: the exact string in `path` to replace."),
+            "new_str": _prop(
+                "string", "Optional for `str_replace` (replacement text). Required for `insert` (the string to insert)."
+            ),
+            "insert_line": _prop("integer", "Required for `insert`: insert `new_str` AFTER this 1-based line number."),
+            "view_range": _prop(
+                "array",
+                "Optional for `view` when `path` is a file. If omitted, shows the full "
+                "file. Provide `[start, end]` (1-based). Use `[start, -1]` to show from "
+                "start to EOF.",
+                items={"type": "integer"},
+                minItems=2,
+                maxItems=2,
+            ),
+        },
+        ["command", "path"],
+    ),
     _tool("_state_anthropic", "Internal helper to manage persistent editor state across tool calls.", {}),
-    _tool("submit", "Submits the current file. "
-                    "Note: implementation may use internal flags (e.g., a hidden '-f') not exposed here.", {}),
-    _tool("bash", "Runs the given command directly in bash.",
-          {"command": _prop("string", "The bash command to execute.")}, ["command"]),
+    _tool(
+        "submit",
+        "Submits the current file. Note: implementation may use internal flags (e.g., a hidden '-f') not exposed here.",
+        {},
+    ),
+    _tool(
+        "bash",
+        "Runs the given command directly in bash.",
+        {"command": _prop("string", "The bash command to execute.")},
+        ["command"],
+    ),
 )
 
 REAP_RECIPES: tuple[Recipe, ...] = (
-    Recipe("evol-codealpaca-v1", "turns", "theblackcat102/evol-codealpaca-v1", prompt="instruction",
-           response="output", columns=("instruction", "output")),
-    Recipe("xlam-function-calling-60k", "tool-calls", "Salesforce/xlam-function-calling-60k", prompt="query",
-           tool_calls="answers", tools="tools", columns=("query", "answers", "tools")),
-    Recipe("SWE-smith-trajectories", "messages", "SWE-bench/SWE-smith-trajectories", rebuild_messages=True,
-           fixed_tools=SWE_SMITH_TOOLS, columns=("messages",),
-           note="the reference's four SWE-agent tools passed to the chat template"),
+    Recipe(
+        "evol-codealpaca-v1",
+        "turns",
+        "theblackcat102/evol-codealpaca-v1",
+        prompt="instruction",
+        response="output",
+        columns=("instruction", "output"),
+    ),
+    Recipe(
+        "xlam-function-calling-60k",
+        "tool-calls",
+        "Salesforce/xlam-function-calling-60k",
+        prompt="query",
+        tool_calls="answers",
+        tools="tools",
+        columns=("query", "answers", "tools"),
+    ),
+    Recipe(
+        "SWE-smith-trajectories",
+        "messages",
+        "SWE-bench/SWE-smith-trajectories",
+        rebuild_messages=True,
+        fixed_tools=SWE_SMITH_TOOLS,
+        columns=("messages",),
+        note="the reference's four SWE-agent tools passed to the chat template",
+    ),
     Recipe("tulu-3-sft-mixture", "messages", "allenai/tulu-3-sft-mixture", columns=("messages",)),
     Recipe("tulu-3-sft-personas-math", "messages", "allenai/tulu-3-sft-personas-math", columns=("messages",)),
     Recipe("Mixture-of-Thoughts", "messages", "open-r1/Mixture-of-Thoughts", columns=("messages",)),
-    Recipe("Magicoder-Evol-Instruct-110K", "turns", "ise-uiuc/Magicoder-Evol-Instruct-110K", prompt="instruction",
-           response="response", columns=("instruction", "response")),
-    Recipe("CodeFeedback-Filtered-Instruction", "turns", "m-a-p/CodeFeedback-Filtered-Instruction", prompt="query",
-           response="answer", columns=("query", "answer"),
-           note="the reference reads a column 'text_fieldmessages' this dataset lacks; query/answer used"),
-    Recipe("c4", "text", "allenai/c4", data_files="en/c4-train.00000-of-01024.json.gz", columns=("text",),
-           note="the reference reads only en/c4-train.00000-of-01024.json.gz"),
-    Recipe("mmlu", "turns", "cais/mmlu", prompt_format="{question} Choose from the following options: {choices}",
-           columns=("question", "choices")),
-    Recipe("WritingPrompts_curated", "turns", "euclaise/WritingPrompts_curated",
-           prompt_format="Please write a creative story using the following writing prompt:\n\n {prompt}",
-           response="body", columns=("prompt", "body")),
+    Recipe(
+        "Magicoder-Evol-Instruct-110K",
+        "turns",
+        "ise-uiuc/Magicoder-Evol-Instruct-110K",
+        prompt="instruction",
+        response="response",
+        columns=("instruction", "response"),
+    ),
+    Recipe(
+        "CodeFeedback-Filtered-Instruction",
+        "turns",
+        "m-a-p/CodeFeedback-Filtered-Instruction",
+        prompt="query",
+        response="answer",
+        columns=("query", "answer"),
+        note="the reference reads a column 'text_fieldmessages' this dataset lacks; query/answer used",
+    ),
+    Recipe(
+        "c4",
+        "text",
+        "allenai/c4",
+        data_files="en/c4-train.00000-of-01024.json.gz",
+        columns=("text",),
+        note="the reference reads only en/c4-train.00000-of-01024.json.gz",
+    ),
+    Recipe(
+        "mmlu",
+        "turns",
+        "cais/mmlu",
+        prompt_format="{question} Choose from the following options: {choices}",
+        columns=("question", "choices"),
+    ),
+    Recipe(
+        "WritingPrompts_curated",
+        "turns",
+        "euclaise/WritingPrompts_curated",
+        prompt_format="Please write a creative story using the following writing prompt:\n\n {prompt}",
+        response="body",
+        columns=("prompt", "body"),
+    ),
 )
 
 
@@ -281,8 +369,9 @@ def find_recipe(name: str, where: str = "--data") -> Recipe:
     for r in REAP_RECIPES:
         if key in (r.name.lower(), (r.hub_id or "").lower()):
             return r
-    raise DataError(f"unknown recipe {name!r} (known: {', '.join(r.name for r in REAP_RECIPES)}; or a "
-                        "recipe .json file)", where)
+    raise DataError(
+        f"unknown recipe {name!r} (known: {', '.join(r.name for r in REAP_RECIPES)}; or a recipe .json file)", where
+    )
 
 
 def recipe_for_hub(name: str) -> Recipe | None:

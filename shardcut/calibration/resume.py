@@ -176,7 +176,9 @@ class RunState:
                 if any(d.iterdir()):
                     raise OutputError(
                         "the work folder exists and was not made by shardcut (no .shardcut-calib-workdir mark): "
-                        "refusing to use it, since its files could be removed; name a new folder", d)
+                        "refusing to use it, since its files could be removed; name a new folder",
+                        d,
+                    )
                 self._mark(created=False)
             elif not d.exists():
                 if not d.parent.is_dir():
@@ -199,8 +201,7 @@ class RunState:
     def _mark(self, created: bool) -> None:
         atomic_write_text(self.marker_path, json.dumps({"format": MARKER_FORMAT, "created": created}) + "\n")
 
-    def _remove_ours(self, folder: Path, keep: Callable[[str], bool] = lambda name: False,
-                     dirs: bool = False) -> None:
+    def _remove_ours(self, folder: Path, keep: Callable[[str], bool] = lambda name: False, dirs: bool = False) -> None:
         """Remove the files (and with `dirs` the rank folders) of `folder` that shardcut names
         itself, never anything else."""
         if not folder.is_dir():
@@ -258,19 +259,25 @@ class RunState:
             self.clear()
             return 0
         if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
-            raise ShardcutError(f"not a {STATE_FORMAT} file (left by another shardcut version? run without "
-                                "--resume to start over)", self.state_path)
+            raise ShardcutError(
+                f"not a {STATE_FORMAT} file (left by another shardcut version? run without --resume to start over)",
+                self.state_path,
+            )
         old = saved.get("fingerprint") or {}
         for key, value in fingerprint.items():
             if old.get(key) != value:
                 what = "the weights changed" if key in ("weights", "revision") else "another run"
                 raise ShardcutError(
                     f"resume state is from {what}: {key} was {old.get(key)!r}, now {value!r} "
-                    f"(run without --resume to start over)", self.state_path)
+                    f"(run without --resume to start over)",
+                    self.state_path,
+                )
         problem = self._check_files(saved)
         if not self.dist.all_true(problem is None):
-            log(f"resume state in {self.directory} is inconsistent ({problem or 'on another rank'}): "
-                "starting from the beginning")
+            log(
+                f"resume state in {self.directory} is inconsistent ({problem or 'on another rank'}): "
+                "starting from the beginning"
+            )
             self.clear()
             return 0
         self.saved, self.activations = saved, saved.get("activations")
@@ -302,8 +309,9 @@ class RunState:
         path = self.rank_dir / self.activations["name"]
         size = path.stat().st_size if path.is_file() else -1
         if not self.dist.all_true(size == nbytes):
-            raise ShardcutError(f"the saved activations hold {size} bytes, expected {nbytes} "
-                                "(run without --resume to start over)", path)
+            raise ShardcutError(
+                f"the saved activations hold {size} bytes, expected {nbytes} (run without --resume to start over)", path
+            )
         return int(self.activations["step"]), path
 
     def load_scores(self) -> Scores | None:
@@ -315,8 +323,9 @@ class RunState:
 
     # -- saving ------------------------------------------------------------------------------
 
-    def save(self, next_step: int, scores: Scores, activations: dict | None, created: str,
-             in_use: Iterable[str] = ()) -> None:
+    def save(
+        self, next_step: int, scores: Scores, activations: dict | None, created: str, in_use: Iterable[str] = ()
+    ) -> None:
         """Persist a finished step (every rank calls it; its activations file is durable already).
 
         activations: {"step", "name"} of the newest durable activations (None: none saved).
@@ -329,8 +338,12 @@ class RunState:
             scores.validate(self.directory / name)
             atomic_write_bytes(self.directory / name, data)  # data, fsync, rename, fsync of the folder
             self.saved = {
-                "format": STATE_FORMAT, "next_step": next_step, "fingerprint": self.fingerprint, "created": created,
-                "partial": {"name": name, "sha256": hashlib.sha256(data).hexdigest()}, "activations": activations,
+                "format": STATE_FORMAT,
+                "next_step": next_step,
+                "fingerprint": self.fingerprint,
+                "created": created,
+                "partial": {"name": name, "sha256": hashlib.sha256(data).hexdigest()},
+                "activations": activations,
             }
             atomic_write_text(self.state_path, json.dumps(self.saved, indent=2) + "\n")  # the commit point
         self.dist.barrier()
@@ -339,8 +352,10 @@ class RunState:
         keep = {activations["name"]} if activations else set()
         keep.update(in_use)
         if self.dist.rank == 0:
-            self._remove_ours(self.directory, keep=lambda n: n in (name, "state.json")
-                              or (n in keep and self.rank_dir == self.directory))
+            self._remove_ours(
+                self.directory,
+                keep=lambda n: n in (name, "state.json") or (n in keep and self.rank_dir == self.directory),
+            )
         if self.rank_dir != self.directory:
             self._remove_ours(self.rank_dir, keep=lambda n: n in keep)
 
@@ -366,4 +381,3 @@ class RunState:
             elif self.directory.exists():
                 fsync_dir(self.directory)
         self.dist.barrier()
-

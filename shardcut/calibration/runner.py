@@ -51,8 +51,14 @@ from shardcut.hub import resolve_model
 from shardcut.model import describe
 from shardcut.scores import GATE_APPLIED, Scores, provenance
 
-DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
 
@@ -229,8 +235,12 @@ class Calibrator:
         self.model_dir = resolve_model(self.model)
         self.ckpt = open_checkpoint(self.model_dir)
         # before any work: never write over an input, never over an existing score file unasked
-        inputs = [*(s.path for s in self.ckpt.shards), self.model_dir / "config.json", *_data_paths(self.data),
-                  self.model_dir]  # files first: the message names the very file
+        inputs = [
+            *(s.path for s in self.ckpt.shards),
+            self.model_dir / "config.json",
+            *_data_paths(self.data),
+            self.model_dir,
+        ]  # files first: the message names the very file
         check_output(self.out, inputs, overwrite=self.overwrite, what="score file")
         self.work_path = Path(self.work_dir) if self.work_dir else state_dir_for(self.out)
         check_work_dir(self.work_path, [*inputs, self.out])
@@ -250,9 +260,16 @@ class Calibrator:
         vocab = self.info.text_config.get("vocab_size", self.info.config.get("vocab_size"))
         if not isinstance(vocab, int):
             raise ShardcutError("config has no integer vocab_size", self.model_dir / "config.json")
-        self.all_data: CalibData = load_data(self.data, self.model_dir, samples=self.samples, max_length=self.max_length,
-                                             seed=self.seed, vocab_size=vocab, trust_remote_code=self.trust_remote_code,
-                                             sequences=self.sequences)
+        self.all_data: CalibData = load_data(
+            self.data,
+            self.model_dir,
+            samples=self.samples,
+            max_length=self.max_length,
+            seed=self.seed,
+            vocab_size=vocab,
+            trust_remote_code=self.trust_remote_code,
+            sequences=self.sequences,
+        )
         picked = self.all_data.samples
         if self.shard_of:
             i, n = self.shard_of
@@ -274,8 +291,11 @@ class Calibrator:
         self.skeleton = make_skeleton(self.ckpt, self.info, self.torch_dtype, self.trust_remote_code)
         self.loader = LayerLoader(self.skeleton, self.ckpt, self.info, self.torch_device)
         n = self.skeleton.num_layers
-        self.keys = {layer.index: layer.key for layer in self.info.layers  # the text stack's (not MTP, talker, vision)
-                     if not layer.mtp and layer.stack is self.info.arch.stacks[0] and layer.index < n}
+        self.keys = {
+            layer.index: layer.key
+            for layer in self.info.layers  # the text stack's (not MTP, talker, vision)
+            if not layer.mtp and layer.stack is self.info.arch.stacks[0] and layer.index < n
+        }
         if not self.keys:
             raise ShardcutError("the model's forward reaches no MoE layer", self.model_dir / "config.json")
         self.steps = n + 1
@@ -285,13 +305,21 @@ class Calibrator:
         from shardcut import __version__
 
         meta = {
-            "model": str(self.model), "architecture": self.info.arch.name,
-            "model_type": str(self.info.config.get("model_type")), "num_experts": str(self.info.num_experts),
-            "top_k": str(self.info.top_k), "data": self.data, "samples": str(self.shard_samples),
-            "tokens": str(self.shard_tokens), "max_length": str(self.max_length), "seed": str(self.seed),
-            "dtype": str(self.torch_dtype).removeprefix("torch."), "shardcut_version": __version__,
+            "model": str(self.model),
+            "architecture": self.info.arch.name,
+            "model_type": str(self.info.config.get("model_type")),
+            "num_experts": str(self.info.num_experts),
+            "top_k": str(self.info.top_k),
+            "data": self.data,
+            "samples": str(self.shard_samples),
+            "tokens": str(self.shard_tokens),
+            "max_length": str(self.max_length),
+            "seed": str(self.seed),
+            "dtype": str(self.torch_dtype).removeprefix("torch."),
+            "shardcut_version": __version__,
             "created": self.created,
-            **provenance(self.ckpt, gate=GATE_APPLIED), "sequences": self.all_data.sequences,
+            **provenance(self.ckpt, gate=GATE_APPLIED),
+            "sequences": self.all_data.sequences,
             "data_fingerprint": self.all_data.fingerprint(),
         }
         if self.revision:
@@ -332,17 +360,24 @@ class Calibrator:
 
         nbytes = self.rows * self.hidden_size * torch.empty((), dtype=self.torch_dtype).element_size()
         first, resume_file = state.activations_file(nbytes) if start > 0 else (0, None)
-        self.store = ActivationStore(self.rows, self.hidden_size, self.torch_dtype, self._budget(), state.rank_dir,
-                                     resume_file=resume_file)
+        self.store = ActivationStore(
+            self.rows, self.hidden_size, self.torch_dtype, self._budget(), state.rank_dir, resume_file=resume_file
+        )
         every = self._checkpoint_policy(state, nbytes)
-        self._info(f"data: {self.all_data.tokens} tokens in {len(self.all_data.samples)} samples "
-                   f"({'; '.join(self.all_data.notes)}); max length {self.max_length}")
+        self._info(
+            f"data: {self.all_data.tokens} tokens in {len(self.all_data.samples)} samples "
+            f"({'; '.join(self.all_data.notes)}); max length {self.max_length}"
+        )
         if self.shard_of or self.dist.world > 1:
-            self._info(f"this {'shard' if self.shard_of else 'run'}: {self.shard_samples} samples, "
-                       f"{self.shard_tokens} tokens" + (f", {self.dist.world} ranks" if self.dist.world > 1 else ""))
-        self._info(f"{self.store.describe()}; device {self.torch_device}, dtype "
-                   f"{str(self.torch_dtype).removeprefix('torch.')}, {len(self.batches)} batches of <= "
-                   f"{self.budget_tokens} tokens")
+            self._info(
+                f"this {'shard' if self.shard_of else 'run'}: {self.shard_samples} samples, "
+                f"{self.shard_tokens} tokens" + (f", {self.dist.world} ranks" if self.dist.world > 1 else "")
+            )
+        self._info(
+            f"{self.store.describe()}; device {self.torch_device}, dtype "
+            f"{str(self.torch_dtype).removeprefix('torch.')}, {len(self.batches)} batches of <= "
+            f"{self.budget_tokens} tokens"
+        )
         if start > 0:
             how = " from the activations saved there"
             if resume_file is None:
@@ -368,7 +403,8 @@ class Calibrator:
                     if self.store.mode == "disk":  # the spill file is durable after every step
                         activations = {"step": step + 1, "name": self.store.durable_name()}
                     elif step + 1 < self.steps and self.dist.all_true(
-                            checkpoint_due(since_s, write_s, every, since_steps)):
+                        checkpoint_due(since_s, write_s, every, since_steps)
+                    ):
                         t1 = time.perf_counter()
                         name = f"hidden.s{step + 1:05d}.bin"
                         self.store.checkpoint(state.rank_dir / name)
@@ -378,8 +414,16 @@ class Calibrator:
                 if self.on_layer is not None:
                     self.on_layer(step, self)
                 if record:
-                    self._emit(CalibEvent("layer_done", step=step + 1, steps=self.steps, layer=step - 1,
-                                          key=self.keys.get(step - 1), memory=current_memory(self.torch_device)))
+                    self._emit(
+                        CalibEvent(
+                            "layer_done",
+                            step=step + 1,
+                            steps=self.steps,
+                            layer=step - 1,
+                            key=self.keys.get(step - 1),
+                            memory=current_memory(self.torch_device),
+                        )
+                    )
         finally:
             if prefetch is not None:
                 prefetch.shutdown(wait=True, cancel_futures=True)
@@ -418,8 +462,17 @@ class Calibrator:
         """Run step `step` on every batch; returns the prefetch of the next layer's tensors."""
         layer_index = step - 1
         key = self.keys.get(layer_index)
-        self._emit(CalibEvent("layer_start", step=step, steps=self.steps, layer=layer_index, key=key,
-                              batches=len(self.batches), layer_tokens=self.rows))
+        self._emit(
+            CalibEvent(
+                "layer_start",
+                step=step,
+                steps=self.steps,
+                layer=layer_index,
+                key=key,
+                batches=len(self.batches),
+                layer_tokens=self.rows,
+            )
+        )
         t0 = time.perf_counter()
         if step == 0:
             self.loader.load_outside()
@@ -446,9 +499,21 @@ class Calibrator:
                 self._run_batch(step, layer, observer, batch)
                 done += batch.rows
                 dt = max(time.perf_counter() - t0, 1e-9)
-                self._emit(CalibEvent("batch", step=step, steps=self.steps, layer=layer_index, key=key, batch=b_idx + 1,
-                                      batches=len(self.batches), tokens=done, layer_tokens=self.rows,
-                                      tokens_per_s=done / dt, memory=current_memory(self.torch_device)))
+                self._emit(
+                    CalibEvent(
+                        "batch",
+                        step=step,
+                        steps=self.steps,
+                        layer=layer_index,
+                        key=key,
+                        batch=b_idx + 1,
+                        batches=len(self.batches),
+                        tokens=done,
+                        layer_tokens=self.rows,
+                        tokens_per_s=done / dt,
+                        memory=current_memory(self.torch_device),
+                    )
+                )
         if step == 0:
             self.loader.free_outside_params()
         else:
@@ -491,13 +556,27 @@ def _zero_row(scores: Scores, key: str) -> None:
     scores.tokens[r] = 0.0
 
 
-def calibrate(model: str | Path, data: str, out: str | Path, *, samples: int | None = None,
-              max_length: int = DEFAULT_MAX_LENGTH, device: str = "auto", dtype: str | None = None, seed: int = 0,
-              resume: bool = False, max_memory: int | str | None = None, shard: str | tuple[int, int] | None = None,
-              trust_remote_code: bool = False, progress: Callable[[CalibEvent], None] | None = None,
-              batch_tokens: int | None = None, work_dir: str | Path | None = None,
-              sequences: str = "truncate", overwrite: bool = False,
-              checkpoint_every: int | None = None) -> Scores:
+def calibrate(
+    model: str | Path,
+    data: str,
+    out: str | Path,
+    *,
+    samples: int | None = None,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    device: str = "auto",
+    dtype: str | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    max_memory: int | str | None = None,
+    shard: str | tuple[int, int] | None = None,
+    trust_remote_code: bool = False,
+    progress: Callable[[CalibEvent], None] | None = None,
+    batch_tokens: int | None = None,
+    work_dir: str | Path | None = None,
+    sequences: str = "truncate",
+    overwrite: bool = False,
+    checkpoint_every: int | None = None,
+) -> Scores:
     """Compute the `shardcut-scores/1` statistics of MODEL on the calibration DATA and write OUT.
 
     Streams one decoder layer at a time from the shards (never the whole model in memory),
@@ -515,8 +594,23 @@ def calibrate(model: str | Path, data: str, out: str | Path, *, samples: int | N
         ...                    max_length=4096)
         >>> scores.count.sum(axis=1) == scores.tokens * 8
     """
-    return Calibrator(str(model), data, Path(out), samples=samples, max_length=max_length, device=device, dtype=dtype,
-                      seed=seed, resume=resume, max_memory=max_memory, shard=shard,
-                      trust_remote_code=trust_remote_code, batch_tokens=batch_tokens,
-                      work_dir=Path(work_dir) if work_dir else None, progress=progress, sequences=sequences,
-                      overwrite=overwrite, checkpoint_every=checkpoint_every).run()
+    return Calibrator(
+        str(model),
+        data,
+        Path(out),
+        samples=samples,
+        max_length=max_length,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        resume=resume,
+        max_memory=max_memory,
+        shard=shard,
+        trust_remote_code=trust_remote_code,
+        batch_tokens=batch_tokens,
+        work_dir=Path(work_dir) if work_dir else None,
+        progress=progress,
+        sequences=sequences,
+        overwrite=overwrite,
+        checkpoint_every=checkpoint_every,
+    ).run()

@@ -67,8 +67,11 @@ def check_space(directory: Path, needed: int, what: str) -> None:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if free < needed:
-        raise OutputError(f"not enough disk space for {what}: {needed:,} bytes needed, {free:,} free "
-                          "(free some, use --work-dir on another disk, or raise --max-memory)", directory)
+        raise OutputError(
+            f"not enough disk space for {what}: {needed:,} bytes needed, {free:,} free "
+            "(free some, use --work-dir on another disk, or raise --max-memory)",
+            directory,
+        )
 
 
 class ActivationStore:
@@ -82,8 +85,9 @@ class ActivationStore:
         >>> store.write(0, 128, h); store.commit(); store.read(0, 128)
     """
 
-    def __init__(self, rows: int, hidden: int, dtype: torch.dtype, budget: int, directory: Path,
-                 resume_file: Path | None = None):
+    def __init__(
+        self, rows: int, hidden: int, dtype: torch.dtype, budget: int, directory: Path, resume_file: Path | None = None
+    ):
         if dtype not in _NUMPY_VIEW:
             raise ShardcutError(f"activations in {dtype} are not supported (use bfloat16, float16 or float32)")
         self.rows, self.hidden, self.dtype = rows, hidden, dtype
@@ -180,7 +184,7 @@ class ActivationStore:
             try:
                 view = self._bytes_of_ram()
                 while view:
-                    view = view[os.write(fd, view[: 1 << 30]):]
+                    view = view[os.write(fd, view[: 1 << 30]) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)

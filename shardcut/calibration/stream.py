@@ -30,13 +30,31 @@ from shardcut.errors import ShardcutError
 from shardcut.model import ModelInfo
 
 # safetensors dtype -> torch dtype (quantized checkpoints store packed ints and scales in most of them)
-TORCH_DTYPES = {key: getattr(torch, name) for key, name in {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
-    "F8_E4M3FNUZ": "float8_e4m3fnuz", "F8_E5M2FNUZ": "float8_e5m2fnuz", "C64": "complex64",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8",
-    "U64": "uint64", "U32": "uint32", "U16": "uint16", "U8": "uint8", "BOOL": "bool",
-}.items() if hasattr(torch, name)}
+TORCH_DTYPES = {
+    key: getattr(torch, name)
+    for key, name in {
+        "F64": "float64",
+        "F32": "float32",
+        "F16": "float16",
+        "BF16": "bfloat16",
+        "F8_E4M3": "float8_e4m3fn",
+        "F8_E5M2": "float8_e5m2",
+        "F8_E8M0": "float8_e8m0fnu",
+        "F8_E4M3FNUZ": "float8_e4m3fnuz",
+        "F8_E5M2FNUZ": "float8_e5m2fnuz",
+        "C64": "complex64",
+        "I64": "int64",
+        "I32": "int32",
+        "I16": "int16",
+        "I8": "int8",
+        "U64": "uint64",
+        "U32": "uint32",
+        "U16": "uint16",
+        "U8": "uint8",
+        "BOOL": "bool",
+    }.items()
+    if hasattr(torch, name)
+}
 READ_THREADS = 4
 # stored bytes dequantised at once (whole modules, at least one): bounds the float copies in flight
 # besides the layer itself to tens of MB; smaller chunks cost nothing measurable (one Python call each)
@@ -100,8 +118,10 @@ def load_config(ckpt: Checkpoint, trust_remote_code: bool = False):
                 config = AutoConfig.from_pretrained(str(ckpt.root), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or remote-code configs
         hint = " (try --trust-remote-code)" if "trust_remote_code" in str(exc) else ""
-        raise ShardcutError(f"transformers cannot build this config ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0][:120]}){hint}", ckpt.root / "config.json") from None
+        raise ShardcutError(
+            f"transformers cannot build this config ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}){hint}",
+            ckpt.root / "config.json",
+        ) from None
     for cfg in _sub_configs(config):
         if hasattr(cfg, "quantization_config"):
             delattr(cfg, "quantization_config")
@@ -134,8 +154,11 @@ def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False):
     # multimodal wrapper itself (Kimi-K2.5, Qwen3-VL-MoE, GLM-4.5V, ERNIE-VL), else the class config.json
     # names (Qwen3-Omni): its decoder stack is found by tensor name in `make_skeleton`
     builders = [AutoModelForCausalLM.from_config, AutoModelForImageTextToText.from_config]
-    builders += [getattr(transformers, a)._from_config for a in getattr(config, "architectures", None) or []
-                 if hasattr(getattr(transformers, a, None), "_from_config")]
+    builders += [
+        getattr(transformers, a)._from_config
+        for a in getattr(config, "architectures", None) or []
+        if hasattr(getattr(transformers, a, None), "_from_config")
+    ]
     first = None
     for build in builders:
         try:
@@ -146,8 +169,10 @@ def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False):
         except Exception as exc:  # noqa: PERF203 -- an architecture this builder has no class for
             first = first or exc
     else:
-        raise ShardcutError(f"transformers cannot build a model for model_type={config.model_type!r} "
-                            f"({type(first).__name__}: {str(first).splitlines()[0][:120]})") from None
+        raise ShardcutError(
+            f"transformers cannot build a model for model_type={config.model_type!r} "
+            f"({type(first).__name__}: {str(first).splitlines()[0][:120]})"
+        ) from None
     model.eval()
     plan = model._get_dtype_plan(dtype)
     if plan:
@@ -188,18 +213,34 @@ def make_skeleton(ckpt: Checkpoint, info: ModelInfo, dtype: torch.dtype, trust_r
     targets = ModelNames(model)
     sample = next(n for n in ckpt.tensors if n.startswith(main[0].prefix))
     target = targets.target(sample) or sample
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)
-             and target.startswith(f"{name}.{main[0].index}.")]
+    lists = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, torch.nn.ModuleList) and target.startswith(f"{name}.{main[0].index}.")
+    ]
     if not lists:
-        raise ShardcutError(f"{type(model).__name__} has no decoder layer list holding {sample} "
-                            f"(loaded as {target}); calibration cannot stream it", ckpt.root)
+        raise ShardcutError(
+            f"{type(model).__name__} has no decoder layer list holding {sample} "
+            f"(loaded as {target}); calibration cannot stream it",
+            ckpt.root,
+        )
     layers_path, layers = max(lists, key=lambda item: len(item[0]))
     base_path = layers_path.rpartition(".")[0]
     base = model.get_submodule(base_path)
     text = getattr(base, "config", None) or config.get_text_config()
     num_layers = min(len(layers), int(getattr(text, "num_hidden_layers", len(layers))))
-    return Skeleton(model, base, layers, layers_path + ".", ckpt_prefix, num_layers, dtype, plan,
-                    int(text.hidden_size), base_path + "." if base_path else "")
+    return Skeleton(
+        model,
+        base,
+        layers,
+        layers_path + ".",
+        ckpt_prefix,
+        num_layers,
+        dtype,
+        plan,
+        int(text.hidden_size),
+        base_path + "." if base_path else "",
+    )
 
 
 class ModelNames:
@@ -219,8 +260,9 @@ class ModelNames:
         from transformers.core_model_loading import rename_source_key
 
         try:
-            return rename_source_key(name, self.renamings, self.converters, self.model.base_model_prefix,
-                                     self.params)[0]
+            return rename_source_key(name, self.renamings, self.converters, self.model.base_model_prefix, self.params)[
+                0
+            ]
         except Exception:  # noqa: BLE001 -- a name no rule of the model maps
             return None
 
@@ -268,8 +310,9 @@ class TensorReader:
         with ThreadPoolExecutor(READ_THREADS) as pool:
             return dict(zip(names, pool.map(self.read, names)))
 
-    def dequantize(self, raw: dict[str, torch.Tensor], names: list[str], device: torch.device,
-                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def dequantize(
+        self, raw: dict[str, torch.Tensor], names: list[str], device: torch.device, dtype: torch.dtype
+    ) -> dict[str, torch.Tensor]:
         """Pop `names` (whole modules: a weight with its companions) from `raw`; their float values
         on `device` under the plain names transformers loads (`X.weight`), unquantized ones as stored."""
         from shardcut.dequant import dequantize
@@ -348,7 +391,7 @@ class LayerLoader:
         self.outside: list[str] = []
         for name in ckpt.tensors:
             if name.startswith(skeleton.ckpt_prefix):
-                m = re.match(r"(\d+)\.", name[len(skeleton.ckpt_prefix):])
+                m = re.match(r"(\d+)\.", name[len(skeleton.ckpt_prefix) :])
                 if m:
                     self._by_layer.setdefault(int(m.group(1)), []).append(name)
                     continue
@@ -362,8 +405,9 @@ class LayerLoader:
     def read_layer(self, i: int) -> dict[str, torch.Tensor]:
         names = self._by_layer.get(i, [])
         if not names:
-            raise ShardcutError(f"the checkpoint has no tensors for decoder layer {i} "
-                                f"({self.sk.ckpt_prefix}{i}.*)", self.ckpt.root)
+            raise ShardcutError(
+                f"the checkpoint has no tensors for decoder layer {i} ({self.sk.ckpt_prefix}{i}.*)", self.ckpt.root
+            )
         return self.reader.read_many(names)
 
     def load_layer(self, i: int, raw: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -372,8 +416,11 @@ class LayerLoader:
         self._convert(self._load(raw, f"decoder layer {i}"), f"decoder layer {i}")
         missing = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
         if missing:
-            raise ShardcutError(f"decoder layer {i}: the checkpoint lacks {len(missing)} of its parameters, "
-                                f"e.g. {self.sk.module_prefix}{i}.{missing[0]}", self.ckpt.root)
+            raise ShardcutError(
+                f"decoder layer {i}: the checkpoint lacks {len(missing)} of its parameters, "
+                f"e.g. {self.sk.module_prefix}{i}.{missing[0]}",
+                self.ckpt.root,
+            )
         return layer.to(self.device)
 
     def load_outside(self) -> None:
@@ -413,22 +460,31 @@ class LayerLoader:
 
         out = {}
         for name in names:
-            target, pattern = rename_source_key(name, self._renamings, self._converters,
-                                                self.sk.model.base_model_prefix, self._params)
+            target, pattern = rename_source_key(
+                name, self._renamings, self._converters, self.sk.model.base_model_prefix, self._params
+            )
             if pattern is None or target not in self._params:
                 continue
             conv = next(c for c in self._converters if pattern in c.source_patterns)
             ops = conv.operations
-            if not (isinstance(ops[0], MergeModulelist) and ops[0].dim == 0 and (
-                    len(ops) == 1 or len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim >= 1)):
+            if not (
+                isinstance(ops[0], MergeModulelist)
+                and ops[0].dim == 0
+                and (len(ops) == 1 or len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim >= 1)
+            ):
                 continue  # any other recipe goes through transformers' own conversion
             regex = r"(\d+)".join(re.escape(p) for p in pattern.split("*"))
             m = re.search(regex, apply_renamings(name, self._renamings))
             if m is None or m.lastindex != 1:
                 continue
             dim = ops[1].dim - 1 if len(ops) == 2 else 0
-            out[name] = FusedPart(target, int(m.group(1)), conv.source_patterns.index(pattern),
-                                  len(conv.source_patterns) if len(ops) == 2 else 1, dim)
+            out[name] = FusedPart(
+                target,
+                int(m.group(1)),
+                conv.source_patterns.index(pattern),
+                len(conv.source_patterns) if len(ops) == 2 else 1,
+                dim,
+            )
         return out
 
     def _dtype_of(self, names: list[str]) -> torch.dtype:
@@ -463,8 +519,10 @@ class LayerLoader:
                     size = t.shape[fp.dim]
                     dst = dst.narrow(fp.dim, fp.part * size, size)
                 if tuple(dst.shape) != tuple(t.shape):
-                    raise ShardcutError(f"{what}: {name} has shape {list(t.shape)}, {fp.target} expects "
-                                        f"{list(dst.shape)} per expert", self.ckpt.root)
+                    raise ShardcutError(
+                        f"{what}: {name} has shape {list(t.shape)}, {fp.target} expects {list(dst.shape)} per expert",
+                        self.ckpt.root,
+                    )
                 dst.copy_(t)
                 filled[fp.target] = filled.get(fp.target, 0) + 1
                 parts_per_expert[fp.target] = fp.parts
@@ -472,8 +530,10 @@ class LayerLoader:
         for target, tensor in targets.items():
             expected = tensor.shape[0] * parts_per_expert[target]
             if filled[target] != expected:
-                raise ShardcutError(f"{what}: {target} needs {expected} per-expert tensors, the checkpoint has "
-                                    f"{filled[target]}", self.ckpt.root)
+                raise ShardcutError(
+                    f"{what}: {target} needs {expected} per-expert tensors, the checkpoint has {filled[target]}",
+                    self.ckpt.root,
+                )
             module_path, _, attr = target.rpartition(".")
             setattr(self.sk.model.get_submodule(module_path), attr, torch.nn.Parameter(tensor, requires_grad=False))
         return rest
@@ -485,14 +545,19 @@ class LayerLoader:
         if not tensors:
             return
         # the tensors are on the device already: materialise the parameters there too
-        config = LoadStateDictConfig(device_map={"": str(self.device)}, dtype=self.sk.dtype, dtype_plan=self.sk.dtype_plan,
-                                     weight_mapping=self.mapping)
+        config = LoadStateDictConfig(
+            device_map={"": str(self.device)},
+            dtype=self.sk.dtype,
+            dtype_plan=self.sk.dtype_plan,
+            weight_mapping=self.mapping,
+        )
         with quiet_transformers():
             info, _ = convert_and_load_state_dict_in_model(self.sk.model, tensors, config)
         if info.mismatched_keys:
             name, got, want = sorted(info.mismatched_keys, key=str)[0]
-            raise ShardcutError(f"{what}: tensor for {name} has shape {list(got)}, the model expects {list(want)}",
-                                self.ckpt.root)
+            raise ShardcutError(
+                f"{what}: tensor for {name} has shape {list(got)}, the model expects {list(want)}", self.ckpt.root
+            )
         if info.conversion_errors:
             name, err = next(iter(info.conversion_errors.items()))
             raise ShardcutError(f"{what}: cannot convert {name} ({str(err)[:120]})", self.ckpt.root)

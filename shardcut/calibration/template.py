@@ -45,8 +45,9 @@ def run_limited(fn: Callable[[], object], seconds: float) -> object:
         sys.settrace(previous)
 
 
-def render_chat_template(tokenizer, messages: list, source: str, seconds: float = TEMPLATE_SECONDS,
-                         tools: list | None = None) -> str:
+def render_chat_template(
+    tokenizer, messages: list, source: str, seconds: float = TEMPLATE_SECONDS, tools: list | None = None
+) -> str:
     """The text of `messages` (and `tools`) through the tokenizer's chat template, without a
     generation prompt, or DataError naming `source` when the template fails or runs longer than
     `seconds`."""
@@ -58,7 +59,10 @@ def render_chat_template(tokenizer, messages: list, source: str, seconds: float 
     try:
         return str(run_limited(render, seconds))
     except _TemplateTimeout:
-        raise DataError(f"chat template ran longer than {seconds:g} s on one conversation (a loop?); "
-                        "refusing the checkpoint's template", source) from None
+        raise DataError(
+            f"chat template ran longer than {seconds:g} s on one conversation (a loop?); "
+            "refusing the checkpoint's template",
+            source,
+        ) from None
     except Exception as exc:  # jinja errors of a template that expects other fields
         raise DataError(f"chat template failed ({type(exc).__name__}: {str(exc)[:80]})", source) from None

@@ -33,8 +33,10 @@ def refuse_pruned(layer: torch.nn.Module, key: str, keep: list[int], num_experts
     def check(module, args):
         index = args[1]
         if bool(pruned.to(index.device)[index.clamp(0, num_experts - 1)].any()):
-            raise ShardcutError(f"layer {key}: the router still chose a pruned expert under the mask; this family's "
-                                "router cannot be masked here (its weight is copied before use?)")
+            raise ShardcutError(
+                f"layer {key}: the router still chose a pruned expert under the mask; this family's "
+                "router cannot be masked here (its weight is copied before use?)"
+            )
 
     hook = experts.register_forward_pre_hook(check)
     try:

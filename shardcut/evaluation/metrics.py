@@ -105,13 +105,24 @@ class EvalReport:
         ]
         for p in self.plans:
             worst = max(p.residual_error) if p.residual_error else 0.0
-            lines.append(f"| {p.name} | {p.ratio:.0%} | {p.kept} | {p.perplexity:.4g} | {p.loss:.4f} | {p.kl_mean:.4g} "
-                         f"| {p.kl_p50:.4g} | {p.kl_p99:.4g} | {p.top1_agreement:.2%} | {worst:.3g} |")
+            lines.append(
+                f"| {p.name} | {p.ratio:.0%} | {p.kept} | {p.perplexity:.4g} | {p.loss:.4f} | {p.kl_mean:.4g} "
+                f"| {p.kl_p50:.4g} | {p.kl_p99:.4g} | {p.top1_agreement:.2%} | {worst:.3g} |"
+            )
         return "\n".join(lines)
 
 
-def summarize(name: str, kind: str, ratio: float, kept: int, loss_tokens, kl, agree, moe_sums: dict[str, list[float]],
-              residual_sums: list[list[float]]) -> PlanQuality:
+def summarize(
+    name: str,
+    kind: str,
+    ratio: float,
+    kept: int,
+    loss_tokens,
+    kl,
+    agree,
+    moe_sums: dict[str, list[float]],
+    residual_sums: list[list[float]],
+) -> PlanQuality:
     """A PlanQuality from per-token arrays (numpy) and per-layer [diff², ref²] sums."""
     import numpy as np
 
@@ -119,8 +130,18 @@ def summarize(name: str, kind: str, ratio: float, kept: int, loss_tokens, kl, ag
     loss = float(np.mean(loss_tokens)) if len(loss_tokens) else float("nan")
     p50, p99 = (float(v) for v in np.percentile(kl, [50, 99]))
     return PlanQuality(
-        name, kind, ratio, kept, loss, _exp(loss), float(kl.mean()), p50, p99, float(np.mean(agree)),
-        {k: relative(d, r) for k, (d, r) in moe_sums.items()}, [relative(d, r) for d, r in residual_sums],
+        name,
+        kind,
+        ratio,
+        kept,
+        loss,
+        _exp(loss),
+        float(kl.mean()),
+        p50,
+        p99,
+        float(np.mean(agree)),
+        {k: relative(d, r) for k, (d, r) in moe_sums.items()},
+        [relative(d, r) for d, r in residual_sums],
     )
 
 

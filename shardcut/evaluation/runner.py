@@ -118,8 +118,9 @@ class Evaluator:
         check_supported(info, model_dir / "config.json")
         TensorReader(ckpt)  # refuses quantization schemes it cannot read, before any data is loaded
         skeleton = make_skeleton(ckpt, info, self.torch_dtype, self.trust_remote_code)
-        return _Checkpoint(str(model), model_dir, ckpt, info, skeleton,
-                           LayerLoader(skeleton, ckpt, info, self.torch_device))
+        return _Checkpoint(
+            str(model), model_dir, ckpt, info, skeleton, LayerLoader(skeleton, ckpt, info, self.torch_device)
+        )
 
     # -- setup -------------------------------------------------------------------------------
 
@@ -146,9 +147,15 @@ class Evaluator:
             from shardcut.planning import make_plan
 
             for r in self.ratios:
-                p, _ = make_plan(self.src.model_dir, self.scores, ratio=float(r), criterion=self.criterion,
-                                 protect_super_experts=self.protect_super_experts, protect=self.protect,
-                                 mtp_policy=self.mtp_policy)
+                p, _ = make_plan(
+                    self.src.model_dir,
+                    self.scores,
+                    ratio=float(r),
+                    criterion=self.criterion,
+                    protect_super_experts=self.protect_super_experts,
+                    protect=self.protect,
+                    mtp_policy=self.mtp_policy,
+                )
                 self._add_plan(p, f"ratio={float(r):g}")
         for out in self.pruned:
             self._add_checkpoint(out)
@@ -158,9 +165,15 @@ class Evaluator:
         vocab = info.text_config.get("vocab_size", info.config.get("vocab_size"))
         if not isinstance(vocab, int):
             raise ShardcutError("config has no integer vocab_size", self.src.model_dir / "config.json")
-        self.data_set: CalibData = load_data(self.data, self.src.model_dir, samples=self.samples,
-                                             max_length=self.max_length, seed=self.seed, vocab_size=vocab,
-                                             trust_remote_code=self.trust_remote_code)
+        self.data_set: CalibData = load_data(
+            self.data,
+            self.src.model_dir,
+            samples=self.samples,
+            max_length=self.max_length,
+            seed=self.seed,
+            vocab_size=vocab,
+            trust_remote_code=self.trust_remote_code,
+        )
         self.local = self.data_set.samples
         self.batches = make_batches([len(s) for s in self.local], self.budget_tokens)
         self.rows = sum(len(s) for s in self.local)
@@ -185,9 +198,12 @@ class Evaluator:
         ck = self._open(out)
         src = self.src
         if ck.info.arch.name != src.info.arch.name or ck.skeleton.num_layers != src.skeleton.num_layers:
-            raise ShardcutError(f"not a pruned copy of {src.name}: {ck.info.arch.name} with "
-                                f"{ck.skeleton.num_layers} layers, the source is {src.info.arch.name} with "
-                                f"{src.skeleton.num_layers}", ck.model_dir)
+            raise ShardcutError(
+                f"not a pruned copy of {src.name}: {ck.info.arch.name} with "
+                f"{ck.skeleton.num_layers} layers, the source is {src.info.arch.name} with "
+                f"{src.skeleton.num_layers}",
+                ck.model_dir,
+            )
         if [la.key for la in ck.info.layers] != [la.key for la in src.info.layers]:
             raise ShardcutError(f"its MoE layers differ from those of {src.name}", ck.model_dir)
         if (ck.model_dir / PLAN_COPY_NAME).is_file():
@@ -211,19 +227,31 @@ class Evaluator:
         warnings, overlap = self._check_overlap()
         for w in warnings:
             self._emit(CalibEvent("info", f"warning: {w}"))
-        self._emit(CalibEvent("info", f"data: {self.data_set.tokens} tokens in {len(self.local)} samples "
-                                      f"({'; '.join(self.data_set.notes)}); {len(self.streams) - 1} variants"))
+        self._emit(
+            CalibEvent(
+                "info",
+                f"data: {self.data_set.tokens} tokens in {len(self.local)} samples "
+                f"({'; '.join(self.data_set.notes)}); {len(self.streams) - 1} variants",
+            )
+        )
         if self.work_dir is not None and not Path(self.work_dir).is_dir():
             raise ShardcutError("the work folder does not exist", self.work_dir)
         work = Path(tempfile.mkdtemp(prefix="shardcut-eval-", dir=self.work_dir))
         per_stream = self._budget() // len(self.streams)
         try:
             for i, s in enumerate(self.streams):
-                s.store = ActivationStore(self.rows, self.hidden_size, self.torch_dtype, per_stream, work / f"stream{i}")
+                s.store = ActivationStore(
+                    self.rows, self.hidden_size, self.torch_dtype, per_stream, work / f"stream{i}"
+                )
                 s.residual = [[0.0, 0.0] for _ in range(n_layers)]
                 s.moe = {k: [0.0, 0.0] for k in self.keys.values()}
-            self._emit(CalibEvent("info", f"{len(self.streams)} streams; {self.streams[0].store.describe()} each; "
-                                          f"device {self.torch_device}, {len(self.batches)} batches"))
+            self._emit(
+                CalibEvent(
+                    "info",
+                    f"{len(self.streams)} streams; {self.streams[0].store.describe()} each; "
+                    f"device {self.torch_device}, {len(self.batches)} batches",
+                )
+            )
             with torch.inference_mode():
                 self._embeddings()
                 for i in range(n_layers):
@@ -245,16 +273,20 @@ class Evaluator:
 
         sketch = Scores.load(self.scores).metadata.get("data_sketch")
         if not sketch:
-            return [f"{self.scores} records no calibration data sketch (an older or imported score file): "
-                    "cannot check that the evaluation data is held out"], None
+            return [
+                f"{self.scores} records no calibration data sketch (an older or imported score file): "
+                "cannot check that the evaluation data is held out"
+            ], None
         ov = overlap(sketch, self.local)
         if ov is None:
             return [f"{self.scores}: unreadable data_sketch metadata; overlap not checked"], None
         found = {"compared": ov.compared, "matched": ov.matched, "samples": ov.samples, "fraction": ov.fraction}
         if ov.matched:
-            return [f"{ov.matched} of {ov.compared} evaluation samples checked against {self.scores} were calibration "
-                    f"samples (same first {PREFIX_TOKENS} tokens; about {ov.fraction:.0%} of the evaluation data): "
-                    "the evaluation data is not held out"], found
+            return [
+                f"{ov.matched} of {ov.compared} evaluation samples checked against {self.scores} were calibration "
+                f"samples (same first {PREFIX_TOKENS} tokens; about {ov.fraction:.0%} of the evaluation data): "
+                "the evaluation data is not held out"
+            ], found
         return [], found
 
     def _batch_inputs(self, batch):
@@ -275,8 +307,11 @@ class Evaluator:
             s.store.commit()
 
     def _embeddings(self) -> None:
-        self._emit(CalibEvent("layer_start", step=0, steps=self.steps, layer=-1, layer_tokens=self.rows,
-                              batches=len(self.batches)))
+        self._emit(
+            CalibEvent(
+                "layer_start", step=0, steps=self.steps, layer=-1, layer_tokens=self.rows, batches=len(self.batches)
+            )
+        )
         for c in self._sources():
             c.loader.load_outside()
         for batch in self.batches:
@@ -291,12 +326,23 @@ class Evaluator:
         for c in self._sources():
             c.loader.free_outside_params()
         self._commit()
-        self._emit(CalibEvent("layer_done", step=1, steps=self.steps, layer=-1, memory=current_memory(self.torch_device)))
+        self._emit(
+            CalibEvent("layer_done", step=1, steps=self.steps, layer=-1, memory=current_memory(self.torch_device))
+        )
 
     def _layer(self, i: int) -> None:
         key = self.keys.get(i)
-        self._emit(CalibEvent("layer_start", step=i + 1, steps=self.steps, layer=i, key=key, layer_tokens=self.rows,
-                              batches=len(self.batches)))
+        self._emit(
+            CalibEvent(
+                "layer_start",
+                step=i + 1,
+                steps=self.steps,
+                layer=i,
+                key=key,
+                layer_tokens=self.rows,
+                batches=len(self.batches),
+            )
+        )
         t0 = time.perf_counter()
         loaded = {}
         for c in self._sources():
@@ -318,8 +364,10 @@ class Evaluator:
                     calls[id(c)] = capture_call(c.skeleton, i, inputs_embeds=hidden, attention_mask=attention)
                 layer, block = loaded[id(c)]
                 if s.keep is not None and key is not None:
-                    with forbid_pruned_experts(layer, {key: s.keep[key]}, E_key, layer_key=lambda _name: key), \
-                            refuse_pruned(layer, key, s.keep[key], E_key):
+                    with (
+                        forbid_pruned_experts(layer, {key: s.keep[key]}, E_key, layer_key=lambda _name: key),
+                        refuse_pruned(layer, key, s.keep[key], E_key),
+                    ):
                         outs[s_idx] = run_with_block(layer, block, hidden, calls[id(c)])
                 else:
                     outs[s_idx] = run_with_block(layer, block, hidden, calls[id(c)])
@@ -339,21 +387,44 @@ class Evaluator:
                     s.moe[key][1] += float(ref_moe_valid.square().sum())
                 s.store.write(batch.start, batch.start + batch.rows, out[mask].to("cpu"))
             done += batch.rows
-            self._emit(CalibEvent("batch", step=i + 1, steps=self.steps, layer=i, key=key, batch=b_idx + 1,
-                                  batches=len(self.batches), tokens=done, layer_tokens=self.rows,
-                                  tokens_per_s=done / max(time.perf_counter() - t0, 1e-9),
-                                  memory=current_memory(self.torch_device)))
+            self._emit(
+                CalibEvent(
+                    "batch",
+                    step=i + 1,
+                    steps=self.steps,
+                    layer=i,
+                    key=key,
+                    batch=b_idx + 1,
+                    batches=len(self.batches),
+                    tokens=done,
+                    layer_tokens=self.rows,
+                    tokens_per_s=done / max(time.perf_counter() - t0, 1e-9),
+                    memory=current_memory(self.torch_device),
+                )
+            )
         for c in self._sources():
             c.loader.free(loaded[id(c)][0])
         release_free_memory()
         self._commit()
-        self._emit(CalibEvent("layer_done", step=i + 2, steps=self.steps, layer=i, key=key,
-                              memory=current_memory(self.torch_device)))
+        self._emit(
+            CalibEvent(
+                "layer_done", step=i + 2, steps=self.steps, layer=i, key=key, memory=current_memory(self.torch_device)
+            )
+        )
 
     def _heads(self) -> None:
         step = self.steps - 1
-        self._emit(CalibEvent("layer_start", step=step, steps=self.steps, layer=self.src.skeleton.num_layers,
-                              layer_tokens=self.rows, batches=len(self.batches), message="LM head"))
+        self._emit(
+            CalibEvent(
+                "layer_start",
+                step=step,
+                steps=self.steps,
+                layer=self.src.skeleton.num_layers,
+                layer_tokens=self.rows,
+                batches=len(self.batches),
+                message="LM head",
+            )
+        )
         for c in self._sources():
             load_head(c, self.torch_device)
         for batch in self.batches:
@@ -378,8 +449,15 @@ class Evaluator:
                 s.kl.append(np.concatenate([g[0] for g in got]))
                 s.agree.append(np.concatenate([g[1] for g in got]))
                 s.loss.append(np.concatenate([g[2] for g in got]))
-        self._emit(CalibEvent("layer_done", step=self.steps, steps=self.steps, layer=self.src.skeleton.num_layers,
-                              memory=current_memory(self.torch_device)))
+        self._emit(
+            CalibEvent(
+                "layer_done",
+                step=self.steps,
+                steps=self.steps,
+                layer=self.src.skeleton.num_layers,
+                memory=current_memory(self.torch_device),
+            )
+        )
 
     def _stream_logits(self, s: _Stream, batch, mask, attention) -> torch.Tensor:
         flat = s.store.read(batch.start, batch.start + batch.rows).to(self.torch_device)
@@ -390,23 +468,61 @@ class Evaluator:
     def _report(self, warnings: list[str], overlap: dict | None) -> EvalReport:
         original = self.streams[0]
         loss = np.concatenate(original.loss)
-        plans = [summarize(s.name, s.kind, s.ratio, s.kept, np.concatenate(s.loss), np.concatenate(s.kl),
-                           np.concatenate(s.agree), s.moe, s.residual) for s in self.streams[1:]]
+        plans = [
+            summarize(
+                s.name,
+                s.kind,
+                s.ratio,
+                s.kept,
+                np.concatenate(s.loss),
+                np.concatenate(s.kl),
+                np.concatenate(s.agree),
+                s.moe,
+                s.residual,
+            )
+            for s in self.streams[1:]
+        ]
         mean = float(loss.mean()) if len(loss) else float("nan")
         return EvalReport(
-            model=self.model, data=self.data, samples=len(self.local), tokens=self.rows, predicted_tokens=len(loss),
-            loss=mean, perplexity=float(np.exp(mean)), num_experts=self.E, plans=plans, warnings=warnings,
-            overlap=overlap, device=str(self.torch_device), dtype=str(self.torch_dtype).removeprefix("torch."),
+            model=self.model,
+            data=self.data,
+            samples=len(self.local),
+            tokens=self.rows,
+            predicted_tokens=len(loss),
+            loss=mean,
+            perplexity=float(np.exp(mean)),
+            num_experts=self.E,
+            plans=plans,
+            warnings=warnings,
+            overlap=overlap,
+            device=str(self.torch_device),
+            dtype=str(self.torch_dtype).removeprefix("torch."),
         )
 
 
-def evaluate(model: str | Path, data: str, *, plans: Sequence[Plan | str | Path] = (), scores: str | Path | None = None,
-             ratios: Sequence[float] = (), criterion: str | None = "reap", protect_super_experts: bool = False,
-             protect: dict[str, list[int]] | None = None, mtp_policy: str | None = None,
-             pruned: Sequence[str | Path] = (), samples: int | None = None, max_length: int = DEFAULT_MAX_LENGTH,
-             device: str = "auto", dtype: str | None = None, seed: int = 0, max_memory: int | str | None = None,
-             batch_tokens: int | None = None, trust_remote_code: bool = False, work_dir: str | Path | None = None,
-             progress: Callable[[CalibEvent], None] | None = None) -> EvalReport:
+def evaluate(
+    model: str | Path,
+    data: str,
+    *,
+    plans: Sequence[Plan | str | Path] = (),
+    scores: str | Path | None = None,
+    ratios: Sequence[float] = (),
+    criterion: str | None = "reap",
+    protect_super_experts: bool = False,
+    protect: dict[str, list[int]] | None = None,
+    mtp_policy: str | None = None,
+    pruned: Sequence[str | Path] = (),
+    samples: int | None = None,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    device: str = "auto",
+    dtype: str | None = None,
+    seed: int = 0,
+    max_memory: int | str | None = None,
+    batch_tokens: int | None = None,
+    trust_remote_code: bool = False,
+    work_dir: str | Path | None = None,
+    progress: Callable[[CalibEvent], None] | None = None,
+) -> EvalReport:
     """Measure what pruning costs: each plan (or pruned checkpoint) against MODEL on held-out DATA.
 
     One streamed pass over MODEL's layers carries the original hidden states and one stream per
@@ -420,9 +536,25 @@ def evaluate(model: str | Path, data: str, *, plans: Sequence[Plan | str | Path]
         >>> report = evaluate("Qwen3-30B-A3B", "heldout.jsonl:200", scores="s.safetensors", ratios=[0.25, 0.5])
         >>> report.plans[1].kl_mean, report.plans[1].first_layer_over(0.05)
     """
-    return Evaluator(str(model), data, plans=list(plans), scores=scores, ratios=list(ratios), criterion=criterion,
-                     protect_super_experts=protect_super_experts, protect=protect, mtp_policy=mtp_policy,
-                     pruned=list(pruned), samples=samples, max_length=max_length, device=device, dtype=dtype,
-                     seed=seed, max_memory=max_memory, batch_tokens=batch_tokens,
-                     trust_remote_code=trust_remote_code, work_dir=Path(work_dir) if work_dir else None,
-                     progress=progress).run()
+    return Evaluator(
+        str(model),
+        data,
+        plans=list(plans),
+        scores=scores,
+        ratios=list(ratios),
+        criterion=criterion,
+        protect_super_experts=protect_super_experts,
+        protect=protect,
+        mtp_policy=mtp_policy,
+        pruned=list(pruned),
+        samples=samples,
+        max_length=max_length,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        max_memory=max_memory,
+        batch_tokens=batch_tokens,
+        trust_remote_code=trust_remote_code,
+        work_dir=Path(work_dir) if work_dir else None,
+        progress=progress,
+    ).run()
