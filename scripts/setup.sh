@@ -14,8 +14,9 @@ LOCK=${LOCK:-requirements/lock.txt}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade "pip>=24"
 "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
-if [ "$LOCK" = none ]; then
-    "$VENV/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager -e ".[dev]"
+if [ "$LOCK" = none ]; then  # newest releases of everything but torch, which stays the on-disk CPU build
+    "$VENV/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager \
+        -c <(echo "torch==2.13.0") -e ".[dev]"
 else
     "$VENV/bin/python" -m pip install --quiet -c "$LOCK" -e ".[dev]"
 fi
