@@ -22,8 +22,8 @@ from shardcut.plan import Plan
 pytest.importorskip("transformers")
 
 # wrapper families (multimodal checkpoints) are not streamed by the calibrator on this branch
-FAMILIES = ["qwen3_moe", "deepseek_v3", "gpt_oss"]
-MOE_BLOCK = "mlp"  # the MoE block of each decoder layer in these three families
+FAMILIES = ["qwen3_moe", "deepseek_v3", "gpt_oss", "qwen3_vl_moe"]  # the last: a multimodal wrapper, text stack
+MOE_BLOCK = "mlp"  # the MoE block of each decoder layer in these families
 LENGTHS = [3, 17, 40, 9, 64, 25, 33, 12]
 BATCH_TOKENS = 96  # forces padded batches of several samples
 REL = 1e-5
