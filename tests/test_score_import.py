@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from fixtures.scores_fixtures import synthetic_model
+from fixtures.scores_fixtures import mtp_model
 from typer.testing import CliRunner
 
 from shardcut.errors import ShardcutError
@@ -25,21 +25,7 @@ OBSERVER_KEYS = ("expert_frequency", "ean_sum", "weighted_ean_sum", "weighted_ex
 def model(tmp_path_factory):
     """DeepSeek-V3 shaped: MoE layers 1, 2, 3 and MTP layer 4; 8 experts, top-2."""
     base = tmp_path_factory.getbasetemp() / "scores-models"
-    base.mkdir(exist_ok=True)
-    return synthetic_model(
-        base,
-        "mtp",
-        layers=4,
-        first_dense=1,
-        experts=8,
-        top_k=2,
-        mtp_layers=1,
-        shards=2,
-        hidden=16,
-        moe_inter=8,
-        dense_inter=16,
-        vocab=32,
-    )
+    return mtp_model(base)
 
 
 def observer_state(layers=(1, 2, 3), experts=E, seed=0) -> dict:

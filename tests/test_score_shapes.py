@@ -10,7 +10,7 @@ import types
 
 import numpy as np
 import pytest
-from fixtures.scores_fixtures import model_info, random_scores, synthetic_model
+from fixtures.scores_fixtures import model_info, mtp_model, random_scores, synthetic_model
 from typer.testing import CliRunner
 
 from shardcut.checkpoint import layout_fingerprint, open_checkpoint
@@ -31,21 +31,7 @@ E = 8
 def model(tmp_path_factory):
     """DeepSeek-V3 shaped: MoE layers 1, 2, 3 and MTP layer 4; 8 experts, top-2."""
     base = tmp_path_factory.getbasetemp() / "scores-models"
-    base.mkdir(exist_ok=True)
-    return synthetic_model(
-        base,
-        "mtp",
-        layers=4,
-        first_dense=1,
-        experts=8,
-        top_k=2,
-        mtp_layers=1,
-        shards=2,
-        hidden=16,
-        moe_inter=8,
-        dense_inter=16,
-        vocab=32,
-    )
+    return mtp_model(base)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-from fixtures.scores_fixtures import model_info, random_scores, synthetic_model, tiny_model
+from fixtures.scores_fixtures import model_info, mtp_model, random_scores, tiny_model
 from typer.testing import CliRunner
 
 from shardcut.errors import PlanError, ShardcutError
@@ -41,21 +41,7 @@ def deepseek(base):
 @pytest.fixture(scope="session")
 def with_mtp(base):
     """DeepSeek-V3 shaped: MoE layers 1, 2, 3 and the MTP layer 4; 8 experts, top-2, ungrouped."""
-    base.mkdir(exist_ok=True)
-    return synthetic_model(
-        base,
-        "mtp",
-        layers=4,
-        first_dense=1,
-        experts=8,
-        top_k=2,
-        mtp_layers=1,
-        shards=2,
-        hidden=16,
-        moe_inter=8,
-        dense_inter=16,
-        vocab=32,
-    )
+    return mtp_model(base)
 
 
 def hand_scores() -> Scores:
