@@ -7,7 +7,7 @@
 Builds a random Qwen3-MoE checkpoint (saved in the Hub layout, float32 or bf16), writes
 pre-tokenised samples, then runs, each in its own process: (1) the imports alone (baseline
 RSS), (2) `from_pretrained` + a plain forward of every batch (the same batches calibration
-uses; logits of the last position only), (3) `shardcut.calibration.calibrate`. Reports tokens/s
+uses; logits of the last position only), (3) `shardcut.ops.calibration.calibrate`. Reports tokens/s
 (forward alone, and load + forward, against calibrate end to end) and peak RSS (from wait4)
 against the model's size and against one layer + the activations: the stored hidden states
 plus one batch's working memory, measured as the plain forward's peak above its loaded model.
@@ -29,7 +29,7 @@ _FORWARD = r"""
 import json, sys, time, torch
 import transformers.models.qwen3_moe.modeling_qwen3_moe
 from transformers import AutoModelForCausalLM
-from shardcut.calibration.runner import make_batches
+from shardcut.ops.calibration.runner import make_batches
 
 
 def status(key):
@@ -63,7 +63,7 @@ print(json.dumps({"load": t1 - t0, "forward": t2 - t1, "working": status("VmHWM:
 _CALIBRATE = r"""
 import json, sys, time
 import transformers.models.qwen3_moe.modeling_qwen3_moe  # imports are outside the timings of both runs
-from shardcut.calibration.runner import calibrate
+from shardcut.ops.calibration.runner import calibrate
 model_dir, data, out, batch_tokens, device, dtype = sys.argv[1:7]
 t0 = time.perf_counter()
 messages = []
@@ -72,7 +72,7 @@ calibrate(model_dir, data, out, max_length=1 << 20, batch_tokens=int(batch_token
 print(json.dumps({"calibrate": time.perf_counter() - t0, "log": messages}))
 """
 
-_IMPORTS = "import torch, transformers.models.qwen3_moe.modeling_qwen3_moe, shardcut.calibration.runner"
+_IMPORTS = "import torch, transformers.models.qwen3_moe.modeling_qwen3_moe, shardcut.ops.calibration.runner"
 
 
 def run(args: list[str]) -> tuple[dict, int]:

@@ -35,8 +35,8 @@ def main() -> None:
     import numpy as np
     import torch
 
-    import shardcut.calibration.store as store
-    from shardcut.calibration.runner import calibrate
+    import shardcut.ops.calibration.store as store
+    from shardcut.ops.calibration.runner import calibrate
 
     spec = importlib.util.spec_from_file_location("bench_calibrate", Path(__file__).with_name("calibrate.py"))
     bench = importlib.util.module_from_spec(spec)

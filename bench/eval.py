@@ -6,7 +6,7 @@
 Builds the random Qwen3-MoE checkpoint of bench/calibrate.py, writes pre-tokenised samples and P
 random half-pruning plans, then runs, each in its own process and interleaved: (1) `from_pretrained`
 + a plain forward of every batch (the batches eval uses) with logits at every position, i.e. the
-layers plus one LM head; (2) `shardcut.evaluation.evaluate` with P plans, end to end (reading every
+layers plus one LM head; (2) `shardcut.ops.evaluation.evaluate` with P plans, end to end (reading every
 layer from disk, 1 + P streams through each layer, 1 + P LM heads, the metrics). Target (issue 16):
 eval with P plans <= (1 + P) x the plain forward. Best of `--runs`.
 """
@@ -27,7 +27,7 @@ _FORWARD = r"""
 import json, sys, time, torch
 import transformers.models.qwen3_moe.modeling_qwen3_moe
 from transformers import AutoModelForCausalLM
-from shardcut.calibration.runner import make_batches
+from shardcut.ops.calibration.runner import make_batches
 model_dir, data, batch_tokens, device, dtype = sys.argv[1:6]
 samples = [json.loads(line)["input_ids"] for line in open(data)]
 t_load = time.perf_counter()
@@ -49,7 +49,7 @@ print(json.dumps({"forward": time.perf_counter() - t0, "load": t0 - t_load}))
 _EVAL = r"""
 import json, sys, time
 import transformers.models.qwen3_moe.modeling_qwen3_moe  # imports are outside the timings of both runs
-from shardcut.evaluation.runner import evaluate
+from shardcut.ops.evaluation.runner import evaluate
 model_dir, data, batch_tokens, device, dtype, *plans = sys.argv[1:]
 t0 = time.perf_counter()
 r = evaluate(model_dir, data, plans=plans, max_length=1 << 20, batch_tokens=int(batch_tokens), device=device, dtype=dtype)

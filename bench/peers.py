@@ -117,7 +117,7 @@ def main() -> None:
 
     from measure import timed
 
-    from shardcut.plan import Plan
+    from shardcut.plans.plan import Plan
 
     work = Path(tempfile.mkdtemp(prefix="shardcut-peers-"))
     try:

@@ -3,7 +3,7 @@
     .venv/bin/python bench/rewrite.py                 # 4 GB DeepSeek-V3-shaped bf16 checkpoint
     .venv/bin/python bench/rewrite.py --size-gb 1 --size-gb 8 --runs 3
 
-For each input size: generate a synthetic checkpoint (shardcut.synthetic), prune 50% of the
+For each input size: generate a synthetic checkpoint (shardcut.ops.synthetic), prune 50% of the
 experts with `shardcut prune` in a subprocess (with and without the write verification), and
 in the same run `cp` the output's bytes and the whole input, each followed by `sync` (prune
 fsyncs its shards, so cp must reach the disk too). Reports medians of `--runs` runs, the ratio
@@ -24,8 +24,8 @@ from pathlib import Path
 
 from measure import timed
 
-from shardcut.plan import Plan
-from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
+from shardcut.ops.synthetic import SyntheticSpec, write_synthetic_checkpoint
+from shardcut.plans.plan import Plan
 
 
 def spec_for(size_gb: float) -> SyntheticSpec:

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from measure import timed
 
-from shardcut.checkpoint import INDEX_NAME
-from shardcut.plan import Plan
-from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
+from shardcut.format.checkpoint import INDEX_NAME
+from shardcut.ops.synthetic import SyntheticSpec, write_synthetic_checkpoint
+from shardcut.plans.plan import Plan
 
 KIMI_K2 = SyntheticSpec(
     layers=61,

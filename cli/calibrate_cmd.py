@@ -166,7 +166,7 @@ def calibrate_cmd(
     Where image tokens route through the same experts, the statistics do not
     see them: the score file says so (metadata `text_only`).
     """
-    from shardcut.calibration.runner import calibrate
+    from shardcut.ops.calibration.runner import calibrate
 
     check_int("--samples", samples)
     check_int("--max-length", max_length)

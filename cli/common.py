@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
-from shardcut.errors import ShardcutError
+from shardcut.format.errors import ShardcutError
 
 console = Console()
 err_console = Console(stderr=True)

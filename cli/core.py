@@ -25,7 +25,7 @@ def inspect_cmd(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Describe a MoE checkpoint: architecture, MoE layers, experts, routing, dtypes, size."""
-    from shardcut.summary import inspect_model
+    from shardcut.ops.summary import inspect_model
 
     info = inspect_model(model)
     if as_json:
@@ -131,8 +131,8 @@ def prune_cmd(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
 ) -> None:
     """Write a pruned checkpoint: kept tensors byte for byte, experts renumbered, routers sliced."""
-    from shardcut.plan import Plan
-    from shardcut.stream import prune_model
+    from shardcut.plans.plan import Plan
+    from shardcut.rewrite.stream import prune_model
 
     check_ratio("--ratio", ratio)
     check_int("--experts", experts)
@@ -145,8 +145,8 @@ def prune_cmd(
     else:
         if (ratio is None) == (experts is None):
             fail("with --scores give exactly one of --ratio or --experts")
-        from shardcut.planning import make_plan
-        from shardcut.select import parse_protect
+        from shardcut.ops.planning import make_plan
+        from shardcut.plans.select import parse_protect
         from shardcut_cli.scores_cmd import print_plan_report
 
         the_plan, plan_report = make_plan(
@@ -231,7 +231,7 @@ def verify_cmd(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Prove a checkpoint complete and consistent (and, with --source, byte-exact)."""
-    from shardcut.verification import verify
+    from shardcut.ops.verification import verify
 
     report = verify(out, source=source)
     if as_json:
@@ -250,7 +250,7 @@ def demo_cmd(
     directory: Path = typer.Argument(Path("shardcut-demo"), help="Where to build the demo model and its pruned copy."),
 ) -> None:
     """Offline end to end: build a small MoE checkpoint, prune half its experts, verify, compare logits."""
-    from shardcut.demo import run_demo
+    from shardcut.ops.demo import run_demo
 
     report = run_demo(directory, log=lambda text: console.print(safe(text)))
     t = Table(title="shardcut demo")

@@ -77,8 +77,8 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Measure what pruning costs on held-out text, streaming the model one layer at a time."""
-    from shardcut.evaluation.runner import evaluate
-    from shardcut.select import parse_protect
+    from shardcut.ops.evaluation.runner import evaluate
+    from shardcut.plans.select import parse_protect
     from shardcut_cli.calibrate_cmd import _Display
 
     ratios = _ratios(ratio)
@@ -116,7 +116,7 @@ def eval_cmd(
     if out is not None:
         report.save(out)
     if plot is not None:
-        from shardcut.evaluation.plot import plot_report
+        from shardcut.ops.evaluation.plot import plot_report
 
         plot_report(report, plot)
     for w in report.warnings:

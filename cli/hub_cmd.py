@@ -44,7 +44,7 @@ def push_cmd(
 
     Authenticates with HF_TOKEN or the stored login (`hf auth login`); the token is never printed.
     """
-    from shardcut.publish import push
+    from shardcut.ops.publish import push
 
     report = push(
         out,

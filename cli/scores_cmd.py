@@ -50,8 +50,8 @@ def show_cmd(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
 ) -> None:
     """Per-layer summary of a score file: tokens, never-routed experts, lowest and highest experts."""
-    from shardcut.scores import Scores
-    from shardcut.select import summarize_scores
+    from shardcut.plans.scores import Scores
+    from shardcut.plans.select import summarize_scores
 
     check_int("--top", top)
     check_int("--seed", seed, low=0)
@@ -123,7 +123,7 @@ def merge_cmd(
     The files must be of one model (by recorded fingerprint and commit, else by name) and follow
     one gate convention unless --force; every input's caveats are kept.
     """
-    from shardcut.scores import merge_score_files, parse_weighted
+    from shardcut.plans.scores import merge_score_files, parse_weighted
 
     parsed = [parse_weighted(a) for a in inputs]
     merged = merge_score_files(parsed, out, overwrite=overwrite, force=force)
@@ -187,7 +187,7 @@ def import_cmd(
     REAP observer files are read with torch.load(weights_only=True) only; a file that needs
     arbitrary unpickling is refused.
     """
-    from shardcut.score_import import import_scores
+    from shardcut.plans.score_import import import_scores
 
     scores, report = import_scores(
         file,
@@ -273,8 +273,8 @@ def plan_cmd(
     as_json: bool = typer.Option(False, "--json", help="Machine-readable plan and report."),
 ) -> None:
     """Choose the experts to keep from a score file; print the per-layer table and size estimate."""
-    from shardcut.planning import make_plan
-    from shardcut.select import parse_protect
+    from shardcut.ops.planning import make_plan
+    from shardcut.plans.select import parse_protect
 
     check_ratio("--ratio", ratio)
     check_int("--experts", experts)

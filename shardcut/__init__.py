@@ -22,51 +22,51 @@ __version__ = "0.1.0"
 # exported name -> module defining it. No exported name is also a submodule's name: importing
 # `shardcut.verify` as a module would rebind `shardcut.verify` (tests/test_api.py checks it).
 _EXPORTS = {
-    "ShardcutError": "shardcut.errors",
-    "Plan": "shardcut.plan",
-    "validate_plan": "shardcut.plan",
-    "prune": "shardcut.rewrite",
-    "PruneReport": "shardcut.rewrite",
-    "verify": "shardcut.verification",
-    "VerifyReport": "shardcut.verification",
-    "inspect_model": "shardcut.summary",
-    "Scores": "shardcut.scores",
-    "open_checkpoint": "shardcut.checkpoint",
-    "describe": "shardcut.model",
-    "make_plan": "shardcut.planning",
-    "import_scores": "shardcut.score_import",
-    "merge_scores": "shardcut.scores",
-    "merge_score_files": "shardcut.scores",
-    "open_model": "shardcut.hub",
-    "prune_model": "shardcut.stream",
-    "push": "shardcut.publish",
-    "calibrate": "shardcut.calibration.runner",
-    "evaluate": "shardcut.evaluation.runner",
-    "EvalReport": "shardcut.evaluation.metrics",
+    "ShardcutError": "shardcut.format.errors",
+    "Plan": "shardcut.plans.plan",
+    "validate_plan": "shardcut.plans.plan",
+    "prune": "shardcut.rewrite.writer",
+    "PruneReport": "shardcut.rewrite.writer",
+    "verify": "shardcut.ops.verification",
+    "VerifyReport": "shardcut.ops.verification",
+    "inspect_model": "shardcut.ops.summary",
+    "Scores": "shardcut.plans.scores",
+    "open_checkpoint": "shardcut.format.checkpoint",
+    "describe": "shardcut.moe.model",
+    "make_plan": "shardcut.ops.planning",
+    "import_scores": "shardcut.plans.score_import",
+    "merge_scores": "shardcut.plans.scores",
+    "merge_score_files": "shardcut.plans.scores",
+    "open_model": "shardcut.format.hub",
+    "prune_model": "shardcut.rewrite.stream",
+    "push": "shardcut.ops.publish",
+    "calibrate": "shardcut.ops.calibration.runner",
+    "evaluate": "shardcut.ops.evaluation.runner",
+    "EvalReport": "shardcut.ops.evaluation.metrics",
 }
 
 if TYPE_CHECKING:
-    from shardcut.calibration.runner import calibrate as calibrate
-    from shardcut.checkpoint import open_checkpoint as open_checkpoint
-    from shardcut.errors import ShardcutError as ShardcutError
-    from shardcut.evaluation.metrics import EvalReport as EvalReport
-    from shardcut.evaluation.runner import evaluate as evaluate
-    from shardcut.hub import open_model as open_model
-    from shardcut.model import describe as describe
-    from shardcut.plan import Plan as Plan
-    from shardcut.plan import validate_plan as validate_plan
-    from shardcut.planning import make_plan as make_plan
-    from shardcut.publish import push as push
-    from shardcut.rewrite import PruneReport as PruneReport
-    from shardcut.rewrite import prune as prune
-    from shardcut.score_import import import_scores as import_scores
-    from shardcut.scores import Scores as Scores
-    from shardcut.scores import merge_score_files as merge_score_files
-    from shardcut.scores import merge_scores as merge_scores
-    from shardcut.stream import prune_model as prune_model
-    from shardcut.summary import inspect_model as inspect_model
-    from shardcut.verification import VerifyReport as VerifyReport
-    from shardcut.verification import verify as verify
+    from shardcut.format.checkpoint import open_checkpoint as open_checkpoint
+    from shardcut.format.errors import ShardcutError as ShardcutError
+    from shardcut.format.hub import open_model as open_model
+    from shardcut.moe.model import describe as describe
+    from shardcut.ops.calibration.runner import calibrate as calibrate
+    from shardcut.ops.evaluation.metrics import EvalReport as EvalReport
+    from shardcut.ops.evaluation.runner import evaluate as evaluate
+    from shardcut.ops.planning import make_plan as make_plan
+    from shardcut.ops.publish import push as push
+    from shardcut.ops.summary import inspect_model as inspect_model
+    from shardcut.ops.verification import VerifyReport as VerifyReport
+    from shardcut.ops.verification import verify as verify
+    from shardcut.plans.plan import Plan as Plan
+    from shardcut.plans.plan import validate_plan as validate_plan
+    from shardcut.plans.score_import import import_scores as import_scores
+    from shardcut.plans.scores import Scores as Scores
+    from shardcut.plans.scores import merge_score_files as merge_score_files
+    from shardcut.plans.scores import merge_scores as merge_scores
+    from shardcut.rewrite.stream import prune_model as prune_model
+    from shardcut.rewrite.writer import PruneReport as PruneReport
+    from shardcut.rewrite.writer import prune as prune
 
 
 def __getattr__(name: str) -> Any:

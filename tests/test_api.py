@@ -9,8 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shardcut.plan import Plan
-from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
+from shardcut.ops.synthetic import SyntheticSpec, write_synthetic_checkpoint
+from shardcut.plans.plan import Plan
 
 ROOT = Path(__file__).resolve().parents[1]
 

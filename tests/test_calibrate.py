@@ -13,8 +13,8 @@ import pytest
 from fixtures.calib_fixtures import layer_outputs, reference_statistics, write_ids_jsonl
 from fixtures.families import TOP_K, E, family
 
-from shardcut.calibration.runner import Calibrator, calibrate
-from shardcut.scores import FIELDS, Scores, merge_scores
+from shardcut.ops.calibration.runner import Calibrator, calibrate
+from shardcut.plans.scores import FIELDS, Scores, merge_scores
 
 PROOF_FAMILIES = ["qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss"]
 # every other family the adapter table lists, on the same reference
@@ -264,8 +264,8 @@ def test_score_file_metadata(streamed):
 def test_wrapper_scores_use_the_plan_keys_and_say_text_only(name, families, streamed):
     """A wrapper's score file is keyed as `plan`/`prune` key the wrapper checkpoint (no renaming), and
     says where text-only calibration leaves image-token routing or other stacks unseen."""
-    from shardcut.checkpoint import open_checkpoint
-    from shardcut.model import describe
+    from shardcut.format.checkpoint import open_checkpoint
+    from shardcut.moe.model import describe
 
     scores, _, _ = streamed(name)
     info = describe(open_checkpoint(families(name).source))
@@ -310,7 +310,7 @@ def test_gpu_settings_run_on_the_cpu(families, ids_data, streamed, tmp_path, mon
 
     import torch
 
-    from shardcut.calibration import stream
+    from shardcut.ops.calibration import stream
 
     name = "kimi_k25"
     full, _, _ = streamed(name)

@@ -11,10 +11,10 @@ import pytest
 from fixtures.calib_fixtures import save_tokenizer, write_ids_jsonl
 from typer.testing import CliRunner
 
-from shardcut.calibration.data import load_data, parse_spec
-from shardcut.calibration.runner import calibrate, parse_shard
-from shardcut.errors import ShardcutError
-from shardcut.scores import Scores
+from shardcut.format.errors import ShardcutError
+from shardcut.ops.calibration.data import load_data, parse_spec
+from shardcut.ops.calibration.runner import calibrate, parse_shard
+from shardcut.plans.scores import Scores
 from shardcut_cli.main import app
 
 pytest.importorskip("transformers")
@@ -287,7 +287,7 @@ def test_saved_dataset_folder_needs_datasets(tmp_path, tokenizer_dir):
 
 
 def test_demo_calibrates_plans_prunes_and_verifies(tmp_path):
-    from shardcut.demo import run_demo
+    from shardcut.ops.demo import run_demo
 
     lines = []
     report = run_demo(tmp_path / "demo", log=lines.append)

@@ -1,5 +1,5 @@
 """The calibrator reads quantized checkpoints as they ship, dequantising each layer a few modules
-at a time on the device (`shardcut.dequant`): FP8 block (DeepSeek-V3 / Kimi-K2), compressed-tensors
+at a time on the device (`shardcut.moe.dequant`): FP8 block (DeepSeek-V3 / Kimi-K2), compressed-tensors
 pack-quantized INT4 (Kimi-K2-Thinking / K2.5; symmetric, and asymmetric with zero points) and gpt-oss
 MXFP4. Its statistics equal those of the float model holding the dequantized weights: the streaming
 calibrator on a float checkpoint of those weights (exactly) and the hook reference of
@@ -18,9 +18,9 @@ import pytest
 from fixtures.calib_fixtures import reference_statistics, write_ids_jsonl
 from fixtures.families import TOP_K, E, load_tensors, save_sharded
 
-from shardcut.calibration.runner import calibrate
-from shardcut.errors import ShardcutError
-from shardcut.scores import FIELDS, Scores
+from shardcut.format.errors import ShardcutError
+from shardcut.ops.calibration.runner import calibrate
+from shardcut.plans.scores import FIELDS, Scores
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -99,7 +99,7 @@ def test_quantized_checkpoint_calibrates_like_its_dequantized_float_model(name, 
 def test_dequantizing_one_module_at_a_time_changes_nothing(runs, monkeypatch, tmp_path):
     """With a chunk budget of one byte every `dequantize` call gets one module (a weight and its
     companions): the bounded-memory path gives the same statistics as whole-layer chunks."""
-    from shardcut.calibration import stream
+    from shardcut.ops.calibration import stream
 
     built, _, data, _, whole, _ = runs("ct_int4")
     modules_per_call = []

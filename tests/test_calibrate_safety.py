@@ -20,10 +20,10 @@ import pytest
 from fixtures.calib_fixtures import write_ids_jsonl
 from typer.testing import CliRunner
 
-from shardcut.calibration.resume import MARKER, checkpoint_due
-from shardcut.calibration.runner import calibrate
-from shardcut.errors import OutputError, OutputExistsError, ShardcutError
-from shardcut.scores import Scores
+from shardcut.format.errors import OutputError, OutputExistsError, ShardcutError
+from shardcut.ops.calibration.resume import MARKER, checkpoint_due
+from shardcut.ops.calibration.runner import calibrate
+from shardcut.plans.scores import Scores
 from shardcut_cli.main import app
 
 pytest.importorskip("transformers")
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # a real calibrate process that kills itself with SIGKILL in the middle of step STEP
 _KILLED = r"""
 import os, signal, sys
-from shardcut.calibration.runner import calibrate
+from shardcut.ops.calibration.runner import calibrate
 model, data, out, step, memory, every = sys.argv[1:7]
 def progress(e):
     if e.kind == "batch" and e.step == int(step) and e.batch == 2:
@@ -47,7 +47,7 @@ calibrate(model, data, out, max_length=64, batch_tokens=96, max_memory=None if m
 _HELD = r"""
 import sys, time
 from pathlib import Path
-from shardcut.calibration.runner import calibrate
+from shardcut.ops.calibration.runner import calibrate
 model, data, out, ready, go = sys.argv[1:6]
 def progress(e):
     if e.kind == "layer_start" and e.step == 2 and not Path(ready).exists():
@@ -283,7 +283,7 @@ def _new_revision(model: Path, keep_mtime: bool) -> None:
     """Every float tensor of every shard changed (same names, shapes, file sizes)."""
     from safetensors.numpy import load_file, save_file
 
-    from shardcut.container import read_header
+    from shardcut.format.container import read_header
 
     for shard in sorted(model.glob("*.safetensors")):
         st = shard.stat()
@@ -437,7 +437,7 @@ def test_spill_files_are_reserved_up_front(model, data, reference, tmp_path):
             st = cal.store.path(i).stat()
             sizes.append((st.st_size, st.st_blocks * 512))
 
-    from shardcut.calibration.runner import Calibrator
+    from shardcut.ops.calibration.runner import Calibrator
 
     cal = Calibrator(
         str(model),
@@ -454,7 +454,7 @@ def test_spill_files_are_reserved_up_front(model, data, reference, tmp_path):
 
 
 def test_full_disk_is_a_one_line_error(model, data, tmp_path, monkeypatch):
-    import shardcut.calibration.store as store
+    import shardcut.ops.calibration.store as store
 
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(store.shutil, "disk_usage", lambda p: usage._replace(free=1000))

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from fixtures.calib_fixtures import write_ids_jsonl
 
-from shardcut.calibration.runner import calibrate
-from shardcut.scores import FIELDS, Scores
+from shardcut.ops.calibration.runner import calibrate
+from shardcut.plans.scores import FIELDS, Scores
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -23,7 +23,7 @@ BLOCK = 16
 
 
 def test_dequantize_fp8_applies_one_scale_per_block():
-    from shardcut.dequant import dequantize  # what the calibrator dequantises FP8 block weights with
+    from shardcut.moe.dequant import dequantize  # what the calibrator dequantises FP8 block weights with
 
     gen = torch.Generator().manual_seed(0)
     w8 = torch.randn(6, 10, generator=gen).to(torch.float8_e4m3fn)
@@ -91,7 +91,7 @@ def test_fp8_checkpoint_calibrates_like_its_dequantized_twin(families, tmp_path)
 
 _RANK_SCRIPT = """
 import sys
-from shardcut.calibration.runner import calibrate
+from shardcut.ops.calibration.runner import calibrate
 calibrate(sys.argv[1], sys.argv[2], sys.argv[3], max_length=64, batch_tokens=96, device="cpu")
 """
 

@@ -24,8 +24,8 @@ import pytest
 from fixtures.calib_fixtures import reference_statistics, write_ids_jsonl
 from fixtures.families import build, family, load, load_tensors, save_sharded
 
-from shardcut.calibration.runner import calibrate
-from shardcut.scores import FIELDS, Scores
+from shardcut.ops.calibration.runner import calibrate
+from shardcut.plans.scores import FIELDS, Scores
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -110,10 +110,10 @@ def _plan_prune_verify_oracle(
 ) -> dict:
     """plan -> prune -> verify on `source` (no renaming), then the logits oracle on the float
     models (`original` loaded from the source or its float twin; the pruned one likewise)."""
-    from shardcut.oracle import forbid_pruned_experts
-    from shardcut.planning import make_plan
-    from shardcut.rewrite import prune
-    from shardcut.verification import verify
+    from shardcut.moe.oracle import forbid_pruned_experts
+    from shardcut.ops.planning import make_plan
+    from shardcut.ops.verification import verify
+    from shardcut.rewrite.writer import prune
 
     plan, report = make_plan(source, scores_path, ratio=0.5, mtp_policy=mtp_policy)
     out = tmp / "pruned"

@@ -13,8 +13,8 @@ from fixtures.calib_fixtures import write_ids_jsonl
 from fixtures.families import FAMILIES
 from test_calibrate import CALIBRATED
 
-from shardcut.architectures import ARCHITECTURES
-from shardcut.calibration.observe import calibratable_model_types, unsupported_reason
+from shardcut.moe.architectures import ARCHITECTURES
+from shardcut.ops.calibration.observe import calibratable_model_types, unsupported_reason
 
 # config.json model_type of each calibrated fixture
 _FIXTURE_TYPES = {(f.config_edits.get("model_type") or f.model_type): f.name for f in FAMILIES if f.name in CALIBRATED}

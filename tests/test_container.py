@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 from safetensors import deserialize
 
-import shardcut.container as container
-from shardcut.container import DTYPE_BITS, OutTensor, Piece, merge_pieces, read_header, write_shard
-from shardcut.errors import ShardcutError
+import shardcut.format.container as container
+from shardcut.format.container import DTYPE_BITS, OutTensor, Piece, merge_pieces, read_header, write_shard
+from shardcut.format.errors import ShardcutError
 
 # Every dtype safetensors 0.8 defines, with its bits per element (packed sub-byte types included).
 SAFETENSORS_DTYPES = {

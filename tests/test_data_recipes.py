@@ -30,9 +30,9 @@ from fixtures.reap_fixtures import (
     token_digest,
 )
 
-from shardcut.calibration.data import load_data, parse_spec
-from shardcut.calibration.recipes import REAP_RECIPES, find_recipe
-from shardcut.errors import ShardcutError
+from shardcut.format.errors import ShardcutError
+from shardcut.ops.calibration.data import load_data, parse_spec
+from shardcut.ops.calibration.recipes import REAP_RECIPES, find_recipe
 
 pytest.importorskip("datasets")
 pytest.importorskip("transformers")
@@ -292,8 +292,8 @@ def test_packing_like_the_reference(tmp_path, tok_dir):
 def test_calibrate_records_sequences_and_provenance(families, tmp_path):
     from fixtures.calib_fixtures import write_ids_jsonl
 
-    from shardcut.calibration.runner import calibrate
-    from shardcut.checkpoint import layout_fingerprint, open_checkpoint
+    from shardcut.format.checkpoint import layout_fingerprint, open_checkpoint
+    from shardcut.ops.calibration.runner import calibrate
 
     src = families("qwen3_moe").source
     data = tmp_path / "ids.jsonl"

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from shardcut.demo import MARKER, claim_demo_dir
-from shardcut.errors import OutputError
+from shardcut.format.errors import OutputError
+from shardcut.ops.demo import MARKER, claim_demo_dir
 
 SHARDCUT = [sys.executable, "-m", "shardcut_cli.main"]
 

@@ -1,4 +1,4 @@
-"""`shardcut.dequant.dequantize` turns one layer's FP8-block or compressed-tensors INT4 tensors into
+"""`shardcut.moe.dequant.dequantize` turns one layer's FP8-block or compressed-tensors INT4 tensors into
 the float weights the fixtures were quantized from (within the format's rounding), under their
 plain `.weight` names, as the calibrator needs them."""
 
@@ -9,7 +9,7 @@ import json
 import pytest
 from fixtures.families import load_tensors
 
-from shardcut.errors import ShardcutError
+from shardcut.format.errors import ShardcutError
 
 torch = pytest.importorskip("torch")
 
@@ -25,7 +25,7 @@ def _layer(tensors: dict, prefix: str) -> dict:
 def test_dequantize_gives_the_float_weights(quantized, name):
     if name.startswith("ct_"):
         pytest.importorskip("compressed_tensors")
-    from shardcut.dequant import dequantize
+    from shardcut.moe.dequant import dequantize
 
     built = quantized(name)
     qc = json.loads((built.source / "config.json").read_text())["quantization_config"]
@@ -49,7 +49,7 @@ def test_dequantize_gives_the_float_weights(quantized, name):
 
 
 def test_dequantize_to_bfloat16_and_back_of_a_float_checkpoint(quantized):
-    from shardcut.dequant import dequantize
+    from shardcut.moe.dequant import dequantize
 
     built = quantized("fp8_block")
     qc = json.loads((built.source / "config.json").read_text())["quantization_config"]
@@ -63,7 +63,7 @@ def test_dequantize_to_bfloat16_and_back_of_a_float_checkpoint(quantized):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_dequantize_on_the_device(quantized):
-    from shardcut.dequant import dequantize
+    from shardcut.moe.dequant import dequantize
 
     built = quantized("fp8_block")
     qc = json.loads((built.source / "config.json").read_text())["quantization_config"]
@@ -75,7 +75,7 @@ def test_dequantize_on_the_device(quantized):
 
 
 def test_bad_quantized_layers_are_refused():
-    from shardcut.dequant import dequantize
+    from shardcut.moe.dequant import dequantize
 
     with pytest.raises(ShardcutError, match="has no x.weight"):
         dequantize({"x.weight_scale_inv": torch.ones(1, 1)}, {"quant_method": "fp8", "weight_block_size": [16, 16]})

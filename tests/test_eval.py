@@ -15,9 +15,9 @@ import pytest
 from fixtures.calib_fixtures import decoder_layers, write_ids_jsonl
 from fixtures.families import E, family
 
-from shardcut.evaluation.metrics import EvalReport
-from shardcut.evaluation.runner import evaluate
-from shardcut.plan import Plan
+from shardcut.ops.evaluation.metrics import EvalReport
+from shardcut.ops.evaluation.runner import evaluate
+from shardcut.plans.plan import Plan
 
 pytest.importorskip("transformers")
 
@@ -91,8 +91,8 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 
 def reference(model, keep: dict[str, list[int]], runs: list[str], samples: list[np.ndarray]) -> dict:
-    """The metrics of `shardcut.evaluation.metrics`, from full forwards of the original and the masked model."""
-    from shardcut.oracle import forbid_pruned_experts
+    """The metrics of `shardcut.ops.evaluation.metrics`, from full forwards of the original and the masked model."""
+    from shardcut.moe.oracle import forbid_pruned_experts
 
     layers = decoder_layers(model)
     blocks = {k: getattr(layers[int(k)], MOE_BLOCK) for k in runs}
@@ -204,7 +204,7 @@ def test_pruning_what_a_layer_relies_on_shows_first_at_that_layer(families, ids_
     prunes layer 2's most used one: their errors are identical up to layer 1 and part at layer 2,
     where the second's MoE error is much the larger. The score file is calibrated on the same
     text, so eval must also say that the text is not held out."""
-    from shardcut.calibration.runner import calibrate
+    from shardcut.ops.calibration.runner import calibrate
 
     built = families("qwen3_moe")
     scores = calibrate(built.source, str(ids_data[0]), tmp_path / "s.safetensors", max_length=64, device="cpu")
@@ -233,7 +233,7 @@ def test_pruning_what_a_layer_relies_on_shows_first_at_that_layer(families, ids_
 
 
 def test_held_out_data_gives_no_overlap_warning(families, ids_data, tmp_path):
-    from shardcut.calibration.runner import calibrate
+    from shardcut.ops.calibration.runner import calibrate
 
     built = families("qwen3_moe")
     other = tmp_path / "calib.jsonl"
@@ -259,7 +259,7 @@ def test_report_round_trips_through_json(evaluated, tmp_path):
     table = again.markdown()
     assert table.count("\n| ") == 3 and re.search(r"\| plan 1 \| 50% \| 4 \|", table)
     (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
-    from shardcut.errors import ShardcutError
+    from shardcut.format.errors import ShardcutError
 
     with pytest.raises(ShardcutError, match="bad.json"):
         EvalReport.load(tmp_path / "bad.json")
@@ -330,7 +330,7 @@ def test_cli_table_json_plot_and_a_card_that_carries_them(families, ids_data, ev
 def test_data_sketch_is_exact_below_its_largest_hash():
     """The bottom-k sketch: a small set is recorded exactly; for a large one, every sample that
     hashes below the sketch's largest hash is judged, and judged right; other samples are not."""
-    from shardcut.fingerprint import PREFIX_TOKENS, data_sketch, merge_sketches, overlap, sample_hash
+    from shardcut.format.fingerprint import PREFIX_TOKENS, data_sketch, merge_sketches, overlap, sample_hash
 
     rng = np.random.default_rng(3)
     calib = [rng.integers(0, 1000, n).tolist() for n in rng.integers(1, 80, 3000)]
@@ -350,7 +350,7 @@ def test_data_sketch_is_exact_below_its_largest_hash():
     assert overlap("something else", mixed) is None
     halves = [data_sketch(calib[:1500], size=256), data_sketch(calib[1500:], size=256)]
     assert merge_sketches(halves) == sketch
-    from shardcut.scores import Scores, merge_scores  # `scores merge` keeps the union's sketch
+    from shardcut.plans.scores import Scores, merge_scores  # `scores merge` keeps the union's sketch
 
     parts = [Scores.zeros(["1"], 8, metadata={"model": "m", "data_sketch": h}) for h in halves]
     assert merge_scores([(p, 1.0) for p in parts]).metadata["data_sketch"] == sketch
@@ -361,9 +361,9 @@ def test_a_router_the_mask_does_not_reach_is_refused(families):
     (here the mask is left out, so the router chooses pruned experts)."""
     import torch
 
-    from shardcut.errors import ShardcutError
-    from shardcut.evaluation.layers import refuse_pruned
-    from shardcut.oracle import forbid_pruned_experts
+    from shardcut.format.errors import ShardcutError
+    from shardcut.moe.oracle import forbid_pruned_experts
+    from shardcut.ops.evaluation.layers import refuse_pruned
 
     built = families("qwen3_moe")
     model, keep = built.model, built.keep
@@ -380,8 +380,8 @@ def test_a_router_the_mask_does_not_reach_is_refused(families):
 def test_ratios_from_a_score_file_are_the_plans_make_plan_writes(families, ids_data, tmp_path):
     from typer.testing import CliRunner
 
-    from shardcut.calibration.runner import calibrate
-    from shardcut.planning import make_plan
+    from shardcut.ops.calibration.runner import calibrate
+    from shardcut.ops.planning import make_plan
     from shardcut_cli.main import app
 
     built = families("qwen3_moe")

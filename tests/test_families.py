@@ -26,8 +26,8 @@ from fixtures.families import (
 )
 from safetensors import safe_open
 
-from shardcut.checkpoint import open_checkpoint
-from shardcut.model import describe
+from shardcut.format.checkpoint import open_checkpoint
+from shardcut.moe.model import describe
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
@@ -43,7 +43,7 @@ def test_table_describes_family(families, name):
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_pruned_logits_equal_masked_original(families, name):
     torch = pytest.importorskip("torch")
-    from shardcut.oracle import forbid_pruned_experts
+    from shardcut.moe.oracle import forbid_pruned_experts
 
     b = families(name)
     small, loading = load(b.family, b.pruned)
@@ -175,9 +175,9 @@ def _experts(prefix: str, n: int, names=("w1", "w2", "w3")) -> dict[str, np.ndar
 
 @pytest.mark.parametrize("case", ["jetmoe", "deepseek_v4_hash"])
 def test_unprunable_layouts_are_refused_with_the_reason(tmp_path, case):
-    from shardcut.errors import ShardcutError
-    from shardcut.plan import Plan
-    from shardcut.rewrite import prune
+    from shardcut.format.errors import ShardcutError
+    from shardcut.plans.plan import Plan
+    from shardcut.rewrite.writer import prune
 
     if case == "jetmoe":  # one count shared by FFN experts and attention (MoA) experts
         src = _tiny_checkpoint(
@@ -216,8 +216,8 @@ def test_unprunable_layouts_are_refused_with_the_reason(tmp_path, case):
 def test_stacks_with_their_own_count_are_validated_separately(families):
     """Qwen3-Omni: thinker and talker keep different counts; within a stack counts must agree.
     ERNIE-VL: text and vision halves share one count, so they must keep as many."""
-    from shardcut.errors import ShardcutError
-    from shardcut.plan import Plan, validate_plan
+    from shardcut.format.errors import ShardcutError
+    from shardcut.plans.plan import Plan, validate_plan
 
     omni = families("qwen3_omni_moe")
     info = describe(open_checkpoint(omni.source))
@@ -235,7 +235,7 @@ def test_stacks_with_their_own_count_are_validated_separately(families):
 @pytest.mark.parametrize("name", FAMILY_NAMES)
 def test_inspect_savings_match_the_prune(families, name):
     """`inspect`'s bytes saved per expert removed, times the experts the plan removed, is what the prune saved."""
-    from shardcut.summary import inspect_model
+    from shardcut.ops.summary import inspect_model
 
     b = families(name)
     report = inspect_model(b.source)

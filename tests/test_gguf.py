@@ -38,9 +38,9 @@ class Case:
 
 def _demo_case(root: Path) -> Case:
     """The demo's Qwen3-MoE (16 experts, no `mlp_only_layers`) with its BPE tokenizer, pruned to 8."""
-    from shardcut.demo import DEMO_CONFIG, build_demo_model
-    from shardcut.plan import Plan
-    from shardcut.rewrite import prune
+    from shardcut.ops.demo import DEMO_CONFIG, build_demo_model
+    from shardcut.plans.plan import Plan
+    from shardcut.rewrite.writer import prune
 
     source, pruned = root / "source", root / "pruned"
     build_demo_model(source)
@@ -158,7 +158,7 @@ def test_demo_tokenizer_converts_as_qwen2_bpe(cases):
         field(r, "tokenizer.ggml.bos_token_id") == vocab["<s>"]
         and field(r, "tokenizer.ggml.eos_token_id") == vocab["</s>"]
     )
-    from shardcut.demo import CHAT_TEMPLATE
+    from shardcut.ops.demo import CHAT_TEMPLATE
 
     assert field(r, "tokenizer.chat_template") == CHAT_TEMPLATE
 

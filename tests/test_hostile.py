@@ -12,11 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from shardcut.container import parse_header_bytes
-from shardcut.errors import ShardcutError
-from shardcut.plan import Plan
-from shardcut.scores import Scores
-from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
+from shardcut.format.container import parse_header_bytes
+from shardcut.format.errors import ShardcutError
+from shardcut.ops.synthetic import SyntheticSpec, write_synthetic_checkpoint
+from shardcut.plans.plan import Plan
+from shardcut.plans.scores import Scores
 from shardcut_cli.main import app
 
 runner = CliRunner()

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from shardcut.scores import Scores
+from shardcut.plans.scores import Scores
 from shardcut_cli.main import app
 
 pytest.importorskip("transformers")
@@ -36,7 +36,7 @@ OUTSAFE = None  # these cases were xfail until the describe checks of the outsaf
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
     """model/, scores.safetensors, plan.json and data files, built once."""
-    from shardcut.demo import build_demo_model
+    from shardcut.ops.demo import build_demo_model
 
     root = tmp_path_factory.mktemp("world")
     build_demo_model(root / "model")
@@ -445,8 +445,8 @@ class _Jinja:
 
 
 def test_chat_template_runs_under_a_time_limit():
-    from shardcut.calibration.template import render_chat_template
-    from shardcut.errors import DataError
+    from shardcut.format.errors import DataError
+    from shardcut.ops.calibration.template import render_chat_template
 
     messages = [{"role": "user", "content": "hi"}]
     assert (

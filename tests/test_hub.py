@@ -21,10 +21,10 @@ from fixtures.hub_fixtures import (
 )
 from typer.testing import CliRunner
 
-from shardcut import hub
-from shardcut.checkpoint import open_checkpoint
-from shardcut.errors import ShardcutError
-from shardcut.plan import Plan
+from shardcut.format import hub
+from shardcut.format.checkpoint import open_checkpoint
+from shardcut.format.errors import ShardcutError
+from shardcut.plans.plan import Plan
 from shardcut_cli.main import app
 
 runner = CliRunner()

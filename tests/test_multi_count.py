@@ -19,13 +19,13 @@ from fixtures.hub_fixtures import FakeHubApi, set_token
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from shardcut.checkpoint import open_checkpoint
-from shardcut.container import read_header
-from shardcut.errors import ShardcutError
-from shardcut.model import describe
-from shardcut.plan import Plan, validate_plan
-from shardcut.planning import make_plan
-from shardcut.scores import Scores, merge_scores
+from shardcut.format.checkpoint import open_checkpoint
+from shardcut.format.container import read_header
+from shardcut.format.errors import ShardcutError
+from shardcut.moe.model import describe
+from shardcut.ops.planning import make_plan
+from shardcut.plans.plan import Plan, validate_plan
+from shardcut.plans.scores import Scores, merge_scores
 from shardcut_cli.main import app
 
 THINKER, TALKER = "thinker_config.text_config", "talker_config.text_config"
@@ -65,7 +65,7 @@ def omni(families):
 @pytest.fixture(scope="module")
 def planned(omni, tmp_path_factory):
     """Hand-made scores -> plan at ratio 0.5 -> pruned checkpoint (the library calls)."""
-    from shardcut.rewrite import prune
+    from shardcut.rewrite.writer import prune
 
     root = tmp_path_factory.mktemp("omni-multi")
     scores, reap = hand_scores(seed=5)
@@ -201,7 +201,7 @@ def test_scores_without_per_layer_counts_are_refused(omni):
 
 def test_round_trip_keeps_the_best_of_each_stack_and_passes_the_oracle(omni, planned):
     torch = pytest.importorskip("torch")
-    from shardcut.oracle import forbid_pruned_experts
+    from shardcut.moe.oracle import forbid_pruned_experts
 
     root, reap, plan, report, result = planned
     assert {k: len(v) for k, v in plan.keep.items()} == {"0": 4, "1": 4, "talker.0": 3, "talker.1": 3}
@@ -285,7 +285,7 @@ def _elements(path) -> int:
 def test_card_counts_every_stack(omni, planned, which, tmp_path, monkeypatch):
     from huggingface_hub import ModelCard
 
-    from shardcut.publish import PROVENANCE_NAME, push
+    from shardcut.ops.publish import PROVENANCE_NAME, push
 
     out = planned[0] / "pruned" if which == "from scores" else omni.pruned
     set_token(monkeypatch, "hf_FakeTokenForTests0123456789", tmp_path)

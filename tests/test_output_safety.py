@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shardcut.errors import OutputError, OutputExistsError, ShardcutError
-from shardcut.outdir import partial_dir
-from shardcut.plan import Plan
-from shardcut.rewrite import prune
-from shardcut.scores import Scores, merge_score_files
-from shardcut.synthetic import SyntheticSpec, _write_raw_shard, write_synthetic_checkpoint
+from shardcut.format.errors import OutputError, OutputExistsError, ShardcutError
+from shardcut.ops.synthetic import SyntheticSpec, _write_raw_shard, write_synthetic_checkpoint
+from shardcut.plans.plan import Plan
+from shardcut.plans.scores import Scores, merge_score_files
+from shardcut.rewrite.outdir import partial_dir
+from shardcut.rewrite.writer import prune
 
 SPEC = SyntheticSpec(layers=4, experts=8, top_k=2, hidden=64, moe_inter=32, shards=4, vocab=256)
 KEEP = {"1": [0, 2, 3, 7], "2": [1, 2, 5, 6], "3": [0, 1, 4, 5]}
@@ -142,8 +142,8 @@ def test_scores_import_and_merge_into_the_model_are_refused(source, scores_file,
 
 def test_library_calls_refuse_the_same_outputs(source, scores_file, tmp_path):
     """A Python caller is protected as the CLI is: the checks live in the library."""
-    from shardcut.planning import make_plan
-    from shardcut.score_import import import_scores
+    from shardcut.ops.planning import make_plan
+    from shardcut.plans.score_import import import_scores
 
     before = tree_digest(source)
     with pytest.raises(OutputError, match="inside the input folder"):
@@ -214,8 +214,8 @@ def test_shard_replaced_by_another_process_during_prune(fresh_source, tmp_path):
     out = tmp_path / "out"
     script = textwrap.dedent("""
         import json, sys
-        from shardcut.plan import Plan
-        from shardcut.rewrite import prune
+        from shardcut.plans.plan import Plan
+        from shardcut.rewrite.writer import prune
         asked = []
         def progress(done, total):
             if not asked:
@@ -247,7 +247,7 @@ def test_shard_replaced_by_another_process_during_prune(fresh_source, tmp_path):
 
 
 def test_unchanged_sources_still_prune_and_verify(fresh_source, tmp_path):
-    from shardcut.verification import verify
+    from shardcut.ops.verification import verify
 
     report = prune(fresh_source, tmp_path / "out", Plan(KEEP))
     assert report.verified and verify(tmp_path / "out", source=fresh_source).ok
@@ -338,7 +338,7 @@ def test_missing_expert_ids_are_refused(tmp_path):
     """Per-expert families: the ids present must be exactly 0..E-1 (here expert 5 of layer 2 is gone)."""
     model = write_synthetic_checkpoint(tmp_path / "m", ONE_SHARD)
     shard = model / "model-00001-of-00001.safetensors"
-    from shardcut.container import read_header
+    from shardcut.format.container import read_header
 
     header = read_header(shard)
     keep = [(t.name, t.dtype, t.shape) for t in header.tensors.values() if ".layers.2.mlp.experts.5." not in t.name]
@@ -549,8 +549,8 @@ def test_pinning_many_shards_under_a_low_descriptor_limit(tmp_path):
     assert len(list(model.glob("*.safetensors"))) > 64
     script = textwrap.dedent("""
         import json, resource, sys
-        from shardcut.plan import Plan
-        from shardcut.rewrite import prune
+        from shardcut.plans.plan import Plan
+        from shardcut.rewrite.writer import prune
         resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         print(prune(sys.argv[1], sys.argv[2], Plan(json.loads(sys.argv[3]))).verified)
     """)

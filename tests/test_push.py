@@ -20,14 +20,14 @@ from fixtures.hub_fixtures import REPO, SCORE_META, FakeHubApi, http_error, set_
 from huggingface_hub import ModelCard
 from typer.testing import CliRunner
 
-from shardcut import hub
-from shardcut.checkpoint import open_checkpoint
-from shardcut.errors import CheckpointError, ShardcutError
-from shardcut.model import describe
-from shardcut.parameters import count_parameters
-from shardcut.plan import Plan
-from shardcut.publish import PROVENANCE_NAME, TAGS, push
-from shardcut.scores import file_sha256
+from shardcut.format import hub
+from shardcut.format.checkpoint import open_checkpoint
+from shardcut.format.errors import CheckpointError, ShardcutError
+from shardcut.moe.model import describe
+from shardcut.moe.parameters import count_parameters
+from shardcut.ops.publish import PROVENANCE_NAME, TAGS, push
+from shardcut.plans.plan import Plan
+from shardcut.plans.scores import file_sha256
 from shardcut_cli.main import app
 
 TARGET = "me/tiny-qwen3-moe-reap-50"
@@ -254,7 +254,7 @@ def test_int4_weight_shape_decides_where_packing_pads(tmp_path):
     is not trusted."""
     from safetensors.numpy import save_file
 
-    from shardcut.parameters import tensor_parameters
+    from shardcut.moe.parameters import tensor_parameters
 
     info = describe(open_checkpoint(tmp_path / _int4_model(tmp_path, 36)))
     ckpt = open_checkpoint(tmp_path / "m")
@@ -277,7 +277,7 @@ def _int4_model(tmp_path, width: int) -> str:
     compressed-tensors INT4 with input width `width`, its `weight_shape` companions real."""
     from safetensors.numpy import save_file
 
-    from shardcut.synthetic import SyntheticSpec, synthetic_config
+    from shardcut.ops.synthetic import SyntheticSpec, synthetic_config
 
     spec = SyntheticSpec(
         layers=2,
@@ -389,9 +389,9 @@ def test_card_commands_reproduce_the_plan(tmp_path, fake):
     own ratio prunes to the same kept experts."""
     from fixtures.scores_fixtures import random_scores
 
-    from shardcut.planning import make_plan
-    from shardcut.rewrite import prune
-    from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
+    from shardcut.ops.planning import make_plan
+    from shardcut.ops.synthetic import SyntheticSpec, write_synthetic_checkpoint
+    from shardcut.rewrite.writer import prune
 
     src = write_synthetic_checkpoint(
         tmp_path / "model",

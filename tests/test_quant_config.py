@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from shardcut.checkpoint import open_checkpoint
-from shardcut.errors import ShardcutError
-from shardcut.plan import Plan
-from shardcut.rewrite import prune
-from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
-from shardcut.verification import verify
+from shardcut.format.checkpoint import open_checkpoint
+from shardcut.format.errors import ShardcutError
+from shardcut.ops.synthetic import SyntheticSpec, write_synthetic_checkpoint
+from shardcut.ops.verification import verify
+from shardcut.plans.plan import Plan
+from shardcut.rewrite.writer import prune
 
 SPEC = SyntheticSpec(layers=3, experts=8, top_k=2, hidden=64, moe_inter=32, int4=True, shards=3)
 KEEP = {"1": [0, 2, 3, 7], "2": [1, 2, 5, 6]}

@@ -17,8 +17,8 @@ import pytest
 from fixtures.families import LOGIT_DIFFS, assert_pruned_bytes, load, read_tensors
 from fixtures.quant_fixtures import SCHEME_NAMES, dequantized_copy, expert_modules
 
-from shardcut.checkpoint import open_checkpoint
-from shardcut.model import describe
+from shardcut.format.checkpoint import open_checkpoint
+from shardcut.moe.model import describe
 
 
 @pytest.fixture(params=SCHEME_NAMES)
@@ -92,7 +92,7 @@ def test_config_and_quantization_config(built):
 
 def test_pruned_logits_equal_masked_original(built):
     torch = pytest.importorskip("torch")
-    from shardcut.oracle import forbid_pruned_experts
+    from shardcut.moe.oracle import forbid_pruned_experts
 
     sc = built.scheme
     fam = sc.family
@@ -155,7 +155,7 @@ def test_reference_dequantization_recovers_the_float_weights(built):
 
 
 def test_verify_with_source_passes(built):
-    from shardcut.verification import verify
+    from shardcut.ops.verification import verify
 
     report = verify(built.pruned, source=built.source)
     assert report.ok, report.problems
@@ -175,7 +175,7 @@ _LABELS = {
 
 
 def test_inspect_reports_the_scheme_and_the_bytes_pruning_saves(built):
-    from shardcut.summary import inspect_model
+    from shardcut.ops.summary import inspect_model
 
     sc, fam = built.scheme, built.scheme.family
     report = inspect_model(built.source)

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from shardcut.errors import ShardcutError
-from shardcut.outdir import OutputTransaction, lock_path, partial_dir
-from shardcut.plan import Plan
-from shardcut.rewrite import prune
-from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
-from shardcut.verification import verify
+from shardcut.format.errors import ShardcutError
+from shardcut.ops.synthetic import SyntheticSpec, write_synthetic_checkpoint
+from shardcut.ops.verification import verify
+from shardcut.plans.plan import Plan
+from shardcut.rewrite.outdir import OutputTransaction, lock_path, partial_dir
+from shardcut.rewrite.writer import prune
 
 SPEC = SyntheticSpec(layers=3, experts=8, top_k=2, hidden=512, moe_inter=256, shards=12, vocab=512)
 KEEP = {"1": [0, 2, 3, 7], "2": [1, 2, 5, 6]}
@@ -114,7 +114,7 @@ def test_second_writer_is_refused(source, tmp_path):
 
 
 def test_disk_full_removes_partial_output(source, tmp_path, monkeypatch):
-    import shardcut.container as container
+    import shardcut.format.container as container
 
     calls = {"n": 0}
     real = os.copy_file_range
@@ -135,7 +135,7 @@ def test_disk_full_removes_partial_output(source, tmp_path, monkeypatch):
 def test_refuses_to_start_without_enough_space(source, tmp_path, monkeypatch):
     import shutil
 
-    import shardcut.outdir as outdir
+    import shardcut.rewrite.outdir as outdir
 
     monkeypatch.setattr(outdir.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10**12, 10**12 - 1000, 1000))
     with pytest.raises(ShardcutError, match=r"needs [\d,]+ bytes, 1,000 are free"):

@@ -1,4 +1,4 @@
-"""Importers (shardcut.score_import): REAP observer .pt, JSON saliency reports, keep-lists; `scores import`."""
+"""Importers (shardcut.plans.score_import): REAP observer .pt, JSON saliency reports, keep-lists; `scores import`."""
 
 from __future__ import annotations
 
@@ -9,11 +9,11 @@ import pytest
 from fixtures.scores_fixtures import mtp_model
 from typer.testing import CliRunner
 
-from shardcut.errors import ShardcutError
-from shardcut.planning import make_plan
-from shardcut.score_import import import_scores
-from shardcut.scores import Scores, merge_scores
-from shardcut.select import criterion_values
+from shardcut.format.errors import ShardcutError
+from shardcut.ops.planning import make_plan
+from shardcut.plans.score_import import import_scores
+from shardcut.plans.scores import Scores, merge_scores
+from shardcut.plans.select import criterion_values
 from shardcut_cli.main import app
 
 runner = CliRunner()

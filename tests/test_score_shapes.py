@@ -13,13 +13,13 @@ import pytest
 from fixtures.scores_fixtures import model_info, mtp_model, random_scores, synthetic_model
 from typer.testing import CliRunner
 
-from shardcut.checkpoint import layout_fingerprint, open_checkpoint
-from shardcut.errors import ShardcutError
-from shardcut.plan import Plan
-from shardcut.planning import make_plan
-from shardcut.score_import import import_scores
-from shardcut.scores import GATE_APPLIED, Scores, merge_scores, provenance
-from shardcut.select import criterion_values
+from shardcut.format.checkpoint import layout_fingerprint, open_checkpoint
+from shardcut.format.errors import ShardcutError
+from shardcut.ops.planning import make_plan
+from shardcut.plans.plan import Plan
+from shardcut.plans.score_import import import_scores
+from shardcut.plans.scores import GATE_APPLIED, Scores, merge_scores, provenance
+from shardcut.plans.select import criterion_values
 from shardcut_cli.main import app
 
 torch = pytest.importorskip("torch")

@@ -1,4 +1,4 @@
-"""The score file (shardcut.scores): accumulate, save/load, validation, merge; `scores show/merge`."""
+"""The score file (shardcut.plans.scores): accumulate, save/load, validation, merge; `scores show/merge`."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from shardcut.errors import ShardcutError
-from shardcut.scores import Scores, file_sha256, merge_scores, parse_weighted
+from shardcut.format.errors import ShardcutError
+from shardcut.plans.scores import Scores, file_sha256, merge_scores, parse_weighted
 from shardcut_cli.main import app
 
 runner = CliRunner()

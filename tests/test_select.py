@@ -1,4 +1,4 @@
-"""Criteria, selection, counts and plans (shardcut.select), and the `plan` command."""
+"""Criteria, selection, counts and plans (shardcut.plans.select), and the `plan` command."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import pytest
 from fixtures.scores_fixtures import model_info, mtp_model, random_scores, tiny_model
 from typer.testing import CliRunner
 
-from shardcut.errors import PlanError, ShardcutError
-from shardcut.plan import Plan, validate_plan
-from shardcut.planning import make_plan
-from shardcut.scores import Scores, file_sha256
-from shardcut.select import criterion_values, kept_count, parse_protect, rank, select_layer, super_experts
+from shardcut.format.errors import PlanError, ShardcutError
+from shardcut.ops.planning import make_plan
+from shardcut.plans.plan import Plan, validate_plan
+from shardcut.plans.scores import Scores, file_sha256
+from shardcut.plans.select import criterion_values, kept_count, parse_protect, rank, select_layer, super_experts
 from shardcut_cli.main import app
 
 runner = CliRunner()
@@ -213,7 +213,7 @@ def _oracle_logits(source, pruned, keep, num_experts):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shardcut.oracle import forbid_pruned_experts
+    from shardcut.moe.oracle import forbid_pruned_experts
 
     model = AutoModelForCausalLM.from_pretrained(source).eval()
     small = AutoModelForCausalLM.from_pretrained(pruned).eval()
@@ -228,7 +228,7 @@ def _oracle_logits(source, pruned, keep, num_experts):
 
 @pytest.mark.parametrize("fixture, ratio, kept", [("qwen", 0.5, 4), ("deepseek", 0.4, 6)])
 def test_round_trip_scores_plan_prune_oracle(request, tmp_path, fixture, ratio, kept):
-    from shardcut.rewrite import prune
+    from shardcut.rewrite.writer import prune
 
     model = request.getfixturevalue(fixture)
     info = model_info(model)
@@ -529,7 +529,7 @@ def test_every_plan_option_has_a_flag_and_comes_back_from_it(qwen, tmp_path):
     here), and `shardcut plan` with those arguments makes the same plan."""
     import inspect
 
-    from shardcut.planning import PLAN_FLAGS, plan_arguments
+    from shardcut.ops.planning import PLAN_FLAGS, plan_arguments
 
     options = {k for k, p in inspect.signature(make_plan).parameters.items() if p.kind is p.KEYWORD_ONLY}
     assert options - {"out", "overwrite"} == set(PLAN_FLAGS)  # where the plan is written is no plan option

@@ -19,10 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shardcut.errors import CheckpointError, ShardcutError
-from shardcut.plan import Plan
-from shardcut.rewrite import prune
-from shardcut.verification import verify
+from shardcut.format.errors import CheckpointError, ShardcutError
+from shardcut.ops.verification import verify
+from shardcut.plans.plan import Plan
+from shardcut.rewrite.writer import prune
 from tests.fixtures.families import KEPT
 from tests.fixtures.gpt_oss_hub import SHARDS, build_gpt_oss_hub, expert_chunks, keep, raw_tensors
 
@@ -214,7 +214,7 @@ def test_cli_prints_what_is_left_out(hub, tmp_path):
 
 
 def _tiny(tmp_path: Path) -> Path:
-    from shardcut.demo import build_demo_model
+    from shardcut.ops.demo import build_demo_model
 
     src = tmp_path / "model"
     build_demo_model(src)
@@ -227,8 +227,8 @@ def tiny(tmp_path_factory):
 
 
 def _demo_plan(src: Path) -> Plan:
-    from shardcut.checkpoint import open_checkpoint
-    from shardcut.model import describe
+    from shardcut.format.checkpoint import open_checkpoint
+    from shardcut.moe.model import describe
 
     info = describe(open_checkpoint(src))
     return Plan({layer.key: list(range(0, info.num_experts, 2)) for layer in info.layers}, {})
@@ -349,7 +349,7 @@ def test_verify_source_catches_changed_side_files_and_config(hub, tmp_path, tamp
         with pytest.raises(ShardcutError, match=r"config\.json: num_hidden_layers = 2 but"):
             verify(bad, source=source)
         return
-    if tamper == "hidden_size":  # contradicts the embedding's shape: refused on opening (shardcut/config_check.py)
+    if tamper == "hidden_size":  # contradicts the embedding's shape: refused on opening (shardcut/moe/config_check.py)
         with pytest.raises(CheckpointError, match=r"hidden_size=64 but model.embed_tokens.weight has shape \[96, 48\]"):
             verify(bad, source=source)
         return
@@ -398,8 +398,8 @@ def test_stream_applies_the_same_rules(hub, tmp_path, monkeypatch):
     equals the local prune byte for byte."""
     import hashlib
 
-    from shardcut import hub as hub_mod
-    from shardcut.stream import prune_model
+    from shardcut.format import hub as hub_mod
+    from shardcut.rewrite.stream import prune_model
     from tests.fixtures.hub_fixtures import FakeHubApi, use_cache
 
     source, local, _ = hub

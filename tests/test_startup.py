@@ -8,9 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shardcut.plan import Plan
-from shardcut.scores import Scores
-from shardcut.synthetic import SyntheticSpec, write_synthetic_checkpoint
+from shardcut.ops.synthetic import SyntheticSpec, write_synthetic_checkpoint
+from shardcut.plans.plan import Plan
+from shardcut.plans.scores import Scores
 
 SCRIPT = """
 import json, sys

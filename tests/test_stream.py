@@ -12,11 +12,11 @@ import pytest
 from fixtures.hub_fixtures import REPO, SHA, FakeHubApi, pruned_digest, tiny, tree_digest, use_cache
 from typer.testing import CliRunner
 
-from shardcut import hub
-from shardcut.errors import ShardcutError
-from shardcut.plan import Plan
-from shardcut.stream import STAGING, prune_model
-from shardcut.verification import verify
+from shardcut.format import hub
+from shardcut.format.errors import ShardcutError
+from shardcut.ops.verification import verify
+from shardcut.plans.plan import Plan
+from shardcut.rewrite.stream import STAGING, prune_model
 from shardcut_cli.main import app
 
 
@@ -175,7 +175,7 @@ def test_stream_rejects_resharding(t, tmp_path, online):
 
 
 def test_transient_download_failures_are_retried_with_backoff():
-    from shardcut.stream import with_retries
+    from shardcut.rewrite.stream import with_retries
 
     class Flaky(ConnectionError):
         pass

@@ -1,0 +1,2 @@
+"""The operations users call: inspect, plan, verify, push, demo, calibrate, eval. Nothing below
+imports them."""

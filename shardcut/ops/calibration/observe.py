@@ -1,0 +1,171 @@
+"""Per-family calibration adapters and the observer that records routed expert statistics.
+
+Every MoE block that transformers 5 builds for the supported families computes its router
+(softmax or sigmoid, selection bias, group limits, renormalisation, scaling: whatever the family
+does) and then calls its experts module as `experts(hidden, top_k_index, top_k_weights)`, where
+`top_k_weights` are exactly the gates the layer applies to each chosen expert's output. The
+observer replaces that call: it runs the experts module's own forward (its own activation,
+biases, clamping, interleaving: gpt-oss included) on one (token, expert) pair per row with gate
+1, which yields f_j(x) for the routed pairs only, records the statistics, and returns
+Σ g_j(x)·f_j(x): the layer's output, so hidden states flow on. No expert runs on a token that
+did not choose it, and nothing of size experts x tokens x hidden is ever formed.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+from shardcut.format.errors import ShardcutError
+from shardcut.moe.architectures import ARCHITECTURES, Calibration, find_architecture
+from shardcut.moe.model import ModelInfo
+from shardcut.plans.scores import Scores
+
+DEFAULT_PAIR_CHUNK = 16384  # (token, expert) pairs per experts call: bounds the f_j(x) buffer
+
+
+def calibratable_model_types() -> list[str]:
+    """Model types the architecture table says calibrate."""
+    return sorted(
+        mt
+        for a in ARCHITECTURES
+        for mt in a.model_types
+        if a.unsupported is None and a.calibration_of(mt).unsupported is None
+    )
+
+
+def unsupported_reason(config: dict) -> str | None:
+    """Why a checkpoint of this config cannot be calibrated (None: it can), from the table."""
+    model_type = config.get("model_type")
+    arch = find_architecture(config)
+    if arch is None:
+        return "shardcut's architecture table does not know it"
+    return arch.unsupported or arch.calibration_of(model_type).unsupported
+
+
+def check_supported(info: ModelInfo, source) -> None:
+    """Raise a one-line error for a family the architecture table says cannot be calibrated."""
+    why = unsupported_reason(info.config)
+    if why is not None:
+        raise ShardcutError(
+            f"cannot calibrate model_type={info.config.get('model_type')!r}: {why}; calibration "
+            f"supports {', '.join(calibratable_model_types())}",
+            source,
+        )
+
+
+def calibration_notes(info: ModelInfo) -> dict[str, str]:
+    """Score-file metadata saying what a text-only calibration of a multimodal wrapper covers."""
+    calib = info.arch.calibration_of(info.config.get("model_type"))
+    out = {}
+    if calib.images_share_experts:
+        out["text_only"] = (
+            "calibrated on text only; this model also routes image tokens through the same "
+            "experts, which these statistics do not see"
+        )
+    if calib.text_only_stacks:
+        out["unscored_stacks"] = ", ".join(calib.text_only_stacks)
+    return out
+
+
+def find_experts(layer: torch.nn.Module, calib: Calibration | None = None) -> torch.nn.Module | None:
+    """The routed-experts module of a decoder layer (transformers' `@use_experts_implementation`
+    classes, which all take `(hidden, top_k_index, top_k_weights)`), or None for a dense layer.
+    `calib.experts_module` names it where a layer holds several (ERNIE-VL's text and vision experts)."""
+    if calib is not None and calib.experts_module:
+        try:
+            return layer.get_submodule(calib.experts_module)
+        except AttributeError:
+            return None
+    found = [
+        m
+        for m in layer.modules()
+        if hasattr(m, "num_experts") and (hasattr(m, "has_gate") and hasattr(m, "is_concatenated") or _takes_routing(m))
+    ]
+    if len(found) > 1:
+        raise ShardcutError(f"{type(layer).__name__} holds {len(found)} expert modules; calibration expects one")
+    return found[0] if found else None
+
+
+def _takes_routing(module: torch.nn.Module) -> bool:
+    """An experts module outside `@use_experts_implementation` (Step3's) with the same call."""
+    params = list(inspect.signature(type(module).forward).parameters)[1:4]
+    return params == ["hidden_states", "top_k_index", "top_k_weights"]
+
+
+class ExpertObserver:
+    """Wraps one experts module while its layer runs; accumulates into `scores` row `key`.
+
+    valid: per-token bool mask (padding False) of the batch about to run, set by the caller.
+    record: False replays the layer (same numerics) without touching the statistics.
+
+    Example:
+        >>> obs = ExpertObserver(find_experts(layer), scores, "3", top_k=8)
+        >>> with obs: out = layer(hidden, **call)
+    """
+
+    def __init__(
+        self, experts: torch.nn.Module, scores: Scores, key: str, top_k: int, pair_chunk: int = DEFAULT_PAIR_CHUNK
+    ):
+        self.experts, self.scores, self.key, self.top_k = experts, scores, key, top_k
+        self.pair_chunk = max(pair_chunk, top_k)
+        self.valid: torch.Tensor | None = None
+        self.record = True
+        self.calls = 0
+        self._original = type(experts).forward
+        self._signature = inspect.signature(self._original)
+        if experts.num_experts != scores.num_experts:
+            raise ShardcutError(
+                f"layer {key}: the model has {experts.num_experts} experts, the config says {scores.num_experts}"
+            )
+
+    def __enter__(self) -> ExpertObserver:
+        self.experts.forward = self.forward
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.experts.__dict__.pop("forward", None)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        bound = self._signature.bind(self.experts, *args, **kwargs)
+        hidden, index, weights = list(bound.arguments.values())[1:4]
+        T, k = index.shape
+        if k != self.top_k:
+            raise ShardcutError(
+                f"layer {self.key}: the router chose {k} experts per token, the config says {self.top_k}"
+            )
+        valid = self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool, device=hidden.device)
+        if valid.numel() != T:
+            raise RuntimeError(f"layer {self.key}: experts saw {T} tokens, the batch has {valid.numel()}")
+        self.calls += 1
+        out = torch.empty_like(hidden)
+        step = max(1, self.pair_chunk // k)
+        for s in range(0, T, step):
+            e = min(T, s + step)
+            out[s:e] = self._chunk(hidden[s:e], index[s:e], weights[s:e], valid[s:e])
+        return out
+
+    def _chunk(self, hidden, index, weights, valid) -> torch.Tensor:
+        n, k = index.shape
+        pairs = hidden.repeat_interleave(k, dim=0)  # row t*k + slot = token t for its slot-th expert
+        ones = torch.ones(n * k, 1, dtype=weights.dtype, device=weights.device)
+        f = self._original(self.experts, pairs, index.reshape(n * k, 1), ones)  # f_j(x) per routed pair
+        f32 = f.float()  # gates are applied and statistics taken in float32, whatever the compute dtype
+        gates = weights.float()
+        out = torch.bmm(gates.unsqueeze(1), f32.view(n, k, -1)).squeeze(1).to(hidden.dtype)  # sum_slot g * f
+        if self.record:
+            # reduce per pair first, select the non-padding pairs after: no second copy of f
+            norms = torch.linalg.vector_norm(f32, dim=-1)
+            low, high = torch.aminmax(f32, dim=-1)
+            peaks = torch.maximum(high, -low)
+            keep = valid.repeat_interleave(k)
+            self.scores.accumulate(
+                self.key,
+                experts=index.reshape(-1)[keep].cpu().numpy(),
+                gates=gates.reshape(-1)[keep].double().cpu().numpy(),
+                norms=norms[keep].double().cpu().numpy(),
+                peaks=peaks[keep].double().cpu().numpy(),
+                tokens=int(valid.sum()),
+            )
+        return out

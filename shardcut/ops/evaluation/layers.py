@@ -1,0 +1,98 @@
+"""What `evaluate` does with one loaded decoder layer and with the LM head: find the MoE block,
+run the layer (capturing that block's output), check a masked router chose no pruned expert,
+load the head and compute logits through the model's own forward."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from shardcut.ops.calibration.stream import run_layer
+from shardcut.format.errors import ShardcutError
+from shardcut.ops.calibration.observe import find_experts
+
+
+def moe_block(layer: torch.nn.Module) -> torch.nn.Module | None:
+    """The module whose child is the routed-experts module: the MoE block (router, experts, shared experts)."""
+    experts = find_experts(layer)
+    if experts is None:
+        return None
+    return next((m for m in layer.modules() if any(child is experts for child in m.children())), None)
+
+
+@contextmanager
+def refuse_pruned(layer: torch.nn.Module, key: str, keep: list[int], num_experts: int):
+    """Check, at the experts call, that the masked router chose no pruned expert: the mask is
+    recognised by weight identity (`forbid_pruned_experts`), and a router that copies its
+    weight before the matmul would slip past it unnoticed otherwise."""
+    experts = find_experts(layer)
+    pruned = torch.ones(num_experts, dtype=torch.bool)
+    pruned[keep] = False
+
+    def check(module, args):
+        index = args[1]
+        if bool(pruned.to(index.device)[index.clamp(0, num_experts - 1)].any()):
+            raise ShardcutError(
+                f"layer {key}: the router still chose a pruned expert under the mask; this family's "
+                "router cannot be masked here (its weight is copied before use?)"
+            )
+
+    hook = experts.register_forward_pre_hook(check)
+    try:
+        yield
+    finally:
+        hook.remove()
+
+
+def run_with_block(layer, block, hidden, call) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The layer's output and (for MoE layers) its MoE block's output."""
+    if block is None:
+        return run_layer(layer, hidden, call), None
+    box: list[torch.Tensor] = []
+    hook = block.register_forward_hook(lambda m, a, o: box.append(o[0] if isinstance(o, tuple) else o))
+    try:
+        out = run_layer(layer, hidden, call)
+    finally:
+        hook.remove()
+    return out, box[-1]
+
+
+def load_head(c, device: torch.device) -> None:
+    """Final norm & co (everything outside the layers) and the LM head, on the device."""
+    c.loader.load_outside()
+    names = [n for n in c.ckpt.tensors if n.startswith("lm_head.")]
+    if names:
+        raw = c.loader.reader.read_many(names)
+        c.loader._convert(c.loader._load(raw, "LM head"), "LM head")
+    model = c.skeleton.model
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ShardcutError(f"{type(model).__name__} has no output embeddings (LM head)", c.model_dir)
+    if head.weight.device.type == "meta":  # tied to the input embedding
+        emb = model.get_input_embeddings()
+        if emb is None or emb.weight.device.type == "meta":
+            raise ShardcutError("the checkpoint has no lm_head weights and no embedding to tie them to", c.model_dir)
+        head.weight = emb.weight
+    head.to(device)
+
+
+def logits_of(sk, hidden: torch.Tensor, attention) -> torch.Tensor:
+    """The causal LM's logits for final hidden states: its own forward, the layers replaced (the
+    last returns `hidden`), so its final norm, head and any logit scaling apply as in the model."""
+    n = sk.num_layers
+
+    def passthrough(*args, **kwargs):
+        return args[0] if args else kwargs["hidden_states"]
+
+    def last(*args, **kwargs):
+        return hidden
+
+    for i in range(n):
+        sk.layers[i].forward = last if i == n - 1 else passthrough
+    try:
+        out = sk.model(inputs_embeds=hidden, attention_mask=attention, use_cache=False)
+    finally:
+        for i in range(n):
+            sk.layers[i].__dict__.pop("forward", None)
+    return out.logits

@@ -1,0 +1,1 @@
+"""The plan and score formats, criteria and selection, importers of published scores."""

@@ -1,0 +1,712 @@
+"""Importers: score files other tools publish, turned into `shardcut-scores/1`.
+
+Read with `torch.load(weights_only=True)` only (torch pickles) or as JSON, in any of these shapes:
+
+- `{layer: {stat: tensor}}`: the REAP reference observer file (`observations_*.pt`), its
+  layer-wise accumulator checkpoints (`block_NNN_metrics.pt`, one layer each; give their folder),
+  or per-layer sums under shardcut's or the reference's names (mergeable), or per-layer values of
+  named criteria (`reap`, `saliency`, `frequency`, ...: values only);
+- `{layer: tensor}` or `{layer: [values]}`: one criterion's values per layer (named by the file,
+  by `criterion`, or by a criterion word in the file name);
+- a stacked `[L, E]` tensor or list of lists, rows in MoE-layer order;
+- any of these wrapped as `{"scores": ...}`, `{"layers": ...}`, `{"state": ...}` (siblings such
+  as `criterion` or `metric` name the values);
+- llm-compressor's REAP saliency report (`{"saliency": [[...], ...], "count": [[...], ...]}`,
+  layers in order): `reap` and `frequency` values;
+- keep-lists: per layer the expert ids a published pruned model kept or pruned
+  (`retained_experts`, `experts_kept_per_layer`, ... or a plan).
+
+Layer keys may be layer indices (int or string), plan keys, or tensor-name spellings of the
+model's own layer prefixes (`model.layers.3`, `backbone.layers.3.mixer`, `transformer.blocks.3`,
+as the architecture table spells them). Keys 0..n-1 that are not the model's MoE layers but
+count them (n of them) are read as positions in its MoE layer list, and the report says so;
+`layer_offset` adds a fixed offset instead. A file whose shape fits several readings is refused
+with the readings named. torch is imported only for torch files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from shardcut.format.errors import ShardcutError
+from shardcut.moe.model import ModelInfo
+from shardcut.plans.scores import FIELDS, GATE_APPLIED, GATE_SOFTMAX, GATE_UNKNOWN, Scores, check_replaceable_scores
+
+FORMATS = ("auto", "reap-observer", "torch", "saliency-json", "keep-list", "llm-compressor")
+LAYOUTS = ("layers-experts", "experts-layers")
+# REAP reference observer statistics -> shardcut-scores/1 fields.
+OBSERVER_FIELDS = {
+    "count": "expert_frequency",
+    "gate_sum": "weighted_expert_frequency_sum",
+    "norm_sum": "ean_sum",
+    "reap_sum": "weighted_ean_sum",
+    "act_max": "max_activations",
+}
+OBSERVER_TOKENS = "total_tokens"
+KEEP_KEYS = (
+    "keep",
+    "kept",
+    "kept_experts",
+    "retained_experts",
+    "experts_kept_per_layer",
+    "retained_experts_by_layer",
+    "kept_experts_per_layer",
+)
+PRUNED_KEYS = (
+    "pruned",
+    "pruned_experts",
+    "removed_experts",
+    "dropped_experts",
+    "pruned_experts_per_layer",
+    "experts_pruned_per_layer",
+)
+WRAPPER_KEYS = ("scores", "layers", "state", "observations", "results", "data", "saliency_scores")
+NAME_KEYS = ("criterion", "metric", "score_name")
+# Criterion names published files use -> shardcut's (higher = keep in every one of them).
+VALUE_NAMES = {
+    "reap": "reap",
+    "saliency": "reap",
+    "reap_score": "reap",
+    "reap_scores": "reap",
+    "ean_mean": "ean_mean",
+    "ean_sum": "ean",
+    "ean": "ean",
+    "frequency": "frequency",
+    "expert_frequency": "frequency",
+    "count": "frequency",
+    "weighted_frequency": "weighted_frequency",
+    "weighted_expert_frequency_sum": "weighted_frequency",
+}
+IGNORED_STATS = (
+    "pairwise_expert_frequency",
+    "ttm_similarity_matrix",
+    "routed_characteristic_activation",
+    "characteristic_activation",
+    "router_logit_similiarity",
+    "topk_weights",
+    "topk_ids",
+    "mean_saliency",
+)
+_SUM_NAMES = {**{f: f for f in FIELDS}, **{v: k for k, v in OBSERVER_FIELDS.items()}, "expert_frequency": "count"}
+_MTP_KEY = re.compile(r"^mtp\.(?:layers\.)?(\d+)(?:\..*)?$")
+_BLOCK_FILE = re.compile(r"block_(\d+)_metrics\.pt$")
+
+
+@dataclass
+class ImportReport:
+    """What an import read and how it mapped onto the model."""
+
+    source: Path
+    format: str
+    layers: list[str]
+    num_experts: int
+    has_sums: bool
+    criterion: str | None = None  # for value-only imports
+    notes: list[str] = field(default_factory=list)
+
+
+def import_scores(
+    path: str | Path,
+    model: str | Path,
+    *,
+    fmt: str = "auto",
+    criterion: str | None = None,
+    layer_offset: int | None = None,
+    layout: str | None = None,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+) -> tuple[Scores, ImportReport]:
+    """Read a published score file for `model` (folder or Hub id; headers only) as `Scores`.
+
+    fmt: `auto` (by suffix and content), `torch` (= `reap-observer`: any torch shape above),
+    `saliency-json`, `llm-compressor` or `keep-list`. A folder holds REAP accumulator
+    checkpoints (`block_NNN_metrics.pt`).
+    criterion: the criterion a file's bare values are, when the file does not say.
+    layer_offset: added to integer layer keys (keys counted from 0 at the first MoE layer of a
+    model whose first MoE layer is 3: offset 3). layout: `layers-experts` or `experts-layers`
+    for a stacked square tensor.
+    out: where to write the imported scores (`scores import -o`). Refused before anything is
+    read when it is the file itself or lies inside the model folder, and when it exists unless
+    `overwrite`.
+
+    Example:
+        >>> scores, report = import_scores("observations_1024_cosine-seed_42.pt", "Qwen/Qwen3-30B-A3B")
+        >>> scores.save("scores.safetensors")
+    """
+    from shardcut.format.durable import check_output
+    from shardcut.format.hub import is_local, open_model
+    from shardcut.moe.model import describe
+
+    path = Path(path)
+    if out is not None:
+        check_output(out, [path, model if is_local(model) else None], overwrite=overwrite, what="score file")
+        check_replaceable_scores(out)
+    if not path.exists():
+        raise ShardcutError("file not found", path)
+    if fmt not in FORMATS:
+        raise ShardcutError(f"unknown import format {fmt!r} (known: {', '.join(FORMATS)})")
+    if layout is not None and layout not in LAYOUTS:
+        raise ShardcutError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
+    ckpt = open_model(model)  # headers only: no shard data
+    if out is not None:  # a Hub id resolves to a cache snapshot: never write inside it either
+        check_output(out, [ckpt.root], overwrite=overwrite, what="score file")
+    info = describe(ckpt)
+    ctx = _Context(info, path, criterion, layer_offset, layout)
+    if path.is_dir():
+        scores, report = _from_accumulator_dir(ctx)
+    elif fmt in ("reap-observer", "torch") or (
+        fmt == "auto" and path.suffix.lower() in (".pt", ".pth", ".bin", ".pkl", ".ckpt")
+    ):
+        scores, report = _from_object(_plain(_torch_load(path), path), ctx, "torch")
+    else:
+        data = _read_json(path)
+        if fmt == "keep-list" or (fmt == "auto" and _looks_like_keep_list(data, info.num_experts)):
+            scores, report = _from_keep_list(data, path, info, ctx)
+        else:
+            scores, report = _from_object(data, ctx, "llm-compressor" if fmt == "llm-compressor" else "json")
+    report.notes = ctx.notes + report.notes
+    scores.metadata.setdefault("model", str(model))
+    scores.metadata.setdefault("architecture", info.arch.name)
+    scores.metadata["num_experts"] = str(info.num_experts)
+    scores.metadata["top_k"] = str(info.top_k)
+    scores.metadata["imported_from"] = f"{report.format}:{path.name}"
+    from shardcut.format.checkpoint import layout_fingerprint
+
+    scores.metadata.setdefault("model_fingerprint", layout_fingerprint(ckpt))
+    scores.metadata.setdefault("gate_convention", GATE_UNKNOWN)
+    caveats = [n for n in report.notes if n.startswith(("gate", "act_max", "layer keys"))]
+    if caveats:
+        scores.metadata["caveats"] = json.dumps(caveats)
+    scores.validate(path)
+    if out is not None:
+        scores.save(out)
+    return scores, report
+
+
+@dataclass
+class _Context:
+    info: ModelInfo
+    path: Path
+    criterion: str | None
+    offset: int | None
+    layout: str | None
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# REAP reference observer (.pt)
+
+
+class _Tracker:
+    """Stands in for the REAP reference's `reap.metrics.OnlineStatsTracker` while unpickling with
+    weights_only=True: it receives the tracker's saved fields (tensors, ints, a dtype, a device)
+    and runs no code of the file's."""
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+def _torch_load(path: Path):
+    import pickle
+
+    import torch
+
+    try:
+        with torch.serialization.safe_globals([(_Tracker, "reap.metrics.OnlineStatsTracker")]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        text = str(exc)
+        m = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
+        if m:
+            raise ShardcutError(
+                f"refused: the file needs arbitrary unpickling (it references {m.group(1)}, which "
+                "torch.load(weights_only=True) does not allow); shardcut never runs code from a "
+                "data file",
+                path,
+            ) from None
+        detail = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("Unsupported")), "corrupt")
+        raise ShardcutError(
+            f"not a readable torch file (weights-only unpickling failed: {detail[:120]})", path
+        ) from None
+    except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile errors... for non-torch files
+        first = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise ShardcutError(f"not a readable torch file ({type(exc).__name__}: {first})", path) from None
+
+
+def _plain(obj: object, path: Path, depth: int = 0) -> object:
+    """Tensors as float64 numpy arrays (NaN refused later, per statistic), trackers as their
+    saved running mean, containers recursively; dict keys kept as they are."""
+    import torch
+
+    if depth > 8:
+        raise ShardcutError("nested too deeply to be a score file", path)
+    if torch.is_tensor(obj):
+        arr = obj.detach().to(torch.float64).cpu().numpy()
+        return arr.item() if arr.ndim == 0 else arr
+    if isinstance(obj, _Tracker):
+        mean = getattr(obj, "mean", None)
+        return _plain(mean, path, depth + 1) if mean is not None else None
+    if isinstance(obj, dict):
+        return {k: _plain(v, path, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, path, depth + 1) for v in obj]
+    return obj
+
+
+def _read_json(path: Path) -> object:
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ShardcutError(f"not valid JSON ({type(exc).__name__})", path) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# One reader for every shape
+
+
+def _matrix(value: object) -> np.ndarray | None:
+    """A 2-D float array from an array or a rectangular list of number lists, else None."""
+    if isinstance(value, np.ndarray):
+        return value if value.ndim == 2 else None
+    if isinstance(value, list) and value and all(isinstance(r, (list, np.ndarray)) for r in value):
+        try:
+            arr = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            return None
+        return arr if arr.ndim == 2 else None
+    return None
+
+
+def _is_stat_name(key: object) -> bool:
+    return isinstance(key, str) and (
+        key in _SUM_NAMES or key in VALUE_NAMES or key in IGNORED_STATS or key in (OBSERVER_TOKENS, "tokens")
+    )
+
+
+def _from_object(data: object, ctx: _Context, kind: str) -> tuple[Scores, ImportReport]:
+    named = None
+    fmt = "reap-observer" if kind == "torch" else "saliency-json"
+    while isinstance(data, dict):  # {"scores": ..., "criterion": "reap"} and the like
+        wrapper = next((k for k in WRAPPER_KEYS if k in data and isinstance(data[k], (dict, list, np.ndarray))), None)
+        others = [k for k in data if k != wrapper and k not in NAME_KEYS]
+        if wrapper is None or any(_is_stat_name(k) for k in others):
+            break
+        named = next((data[k] for k in NAME_KEYS if isinstance(data.get(k), str)), named)
+        data = data[wrapper]
+    if isinstance(data, dict) and data and all(_is_stat_name(k) for k in data):
+        stacked = {k: _matrix(v) for k, v in data.items() if k not in IGNORED_STATS}
+        stacked = {k: v for k, v in stacked.items() if v is not None}
+        if not stacked:
+            raise ShardcutError(
+                f"holds statistics {sorted(map(str, data))} but no per-layer, per-expert values", ctx.path
+            )
+        rows = {k: _rows(v, ctx, f"{k!r}") for k, v in stacked.items()}
+        keys = next(iter(rows.values()))[0]
+        if any(r[0] != keys for r in rows.values()):
+            raise ShardcutError("its statistics cover different layer counts", ctx.path)
+        per_layer = {key: {stat: r[1][i] for stat, r in rows.items()} for i, key in enumerate(keys)}
+        if kind == "llm-compressor" or ("saliency" in stacked and not (set(stacked) & set(OBSERVER_FIELDS.values()))):
+            fmt = "llm-compressor"
+            ctx.notes.append(
+                "llm-compressor saliency report: 'saliency' is its REAP score (mean over routed tokens of "
+                "the applied top-k gate times ||f_j(x)||), 'count' its routed tokens"
+            )
+    else:
+        matrix = _matrix(data)
+        if matrix is not None:
+            keys, rows = _rows(matrix, ctx, "the stacked tensor")
+            per_layer = dict(zip(keys, rows))
+        else:
+            per_layer = _layer_entries(data, ctx, "the file")
+    keys = list(per_layer)
+    sample = per_layer[keys[0]]
+    if isinstance(sample, dict):
+        if kind == "torch" and set(OBSERVER_FIELDS.values()) & set(sample):
+            return _observer_sums(per_layer, ctx)
+        sums = {_SUM_NAMES[k] for k in sample if k in _SUM_NAMES}
+        if set(FIELDS) <= sums:
+            return _generic_sums(per_layer, ctx, fmt)
+        return _values(per_layer, ctx, fmt, None)
+    return _values(per_layer, ctx, fmt, named)
+
+
+def _rows(matrix: np.ndarray, ctx: _Context, what: str) -> tuple[list[str], list[np.ndarray]]:
+    """Plan keys and per-layer rows of a stacked `[L, E]` (or `[E, L]`) array, rows in MoE-layer order."""
+    E = ctx.info.num_experts
+    main = [layer.key for layer in ctx.info.layers if not layer.mtp]
+    every = [layer.key for layer in ctx.info.layers]
+    a, b = matrix.shape
+    readings = []
+    for keys in ({len(main): main, len(every): every}).values():
+        if a == len(keys) and b == E:
+            readings.append(("layers-experts", keys, matrix))
+        if a == E and b == len(keys):
+            readings.append(("experts-layers", keys, matrix.T))
+    if ctx.layout:
+        readings = [r for r in readings if r[0] == ctx.layout]
+    if not readings:
+        raise ShardcutError(
+            f"{what} has shape {[a, b]}; the model has {len(main)} MoE layers"
+            + (f" ({len(every)} with MTP)" if len(every) != len(main) else "")
+            + f" of {E} experts (scores of another model?)",
+            ctx.path,
+        )
+    if len({r[0] for r in readings}) > 1:
+        raise ShardcutError(
+            f"{what} has shape {[a, b]}, which reads both as [layers, experts] and as [experts, "
+            "layers]; say which with --layout layers-experts or --layout experts-layers",
+            ctx.path,
+        )
+    name, keys, rows = readings[0]
+    if name == "experts-layers":
+        ctx.notes.append(f"{what} read as [experts, layers] (shape {[a, b]})")
+    return list(keys), [np.asarray(r, dtype=np.float64) for r in rows]
+
+
+def _layer_entries(data: object, ctx: _Context, what: str) -> dict[str, object]:
+    """`{plan key: entry}` in model order from a layer mapping or a list in MoE-layer order."""
+    info, path = ctx.info, ctx.path
+    if isinstance(data, list):
+        main = [layer.key for layer in info.layers if not layer.mtp]
+        every = [layer.key for layer in info.layers]
+        for keys in (main, every):
+            if len(data) == len(keys):
+                return dict(zip(keys, data))
+        raise ShardcutError(
+            f"{what} is a list of {len(data)} layers but the model has {len(main)} MoE layers"
+            + (f" ({len(every)} with MTP)" if len(every) != len(main) else ""),
+            path,
+        )
+    if not isinstance(data, dict) or not data:
+        raise ShardcutError(
+            f"{what} must map layers to values (or list them in MoE-layer order); got {type(data).__name__}", path
+        )
+    raw = list(data)
+    if ctx.offset is not None:
+        ints = [_as_int(k) for k in raw]
+        if any(i is None for i in ints):
+            raise ShardcutError("--layer-offset needs integer layer keys", path)
+        mapped = {str(i + ctx.offset): data[k] for i, k in zip(ints, raw)}
+        ctx.notes.append(f"layer keys: +{ctx.offset} added to every key ({raw[0]} -> {int(ints[0]) + ctx.offset})")
+        return _in_model_order(mapped, info, path)
+    mapped = {}
+    for k in raw:
+        key = _layer_key(k, info, path)
+        if key in mapped:
+            raise ShardcutError("a layer appears twice", path)
+        mapped[key] = data[k]
+    ints = sorted(i for i in (_as_int(k) for k in raw) if i is not None)
+    main = [layer.key for layer in info.layers if not layer.mtp]
+    every = [layer.key for layer in info.layers]
+    foreign = [k for k in mapped if k not in info.layer_by_key]
+    if foreign and len(ints) == len(raw) and ints == list(range(len(raw))) and len(raw) in (len(main), len(every)):
+        keys = main if len(raw) == len(main) else every
+        by_pos = {keys[_as_int(k)]: data[k] for k in raw}
+        ctx.notes.append(
+            f"layer keys 0..{len(raw) - 1} are not the model's MoE layers ({_span(keys)}); read as "
+            f"positions in its MoE layer list: 0 -> {keys[0]}, {len(raw) - 1} -> {keys[len(raw) - 1]}"
+        )
+        return _in_model_order(by_pos, info, path)
+    return _in_model_order(mapped, info, path)
+
+
+def _in_model_order(mapped: dict[str, object], info: ModelInfo, path: Path) -> dict[str, object]:
+    keys = _check_layers(list(mapped), info, path)
+    return {k: mapped[k] for k in keys}
+
+
+def _as_int(key: object) -> int | None:
+    if isinstance(key, bool):
+        return None
+    if isinstance(key, (int, np.integer)):
+        return int(key)
+    if isinstance(key, str) and key.strip().isdigit():
+        return int(key)
+    return None
+
+
+def _span(keys: list[str]) -> str:
+    return ", ".join(keys) if len(keys) <= 6 else f"{', '.join(keys[:3])}, ..., {keys[-1]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Entries -> Scores
+
+
+def _vec(value: object, E: int, what: str, path: Path) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        arr = value.astype(np.float64).reshape(-1)
+        if arr.shape != (E,):
+            raise ShardcutError(f"{what}: {arr.size} experts, the model has {E} (scores of another model?)", path)
+        if np.isnan(arr).any():
+            raise ShardcutError(f"{what} holds NaN", path)
+        return arr
+    return _vector(value, E, what, path)
+
+
+def _observer_sums(per_layer: dict[str, dict], ctx: _Context) -> tuple[Scores, ImportReport]:
+    E, path = ctx.info.num_experts, ctx.path
+    keys = list(per_layer)
+    scores = Scores.zeros(keys, E)
+    for r, key in enumerate(keys):
+        stats = per_layer[key]
+        if not isinstance(stats, dict):
+            raise ShardcutError(f"layer {key}: expected a dict of statistics, got {type(stats).__name__}", path)
+        missing = [name for name in (*OBSERVER_FIELDS.values(), OBSERVER_TOKENS) if name not in stats]
+        if missing:
+            raise ShardcutError(f"layer {key}: missing statistics {missing}", path)
+        for ours, theirs in OBSERVER_FIELDS.items():
+            arr = _vec(np.asarray(stats[theirs], dtype=np.float64), E, f"layer {key}: {theirs}", path)
+            if ours == "act_max":
+                arr = np.maximum(arr, 0.0)  # signed max in the reference; see the metadata note
+            getattr(scores, ours)[r] = arr
+        scores.tokens[r] = float(np.asarray(stats[OBSERVER_TOKENS]).reshape(-1)[0])
+    scores.metadata.update(
+        {
+            "gate": "softmax(router logits), top-k renormalised when the reference run set renormalize_router_weights "
+            "(the REAP reference's w_j(x), not necessarily the gate the layer applies)",
+            "act_max": "REAP reference max_activations: the signed max element of f_j(x), clipped at 0 "
+            "(shardcut's own files hold max |f_j(x)_i|)",
+            "gate_convention": GATE_SOFTMAX,
+        }
+    )
+    notes = [
+        "act_max holds the reference's signed max element, clipped at 0, not max |f_j(x)_i|",
+        "gate sums use the reference's softmax weights, not the router's applied gates for sigmoid routers",
+    ]
+    return scores, ImportReport(path, "reap-observer", keys, E, True, notes=notes)
+
+
+def _generic_sums(per_layer: dict[str, dict], ctx: _Context, fmt: str) -> tuple[Scores, ImportReport]:
+    E, path = ctx.info.num_experts, ctx.path
+    keys = list(per_layer)
+    scores = Scores.zeros(keys, E)
+    for r, key in enumerate(keys):
+        entry = per_layer[key]
+        if not isinstance(entry, dict):
+            raise ShardcutError(f"layer {key}: expected an object of per-expert sums like layer {keys[0]}", path)
+        got = {_SUM_NAMES[k]: v for k, v in entry.items() if k in _SUM_NAMES}
+        missing = [f for f in FIELDS if f not in got]
+        if missing:
+            raise ShardcutError(
+                f"layer {key}: missing sums {missing} (names: {', '.join(FIELDS)} or the REAP reference's)", path
+            )
+        for f in FIELDS:
+            getattr(scores, f)[r] = _vec(got[f], E, f"layer {key}: {f}", path)
+        tok = entry.get("tokens", entry.get(OBSERVER_TOKENS, 0))
+        scores.tokens[r] = float(tok) if isinstance(tok, (int, float)) else 0.0
+    notes = [
+        "per-expert sums: mergeable",
+        "gate convention not recorded by the file: merging it with files of a known convention needs --force",
+    ]
+    return scores, ImportReport(path, fmt, keys, E, True, notes=notes)
+
+
+def _values(per_layer: dict[str, object], ctx: _Context, fmt: str, named: str | None) -> tuple[Scores, ImportReport]:
+    from shardcut.plans.select import ALIASES, CRITERIA
+
+    E, path = ctx.info.num_experts, ctx.path
+    keys = list(per_layer)
+    sample = per_layer[keys[0]]
+    if isinstance(sample, dict):  # per layer, several named criteria
+        names: dict[str, str] = {}
+        for k in sample:  # the first spelling of each criterion wins
+            if k in VALUE_NAMES and VALUE_NAMES[k] not in names.values():
+                names[k] = VALUE_NAMES[k]
+        if not names:
+            raise ShardcutError(
+                f"layer {keys[0]}: holds {sorted(map(str, sample))}, neither the sums "
+                f"({', '.join(FIELDS)}) nor a known criterion ({', '.join(sorted(VALUE_NAMES))})",
+                path,
+            )
+        values = {
+            ours: np.stack(
+                [
+                    _vec(
+                        per_layer[k].get(theirs) if isinstance(per_layer[k], dict) else None,
+                        E,
+                        f"layer {k}: {theirs}",
+                        path,
+                    )
+                    for k in keys
+                ]
+            )
+            for theirs, ours in names.items()
+        }
+    else:
+        name = ctx.criterion or named or _name_from_file(path)
+        if not name:
+            raise ShardcutError("the file does not name its criterion; give it (e.g. --criterion reap)", path)
+        if not (ctx.criterion or named):
+            ctx.notes.append(f"criterion {name!r} taken from the file name")
+        name = ALIASES.get(str(name), VALUE_NAMES.get(str(name), str(name)))
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+            raise ShardcutError(f"criterion name {name!r} must be letters, digits, '_' or '-'", path)
+        if name == "random":
+            raise ShardcutError("'random' is computed, not imported", path)
+        values = {name: np.stack([_vec(per_layer[k], E, f"layer {k}", path) for k in keys])}
+    for name, arr in values.items():
+        if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+            raise ShardcutError(f"{name} values hold NaN, infinite or negative values", path)
+    names = list(values)
+    notes = [
+        f"only {', '.join(map(repr, names))} values, no sums: plan with --criterion {names[0]}; merging is impossible"
+    ]
+    notes += [
+        f"{n!r} is not one of shardcut's criteria; it is kept under its own name" for n in names if n not in CRITERIA
+    ]
+    meta = {"criterion": names[0]}
+    if fmt == "llm-compressor":
+        meta["gate_convention"] = GATE_APPLIED
+    scores = Scores.from_values(keys, values, meta)
+    return scores, ImportReport(path, fmt, keys, E, False, names[0], notes)
+
+
+def _name_from_file(path: Path) -> str | None:
+    words = re.split(r"[^a-z0-9]+", path.stem.lower())
+    found = [VALUE_NAMES[w] for w in words if w in VALUE_NAMES]
+    return found[0] if len(set(found)) == 1 else None
+
+
+def _from_accumulator_dir(ctx: _Context) -> tuple[Scores, ImportReport]:
+    """A folder of the REAP reference's layer-wise checkpoints (`block_NNN_metrics.pt`, one layer's
+    `{stat: tensor or running-mean tracker}` each; NNN the decoder layer index)."""
+    files = sorted(p for p in ctx.path.iterdir() if _BLOCK_FILE.search(p.name))
+    if not files:
+        raise ShardcutError("folder holds no REAP accumulator checkpoints (block_NNN_metrics.pt)", ctx.path)
+    state = {}
+    for f in files:
+        entry = _plain(_torch_load(f), f)
+        if isinstance(entry, dict) and entry:  # blocks without a MoE layer save {}
+            state[int(_BLOCK_FILE.search(f.name).group(1))] = entry
+    scores, report = _from_object(state, ctx, "torch")
+    report.format = "reap-accumulators"
+    report.notes.append(f"{len(files)} block files read, {len(state)} with MoE statistics")
+    return scores, report
+
+
+# ---------------------------------------------------------------------------------------------
+# Keep-lists
+
+
+def _looks_like_keep_list(data: object, num_experts: int) -> bool:
+    if not isinstance(data, dict):
+        return False
+    if data.get("format") == "shardcut-plan/1" or any(k in data for k in (*KEEP_KEYS, *PRUNED_KEYS)):
+        return True
+    lists = [v for v in data.values() if isinstance(v, list)]
+    return (
+        bool(lists)
+        and len(lists) == len(data)
+        and all(all(type(i) is int for i in v) and len(v) < num_experts for v in lists)
+    )
+
+
+def _from_keep_list(data: object, path: Path, info: ModelInfo, ctx: _Context) -> tuple[Scores, ImportReport]:
+    E = info.num_experts
+    pruned_mode = False
+    if isinstance(data, dict):
+        inner = next((data[k] for k in KEEP_KEYS if k in data), None)
+        if inner is None and (key := next((k for k in PRUNED_KEYS if k in data), None)):
+            inner, pruned_mode = data[key], True
+        data = inner if inner is not None else data
+    if isinstance(data, dict) and data.get("format") == "shardcut-plan/1":
+        data = data.get("keep")
+    per_layer = _layer_entries(data, ctx, "the keep-list")
+    keys = list(per_layer)
+    values = np.zeros((len(keys), E))
+    sizes = set()
+    for r, key in enumerate(keys):
+        ids = per_layer[key]
+        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+            raise ShardcutError(f"layer {key}: expected a list of expert ids", path)
+        bad = [i for i in ids if not 0 <= i < E]
+        if bad:
+            raise ShardcutError(
+                f"layer {key}: expert ids {bad[:5]} out of range 0..{E - 1} (model has {E} experts)", path
+            )
+        if len(set(ids)) != len(ids):
+            raise ShardcutError(f"layer {key}: duplicate expert ids", path)
+        values[r, ids] = 1.0
+        if pruned_mode:
+            values[r] = 1.0 - values[r]
+        sizes.add(int(values[r].sum()))
+    notes = [
+        "criterion 'keep' is 1 for a kept expert and 0 for a pruned one; "
+        "plan with --criterion keep (no sums: merging is impossible)"
+    ]
+    if len(sizes) == 1:
+        notes.append(f"{sizes.pop()} experts kept per layer in the list")
+    else:
+        notes.append(f"layers keep different counts {sorted(sizes)}; a plan keeps one count everywhere")
+    scores = Scores.from_values(keys, {"keep": values}, {"criterion": "keep"})
+    return scores, ImportReport(path, "keep-list", keys, E, False, "keep", notes)
+
+
+def _vector(value: object, E: int, what: str, path: Path) -> np.ndarray:
+    if not isinstance(value, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
+        raise ShardcutError(f"{what}: expected a list of {E} numbers", path)
+    if len(value) != E:
+        raise ShardcutError(f"{what}: {len(value)} experts, the model has {E} (scores of another model?)", path)
+    arr = np.asarray(value, dtype=np.float64)
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ShardcutError(f"{what}: holds NaN, infinite or negative values", path)
+    return arr
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer keys
+
+
+def _layer_key(raw: object, info: ModelInfo, path: Path) -> str:
+    """A plan key from a layer index (int), a plan key, or a name spelled with one of the model's
+    layer prefixes from the architecture table (`model.layers.3`, `backbone.layers.3.mixer`,
+    `transformer.blocks.3`; also without their leading parts, `layers.3`)."""
+    if isinstance(raw, bool):
+        raise ShardcutError(f"layer key {raw!r} is not a layer", path)
+    if isinstance(raw, (int, np.integer)):
+        return str(int(raw))
+    text = str(raw).strip()
+    if text in info.layer_by_key or text.isdigit():
+        return str(int(text)) if text.isdigit() else text
+    m = _MTP_KEY.match(text)
+    if m and f"mtp.{m.group(1)}" in info.layer_by_key:
+        return f"mtp.{m.group(1)}"
+    dotted = f".{text}."
+    for layer in info.layers:  # the model's own spelling of each layer, whole or as a tail
+        if text.startswith(layer.prefix) or f".{layer.prefix}".endswith(dotted):
+            return layer.key
+    for layer in info.layers:  # another spelling of the same layer index under a known stack prefix
+        for prefix in layer.stack.layer_prefixes:
+            tail = prefix.rsplit(".", 1)[-1]
+            m = re.match(rf"^(?:[\w]+\.)*{re.escape(tail)}\.(\d+)(?:\..*)?$", text)
+            if m:
+                return f"{layer.stack.plan_prefix}{int(m.group(1))}"
+    raise ShardcutError(f'cannot read {text!r} as a layer (use the layer index, e.g. "3")', path)
+
+
+def _check_layers(keys: list[str], info: ModelInfo, path: Path) -> list[str]:
+    """The keys in model order; refuses layers the model lacks, duplicates and missing main layers."""
+    if len(set(keys)) != len(keys):
+        raise ShardcutError("a layer appears twice", path)
+    model_keys = [layer.key for layer in info.layers]
+    foreign = [k for k in keys if k not in info.layer_by_key]
+    if foreign:
+        shown = ", ".join(model_keys) if len(model_keys) <= 8 else f"{model_keys[0]}..{model_keys[-1]}"
+        raise ShardcutError(
+            f"layers {foreign[:5]} are not MoE layers of the model (its MoE layers: {shown}; scores of another model?)",
+            path,
+        )
+    missing = [layer.key for layer in info.layers if not layer.mtp and layer.key not in keys]
+    if missing:
+        raise ShardcutError(
+            f"no scores for MoE layers {missing[:5]} ({len(keys)} layers in the file, "
+            f"{len(model_keys)} in the model; scores of another model?)",
+            path,
+        )
+    return [k for k in model_keys if k in keys]

@@ -1,0 +1,462 @@
+"""The rewriter: a pruned checkpoint from a source checkpoint and a plan, by byte-range copies.
+
+Every output tensor is described as a list of byte ranges of the source shards (`layout`),
+then written with `container.write_shard`. Kept tensors are one range; expert-axis slices of
+C-contiguous tensors are one range per kept block. Nothing is ever loaded whole, so memory
+stays flat whatever the checkpoint size.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shardcut import __version__
+from shardcut.format.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint
+from shardcut.format.container import (
+    OutTensor,
+    Piece,
+    PinnedSources,
+    compare_written,
+    shard_size,
+    slice_expert_axis,
+    sync_file,
+    write_shard,
+)
+from shardcut.format.errors import ShardcutError
+from shardcut.moe.model import ModelInfo, _sub_config, describe, experts_by_config
+from shardcut.plans.plan import Plan, validate_plan
+from shardcut.rewrite.side_files import HF_QUANT_NAME, PLAN_COPY_NAME
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Layout:
+    """Where every output tensor's bytes come from, grouped into output shards."""
+
+    shards: list[list[OutTensor]]
+    metadata: list[dict[str, str] | None]
+    copied: int = 0
+    renamed: int = 0
+    sliced: int = 0
+    dropped: int = 0
+    dropped_bytes: int = 0
+    resharded: bool = False
+
+    @property
+    def tensors(self) -> list[OutTensor]:
+        return [t for shard in self.shards for t in shard]
+
+    @property
+    def total_size(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class PruneReport:
+    """What a prune did (or, for a dry run, would do).
+
+    experts_before / experts_after are the main stack's counts; a model with several expert
+    counts (Qwen3-Omni's talker) also gets `experts_by_config`: count group (the config node,
+    as `inspect --json` names it) -> [before, after].
+    """
+
+    out: Path | None
+    architecture: str
+    layers: dict[str, list[int]]
+    experts_before: int
+    experts_after: int
+    input_bytes: int
+    output_bytes: int
+    shards: list[str]
+    copied: int
+    renamed: int
+    sliced: int
+    dropped: int
+    dry_run: bool
+    verified: bool = False
+    config_changes: dict = field(default_factory=dict)
+    experts_by_config: dict[str, list[int]] = field(default_factory=dict)
+    side_files: list[dict] = field(default_factory=list)  # what is not copied unchanged, and why
+
+    @classmethod
+    def planned(
+        cls, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout, sizes: list[int], dry_run: bool
+    ) -> PruneReport:
+        """The report of pruning `ckpt` by `plan` into `lay` (not yet written: out None, unverified).
+
+        Example:
+            >>> PruneReport.planned(ckpt, info, plan, layout(ckpt, info, plan), sizes, dry_run=True).experts_after
+            4
+        """
+        from shardcut.rewrite.side_files import COPY, side_files
+
+        sides = [f.to_json() for f in side_files(ckpt, info, plan) if f.action != COPY]
+        return cls(
+            None,
+            info.arch.name,
+            dict(plan.keep),
+            info.num_experts,
+            plan.num_experts,
+            ckpt.file_bytes,
+            sum(sizes),
+            output_names(ckpt, lay),
+            lay.copied,
+            lay.renamed,
+            lay.sliced,
+            lay.dropped,
+            dry_run,
+            config_changes=updated_config(info, plan.keep)[1],
+            experts_by_config=experts_by_config(info, plan.keep),
+            side_files=sides,
+        )
+
+
+def layout(ckpt: Checkpoint, info: ModelInfo, plan: Plan, max_shard_size: int | None = None) -> Layout:
+    """Describe the pruned checkpoint: each output tensor and the source bytes it is made of."""
+    result = Layout([], [])
+    for shard in ckpt.shards:
+        out: list[OutTensor] = []
+        for t in shard.tensors.values():
+            role = info.classify(t.name)
+            whole = [Piece(shard.path, t.start, t.nbytes)]
+            if role.kind == "copy":
+                out.append(OutTensor(t.name, t.dtype, t.shape, whole))
+                result.copied += 1
+            elif role.kind == "expert":
+                if role.expert >= role.layer.num_experts:
+                    raise ShardcutError(
+                        f"tensor {t.name!r}: expert id {role.expert} >= num_experts={role.layer.num_experts}",
+                        shard.path,
+                    )
+                new = info.new_expert_id(role.layer, role.expert, plan.keep)
+                if new is None:
+                    result.dropped += 1
+                    result.dropped_bytes += t.nbytes
+                    continue
+                out.append(OutTensor(info.expert_name(role.layer, new, role.suffix), t.dtype, t.shape, whole))
+                result.renamed += 1
+            else:
+                kept = info.kept_blocks(role, plan.keep)
+                sliced = slice_expert_axis(shard.path, t, role.axis, role.blocks, kept)
+                result.dropped_bytes += t.nbytes - sliced.nbytes
+                out.append(sliced)
+                result.sliced += 1
+        if out:
+            result.shards.append(out)
+            result.metadata.append(shard.metadata)
+    if max_shard_size:
+        result.shards, result.metadata = _reshard(result.tensors, max_shard_size, result.metadata)
+        result.resharded = True
+    return result
+
+
+def _reshard(tensors: list[OutTensor], limit: int, metadata: list) -> tuple[list[list[OutTensor]], list]:
+    meta = next((m for m in metadata if m), None)
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards, [meta] * len(shards)
+
+
+def shard_names(n: int) -> list[str]:
+    return [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+
+
+def output_names(ckpt: Checkpoint, lay: Layout) -> list[str]:
+    """Output shard file names: the source's own when each output shard is one source shard
+    (same count, no resharding), so gpt-oss keeps `model-00000-of-00002` and DeepSeek-V3
+    `-of-000163`; otherwise transformers' `model-0000i-of-0000n`."""
+    if not lay.resharded and len(lay.shards) == len(ckpt.shards):
+        names = []
+        for shard in ckpt.shards:
+            try:
+                names.append(shard.path.relative_to(ckpt.root).as_posix())
+            except ValueError:
+                break
+        if len(names) == len(lay.shards) and all("/" not in n for n in names) and len(set(names)) == len(names):
+            return names
+    return shard_names(len(lay.shards))
+
+
+def index_metadata(ckpt: Checkpoint, lay: Layout, plan: Plan) -> dict:
+    """The output index's `metadata`: the source's keys in its order, with the counts pruning
+    changes recomputed (`total_size`; `total_parameters` minus the pruned elements), plus
+    shardcut's own."""
+    meta = dict(ckpt.index_metadata)
+    meta["total_size"] = lay.total_size
+    params = meta.get("total_parameters")
+    if isinstance(params, int) and not isinstance(params, bool):
+        removed = sum(math.prod(t.shape) for _, t in ckpt.tensors.values()) - sum(
+            math.prod(t.shape) for t in lay.tensors
+        )
+        meta["total_parameters"] = params - removed
+    meta["shardcut_version"] = __version__
+    meta["plan_sha256"] = plan.sha256()
+    return meta
+
+
+def updated_config(info: ModelInfo, kept: int | dict[str, list[int]]) -> tuple[dict, dict]:
+    """config.json with every spelling of the expert count set to the kept count, and the changes.
+
+    `kept` is one count for all layers, or a plan's keep lists (stacks with their own config,
+    such as Qwen3-Omni's talker, get their own count). A count stored as a list (ERNIE-VL's
+    `[text, vision]`) gets each entry set.
+    """
+    config = copy.deepcopy(info.config)
+    changes = {}
+    main_path = info.layers[0].config_path if info.layers else info.arch.config_path
+    for path, layers in info.layers_by_config().items():
+        n = kept if isinstance(kept, int) else len(kept[layers[0].key])
+        before = layers[0].num_experts
+        text = _sub_config(config, path)
+        where = ".".join(path) if text is not config else ""
+        nodes = [(text, where)] + ([(config, "")] if path == main_path and text is not config else [])
+        for node, at in nodes:
+            for key in info.arch.expert_keys:
+                value = node.get(key)
+                if isinstance(value, int) and value == before and value != n:
+                    node[key] = n
+                    changes[f"{at}.{key}".lstrip(".")] = [before, n]
+                elif isinstance(value, list) and value and all(v == before for v in value) and before != n:
+                    node[key] = [n] * len(value)
+                    changes[f"{at}.{key}".lstrip(".")] = [value, node[key]]
+    return config, changes
+
+
+def parse_size(text: str | int | None) -> int | None:
+    """'5GB', '500MB', '2GiB' or a byte count -> bytes (decimal units as in transformers)."""
+    if text is None or isinstance(text, int):
+        return text
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
+    s = text.strip().upper()
+    num = s.rstrip("KMGTIB")
+    unit = s[len(num) :]
+    try:
+        value = float(num)
+    except ValueError:
+        raise ShardcutError(f"cannot read size {text!r} (try 5GB or 500MB)") from None
+    if unit not in units or value <= 0:
+        raise ShardcutError(f"cannot read size {text!r} (try 5GB or 500MB)")
+    return int(value * units[unit])
+
+
+def prune(
+    model: str | Path,
+    out: str | Path | None,
+    plan: Plan,
+    *,
+    max_shard_size: int | str | None = None,
+    dry_run: bool = False,
+    verify: bool = True,
+    resume: bool = False,
+    progress: Progress | None = None,
+) -> PruneReport:
+    """Write a pruned copy of `model` to `out`, keeping the experts `plan` lists.
+
+    The input is never modified. OUT is assembled under a hidden partial folder next to it and
+    renamed into place only when complete, so a crash leaves no OUT that looks finished; with
+    `resume`, shards an interrupted run finished are checked against the source and kept.
+    With `verify` (default) every written tensor is re-read and compared with its source.
+
+    Example:
+        >>> plan = Plan.load("plan.json")
+        >>> report = prune("Qwen3-30B-A3B", "Qwen3-30B-A3B-pruned", plan)
+        >>> report.experts_after
+        64
+    """
+    from shardcut.format.hub import resolve_model
+    from shardcut.rewrite.outdir import OutputTransaction, check_output_path
+
+    src = resolve_model(model)
+    ckpt = open_checkpoint(src)
+    info = describe(ckpt)
+    validate_plan(plan, info, plan.origin)
+    pruned_config(ckpt, info, plan)  # refuses quantization configs it cannot renumber, before any write
+    lay = layout(ckpt, info, plan, parse_size(max_shard_size))
+    names = output_names(ckpt, lay)
+    sizes = [shard_size(s, m) for s, m in zip(lay.shards, lay.metadata)]
+    report = PruneReport.planned(ckpt, info, plan, lay, sizes, dry_run)
+    if dry_run or out is None:
+        return report
+
+    out = Path(out)
+    check_output_path(out, src)
+    state = {"source": str(src.resolve()), "plan_sha256": plan.sha256(), "shards": names, "sizes": sizes}
+    with PinnedSources(ckpt.shards) as pinned, OutputTransaction(out, state, resume=resume) as tx:
+        _write_pinned(tx, pinned, ckpt, info, plan, lay, names, sizes, verify, progress)
+        report.verified = verify
+        tx.commit()
+    report.out = out
+    return report
+
+
+def _write_pinned(
+    tx,
+    pinned: PinnedSources,
+    ckpt: Checkpoint,
+    info: ModelInfo,
+    plan: Plan,
+    lay: Layout,
+    names: list[str],
+    sizes: list[int],
+    verify: bool,
+    progress: Progress | None,
+) -> None:
+    """Write (or, resuming, keep) every shard of `lay` into the transaction's folder, reading the
+    sources only through `pinned`; the sources are checked unchanged after the copy and again
+    after the self-check, so an output mixing two versions of a shard is never committed."""
+    from shardcut.rewrite.outdir import check_free_space
+
+    todo = []
+    for name, tensors, size in zip(names, lay.shards, sizes):
+        if tx.finished(name, size):
+            try:  # finished by an interrupted run: trusted only once its bytes match the source
+                compare_written(tx.dir, [tensors], [name], pinned)
+                continue
+            except ShardcutError:
+                pass
+        todo.append(name)
+    check_free_space(tx.out.parent, sum(sz for n, sz in zip(names, sizes) if n in todo))
+    done = sum(t.nbytes for n, s in zip(names, lay.shards) if n not in todo for t in s)
+
+    def on_bytes(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress:
+            progress(done, lay.total_size)
+
+    def finish(name: str, tensors: list[OutTensor]) -> None:
+        sync_file(tx.shard_path(name))  # durable before it is renamed into place
+        tx.shard_done(name)
+        if verify:
+            compare_written(tx.dir, [tensors], [name], pinned)
+
+    # Shard i is fsynced, renamed and self-checked on a second thread while shard i+1 is
+    # written: both wait on the disk (the kernel does the copy; fsync and pread release the
+    # GIL), so the flush and the verification cost little time beyond the copy itself.
+    finisher = ThreadPoolExecutor(1, thread_name_prefix="shardcut-finish")
+    jobs = []
+    try:
+        for name, tensors, meta in zip(names, lay.shards, lay.metadata):
+            if name in todo:
+                write_shard(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned, sync=False)
+                jobs.append(finisher.submit(finish, name, tensors))
+        for job in jobs:
+            job.result()  # the first failure (a difference, ENOSPC at fsync) raises here
+    finally:
+        finisher.shutdown(wait=True, cancel_futures=True)
+    pinned.check()
+    write_checkpoint_files(tx.dir, ckpt, info, plan, lay, names)  # shards are all renamed by now
+
+
+def pruned_config(ckpt: Checkpoint, info: ModelInfo, plan: Plan) -> tuple[dict, dict | None]:
+    """config.json and ModelOpt's hf_quant_config.json (None if absent) of the pruned model:
+    expert counts updated, quantization entries naming experts dropped or renumbered."""
+    from shardcut.format.checkpoint import read_json_object
+    from shardcut.moe.quant_config import rewrite_quantization
+
+    side = ckpt.root / HF_QUANT_NAME
+    return rewrite_quantization(
+        updated_config(info, plan.keep)[0], info, plan.keep, read_json_object(side) if side.exists() else None
+    )
+
+
+def write_checkpoint_files(
+    dest: Path, ckpt: Checkpoint, info: ModelInfo, plan: Plan, lay: Layout, names: list[str]
+) -> None:
+    """Everything of the output but the shards' bytes: index, config.json, side files (by the
+    rules of `shardcut.rewrite.side_files`), the plan; every file with its source's permission bits."""
+    from shardcut.format.durable import fsync_dir
+    from shardcut.rewrite.side_files import output_mode, set_mode, side_files, write_side_files
+
+    def mode_of(*paths: Path) -> int:
+        for p in paths:
+            if p.is_file():
+                return output_mode(os.stat(p).st_mode)
+        return 0o644
+
+    files = side_files(ckpt, info, plan)  # refuses symlinks out of MODEL and special files
+    for name, tensors in zip(names, lay.shards):  # a shard made of several keeps the strictest bits
+        sources = {p.path for t in tensors for p in t.pieces}
+        bits = 0o777
+        for src in sources:
+            bits &= os.stat(src).st_mode if src.is_file() else 0o644
+        path = dest / name
+        if not path.exists():
+            path = dest / f"{name}.part"
+        if path.exists():
+            set_mode(path, output_mode(bits))
+    config_mode = mode_of(ckpt.root / CONFIG_NAME)
+    _write_json(
+        dest / INDEX_NAME,
+        {
+            "metadata": index_metadata(ckpt, lay, plan),
+            "weight_map": {t.name: name for name, tensors in zip(names, lay.shards) for t in tensors},
+        },
+        mode=mode_of(ckpt.root / INDEX_NAME, ckpt.root / CONFIG_NAME),
+    )
+    config, quant_side = pruned_config(ckpt, info, plan)
+    _write_json(dest / CONFIG_NAME, config, mode=config_mode)
+    write_side_files(dest, ckpt, info, plan, files, quant_side)
+    provenance = plan.to_json()
+    source = provenance.setdefault("source", {})
+    if isinstance(source, dict):
+        source.setdefault("num_experts", info.num_experts)
+        if len(info.layers_by_config()) > 1:  # the card's "before" for every stack (push)
+            source.setdefault("num_experts_by_config", info.summary()["num_experts_by_config"])
+        root = ckpt.root.resolve() if ckpt.root.exists() else ckpt.root
+        if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+            # a Hugging Face cache snapshot: name the repo and the exact commit pruned
+            source.setdefault("model", root.parent.parent.name.removeprefix("models--").replace("--", "/"))
+            source.setdefault("revision", root.name)
+        card = _card_metadata(ckpt.root / "README.md")
+        if card:  # the source's card is not copied (push writes a new one); its license etc. are kept here
+            source.setdefault("card", card)
+    _write_json(dest / PLAN_COPY_NAME, provenance, mode=config_mode)
+    root_mode = os.stat(ckpt.root).st_mode if ckpt.root.is_dir() else 0o755
+    os.chmod(dest, (root_mode & 0o777) | 0o700)
+    fsync_dir(dest)
+
+
+def _card_metadata(path: Path) -> dict:
+    """License, pipeline tag and language from a model card's YAML front matter ({} if none)."""
+    if not path.is_file() or path.stat().st_size > 4 << 20:
+        return {}
+    try:
+        from huggingface_hub import ModelCard
+
+        data = ModelCard.load(path, ignore_metadata_errors=True).data.to_dict()
+    except Exception:  # a card that does not parse has nothing to keep
+        return {}
+    keys = ("license", "license_name", "license_link", "pipeline_tag", "language")
+    return {k: data[k] for k in keys if data.get(k)}
+
+
+def _write_json(path: Path, data: dict, indent: int | None = 2, mode: int | None = None) -> None:
+    from shardcut.format.durable import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False) + "\n", mode)
