@@ -13,7 +13,7 @@ import pytest
 from fixtures.calib_fixtures import layer_outputs, reference_statistics, write_ids_jsonl
 from fixtures.families import TOP_K, E, family
 
-from shardcut.ops.calibration.runner import Calibrator, calibrate
+from shardcut.ops.calibration.runner import CalibrateOptions, Calibrator, calibrate
 from shardcut.plans.scores import FIELDS, Scores, merge_scores
 
 PROOF_FAMILIES = ["qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss"]
@@ -78,8 +78,7 @@ def streamed(families, ids_data, tmp_path_factory):
                 str(families(name).source),
                 str(ids_data[0]),
                 out,
-                max_length=64,
-                batch_tokens=BATCH_TOKENS,
+                CalibrateOptions(max_length=64, batch_tokens=BATCH_TOKENS),
                 on_layer=on_layer,
             )
             scores = cal.run()
@@ -331,9 +330,7 @@ def test_gpu_settings_run_on_the_cpu(families, ids_data, streamed, tmp_path, mon
         str(source),
         str(ids_data[0]),
         tmp_path / "a.safetensors",
-        max_length=64,
-        batch_tokens=BATCH_TOKENS,
-        prefetch=True,
+        CalibrateOptions(max_length=64, batch_tokens=BATCH_TOKENS, prefetch=True),
     ).run()
     _assert_identical(ahead, full)
     placed.clear()
@@ -341,10 +338,7 @@ def test_gpu_settings_run_on_the_cpu(families, ids_data, streamed, tmp_path, mon
         str(source),
         str(ids_data[0]),
         tmp_path / "b.safetensors",
-        max_length=64,
-        batch_tokens=BATCH_TOKENS,
-        prefetch=True,
-        dtype="bfloat16",
+        CalibrateOptions(max_length=64, batch_tokens=BATCH_TOKENS, prefetch=True, dtype="bfloat16"),
     ).run()
     assert placed and all(device == torch.device("cpu") for _, device, _, _ in placed)
     assert all(dtype == (torch.float32 if keep32 else torch.bfloat16) for _, _, dtype, keep32 in placed), placed

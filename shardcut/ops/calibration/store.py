@@ -69,7 +69,7 @@ def check_space(directory: Path, needed: int, what: str) -> None:
     if free < needed:
         raise OutputError(
             f"not enough disk space for {what}: {needed:,} bytes needed, {free:,} free "
-            "(free some, use --work-dir on another disk, or raise --max-memory)",
+            "(free some, put the work folder on another disk, or raise the memory budget max_memory)",
             directory,
         )
 
