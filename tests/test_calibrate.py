@@ -300,9 +300,9 @@ def test_deepseek_v32_indexer_drops_tokens(families, streamed):
 
 
 def test_gpu_settings_run_on_the_cpu(families, ids_data, streamed, tmp_path, monkeypatch):
-    """What a CUDA run does differently, run on the CPU: the next layer's tensors are read while the
-    current one runs (`prefetch`), and the compute dtype is bfloat16. Prefetching changes nothing
-    (bit-identical scores); in bfloat16 every loaded parameter sits on the run's device in bfloat16
+    """What a CUDA run does differently, run on the CPU: the compute dtype is bfloat16 (the next
+    layer's tensors are read while the current one runs, `prefetch`, on both by default; reading
+    in turn instead changes nothing, bit-identical scores); in bfloat16 every loaded parameter sits on the run's device in bfloat16
     except those transformers keeps in float32 (its dtype plan: DeepSeek's router), and the
     statistics track float32."""
     import re
@@ -326,13 +326,13 @@ def test_gpu_settings_run_on_the_cpu(families, ids_data, streamed, tmp_path, mon
         return layer
 
     monkeypatch.setattr(stream.LayerLoader, "load_layer", spy)
-    ahead = Calibrator(
+    in_turn = Calibrator(  # the streamed runs read ahead (the default): reading in turn changes nothing
         str(source),
         str(ids_data[0]),
         tmp_path / "a.safetensors",
-        CalibrateOptions(max_length=64, batch_tokens=BATCH_TOKENS, prefetch=True),
+        CalibrateOptions(max_length=64, batch_tokens=BATCH_TOKENS, prefetch=False),
     ).run()
-    _assert_identical(ahead, full)
+    _assert_identical(in_turn, full)
     placed.clear()
     bf16 = Calibrator(
         str(source),
