@@ -104,7 +104,6 @@ FLAGS = {
     "shard": "--shard",
     "device": "--device",
     "dtype": "--dtype",
-    "sequences": "--pack",
 }
 
 
