@@ -323,8 +323,7 @@ class Calibrator:
             self._loader.buffers_to_device()  # rotary frequencies & co; the embedding is not needed any more
         activations = state.activations
         since_s, since_steps, write_s = 0.0, 0, None
-        overlap = o.prefetch if o.prefetch is not None else True
-        prefetch = ThreadPoolExecutor(1, thread_name_prefix="shardcut-prefetch") if overlap else None
+        prefetch = ThreadPoolExecutor(1, thread_name_prefix="shardcut-prefetch") if o.prefetch else None
         total = LayerTimes()
         try:
             pending = None
