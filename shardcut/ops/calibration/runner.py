@@ -23,15 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shardcut.ops.calibration.stream import (
-    LayerLoader,
-    TensorReader,
-    capture_call,
-    current_memory,
-    make_skeleton,
-    release_free_memory,
-    run_layer,
-)
 from shardcut.format.checkpoint import open_checkpoint
 from shardcut.format.durable import check_output
 from shardcut.format.errors import OutputError, ShardcutError
@@ -56,6 +47,15 @@ from shardcut.ops.calibration.resume import (
     state_dir_for,
 )
 from shardcut.ops.calibration.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory, check_space
+from shardcut.ops.calibration.stream import (
+    LayerLoader,
+    TensorReader,
+    capture_call,
+    current_memory,
+    make_skeleton,
+    release_free_memory,
+    run_layer,
+)
 from shardcut.plans.scores import GATE_APPLIED, Scores, provenance
 
 DTYPES = {
