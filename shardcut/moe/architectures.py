@@ -369,11 +369,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             Stack(
                 ("model.layers",),
                 None,
-                (
-                    "block_sparse_moe.router.layer.weight",
-                    "block_sparse_moe.input_linear.weight",
-                    "block_sparse_moe.output_linear.weight",
-                ),
+                ("block_sparse_moe.router.layer.weight",),
+                fused=("block_sparse_moe.input_linear", "block_sparse_moe.output_linear"),  # [E, 2I, H], [E, H, I]
             ),
         ),
         ("num_local_experts",),

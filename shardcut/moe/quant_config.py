@@ -28,34 +28,20 @@ class _Renamer:
     def __init__(self, info: ModelInfo, keep: dict[str, list[int]]) -> None:
         self.info = info
         self.keep = keep
-        self.patterns = []
-        for stack in info.arch.stacks:
-            if stack.experts is None:
-                continue
-            alt = "|".join(re.escape(p) for p in stack.layer_prefixes)
-            self.patterns.append(re.compile(rf"^((?:{alt})\.\d+\.){re.escape(stack.experts)}\.(\d+)(\..*)?$"))
         # (layer key, module inside the expert) -> new ids of the experts excluded from quantization
         self.excluded: dict[tuple[str, str], set[int]] = defaultdict(set)
 
-    def name(self, name: str, excluded_list: bool = False):
+    def name(self, name: str, excluded_list: bool = False) -> object:
         """New module name, `_DROP` for a pruned expert, or the name unchanged."""
-        for pattern in self.patterns:
-            m = pattern.match(name)
-            if not m:
-                continue
-            layer = self.info._by_prefix.get(m.group(1))
-            if layer is None:
-                return name
-            layer, expert = self.info._owner(
-                layer, int(m.group(2))
-            )  # ERNIE-VL: the vision half's ids follow the text half's
-            new = self.info.new_expert_id(layer, expert, self.keep)
-            if new is None:
-                return _DROP
-            if excluded_list:
-                self.excluded[(layer.key, m.group(3) or "")].add(new)
-            return f"{m.group(1)}{layer.stack.experts}.{new}{m.group(3) or ''}"
-        return name
+        expert = self.info.expert_of(name)  # ERNIE-VL: the vision half's ids follow the text half's
+        if expert is None:
+            return name
+        new = self.info.new_expert_id(expert.layer, expert.expert, self.keep)
+        if new is None:
+            return _DROP
+        if excluded_list:
+            self.excluded[(expert.layer.key, expert.suffix)].add(new)
+        return self.info.expert_name(expert.layer, new, expert.suffix)
 
     def regex(self, pattern: str, where: str, excluded_list: bool = False):
         """Renumber a regex naming one expert literally; refuse one that names experts otherwise."""
@@ -143,7 +129,7 @@ def rewrite_quantization(
     for (layer_key, module), ids in renamer.excluded.items():
         if 0 < len(ids) < len(keep[layer_key]):
             raise ShardcutError(
-                f"layer {layer_key}: experts {sorted(ids)[:5]} ({module.lstrip('.') or 'whole expert'}) are excluded "
+                f"layer {layer_key}: experts {sorted(ids)[:5]} ({module or 'whole expert'}) are excluded "
                 "from quantization but the others are not; "
                 "vLLM reads a MoE layer's scheme from expert 0, so a layer's experts must share one scheme"
             )

@@ -30,7 +30,7 @@ from shardcut.format.container import (
     write_shard,
 )
 from shardcut.format.errors import ShardcutError
-from shardcut.moe.model import ModelInfo, _sub_config, describe, experts_by_config
+from shardcut.moe.model import Copied, ExpertTensor, ModelInfo, describe, experts_by_config, sub_config
 from shardcut.plans.plan import Plan, validate_plan
 from shardcut.rewrite.side_files import HF_QUANT_NAME, PLAN_COPY_NAME
 
@@ -127,10 +127,10 @@ def layout(ckpt: Checkpoint, info: ModelInfo, plan: Plan, max_shard_size: int | 
         for t in shard.tensors.values():
             role = info.classify(t.name)
             whole = [Piece(shard.path, t.start, t.nbytes)]
-            if role.kind == "copy":
+            if isinstance(role, Copied):
                 out.append(OutTensor(t.name, t.dtype, t.shape, whole))
                 result.copied += 1
-            elif role.kind == "expert":
+            elif isinstance(role, ExpertTensor):
                 if role.expert >= role.layer.num_experts:
                     raise ShardcutError(
                         f"tensor {t.name!r}: expert id {role.expert} >= num_experts={role.layer.num_experts}",
@@ -221,7 +221,7 @@ def updated_config(info: ModelInfo, kept: int | dict[str, list[int]]) -> tuple[d
     for path, layers in info.layers_by_config().items():
         n = kept if isinstance(kept, int) else len(kept[layers[0].key])
         before = layers[0].num_experts
-        text = _sub_config(config, path)
+        text = sub_config(config, path)
         where = ".".join(path) if text is not config else ""
         nodes = [(text, where)] + ([(config, "")] if path == main_path and text is not config else [])
         for node, at in nodes:
