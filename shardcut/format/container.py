@@ -504,7 +504,7 @@ def compare_written(
     compared = 0
     sources: dict[Path, int] = {}
     try:
-        for name, tensors in zip(names, shards):
+        for name, tensors in zip(names, shards, strict=True):
             path = out_dir / name
             header = read_header(path)
             out_fd = os.open(path, os.O_RDONLY)

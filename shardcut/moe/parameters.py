@@ -125,7 +125,10 @@ class Counts:
         """
         keys = self.expert.keys() | self.router.keys()
         E = {k: num_experts[k] if isinstance(num_experts, Mapping) else num_experts for k in keys}
-        per = {k: [a + b for a, b in zip(self.expert.get(k, (0, 0)), self.router.get(k, (0, 0)))] for k in keys}
+        per = {
+            k: [a + b for a, b in zip(self.expert.get(k, (0, 0)), self.router.get(k, (0, 0)), strict=True)]
+            for k in keys
+        }
         total = self.base[0] + sum(E[k] * p[0] for k, p in per.items())
         size = self.base[1] + sum(E[k] * p[1] for k, p in per.items())
         active = self.base_active + sum(

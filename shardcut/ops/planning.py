@@ -304,7 +304,7 @@ def make_plan(
     validate_plan(plan, info, "plan")
 
     lay = layout(ckpt, info, plan)
-    output = sum(shard_size(s, m) for s, m in zip(lay.shards, lay.metadata))
+    output = sum(shard_size(s, m) for s, m in zip(lay.shards, lay.metadata, strict=True))
     rule = "; ".join(f"{g.name}: {c.rule}" for g, c in per_group) if multi else counts.rule
     by_config = (
         {

@@ -320,7 +320,7 @@ def _from_object(data: object, ctx: _Context, kind: str) -> tuple[Scores, Import
         matrix = _matrix(data)
         if matrix is not None:
             keys, rows = _rows(matrix, ctx, "the stacked tensor")
-            per_layer = dict(zip(keys, rows))
+            per_layer = dict(zip(keys, rows, strict=True))
         else:
             per_layer = _layer_entries(data, ctx, "the file")
     keys = list(per_layer)
@@ -376,7 +376,7 @@ def _layer_entries(data: object, ctx: _Context, what: str) -> dict[str, object]:
         every = [layer.key for layer in info.layers]
         for keys in (main, every):
             if len(data) == len(keys):
-                return dict(zip(keys, data))
+                return dict(zip(keys, data, strict=True))
         raise ShardcutError(
             f"{what} is a list of {len(data)} layers but the model has {len(main)} MoE layers"
             + (f" ({len(every)} with MTP)" if len(every) != len(main) else ""),
@@ -391,7 +391,7 @@ def _layer_entries(data: object, ctx: _Context, what: str) -> dict[str, object]:
         ints = [_as_int(k) for k in raw]
         if any(i is None for i in ints):
             raise ShardcutError("--layer-offset needs integer layer keys", path)
-        mapped = {str(i + ctx.offset): data[k] for i, k in zip(ints, raw)}
+        mapped = {str(i + ctx.offset): data[k] for i, k in zip(ints, raw, strict=True)}
         ctx.notes.append(f"layer keys: +{ctx.offset} added to every key ({raw[0]} -> {int(ints[0]) + ctx.offset})")
         return _in_model_order(mapped, info, path)
     mapped = {}

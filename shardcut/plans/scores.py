@@ -230,7 +230,7 @@ class Scores:
         le = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for _, a in arrays]
         described = [
             OutTensor(name, "I64" if a.dtype.kind == "i" else "F64", a.shape, [Piece(Path(), 0, a.nbytes)])
-            for (name, _), a in zip(arrays, le)
+            for (name, _), a in zip(arrays, le, strict=True)
         ]
         return encode_header(described, dict(sorted(self.file_metadata().items()))) + b"".join(a.tobytes() for a in le)
 
@@ -358,7 +358,7 @@ class Scores:
         order would be a silent guess. Imported values-only files carry no counts and pass."""
         if not self.has_sums:
             return
-        empty = [k for k, t, c in zip(self.layers, self.tokens, self.count) if t == 0 and not c.any()]
+        empty = [k for k, t, c in zip(self.layers, self.tokens, self.count, strict=True) if t == 0 and not c.any()]
         if empty:
             raise ShardcutError(
                 f"layers {', '.join(empty[:5])} saw no tokens (all-zero scores): nothing to rank experts by", source
@@ -453,7 +453,7 @@ def merge_scores(
         raise ShardcutError("merge needs at least two score files")
     names = list(names or [f"input {i + 1}" for i in range(len(items))])
     first, _ = items[0]
-    for (s, w), name in zip(items, names):
+    for (s, w), name in zip(items, names, strict=True):
         if not s.has_sums:
             crit = ", ".join(s.values) or "?"
             raise ShardcutError(f"holds only imported {crit!r} values and no sums: merging is impossible", name)
@@ -475,7 +475,7 @@ def merge_scores(
         problem = model_mismatch(first.metadata, s.metadata)
         if problem:
             raise ShardcutError(f"scores of another model: {problem} (in {names[0]}: the first value)", name)
-    gates = {name: gate_convention(s.metadata) for (s, _), name in zip(items, names)}
+    gates = {name: gate_convention(s.metadata) for (s, _), name in zip(items, names, strict=True)}
     caveats: list[str] = []
     for s, _ in items:
         caveats += [c for c in file_caveats(s.metadata) if c not in caveats]
@@ -528,7 +528,7 @@ def merge_scores(
                     if k in s.metadata
                 },
             }
-            for (s, w), name in zip(items, names)
+            for (s, w), name in zip(items, names, strict=True)
         ]
     )
     merged.metadata = meta
