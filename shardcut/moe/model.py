@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TypeAlias
+from typing import TypeAlias, TypeGuard
 
 from shardcut.format.checkpoint import CONFIG_NAME, Checkpoint
 from shardcut.format.errors import ShardcutError
@@ -256,7 +256,7 @@ class ModelInfo:
         return out
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -474,10 +474,8 @@ def _check_mtp_count(config: dict, stack: Stack, counts: _StackCounts, extra: li
     otherwise num_hidden_layers is smaller than the layers the checkpoint holds."""
     if not extra:
         return
-    node = counts.cfg
-    declared = next((node.get(k) for k in _MTP_COUNT_KEYS if _is_int(node.get(k))), None)
-    if declared is None:
-        declared = next((config.get(k) for k in _MTP_COUNT_KEYS if _is_int(config.get(k))), 0)
+    found = [v for node in (counts.cfg, config) for k in _MTP_COUNT_KEYS if _is_int(v := node.get(k))]
+    declared = found[0] if found else 0
     if len(extra) > declared:
         where = f"{stack.plan_prefix.rstrip('.')} " if stack.plan_prefix else ""
         raise ShardcutError(

@@ -216,7 +216,7 @@ def updated_config(info: ModelInfo, kept: int | dict[str, list[int]]) -> tuple[d
     `[text, vision]`) gets each entry set.
     """
     config = copy.deepcopy(info.config)
-    changes = {}
+    changes: dict[str, list] = {}
     main_path = info.layers[0].config_path if info.layers else info.arch.config_path
     for path, layers in info.layers_by_config().items():
         n = kept if isinstance(kept, int) else len(kept[layers[0].key])
