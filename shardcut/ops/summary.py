@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
 from shardcut.moe.model import Copied, ExpertAxisSlice, ExpertTensor, ModelInfo, describe
 from shardcut.moe.parameters import GROUPS, ct_bits, split_companion, tensor_group
@@ -49,7 +50,9 @@ def quantization_groups(info: ModelInfo, tensors: dict, quant: dict) -> dict:
     suffixes with their dtypes and bytes."""
     modules: dict[str, dict[str, str]] = defaultdict(dict)
     group_of: dict[str, str] = {}
-    out = {g: {"tensors": 0, "bytes": 0, "schemes": Counter(), "companions": {}} for g in GROUPS}
+    out: dict[str, dict[str, Any]] = {
+        g: {"tensors": 0, "bytes": 0, "schemes": Counter(), "companions": {}} for g in GROUPS
+    }
     for name, (_, t) in tensors.items():
         group = tensor_group(info.classify(name))
         module, suffix = split_companion(name)

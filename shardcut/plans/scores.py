@@ -286,7 +286,19 @@ class Scores:
         per_layer = _parse_layer_experts(meta.pop("layer_experts", None), len(layers), path)
         values = {n[len(VALUE_PREFIX) :]: arrays[n] for n in value_names}
         if has_sums:
-            scores = cls(layers, *(arrays[n] for n in FIELDS), arrays["tokens"], meta, values, layer_experts=per_layer)
+            a = arrays
+            scores = cls(
+                layers,
+                a["count"],
+                a["gate_sum"],
+                a["norm_sum"],
+                a["reap_sum"],
+                a["act_max"],
+                a["tokens"],
+                meta,
+                values,
+                layer_experts=per_layer,
+            )
         else:
             try:
                 scores = cls.from_values(layers, values, meta, per_layer)
@@ -511,7 +523,7 @@ def merge_scores(
     meta["gate_convention"] = next(iter(gates.values())) if len(set(gates.values())) == 1 else "mixed"
     if caveats:
         meta["caveats"] = json.dumps(caveats)
-    sketches = [s.metadata.get("data_sketch") for s, _ in items]
+    sketches = [s.metadata.get("data_sketch") or "" for s, _ in items]
     if all(sketches):  # the calibration samples of all inputs, for `shardcut eval`'s held-out check
         from shardcut.format.fingerprint import merge_sketches
 
