@@ -7,7 +7,15 @@ import time
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from shardcut_cli.common import console, err_console, fail, handle_errors, human_bytes, safe
 from shardcut_cli.options import check_int, check_size
@@ -37,10 +45,11 @@ class _Display:
     def __init__(self, live: bool):
         self.live = live
         self.bar: Progress | None = None
-        self.overall = self.layer = None
+        self.overall: TaskID | None = None
+        self.layer: TaskID | None = None
         self.started = time.perf_counter()
         self.layer_started = self.started
-        self.last = None
+        self.last: dict[str, str] | None = None
 
     def __enter__(self) -> _Display:
         if self.live:
@@ -82,14 +91,14 @@ class _Display:
                 if self.layer is not None:
                     self.bar.remove_task(self.layer)
                 self.layer = self.bar.add_task(name, total=event.layer_tokens, rate="", memory="")
-        elif event.kind == "batch" and self.bar is not None and self.layer is not None:
+        elif event.kind == "batch" and self.bar is not None and self.layer is not None and self.overall is not None:
             fields = {"rate": f"{event.tokens_per_s:,.0f} tok/s", "memory": human_bytes(event.memory)}
             self.bar.update(self.layer, completed=event.tokens, **fields)
             self.bar.update(self.overall, completed=event.step + event.tokens / max(1, event.layer_tokens), **fields)
             self.last = fields
         elif event.kind == "layer_done":
             seconds = time.perf_counter() - self.layer_started
-            if self.bar is not None:
+            if self.bar is not None and self.overall is not None:
                 self.bar.update(self.overall, completed=event.step)
             else:
                 self.print(

@@ -7,6 +7,7 @@ import re
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -58,7 +59,7 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {safe(message)}", soft_wrap=True)
     raise typer.Exit(code)
 

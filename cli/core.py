@@ -149,6 +149,7 @@ def prune_cmd(
         from shardcut.plans.select import parse_protect
         from shardcut_cli.scores_cmd import print_plan_report
 
+        assert scores is not None  # exactly one of --plan and --scores, checked above
         the_plan, plan_report = make_plan(
             model,
             scores,

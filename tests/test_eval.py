@@ -219,7 +219,7 @@ def test_pruning_what_a_layer_relies_on_shows_first_at_that_layer(families, ids_
         device="cpu",
     )
     a, b = report.plans
-    parted = next(i for i, (x, y) in enumerate(zip(a.residual_error, b.residual_error)) if x != y)
+    parted = next(i for i, (x, y) in enumerate(zip(a.residual_error, b.residual_error, strict=True)) if x != y)
     assert parted == 2 and a.moe_error["1"] == b.moe_error["1"]
     assert b.moe_error["2"] > 1.3 * a.moe_error["2"] and b.moe_error["2"] > 1.5 * b.moe_error["1"]
     assert b.residual_error[2] > a.residual_error[2] and b.kl_mean > a.kl_mean
@@ -399,7 +399,7 @@ def test_ratios_from_a_score_file_are_the_plans_make_plan_writes(families, ids_d
     )
     by_plan = evaluate(built.source, str(ids_data[0]), plans=plans, max_length=64, device="cpu")
     assert [(p.name, p.kept, p.ratio) for p in by_ratio.plans] == [("ratio=0.25", 6, 0.25), ("ratio=0.5", 4, 0.5)]
-    for a, b in zip(by_ratio.plans, by_plan.plans):
+    for a, b in zip(by_ratio.plans, by_plan.plans, strict=True):
         assert (a.kl_mean, a.residual_error, a.moe_error) == (b.kl_mean, b.residual_error, b.moe_error)
     assert by_ratio.plans[0].kl_mean < by_ratio.plans[1].kl_mean  # pruning more costs more, here
     bad = CliRunner().invoke(

@@ -150,7 +150,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ShardcutError("'weight_map' must map tensor names to shard file names", index_path)
-        index_metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+        metadata = index.get("metadata")
+        index_metadata = metadata if isinstance(metadata, dict) else {}
         shard_names = list(dict.fromkeys(weight_map.values()))
     elif (root / SINGLE_NAME).exists():
         weight_map = None

@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import orjson
 
@@ -479,7 +480,10 @@ def slice_expert_axis(
     except ValueError:
         raise ShardcutError(f"tensor {t.name!r}: expert blocks of {t.dtype} do not fill whole bytes", path) from None
     outer = math.prod(t.shape[:axis])
-    per_outer = kept if kept and isinstance(kept[0], list) else [kept] * outer
+    if kept and isinstance(kept[0], list):
+        per_outer = cast("list[list[int]]", kept)
+    else:
+        per_outer = [cast("list[int]", kept)] * outer
     if len(per_outer) != outer or len({len(k) for k in per_outer}) != 1:
         raise ShardcutError(f"tensor {t.name!r} {list(t.shape)}: {outer} rows need equal kept lists for each", path)
     pieces = [
@@ -504,7 +508,7 @@ def compare_written(
     compared = 0
     sources: dict[Path, int] = {}
     try:
-        for name, tensors in zip(names, shards):
+        for name, tensors in zip(names, shards, strict=True):
             path = out_dir / name
             header = read_header(path)
             out_fd = os.open(path, os.O_RDONLY)

@@ -12,7 +12,7 @@ catches them all; a caller that must tell them apart catches the kind.
 
 from __future__ import annotations
 
-from pathlib import Path
+from os import PathLike
 
 
 class ShardcutError(Exception):
@@ -22,7 +22,7 @@ class ShardcutError(Exception):
         >>> raise ShardcutError("plan.json: layer 3 keeps 3 experts, other layers keep 4")
     """
 
-    def __init__(self, message: str, path: str | Path | None = None) -> None:
+    def __init__(self, message: str, path: str | PathLike | object | None = None) -> None:  # object: a Hub RepoRef
         self.path = str(path) if path is not None else None
         super().__init__(f"{path}: {message}" if path is not None else message)
 

@@ -12,12 +12,13 @@ import shutil
 from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from shardcut.format.errors import OutputError
 from shardcut.ops.verification import verify
 from shardcut.rewrite.writer import prune
 
-DEMO_CONFIG = dict(
+DEMO_CONFIG: dict[str, Any] = dict(
     model_type="qwen3_moe",
     hidden_size=64,
     intermediate_size=96,

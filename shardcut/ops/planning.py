@@ -165,7 +165,8 @@ def make_plan(
 
     protected = {k: list(v) for k, v in _check_protect(protect or {}, info).items()}
     notes: list[str] = []
-    threshold, supers = None, {}
+    threshold: float | None = None
+    supers: dict[str, list[int]] = {}
     warnings: list[str] = []
     mismatch = _scores_model_mismatch(model, ckpt, info, scores)
     if mismatch:
@@ -304,7 +305,7 @@ def make_plan(
     validate_plan(plan, info, "plan")
 
     lay = layout(ckpt, info, plan)
-    output = sum(shard_size(s, m) for s, m in zip(lay.shards, lay.metadata))
+    output = sum(shard_size(s, m) for s, m in zip(lay.shards, lay.metadata, strict=True))
     rule = "; ".join(f"{g.name}: {c.rule}" for g, c in per_group) if multi else counts.rule
     by_config = (
         {
@@ -376,11 +377,11 @@ def _tie_warnings(rows: list[LayerRow]) -> list[str]:
         )
     if out:
         total = sum(row.decided_by_id for row in rows)
-        never = sum(row.never_routed_at_cut for row in rows)
+        unrouted = sum(row.never_routed_at_cut for row in rows)
         out.insert(
             0,
             f"{len(out)} of {len(rows)} MoE layers cut among equal scores: {total} experts decided by id "
-            f"order" + (f" ({never} never routed: more calibration data would rank them)" if never else ""),
+            f"order" + (f" ({unrouted} never routed: more calibration data would rank them)" if unrouted else ""),
         )
     return out
 

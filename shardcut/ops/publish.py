@@ -123,14 +123,15 @@ def push(
 
     ckpt = open_checkpoint(out)
     info = describe(ckpt)
-    source = plan.extra.get("source") if isinstance(plan.extra.get("source"), dict) else {}
+    recorded = plan.extra.get("source")
+    source = recorded if isinstance(recorded, dict) else {}
     source_model = str(source.get("model") or "")
     base = base_model or (source_model if _is_repo_id(source_model) else None)
     card_meta = source_card(out, base, source, api)
     provenance = _provenance(out, plan, source, base, score_file, info)
     card = str(model_card(target, base, plan, ckpt, info, card_meta, scores_meta, provenance))
 
-    extra_files = []
+    extra_files: list[PushFile] = []
     if eval_report is not None:
         card, extra_files = with_evaluation(card, eval_report, eval_plot)
     files = [PushFile(CARD_NAME, len(card.encode()), content=card.encode()), *extra_files]
@@ -295,7 +296,8 @@ def _provenance(
     index = out / INDEX_NAME
     meta = read_json_object(index).get("metadata", {}) if index.is_file() else {}
     groups = count_groups(info)  # of the pruned checkpoint: its counts are the kept ones
-    before = source.get("num_experts_by_config") if isinstance(source.get("num_experts_by_config"), dict) else {}
+    recorded = source.get("num_experts_by_config")
+    before = recorded if isinstance(recorded, dict) else {}
     by_config = (
         {
             "experts_per_layer_by_config": {
@@ -392,9 +394,8 @@ def _stage(root: Path, files: list[PushFile], out: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         if f.content is not None:
             dest.write_bytes(f.content)
-        else:
-            src = f.source
-            if f.source.absolute().is_relative_to(out.absolute()):  # OUT's files: checked again at upload
+        elif (src := f.source) is not None:
+            if src.absolute().is_relative_to(out.absolute()):  # OUT's files: checked again at upload
                 _check_link(src, out.resolve(), out)
             os.symlink(src.resolve(), dest)
     return root

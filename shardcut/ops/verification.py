@@ -10,7 +10,7 @@ from pathlib import Path
 from shardcut.format.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint, read_json_object
 from shardcut.format.container import COMPARE_CHUNK, compare_written
 from shardcut.format.errors import ShardcutError
-from shardcut.moe.model import ModelInfo, describe
+from shardcut.moe.model import ExpertAxisSlice, ExpertTensor, ModelInfo, describe
 from shardcut.plans.plan import Plan
 
 
@@ -63,9 +63,9 @@ def verify(path: str | Path, source: str | Path | None = None) -> VerifyReport:
     experts: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
     for name, (_, t) in ckpt.tensors.items():
         role = info.classify(name)
-        if role.kind == "expert":
+        if isinstance(role, ExpertTensor):
             experts[role.layer.key][role.expert].add(role.suffix)
-        elif role.kind == "slice":
+        elif isinstance(role, ExpertAxisSlice):
             dim = t.shape[role.axis] if role.axis < len(t.shape) else -1
             if dim <= 0 or dim % role.blocks:
                 report.problems.append(
@@ -232,7 +232,7 @@ def check_against_source(ckpt: Checkpoint, info: ModelInfo, src: Checkpoint, pla
 
     for name, (_, t) in ckpt.tensors.items():
         role, src_role = info.classify(name), src_info.classify(name) if name in src.tensors else None
-        if role.kind != "slice" or src_role is None or src_role.kind != "slice":
+        if not isinstance(role, ExpertAxisSlice) or not isinstance(src_role, ExpertAxisSlice):
             continue
         src_dim = src.tensors[name][1].shape[src_role.axis]
         block = src_dim // src_role.blocks

@@ -50,7 +50,7 @@ class Plan:
     def to_json(self) -> dict:
         """The plan file's JSON: `num_experts` (see the property) unless undefined, then `extra`
         (provenance; `make_plan` adds `num_experts_by_config` for several expert counts)."""
-        body = {"format": PLAN_FORMAT, "keep": {k: list(v) for k, v in self.keep.items()}}
+        body: dict[str, object] = {"format": PLAN_FORMAT, "keep": {k: list(v) for k, v in self.keep.items()}}
         if self.keep and self.num_experts >= 0:
             body["num_experts"] = self.num_experts
         for k, v in self.extra.items():

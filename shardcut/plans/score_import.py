@@ -30,6 +30,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -299,8 +300,7 @@ def _from_object(data: object, ctx: _Context, kind: str) -> tuple[Scores, Import
         named = next((data[k] for k in NAME_KEYS if isinstance(data.get(k), str)), named)
         data = data[wrapper]
     if isinstance(data, dict) and data and all(_is_stat_name(k) for k in data):
-        stacked = {k: _matrix(v) for k, v in data.items() if k not in IGNORED_STATS}
-        stacked = {k: v for k, v in stacked.items() if v is not None}
+        stacked = {k: m for k, v in data.items() if k not in IGNORED_STATS and (m := _matrix(v)) is not None}
         if not stacked:
             raise ShardcutError(
                 f"holds statistics {sorted(map(str, data))} but no per-layer, per-expert values", ctx.path
@@ -309,7 +309,7 @@ def _from_object(data: object, ctx: _Context, kind: str) -> tuple[Scores, Import
         keys = next(iter(rows.values()))[0]
         if any(r[0] != keys for r in rows.values()):
             raise ShardcutError("its statistics cover different layer counts", ctx.path)
-        per_layer = {key: {stat: r[1][i] for stat, r in rows.items()} for i, key in enumerate(keys)}
+        per_layer: dict[str, object] = {key: {stat: r[1][i] for stat, r in rows.items()} for i, key in enumerate(keys)}
         if kind == "llm-compressor" or ("saliency" in stacked and not (set(stacked) & set(OBSERVER_FIELDS.values()))):
             fmt = "llm-compressor"
             ctx.notes.append(
@@ -319,18 +319,18 @@ def _from_object(data: object, ctx: _Context, kind: str) -> tuple[Scores, Import
     else:
         matrix = _matrix(data)
         if matrix is not None:
-            keys, rows = _rows(matrix, ctx, "the stacked tensor")
-            per_layer = dict(zip(keys, rows))
+            keys, layer_rows = _rows(matrix, ctx, "the stacked tensor")
+            per_layer = dict(zip(keys, layer_rows, strict=True))
         else:
             per_layer = _layer_entries(data, ctx, "the file")
     keys = list(per_layer)
     sample = per_layer[keys[0]]
     if isinstance(sample, dict):
         if kind == "torch" and set(OBSERVER_FIELDS.values()) & set(sample):
-            return _observer_sums(per_layer, ctx)
+            return _observer_sums(cast("dict[str, dict]", per_layer), ctx)  # a dict per layer, as the first
         sums = {_SUM_NAMES[k] for k in sample if k in _SUM_NAMES}
         if set(FIELDS) <= sums:
-            return _generic_sums(per_layer, ctx, fmt)
+            return _generic_sums(cast("dict[str, dict]", per_layer), ctx, fmt)
         return _values(per_layer, ctx, fmt, None)
     return _values(per_layer, ctx, fmt, named)
 
@@ -376,7 +376,7 @@ def _layer_entries(data: object, ctx: _Context, what: str) -> dict[str, object]:
         every = [layer.key for layer in info.layers]
         for keys in (main, every):
             if len(data) == len(keys):
-                return dict(zip(keys, data))
+                return dict(zip(keys, data, strict=True))
         raise ShardcutError(
             f"{what} is a list of {len(data)} layers but the model has {len(main)} MoE layers"
             + (f" ({len(every)} with MTP)" if len(every) != len(main) else ""),
@@ -388,10 +388,10 @@ def _layer_entries(data: object, ctx: _Context, what: str) -> dict[str, object]:
         )
     raw = list(data)
     if ctx.offset is not None:
-        ints = [_as_int(k) for k in raw]
-        if any(i is None for i in ints):
+        ints = [i for i in map(_as_int, raw) if i is not None]
+        if len(ints) < len(raw):
             raise ShardcutError("--layer-offset needs integer layer keys", path)
-        mapped = {str(i + ctx.offset): data[k] for i, k in zip(ints, raw)}
+        mapped = {str(i + ctx.offset): data[k] for i, k in zip(ints, raw, strict=True)}
         ctx.notes.append(f"layer keys: +{ctx.offset} added to every key ({raw[0]} -> {int(ints[0]) + ctx.offset})")
         return _in_model_order(mapped, info, path)
     mapped = {}
@@ -406,7 +406,7 @@ def _layer_entries(data: object, ctx: _Context, what: str) -> dict[str, object]:
     foreign = [k for k in mapped if k not in info.layer_by_key]
     if foreign and len(ints) == len(raw) and ints == list(range(len(raw))) and len(raw) in (len(main), len(every)):
         keys = main if len(raw) == len(main) else every
-        by_pos = {keys[_as_int(k)]: data[k] for k in raw}
+        by_pos = {keys[i]: data[k] for k in raw if (i := _as_int(k)) is not None}  # all are here
         ctx.notes.append(
             f"layer keys 0..{len(raw) - 1} are not the model's MoE layers ({_span(keys)}); read as "
             f"positions in its MoE layer list: 0 -> {keys[0]}, {len(raw) - 1} -> {keys[len(raw) - 1]}"
@@ -528,7 +528,7 @@ def _values(per_layer: dict[str, object], ctx: _Context, fmt: str, named: str | 
             ours: np.stack(
                 [
                     _vec(
-                        per_layer[k].get(theirs) if isinstance(per_layer[k], dict) else None,
+                        v.get(theirs) if isinstance(v := per_layer[k], dict) else None,
                         E,
                         f"layer {k}: {theirs}",
                         path,
@@ -553,18 +553,18 @@ def _values(per_layer: dict[str, object], ctx: _Context, fmt: str, named: str | 
     for name, arr in values.items():
         if not np.all(np.isfinite(arr)) or np.any(arr < 0):
             raise ShardcutError(f"{name} values hold NaN, infinite or negative values", path)
-    names = list(values)
+    criteria = list(values)
     notes = [
-        f"only {', '.join(map(repr, names))} values, no sums: plan with --criterion {names[0]}; merging is impossible"
+        f"only {', '.join(map(repr, criteria))} values, no sums: plan with --criterion {criteria[0]}; merging is impossible"
     ]
     notes += [
-        f"{n!r} is not one of shardcut's criteria; it is kept under its own name" for n in names if n not in CRITERIA
+        f"{n!r} is not one of shardcut's criteria; it is kept under its own name" for n in criteria if n not in CRITERIA
     ]
-    meta = {"criterion": names[0]}
+    meta = {"criterion": criteria[0]}
     if fmt == "llm-compressor":
         meta["gate_convention"] = GATE_APPLIED
     scores = Scores.from_values(keys, values, meta)
-    return scores, ImportReport(path, fmt, keys, E, False, names[0], notes)
+    return scores, ImportReport(path, fmt, keys, E, False, criteria[0], notes)
 
 
 def _name_from_file(path: Path) -> str | None:
@@ -582,8 +582,8 @@ def _from_accumulator_dir(ctx: _Context) -> tuple[Scores, ImportReport]:
     state = {}
     for f in files:
         entry = _plain(_torch_load(f), f)
-        if isinstance(entry, dict) and entry:  # blocks without a MoE layer save {}
-            state[int(_BLOCK_FILE.search(f.name).group(1))] = entry
+        if isinstance(entry, dict) and entry and (m := _BLOCK_FILE.search(f.name)):  # no MoE layer: {}
+            state[int(m.group(1))] = entry
     scores, report = _from_object(state, ctx, "torch")
     report.format = "reap-accumulators"
     report.notes.append(f"{len(files)} block files read, {len(state)} with MoE statistics")

@@ -230,7 +230,7 @@ class Scores:
         le = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for _, a in arrays]
         described = [
             OutTensor(name, "I64" if a.dtype.kind == "i" else "F64", a.shape, [Piece(Path(), 0, a.nbytes)])
-            for (name, _), a in zip(arrays, le)
+            for (name, _), a in zip(arrays, le, strict=True)
         ]
         return encode_header(described, dict(sorted(self.file_metadata().items()))) + b"".join(a.tobytes() for a in le)
 
@@ -286,7 +286,19 @@ class Scores:
         per_layer = _parse_layer_experts(meta.pop("layer_experts", None), len(layers), path)
         values = {n[len(VALUE_PREFIX) :]: arrays[n] for n in value_names}
         if has_sums:
-            scores = cls(layers, *(arrays[n] for n in FIELDS), arrays["tokens"], meta, values, layer_experts=per_layer)
+            a = arrays
+            scores = cls(
+                layers,
+                a["count"],
+                a["gate_sum"],
+                a["norm_sum"],
+                a["reap_sum"],
+                a["act_max"],
+                a["tokens"],
+                meta,
+                values,
+                layer_experts=per_layer,
+            )
         else:
             try:
                 scores = cls.from_values(layers, values, meta, per_layer)
@@ -358,7 +370,7 @@ class Scores:
         order would be a silent guess. Imported values-only files carry no counts and pass."""
         if not self.has_sums:
             return
-        empty = [k for k, t, c in zip(self.layers, self.tokens, self.count) if t == 0 and not c.any()]
+        empty = [k for k, t, c in zip(self.layers, self.tokens, self.count, strict=True) if t == 0 and not c.any()]
         if empty:
             raise ShardcutError(
                 f"layers {', '.join(empty[:5])} saw no tokens (all-zero scores): nothing to rank experts by", source
@@ -453,7 +465,7 @@ def merge_scores(
         raise ShardcutError("merge needs at least two score files")
     names = list(names or [f"input {i + 1}" for i in range(len(items))])
     first, _ = items[0]
-    for (s, w), name in zip(items, names):
+    for (s, w), name in zip(items, names, strict=True):
         if not s.has_sums:
             crit = ", ".join(s.values) or "?"
             raise ShardcutError(f"holds only imported {crit!r} values and no sums: merging is impossible", name)
@@ -475,7 +487,7 @@ def merge_scores(
         problem = model_mismatch(first.metadata, s.metadata)
         if problem:
             raise ShardcutError(f"scores of another model: {problem} (in {names[0]}: the first value)", name)
-    gates = {name: gate_convention(s.metadata) for (s, _), name in zip(items, names)}
+    gates = {name: gate_convention(s.metadata) for (s, _), name in zip(items, names, strict=True)}
     caveats: list[str] = []
     for s, _ in items:
         caveats += [c for c in file_caveats(s.metadata) if c not in caveats]
@@ -511,7 +523,7 @@ def merge_scores(
     meta["gate_convention"] = next(iter(gates.values())) if len(set(gates.values())) == 1 else "mixed"
     if caveats:
         meta["caveats"] = json.dumps(caveats)
-    sketches = [s.metadata.get("data_sketch") for s, _ in items]
+    sketches = [s.metadata.get("data_sketch") or "" for s, _ in items]
     if all(sketches):  # the calibration samples of all inputs, for `shardcut eval`'s held-out check
         from shardcut.format.fingerprint import merge_sketches
 
@@ -528,7 +540,7 @@ def merge_scores(
                     if k in s.metadata
                 },
             }
-            for (s, w), name in zip(items, names)
+            for (s, w), name in zip(items, names, strict=True)
         ]
     )
     merged.metadata = meta

@@ -381,7 +381,7 @@ def summarize_scores(scores: Scores, criterion: str | None = None, seed: int = 0
     values = criterion_values(scores, crit, seed)
     multi = scores.layer_experts is not None
     layers = []
-    for r, (key, E) in enumerate(zip(scores.layers, scores.experts_per_row)):
+    for r, (key, E) in enumerate(zip(scores.layers, scores.experts_per_row, strict=True)):
         order = rank(values[r, :E])  # a layer's own experts only, never the padding
         layers.append(
             {

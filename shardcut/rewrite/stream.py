@@ -134,7 +134,7 @@ def prune_model(
     info = describe(ckpt)
     validate_plan(plan, info, plan.origin)
     lay = layout(ckpt, info, plan, parse_size(max_shard_size))
-    sizes = [shard_size(s, m) for s, m in zip(lay.shards, lay.metadata)]
+    sizes = [shard_size(s, m) for s, m in zip(lay.shards, lay.metadata, strict=True)]
     needs = disk_needs(ckpt, pinned, sum(sizes))
     if dry_run or out is None:
         report = _report(ckpt, info, plan, lay, sizes, dry_run=True)

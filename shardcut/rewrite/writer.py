@@ -30,7 +30,7 @@ from shardcut.format.container import (
     write_shard,
 )
 from shardcut.format.errors import ShardcutError
-from shardcut.moe.model import ModelInfo, _sub_config, describe, experts_by_config
+from shardcut.moe.model import Copied, ExpertTensor, ModelInfo, describe, experts_by_config, sub_config
 from shardcut.plans.plan import Plan, validate_plan
 from shardcut.rewrite.side_files import HF_QUANT_NAME, PLAN_COPY_NAME
 
@@ -127,10 +127,10 @@ def layout(ckpt: Checkpoint, info: ModelInfo, plan: Plan, max_shard_size: int | 
         for t in shard.tensors.values():
             role = info.classify(t.name)
             whole = [Piece(shard.path, t.start, t.nbytes)]
-            if role.kind == "copy":
+            if isinstance(role, Copied):
                 out.append(OutTensor(t.name, t.dtype, t.shape, whole))
                 result.copied += 1
-            elif role.kind == "expert":
+            elif isinstance(role, ExpertTensor):
                 if role.expert >= role.layer.num_experts:
                     raise ShardcutError(
                         f"tensor {t.name!r}: expert id {role.expert} >= num_experts={role.layer.num_experts}",
@@ -216,12 +216,12 @@ def updated_config(info: ModelInfo, kept: int | dict[str, list[int]]) -> tuple[d
     `[text, vision]`) gets each entry set.
     """
     config = copy.deepcopy(info.config)
-    changes = {}
+    changes: dict[str, list] = {}
     main_path = info.layers[0].config_path if info.layers else info.arch.config_path
     for path, layers in info.layers_by_config().items():
         n = kept if isinstance(kept, int) else len(kept[layers[0].key])
         before = layers[0].num_experts
-        text = _sub_config(config, path)
+        text = sub_config(config, path)
         where = ".".join(path) if text is not config else ""
         nodes = [(text, where)] + ([(config, "")] if path == main_path and text is not config else [])
         for node, at in nodes:
@@ -298,7 +298,7 @@ def prune(
     pruned_config(ckpt, info, plan)  # refuses quantization configs it cannot renumber, before any write
     lay = layout(ckpt, info, plan, parse_size(max_shard_size))
     names = output_names(ckpt, lay)
-    sizes = [shard_size(s, m) for s, m in zip(lay.shards, lay.metadata)]
+    sizes = [shard_size(s, m) for s, m in zip(lay.shards, lay.metadata, strict=True)]
     report = PruneReport.planned(ckpt, info, plan, lay, sizes, dry_run)
     if dry_run or out is None:
         return report
@@ -332,7 +332,7 @@ def _write_pinned(
     from shardcut.rewrite.outdir import check_free_space
 
     todo = []
-    for name, tensors, size in zip(names, lay.shards, sizes):
+    for name, tensors, size in zip(names, lay.shards, sizes, strict=True):
         if tx.finished(name, size):
             try:  # finished by an interrupted run: trusted only once its bytes match the source
                 compare_written(tx.dir, [tensors], [name], pinned)
@@ -340,8 +340,8 @@ def _write_pinned(
             except ShardcutError:
                 pass
         todo.append(name)
-    check_free_space(tx.out.parent, sum(sz for n, sz in zip(names, sizes) if n in todo))
-    done = sum(t.nbytes for n, s in zip(names, lay.shards) if n not in todo for t in s)
+    check_free_space(tx.out.parent, sum(sz for n, sz in zip(names, sizes, strict=True) if n in todo))
+    done = sum(t.nbytes for n, s in zip(names, lay.shards, strict=True) if n not in todo for t in s)
 
     def on_bytes(n: int) -> None:
         nonlocal done
@@ -361,7 +361,7 @@ def _write_pinned(
     finisher = ThreadPoolExecutor(1, thread_name_prefix="shardcut-finish")
     jobs = []
     try:
-        for name, tensors, meta in zip(names, lay.shards, lay.metadata):
+        for name, tensors, meta in zip(names, lay.shards, lay.metadata, strict=True):
             if name in todo:
                 write_shard(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned, sync=False)
                 jobs.append(finisher.submit(finish, name, tensors))
@@ -400,7 +400,7 @@ def write_checkpoint_files(
         return 0o644
 
     files = side_files(ckpt, info, plan)  # refuses symlinks out of MODEL and special files
-    for name, tensors in zip(names, lay.shards):  # a shard made of several keeps the strictest bits
+    for name, tensors in zip(names, lay.shards, strict=True):  # a shard made of several keeps the strictest bits
         sources = {p.path for t in tensors for p in t.pieces}
         bits = 0o777
         for src in sources:
@@ -415,7 +415,7 @@ def write_checkpoint_files(
         dest / INDEX_NAME,
         {
             "metadata": index_metadata(ckpt, lay, plan),
-            "weight_map": {t.name: name for name, tensors in zip(names, lay.shards) for t in tensors},
+            "weight_map": {t.name: name for name, tensors in zip(names, lay.shards, strict=True) for t in tensors},
         },
         mode=mode_of(ckpt.root / INDEX_NAME, ckpt.root / CONFIG_NAME),
     )

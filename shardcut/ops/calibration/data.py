@@ -182,7 +182,7 @@ def plan_counts(sources: list[Source], available: list[int | None], samples: int
             raise DataError(f"the data spec's counts add up to {explicit} but --samples is {samples}")
         for j, i in enumerate(shared):
             counts[i] = left // len(shared) + (1 if j < left % len(shared) else 0)
-    for s, n, have in zip(sources, counts, available):
+    for s, n, have in zip(sources, counts, available, strict=True):
         if n is not None and have is not None and n > have:
             raise DataError(f"asks for {n} samples but holds only {have} non-empty records", s.spec)
     return counts
@@ -634,7 +634,7 @@ def load_data(
         return tokenizer[0]
 
     data = CalibData(spec, [], [x.how for x in loaded], sequences, max_length)
-    for i, (source, x, n) in enumerate(zip(sources, loaded, counts)):
+    for i, (source, x, n) in enumerate(zip(sources, loaded, counts, strict=True)):
         order = selection_order(len(x), seed, i)
         if packing:
             data.samples += pack(_records(x, order, i), get_tokenizer, n, max_length, vocab_size, source.spec)

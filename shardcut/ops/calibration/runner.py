@@ -291,7 +291,7 @@ class Calibrator:
         self.sample_rows: dict[int, tuple[int, int]] = {}
         for b in self.batches:
             row = b.start
-            for j, n in zip(b.samples, b.lengths):
+            for j, n in zip(b.samples, b.lengths, strict=True):
                 self.sample_rows[j] = (row, n)
                 row += n
 

@@ -308,7 +308,7 @@ class TensorReader:
     def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Read `names` with a few threads (large layers are I/O bound)."""
         with ThreadPoolExecutor(READ_THREADS) as pool:
-            return dict(zip(names, pool.map(self.read, names)))
+            return dict(zip(names, pool.map(self.read, names), strict=True))
 
     def dequantize(
         self, raw: dict[str, torch.Tensor], names: list[str], device: torch.device, dtype: torch.dtype

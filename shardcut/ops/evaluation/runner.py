@@ -181,7 +181,7 @@ class Evaluator:
         targets = np.full(self.rows, -1, dtype=np.int64)
         for b in self.batches:
             row = b.start
-            for j, length in zip(b.samples, b.lengths):
+            for j, length in zip(b.samples, b.lengths, strict=True):
                 targets[row : row + length - 1] = self.local[j][1:]
                 row += length
         self.targets = targets
