@@ -351,3 +351,73 @@ def test_gpu_settings_run_on_the_cpu(families, ids_data, streamed, tmp_path, mon
     assert any(keep32 for *_, keep32 in placed) and not all(keep32 for *_, keep32 in placed)
     np.testing.assert_array_equal(bf16.count.sum(1), TOP_K * bf16.tokens)
     np.testing.assert_allclose(bf16.norm_sum.sum(1), full.norm_sum.sum(1), rtol=0.05)
+
+
+def _prune_and_oracle(name: str, families, plan, tmp_path):
+    """prune -> verify --source -> transformers loads it -> pruned logits equal the masked original's."""
+    import torch
+    from fixtures.families import load
+
+    from shardcut.moe.oracle import forbid_pruned_experts
+    from shardcut.ops.verification import verify
+    from shardcut.rewrite.writer import prune
+
+    b = families(name)
+    out = tmp_path / "pruned"
+    prune(b.source, out, plan)
+    checked = verify(out, source=b.source)
+    assert checked.ok, checked.problems
+    small, loading = load(b.family, out)
+    assert not loading["missing_keys"] and not loading["mismatched_keys"], loading
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(7))
+    counts = {k: b.family.experts_of(k) for k in plan.keep}
+    with torch.no_grad():
+        base = b.family.forward(b.model, ids)
+        with forbid_pruned_experts(b.model, plan.keep, counts, b.family.oracle_key) as masked_routers:
+            masked = b.family.forward(b.model, ids)
+        got = b.family.forward(small, ids)
+    assert masked_routers == len(b.family.runs)
+    assert (base - masked).abs().max().item() > 1e-3
+    assert (got - masked).abs().max().item() < 1e-5
+    return out
+
+
+def test_talker_never_reached_by_text_is_kept_whole(families, streamed, tmp_path):
+    """Qwen3-Omni: text calibration scores the thinker only; plan keeps the talker (its own expert
+    count) whole by default, says so in the report and the plan, and calibrate -> plan -> prune ->
+    verify gives a checkpoint transformers loads, with the talker's experts and count unchanged."""
+    import json
+
+    from shardcut.ops.planning import make_plan
+
+    scores, _, cal = streamed("qwen3_omni_moe")
+    plan, report = make_plan(families("qwen3_omni_moe").source, cal.out, ratio=0.5)
+    assert {k: len(v) for k, v in plan.keep.items()} == {"0": 4, "1": 4, "talker.0": 6, "talker.1": 6}
+    assert plan.keep["talker.0"] == list(range(6))
+    whole = [row for row in report.rows if row.layer.startswith("talker.")]
+    assert all(row.pruned == 0 and row.source.startswith("kept whole") for row in whole)
+    assert report.by_config["talker_config.text_config"]["kept"] == 6
+    assert any("talker_config.text_config: every expert kept" in n for n in report.notes)
+    assert "text-only calibration never routes" in plan.extra["unscored_stacks"]["talker_config.text_config"]
+    assert "mtp_policy" not in plan.extra
+    out = _prune_and_oracle("qwen3_omni_moe", families, plan, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    assert config["thinker_config"]["text_config"]["num_experts"] == 4
+    assert config["talker_config"]["text_config"]["num_local_experts"] == 6
+
+
+def test_vision_experts_sharing_the_text_count_need_an_explicit_policy(families, streamed, tmp_path):
+    """ERNIE-4.5-VL: the vision half shares `moe_num_experts` with the text half (one int in
+    transformers; vLLM asserts both halves equal), so it cannot be kept whole while text is
+    pruned: plan refuses with the reason, and with --mtp-policy prunes both halves alike."""
+    from shardcut.format.errors import ShardcutError
+    from shardcut.ops.planning import make_plan
+
+    _, _, cal = streamed("ernie4_5_vl_moe")
+    source = families("ernie4_5_vl_moe").source
+    with pytest.raises(ShardcutError, match=r"vision\.1, vision\.2 \(vision\. stack\) have no scores.*one expert count"):
+        make_plan(source, cal.out, ratio=0.5)
+    plan, report = make_plan(source, cal.out, ratio=0.5, mtp_policy="reuse-last")
+    assert plan.keep["vision.1"] == plan.keep["vision.2"] == plan.keep["2"]
+    assert {len(v) for v in plan.keep.values()} == {4}
+    _prune_and_oracle("ernie4_5_vl_moe", families, plan, tmp_path)
