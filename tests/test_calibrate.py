@@ -44,9 +44,18 @@ MORE_FAMILIES = [
     "deepseek_v32",
     "step3",
     "qwen3_5_moe_text",
+    "llama4",
 ]
 # multimodal wrappers: their text stack streams from the wrapper's own shards, keyed as plan/prune key it
-WRAPPERS = ["kimi_k25", "qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe"]
+WRAPPERS = [
+    "kimi_k25",
+    "qwen3_vl_moe",
+    "qwen3_5_moe",
+    "glm4v_moe",
+    "ernie4_5_vl_moe",
+    "qwen3_omni_moe",
+    "llama4_multimodal",
+]
 CALIBRATED = PROOF_FAMILIES + MORE_FAMILIES + WRAPPERS
 # lengths up to the tiny models' 64 positions; a batch budget of 96 tokens forces padded batches
 LENGTHS = [3, 17, 40, 9, 64, 25, 33, 12, 50, 7]
@@ -97,7 +106,10 @@ def _keys(name: str) -> dict[int, str]:
 
 def _text_model(name: str, model):
     """The module whose forward the reference runs on text (Qwen3-Omni: its thinker)."""
-    return model.thinker if name == "qwen3_omni_moe" else model
+    if name == "qwen3_omni_moe":
+        return model.thinker
+    # transformers 5.24's Llama4ForConditionalGeneration cannot run text alone: its language model can
+    return model.language_model if name == "llama4_multimodal" else model
 
 
 @pytest.mark.parametrize("name", PROOF_FAMILIES)

@@ -158,7 +158,14 @@ class Calibration:
     text_only_stacks: plan-key prefixes of MoE stacks a text-only forward never reaches (ERNIE-VL's
         vision experts, Qwen3-Omni's talker): their layers are not scored.
     experts_module: the experts module a text token runs, relative to the decoder layer, where a
-        layer holds several (ERNIE-VL: `mlp.text_moe.experts`); else the layer's one experts module.
+        layer holds several (ERNIE-VL: `mlp.text_moe.experts`) or where it does not take the usual
+        `(hidden, top_k_index, top_k_weights)` call (Llama-4); else the layer's one experts module.
+    input_scaling_router: the router module (relative to the decoder layer) of a family whose
+        routing scores scale each expert's *input* rather than its output, its experts module
+        running every expert on the `[E·T, H]` pre-scaled tokens (Llama-4: the layer adds
+        f_j(s_j·x), s_j the sigmoid of the top-k logit). The statistics take f_j(x), the expert on
+        the unscaled token, as the REAP reference does for Llama-4, with gate s_j, the score the
+        layer applies; the layer's own output f_j(s_j·x) flows on. Only routed pairs are computed.
     """
 
     unsupported: str | None = None
@@ -166,6 +173,7 @@ class Calibration:
     images_share_experts: bool = False
     text_only_stacks: tuple[str, ...] = ()
     experts_module: str | None = None
+    input_scaling_router: str | None = None
 
 
 CALIBRATES = Calibration()
@@ -228,10 +236,6 @@ _DEEPSEEK_KEYS = ("n_routed_experts", "num_local_experts", "num_experts")
 _GROUPS = ("n_group", "topk_group")
 # calibration facts shared by several entries
 _SHARED_IMAGES = Calibration(images_share_experts=True)
-_ROUTER_SCALES_INPUT = Calibration(
-    unsupported="its router scales the expert input by the routing score, so f_j(x) "
-    "is not the plain expert output the statistics need"
-)
 _NO_TRANSFORMERS = Calibration(
     unsupported="transformers has no implementation of it (the Hub's remote code builds "
     "another MoE block, which the observer does not hook)"
@@ -360,7 +364,19 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         moe_rule=llama4_moe_layers,
         config_path=("text_config",),
         scoring="sigmoid",
-        calibration=_ROUTER_SCALES_INPUT,
+        # the router scales the expert input; text only on the multimodal wrapper, whose image tokens
+        # route through the same experts
+        calibration=Calibration(experts_module="feed_forward.experts", input_scaling_router="feed_forward.router"),
+        calibration_by_type=(
+            (
+                "llama4",
+                Calibration(
+                    images_share_experts=True,
+                    experts_module="feed_forward.experts",
+                    input_scaling_router="feed_forward.router",
+                ),
+            ),
+        ),
     ),
     Architecture(
         "granitemoe",

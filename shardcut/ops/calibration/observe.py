@@ -169,3 +169,106 @@ class ExpertObserver:
                 tokens=int(valid.sum()),
             )
         return out
+
+
+class ScaledInputObserver(ExpertObserver):
+    """For a family whose routing scores scale each expert's input (`Calibration.input_scaling_router`,
+    Llama-4): its experts module is called with `[E·T, H]`, row e·T+t = s_{t,e}·x_t (zero where
+    token t did not choose expert e), and returns f_e of every row, which the block sums over e.
+
+    The observer reads the router's own decision from its output (scores `[T, E]`, logits) and the
+    unscaled tokens from its input, runs the experts module's own forward on the routed pairs only
+    (grouped per expert, padded to the largest group), both on s·x (the rows the layer adds, placed
+    where the model puts them; the other rows stay zero, as f_e(0) is for these bias-free experts)
+    and on x (f_e(x), whose statistics are recorded with gate s).
+    """
+
+    def __init__(self, experts, router: torch.nn.Module, scores: Scores, key: str, top_k: int, pair_chunk: int):
+        super().__init__(experts, scores, key, top_k, pair_chunk)
+        self.router = router
+        self._routing: tuple | None = None
+        self._hook = None
+
+    def __enter__(self) -> ScaledInputObserver:
+        self._hook = self.router.register_forward_hook(self._capture)
+        super().__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._hook is not None:
+            self._hook.remove()
+        self._routing = None
+        super().__exit__(*exc)
+
+    def _capture(self, module, args, output) -> None:
+        scores, logits = output
+        x = args[0]
+        self._routing = (x.reshape(-1, x.shape[-1]), scores, logits)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self._routing is None:
+            raise RuntimeError(f"layer {self.key}: the experts ran before the router")
+        x, scores, logits = self._routing
+        T, E = scores.shape
+        index = torch.topk(logits, self.top_k, dim=1).indices  # the router's own top-k, as it computed it
+        gates = scores.gather(1, index)
+        valid = self.valid if self.valid is not None else torch.ones(T, dtype=torch.bool, device=x.device)
+        if valid.numel() != T or hidden_states.shape[0] != E * T:
+            raise RuntimeError(f"layer {self.key}: experts saw {hidden_states.shape[0]} rows for {T} tokens")
+        self.calls += 1
+        routed = hidden_states.view(E, T, -1)
+        out = torch.zeros_like(hidden_states)
+        placed = out.view(E, T, -1)
+        step = max(1, self.pair_chunk // self.top_k)
+        for s in range(0, T, step):
+            e = min(T, s + step)
+            k = self.top_k
+            expert = index[s:e].reshape(-1)
+            token = torch.arange(s, e, device=x.device).repeat_interleave(k)
+            f_scaled, f_plain = self._grouped(expert, routed[expert, token], x[token], E)
+            placed[expert, token] = f_scaled.to(out.dtype)
+            if self.record:
+                f32 = f_plain.float()
+                low, high = torch.aminmax(f32, dim=-1)
+                keep = valid[s:e].repeat_interleave(k)
+                self.scores.accumulate(
+                    self.key,
+                    experts=expert[keep].cpu().numpy(),
+                    gates=gates[s:e].reshape(-1)[keep].double().cpu().numpy(),
+                    norms=torch.linalg.vector_norm(f32, dim=-1)[keep].double().cpu().numpy(),
+                    peaks=torch.maximum(high, -low)[keep].double().cpu().numpy(),
+                    tokens=int(valid[s:e].sum()),
+                )
+        return out
+
+    def _grouped(self, expert: torch.Tensor, a: torch.Tensor, b: torch.Tensor, E: int):
+        """f_expert[r](a[r]) and f_expert[r](b[r]) for every row r, by the module's own forward on
+        `[E, 2·m, H]` (m the largest group; padding rows are zero and dropped)."""
+        order = torch.argsort(expert, stable=True)
+        counts = torch.bincount(expert, minlength=E)
+        m = int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_expert = expert[order]
+        slot = torch.arange(len(expert), device=expert.device) - starts[sorted_expert]
+        pad = a.new_zeros((E, 2 * m, a.shape[-1]))
+        pad[sorted_expert, slot] = a[order]
+        pad[sorted_expert, m + slot] = b[order].to(a.dtype)
+        y = self._original(self.experts, pad.view(E * 2 * m, -1)).view(E, 2 * m, -1)
+        fa, fb = y.new_empty((len(expert), y.shape[-1])), y.new_empty((len(expert), y.shape[-1]))
+        fa[order] = y[sorted_expert, slot]
+        fb[order] = y[sorted_expert, m + slot]
+        return fa, fb
+
+
+def make_observer(
+    layer: torch.nn.Module, calib: Calibration, scores: Scores, key: str, top_k: int, pair_chunk: int
+) -> ExpertObserver:
+    """The observer of one MoE decoder layer, as the family's table entry says it routes."""
+    experts = find_experts(layer, calib)
+    if experts is None:
+        raise ShardcutError(f"layer {key}: no routed-experts module found in {type(layer).__name__}")
+    if calib.input_scaling_router:
+        return ScaledInputObserver(
+            experts, layer.get_submodule(calib.input_scaling_router), scores, key, top_k, pair_chunk
+        )
+    return ExpertObserver(experts, scores, key, top_k, pair_chunk)

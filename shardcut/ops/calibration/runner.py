@@ -23,15 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shardcut.ops.calibration.stream import (
-    LayerLoader,
-    TensorReader,
-    capture_call,
-    current_memory,
-    make_skeleton,
-    release_free_memory,
-    run_layer,
-)
 from shardcut.format.checkpoint import open_checkpoint
 from shardcut.format.durable import check_output
 from shardcut.format.errors import OutputError, ShardcutError
@@ -42,10 +33,9 @@ from shardcut.ops.calibration.data import CalibData, load_data
 from shardcut.ops.calibration.distributed import Distributed
 from shardcut.ops.calibration.observe import (
     DEFAULT_PAIR_CHUNK,
-    ExpertObserver,
     calibration_notes,
     check_supported,
-    find_experts,
+    make_observer,
 )
 from shardcut.ops.calibration.resume import (
     Lock,
@@ -56,6 +46,15 @@ from shardcut.ops.calibration.resume import (
     state_dir_for,
 )
 from shardcut.ops.calibration.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory, check_space
+from shardcut.ops.calibration.stream import (
+    LayerLoader,
+    TensorReader,
+    capture_call,
+    current_memory,
+    make_skeleton,
+    release_free_memory,
+    run_layer,
+)
 from shardcut.plans.scores import GATE_APPLIED, Scores, provenance
 
 DTYPES = {
@@ -489,12 +488,10 @@ class Calibrator:
             layer = self.loader.load_layer(layer_index, raw)
             observer = None
             if key is not None:
-                experts = find_experts(layer, self.info.arch.calibration_of(self.info.config.get("model_type")))
-                if experts is None:
-                    raise ShardcutError(f"layer {key}: no routed-experts module found in {type(layer).__name__}")
+                calib = self.info.arch.calibration_of(self.info.config.get("model_type"))
+                observer = make_observer(layer, calib, self.scores, key, self.info.top_k, self.pair_chunk)
                 if record:
                     _zero_row(self.scores, key)
-                observer = ExpertObserver(experts, self.scores, key, self.info.top_k, self.pair_chunk)
                 observer.record = record
         next_layer = step  # the decoder layer of step + 1
         pending = None
