@@ -45,6 +45,7 @@ MORE_FAMILIES = [
     "step3",
     "qwen3_5_moe_text",
     "llama4",
+    "longcat_flash",
 ]
 # multimodal wrappers: their text stack streams from the wrapper's own shards, keyed as plan/prune key it
 WRAPPERS = [
@@ -427,9 +428,60 @@ def test_vision_experts_sharing_the_text_count_need_an_explicit_policy(families,
 
     _, _, cal = streamed("ernie4_5_vl_moe")
     source = families("ernie4_5_vl_moe").source
-    with pytest.raises(ShardcutError, match=r"vision\.1, vision\.2 \(vision\. stack\) have no scores.*one expert count"):
+    with pytest.raises(
+        ShardcutError, match=r"vision\.1, vision\.2 \(vision\. stack\) have no scores.*one expert count"
+    ):
         make_plan(source, cal.out, ratio=0.5)
     plan, report = make_plan(source, cal.out, ratio=0.5, mtp_policy="reuse-last")
     assert plan.keep["vision.1"] == plan.keep["vision.2"] == plan.keep["2"]
     assert {len(v) for v in plan.keep.values()} == {4}
     _prune_and_oracle("ernie4_5_vl_moe", families, plan, tmp_path)
+
+
+def test_longcat_identity_experts_are_routed_but_not_scored(families, ids_data, tmp_path):
+    """LongCat-Flash: tokens routed to a zero-computation (identity) expert, ids E..E+Z-1, pass
+    through unchanged. Those pairs are in the layer's output but not in the statistics of the E real
+    experts, which still equal the full-model reference; counts plus identity choices make
+    top_k x tokens. The fixture's identity experts get a selection bias so that tokens choose them."""
+    import shutil
+
+    import torch
+    from fixtures.calib_fixtures import decoder_layers
+    from fixtures.families import load
+    from safetensors.torch import load_file, save_file
+
+    b = families("longcat_flash")
+    source = tmp_path / "longcat"
+    shutil.copytree(b.source, source)
+    for shard in source.glob("*.safetensors"):
+        tensors = load_file(shard)
+        biased = {n: t for n, t in tensors.items() if n.endswith("mlp.router.e_score_correction_bias")}
+        for t in biased.values():
+            t.zero_()
+            t[E:] = 0.02  # identity experts compete with the real ones
+        if biased:
+            save_file(tensors, shard, metadata={"format": "pt"})
+    model, _ = load(b.family, source)
+    scores = _run(source, ids_data[0], tmp_path / "s.safetensors")
+    identity: dict[int, int] = {}
+    hooks = [
+        layer.mlp.experts.register_forward_pre_hook(
+            lambda m, args, i=i: identity.__setitem__(i, identity.get(i, 0) + int((args[1] >= E).sum()))
+        )
+        for i, layer in enumerate(decoder_layers(model))
+    ]
+    try:
+        with torch.no_grad():
+            for s in ids_data[1]:
+                model(torch.as_tensor(s)[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(identity) == len(scores.layers) and all(0 < n < TOP_K * sum(LENGTHS) // 2 for n in identity.values())
+    ref = reference_statistics(model, ids_data[1], {int(k): k for k in scores.layers}, E)
+    for key in scores.layers:
+        r = scores.row(key)
+        assert scores.count[r].sum() + identity[int(key)] == TOP_K * scores.tokens[r]
+        np.testing.assert_array_equal(scores.count[r], ref[key]["count"])
+        for f in ("gate_sum", "norm_sum", "reap_sum", "act_max"):
+            np.testing.assert_allclose(getattr(scores, f)[r], ref[key][f], rtol=1e-6, atol=1e-9, err_msg=f)

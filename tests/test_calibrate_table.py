@@ -48,7 +48,6 @@ def test_every_family_transformers_registers_calibrates_or_is_explained():
     assert len(calibrates) >= 30
     # what transformers builds but shardcut does not calibrate yet, each with its reason
     assert {mt for mt in registered if explained[mt]} <= {
-        "longcat_flash",
         "deepseek_v4",
         "gemma4",
         "gemma4_text",

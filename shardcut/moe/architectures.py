@@ -166,6 +166,10 @@ class Calibration:
         f_j(s_j·x), s_j the sigmoid of the top-k logit). The statistics take f_j(x), the expert on
         the unscaled token, as the REAP reference does for Llama-4, with gate s_j, the score the
         layer applies; the layer's own output f_j(s_j·x) flows on. Only routed pairs are computed.
+    two_slot_pairs: the experts module cannot take one expert per row (transformers 5.24's
+        LongcatFlashExperts squeezes a `[1, N]` top-1 mask to `[N]` and fails): each (token, expert)
+        pair gets a second slot of weight 0, on the first zero-computation (identity) expert where
+        the module has one (costs nothing), else on the same expert.
     """
 
     unsupported: str | None = None
@@ -174,6 +178,7 @@ class Calibration:
     text_only_stacks: tuple[str, ...] = ()
     experts_module: str | None = None
     input_scaling_router: str | None = None
+    two_slot_pairs: bool = False
 
 
 CALIBRATES = Calibration()
@@ -584,9 +589,10 @@ ARCHITECTURES += (
         layer_count_keys=("num_layers",),
         selection_bias="mlp.router.e_score_correction_bias",
         notes=("zero-computation experts keep router rows E..E+Z-1 after the kept real experts",),
-        calibration=Calibration(
-            unsupported="its zero-computation (identity) experts are not modelled by the observer yet"
-        ),
+        # zero-computation experts (ids E..E+Z-1) return their token unchanged, have no weights and are
+        # never pruned: the statistics cover the E real experts (pairs routed to an identity expert are
+        # not recorded; `tokens` counts every token), while the layer's output includes them
+        calibration=Calibration(experts_module="mlp.experts", two_slot_pairs=True),
     ),
     # ---- other layouts ------------------------------------------------------------------------
     Architecture(

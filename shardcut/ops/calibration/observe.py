@@ -106,19 +106,28 @@ class ExpertObserver:
     """
 
     def __init__(
-        self, experts: torch.nn.Module, scores: Scores, key: str, top_k: int, pair_chunk: int = DEFAULT_PAIR_CHUNK
+        self,
+        experts: torch.nn.Module,
+        scores: Scores,
+        key: str,
+        top_k: int,
+        pair_chunk: int = DEFAULT_PAIR_CHUNK,
+        two_slot_pairs: bool = False,
     ):
         self.experts, self.scores, self.key, self.top_k = experts, scores, key, top_k
+        self.two_slot_pairs = two_slot_pairs
         self.pair_chunk = max(pair_chunk, top_k)
         self.valid: torch.Tensor | None = None
         self.record = True
         self.calls = 0
         self._original = type(experts).forward
         self._signature = inspect.signature(self._original)
-        if experts.num_experts != scores.num_experts:
-            raise ShardcutError(
-                f"layer {key}: the model has {experts.num_experts} experts, the config says {scores.num_experts}"
-            )
+        # LongCat's module counts its real experts as `num_routed_experts` (its identity experts follow)
+        n = getattr(experts, "num_experts", None)
+        n = experts.num_routed_experts if n is None else n
+        if n != scores.experts_of(key):
+            raise ShardcutError(f"layer {key}: the model has {n} experts, the config says {scores.experts_of(key)}")
+        self.num_real = n
 
     def __enter__(self) -> ExpertObserver:
         self.experts.forward = self.forward
@@ -150,7 +159,12 @@ class ExpertObserver:
         n, k = index.shape
         pairs = hidden.repeat_interleave(k, dim=0)  # row t*k + slot = token t for its slot-th expert
         ones = torch.ones(n * k, 1, dtype=weights.dtype, device=weights.device)
-        f = self._original(self.experts, pairs, index.reshape(n * k, 1), ones)  # f_j(x) per routed pair
+        slots = index.reshape(n * k, 1)
+        if self.two_slot_pairs:  # a second slot of weight 0: f_j(x)·1 + y·0 is f_j(x) exactly
+            total = getattr(self.experts, "total_experts", self.num_real)
+            second = torch.full_like(slots, self.num_real) if total > self.num_real else slots
+            slots, ones = torch.cat([slots, second], 1), torch.cat([ones, torch.zeros_like(ones)], 1)
+        f = self._original(self.experts, pairs, slots, ones)  # f_j(x) per routed pair
         f32 = f.float()  # gates are applied and statistics taken in float32, whatever the compute dtype
         gates = weights.float()
         out = torch.bmm(gates.unsqueeze(1), f32.view(n, k, -1)).squeeze(1).to(hidden.dtype)  # sum_slot g * f
@@ -159,7 +173,8 @@ class ExpertObserver:
             norms = torch.linalg.vector_norm(f32, dim=-1)
             low, high = torch.aminmax(f32, dim=-1)
             peaks = torch.maximum(high, -low)
-            keep = valid.repeat_interleave(k)
+            # pairs routed to a zero-computation (identity) expert, ids >= num_real, are not recorded
+            keep = valid.repeat_interleave(k) & (index.reshape(-1) < self.num_real)
             self.scores.accumulate(
                 self.key,
                 experts=index.reshape(-1)[keep].cpu().numpy(),
@@ -271,4 +286,4 @@ def make_observer(
         return ScaledInputObserver(
             experts, layer.get_submodule(calib.input_scaling_router), scores, key, top_k, pair_chunk
         )
-    return ExpertObserver(experts, scores, key, top_k, pair_chunk)
+    return ExpertObserver(experts, scores, key, top_k, pair_chunk, calib.two_slot_pairs)
