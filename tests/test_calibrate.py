@@ -46,6 +46,7 @@ MORE_FAMILIES = [
     "qwen3_5_moe_text",
     "llama4",
     "longcat_flash",
+    "dbrx",
 ]
 # multimodal wrappers: their text stack streams from the wrapper's own shards, keyed as plan/prune key it
 WRAPPERS = [

@@ -51,7 +51,6 @@ def test_every_family_transformers_registers_calibrates_or_is_explained():
         "deepseek_v4",
         "gemma4",
         "gemma4_text",
-        "dbrx",
         "jetmoe",
         "step3p5",
     }

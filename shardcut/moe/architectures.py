@@ -616,7 +616,6 @@ ARCHITECTURES += (
         ("moe_num_experts",),
         top_k_keys=("moe_top_k",),
         config_path=("ffn_config",),
-        calibration=Calibration(unsupported="its transformer.blocks layout is not streamed yet"),
     ),
     Architecture("minimax", ("minimax",), (_MIXTRAL,), ("num_local_experts", "num_experts")),
     Architecture(

@@ -139,6 +139,8 @@ class ExpertObserver:
     def forward(self, *args, **kwargs) -> torch.Tensor:
         bound = self._signature.bind(self.experts, *args, **kwargs)
         hidden, index, weights = list(bound.arguments.values())[1:4]
+        shape = hidden.shape  # DBRX hands its experts [B, T, H] and gets that shape back
+        hidden = hidden.reshape(-1, shape[-1])
         T, k = index.shape
         if k != self.top_k:
             raise ShardcutError(
@@ -153,7 +155,7 @@ class ExpertObserver:
         for s in range(0, T, step):
             e = min(T, s + step)
             out[s:e] = self._chunk(hidden[s:e], index[s:e], weights[s:e], valid[s:e])
-        return out
+        return out.view(shape)
 
     def _chunk(self, hidden, index, weights, valid) -> torch.Tensor:
         n, k = index.shape
@@ -164,7 +166,7 @@ class ExpertObserver:
             total = getattr(self.experts, "total_experts", self.num_real)
             second = torch.full_like(slots, self.num_real) if total > self.num_real else slots
             slots, ones = torch.cat([slots, second], 1), torch.cat([ones, torch.zeros_like(ones)], 1)
-        f = self._original(self.experts, pairs, slots, ones)  # f_j(x) per routed pair
+        f = self._original(self.experts, pairs, slots, ones).reshape(n * k, -1)  # f_j(x) per routed pair
         f32 = f.float()  # gates are applied and statistics taken in float32, whatever the compute dtype
         gates = weights.float()
         out = torch.bmm(gates.unsqueeze(1), f32.view(n, k, -1)).squeeze(1).to(hidden.dtype)  # sum_slot g * f
