@@ -17,8 +17,10 @@ CRITERION_HELP = (
     "Default: reap, or the only criterion an imported values-only file holds."
 )
 MTP_HELP = (
-    "How to prune MoE layers the scores do not cover (MTP layers): reuse-last (rank with the last scored "
-    "layer's scores), scores-of:N (with layer N's), same-ids-as:N (keep exactly layer N's ids)."
+    "How to prune MoE layers the scores do not cover (MTP layers; ERNIE-4.5-VL's vision experts, which "
+    "share the text experts' count): reuse-last (rank with the last scored layer's scores), scores-of:N "
+    "(with layer N's), same-ids-as:N (keep exactly layer N's ids). A stack text calibration never reaches "
+    "that has its own count (Qwen3-Omni's talker) is kept whole without it."
 )
 
 scores_app = typer.Typer(help="Read, merge and import score files (shardcut-scores/1).", no_args_is_help=True)
@@ -319,7 +321,9 @@ def print_plan_report(report) -> None:
         t.add_column(col, justify="right" if col in ("kept", "pruned") else "left")
     for row in report.rows:
         note = []
-        if row.source != "scores":
+        if row.source.startswith("kept whole"):
+            note.append("kept whole (no scores: text calibration never reaches it)")
+        elif row.source != "scores":
             note.append("no scores (mtp policy)")
         if row.protection_overrode:
             note.append("protection overrode order")

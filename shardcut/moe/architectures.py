@@ -160,7 +160,18 @@ class Calibration:
     text_only_stacks: plan-key prefixes of MoE stacks a text-only forward never reaches (ERNIE-VL's
         vision experts, Qwen3-Omni's talker): their layers are not scored.
     experts_module: the experts module a text token runs, relative to the decoder layer, where a
-        layer holds several (ERNIE-VL: `mlp.text_moe.experts`); else the layer's one experts module.
+        layer holds several (ERNIE-VL: `mlp.text_moe.experts`) or where it does not take the usual
+        `(hidden, top_k_index, top_k_weights)` call (Llama-4); else the layer's one experts module.
+    input_scaling_router: the router module (relative to the decoder layer) of a family whose
+        routing scores scale each expert's *input* rather than its output, its experts module
+        running every expert on the `[E·T, H]` pre-scaled tokens (Llama-4: the layer adds
+        f_j(s_j·x), s_j the sigmoid of the top-k logit). The statistics take f_j(x), the expert on
+        the unscaled token, as the REAP reference does for Llama-4, with gate s_j, the score the
+        layer applies; the layer's own output f_j(s_j·x) flows on. Only routed pairs are computed.
+    two_slot_pairs: the experts module cannot take one expert per row (transformers 5.24's
+        LongcatFlashExperts squeezes a `[1, N]` top-1 mask to `[N]` and fails): each (token, expert)
+        pair gets a second slot of weight 0, on the first zero-computation (identity) expert where
+        the module has one (costs nothing), else on the same expert.
     """
 
     unsupported: str | None = None
@@ -168,6 +179,8 @@ class Calibration:
     images_share_experts: bool = False
     text_only_stacks: tuple[str, ...] = ()
     experts_module: str | None = None
+    input_scaling_router: str | None = None
+    two_slot_pairs: bool = False
 
 
 CALIBRATES = Calibration()
@@ -243,10 +256,6 @@ _GROUPS = ("n_group", "topk_group")
 _SPARSE = ("sparse",)
 # calibration facts shared by several entries
 _SHARED_IMAGES = Calibration(images_share_experts=True)
-_ROUTER_SCALES_INPUT = Calibration(
-    unsupported="its router scales the expert input by the routing score, so f_j(x) "
-    "is not the plain expert output the statistics need"
-)
 _NO_TRANSFORMERS = Calibration(
     unsupported="transformers has no implementation of it (the Hub's remote code builds "
     "another MoE block, which the observer does not hook)"
@@ -434,7 +443,19 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         moe_rule=llama4_moe_layers,
         config_path=("text_config",),
         scoring="sigmoid",
-        calibration=_ROUTER_SCALES_INPUT,
+        # the router scales the expert input; text only on the multimodal wrapper, whose image tokens
+        # route through the same experts
+        calibration=Calibration(experts_module="feed_forward.experts", input_scaling_router="feed_forward.router"),
+        calibration_by_type=(
+            (
+                "llama4",
+                Calibration(
+                    images_share_experts=True,
+                    experts_module="feed_forward.experts",
+                    input_scaling_router="feed_forward.router",
+                ),
+            ),
+        ),
     ),
     Architecture(
         name="granitemoe",
@@ -639,9 +660,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         layer_count_keys=("num_layers",),
         selection_bias="mlp.router.e_score_correction_bias",
         notes=("zero-computation experts keep router rows E..E+Z-1 after the kept real experts",),
-        calibration=Calibration(
-            unsupported="its zero-computation (identity) experts are not modelled by the observer yet"
-        ),
+        # zero-computation experts (ids E..E+Z-1) return their token unchanged, have no weights and are
+        # never pruned: the statistics cover the E real experts (pairs routed to an identity expert are
+        # not recorded; `tokens` counts every token), while the layer's output includes them
+        calibration=Calibration(experts_module="mlp.experts", two_slot_pairs=True),
     ),
     # ---- other layouts ------------------------------------------------------------------------
     Architecture(
@@ -683,7 +705,6 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         expert_keys=("moe_num_experts",),
         top_k_keys=("moe_top_k",),
         config_path=("ffn_config",),
-        calibration=Calibration(unsupported="its transformer.blocks layout is not streamed yet"),
     ),
     Architecture(
         name="minimax",

@@ -22,6 +22,7 @@ from shardcut.plans.select import (
     SUPER_LAYER_FRACTION,
     SUPER_MAX_FRACTION,
     SUPER_PERCENTILE,
+    Counts,
     canonical_criterion,
     criterion_values,
     group_counts,
@@ -109,8 +110,11 @@ def make_plan(
     `criterion` (see the module doc for formulas and the rounding rule; None: reap, or the one
     criterion a values-only imported file holds).
 
-    Reads only the model's config and shard headers. MoE layers the scores do not cover (MTP
-    layers, which calibration through transformers cannot see) need `mtp_policy`:
+    Reads only the model's config and shard headers. A stack a text-only calibration never
+    reaches (the table's `Calibration.text_only_stacks`) with an expert count of its own
+    (Qwen3-Omni's talker) is kept whole, recorded under the plan's `unscored_stacks` and in the
+    report's notes. Other MoE layers the scores do not cover (MTP layers, which calibration
+    through transformers cannot see; ERNIE-VL's vision experts, which share the text count) need `mtp_policy`:
     `reuse-last` (rank with the last scored layer's scores), `scores-of:N` (with layer N's),
     or `same-ids-as:N` (keep exactly layer N's ids). `multiple_of=N` rounds the kept count up to a
     multiple of N (an expert-parallel size; see the module doc).
@@ -157,8 +161,10 @@ def make_plan(
     per_group = group_counts(info, ratio=ratio, experts=experts, multiple_of=multiple_of)
     multi = len(per_group) > 1
     counts = per_group[0][1]  # the main stack's
-    group_of = {layer.key: (g, c) for g, c in per_group for layer in g.layers}
     sources = _ranking_sources(info, scores, mtp_policy, origin)
+    whole = _keep_whole(per_group, sources)
+    per_group = [(g, whole.get(g.name, c)) for g, c in per_group]
+    group_of = {layer.key: (g, c) for g, c in per_group for layer in g.layers}
     scores.require_routed(origin)
     values = criterion_values(scores, crit, seed)
     row_of = {k: i for i, k in enumerate(scores.layers)}
@@ -195,6 +201,12 @@ def make_plan(
         kind, src = sources[layer.key]
         if kind == "same-ids":
             pending.append((layer.key, src))
+            continue
+        if kind == "whole":
+            keep[layer.key] = list(range(layer.num_experts))
+            rows.append(
+                LayerRow(layer.key, layer.num_experts, 0, None, None, [], False, False, f"kept whole: {UNREACHED}")
+            )
             continue
         r = row_of[src]
         group, c = group_of[layer.key]
@@ -278,12 +290,19 @@ def make_plan(
     }
     if crit == "random":
         extra["seed"] = seed
-    if mtp_policy and any(kind != "own" for kind, _ in sources.values()):
+    if whole:
+        extra["unscored_stacks"] = {name: f"kept whole: {UNREACHED}" for name in whole}
+        notes += [
+            f"{name}: every expert kept ({len([k for k, (kind, _) in sources.items() if kind == 'whole' and group_of[k][0].name == name])} "
+            f"MoE layers): {UNREACHED}"
+            for name in whole
+        ]
+    if mtp_policy and any(kind not in ("own", "whole") for kind, _ in sources.values()):
         extra["mtp_policy"] = mtp_policy
         notes += [
             f"mtp policy {mtp_policy}: layer {row.layer} has no scores, {row.source}"
             for row in rows
-            if row.source != "scores"
+            if row.source != "scores" and not row.source.startswith("kept whole")
         ]
     elif mtp_policy:
         notes.append(f"mtp policy {mtp_policy!r} not needed: every MoE layer has scores")
@@ -476,8 +495,29 @@ def plan_arguments(options: dict, *, count: bool = True) -> list[str]:
     return args
 
 
+UNREACHED = "no scores, a text-only calibration never routes through this stack"
+
+
+def _keep_whole(per_group, sources: dict[str, tuple[str, str]]) -> dict[str, Counts]:
+    """Count group name -> its counts when every layer of it is kept whole (`_ranking_sources`)."""
+    out = {}
+    for g, c in per_group:
+        if all(sources[layer.key][0] == "whole" for layer in g.layers):
+            out[g.name] = Counts(g.num_experts, g.num_experts, c.ratio, f"{g.num_experts} kept ({UNREACHED})")
+    return out
+
+
+def _text_unreached(info: ModelInfo) -> set[str]:
+    """Plan keys of the MoE layers a text-only calibration never reaches (the table's
+    `Calibration.text_only_stacks`: ERNIE-VL's vision experts, Qwen3-Omni's talker)."""
+    stacks = info.arch.calibration_of(info.config.get("model_type")).text_only_stacks
+    return {layer.key for layer in info.layers if not layer.mtp and layer.stack.plan_prefix in stacks}
+
+
 def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin: str) -> dict[str, tuple[str, str]]:
-    """For each MoE layer: ("own", key), ("scores", N) or ("same-ids", N); checks the scores fit the model."""
+    """For each MoE layer: ("own", key), ("scores", N), ("same-ids", N) or ("whole", key) (a stack
+    text-only calibration never reaches, with a count of its own: every expert kept); checks the
+    scores fit the model."""
     E = info.num_experts
     if len(info.layers_by_config()) == 1 and scores.layer_experts is None and scores.num_experts != E:
         raise ShardcutError(
@@ -493,7 +533,10 @@ def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin
             origin,
         )
     scored = set(scores.layers)
-    missing_main = [layer.key for layer in info.layers if not layer.mtp and layer.key not in scored]
+    unreached = _text_unreached(info)
+    missing_main = [
+        layer.key for layer in info.layers if not layer.mtp and layer.key not in scored and layer.key not in unreached
+    ]
     if missing_main:
         raise ShardcutError(
             f"lacks MoE layers {missing_main[:5]} of the model ({len(scores.layers)} scored, "
@@ -510,8 +553,28 @@ def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin
             )
     unscored = [layer.key for layer in info.layers if layer.key not in scored]
     out = {k: ("own", k) for k in model_keys if k in scored}
+    # a stack text-only calibration never reaches, with its own config count, is kept whole
+    whole_groups = [
+        path
+        for path, layers in info.layers_by_config().items()
+        if all(layer.key in unreached and layer.key not in scored for layer in layers)
+    ]
+    for path in whole_groups:
+        out.update({layer.key: ("whole", layer.key) for layer in info.layers_by_config()[path]})
+    unscored = [k for k in unscored if k not in out]
     if not unscored:
         return out
+    shared = [k for k in unscored if k in unreached]
+    if shared and not policy:
+        stacks = sorted({info.layer_by_key[k].stack.plan_prefix for k in shared})
+        raise ShardcutError(
+            f"MoE layers {_span(shared)} ({', '.join(stacks)} stack) have no scores: a text-only calibration never "
+            "routes through them, and they cannot be kept whole because they share one expert count with the "
+            f"scored layers ({info.arch.name}: transformers and vLLM load one count for both; a prune keeps the "
+            "same number in each). Rank them anyway with mtp_policy (--mtp-policy reuse-last, scores-of:N or "
+            "same-ids-as:N): their kept experts then follow text statistics",
+            origin,
+        )
     if not policy:
         raise ShardcutError(
             f"MoE layers {', '.join(unscored)} (MTP) have no scores; choose how to prune them with mtp_policy "

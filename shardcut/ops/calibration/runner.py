@@ -33,10 +33,9 @@ from shardcut.ops.calibration.data import CalibData, load_data
 from shardcut.ops.calibration.distributed import Distributed
 from shardcut.ops.calibration.observe import (
     DEFAULT_PAIR_CHUNK,
-    ExpertObserver,
     calibration_notes,
     check_supported,
-    find_experts,
+    make_observer,
 )
 from shardcut.ops.calibration.resume import (
     Lock,
@@ -489,12 +488,10 @@ class Calibrator:
             layer = self.loader.load_layer(layer_index, raw)
             observer = None
             if key is not None:
-                experts = find_experts(layer, self.info.arch.calibration_of(self.info.config.get("model_type")))
-                if experts is None:
-                    raise ShardcutError(f"layer {key}: no routed-experts module found in {type(layer).__name__}")
+                calib = self.info.arch.calibration_of(self.info.config.get("model_type"))
+                observer = make_observer(layer, calib, self.scores, key, self.info.top_k, self.pair_chunk)
                 if record:
                     _zero_row(self.scores, key)
-                observer = ExpertObserver(experts, self.scores, key, self.info.top_k, self.pair_chunk)
                 observer.record = record
         next_layer = step  # the decoder layer of step + 1
         pending = None

@@ -213,10 +213,13 @@ def make_skeleton(ckpt: Checkpoint, info: ModelInfo, dtype: torch.dtype, trust_r
     targets = ModelNames(model)
     sample = next(n for n in ckpt.tensors if n.startswith(main[0].prefix))
     target = targets.target(sample) or sample
+    # one tensor of each MoE layer: a list nested in a layer (LongCat's `input_layernorm.0`) matches one only
+    samples = [(layer.index, next(n for n in ckpt.tensors if n.startswith(layer.prefix))) for layer in main]
+    loaded = [(i, targets.target(n) or n) for i, n in samples]
     lists = [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, torch.nn.ModuleList) and target.startswith(f"{name}.{main[0].index}.")
+        if isinstance(m, torch.nn.ModuleList) and all(t.startswith(f"{name}.{i}.") for i, t in loaded)
     ]
     if not lists:
         raise ShardcutError(
@@ -387,6 +390,9 @@ class LayerLoader:
         self._fp32 = [re.compile(p) for p in skeleton.dtype_plan or ()]
         stacks = "|".join(re.escape(p) for s in info.arch.stacks for p in s.layer_prefixes)
         in_stack = re.compile(rf"^(?:{stacks})\.(\d+)\.")
+        # zero-computation experts (LongCat) have no weights: their rows of fused parameters stay zero
+        main = info.arch.stacks[0]
+        self._zero = {layer.index: layer.zero_experts for layer in info.layers if layer.stack is main and not layer.mtp}
         self._by_layer: dict[int, list[str]] = {}
         self.outside: list[str] = []
         for name in ckpt.tensors:
@@ -413,7 +419,7 @@ class LayerLoader:
     def load_layer(self, i: int, raw: dict[str, torch.Tensor]) -> torch.nn.Module:
         """Put layer `i`'s tensors (consumed from `raw`) into the skeleton, on the device."""
         layer = self.sk.layers[i]
-        self._convert(self._load(raw, f"decoder layer {i}"), f"decoder layer {i}")
+        self._convert(self._load(raw, f"decoder layer {i}", self._zero.get(i, 0)), f"decoder layer {i}")
         missing = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
         if missing:
             raise ShardcutError(
@@ -495,9 +501,11 @@ class LayerLoader:
             return torch.float32
         return self.sk.dtype
 
-    def _load(self, raw: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    def _load(self, raw: dict[str, torch.Tensor], what: str, zero_experts: int = 0) -> dict[str, torch.Tensor]:
         """Dequantise `raw` (consumed) chunk by chunk on the device; per-expert tensors of fused
-        parameters go straight into them; returns the other float tensors for `_convert`."""
+        parameters go straight into them; returns the other float tensors for `_convert`.
+        zero_experts: a fused parameter may lack its last this many experts (LongCat's identity
+        experts, which transformers allocates but never reads); their rows are zero."""
         targets: dict[str, torch.Tensor] = {}
         filled: dict[str, int] = {}
         parts_per_expert: dict[str, int] = {}
@@ -513,7 +521,8 @@ class LayerLoader:
                 if fp.target not in targets:
                     module_path, _, attr = fp.target.rpartition(".")
                     meta = getattr(self.sk.model.get_submodule(module_path), attr)
-                    targets[fp.target] = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
+                    alloc = torch.zeros if zero_experts else torch.empty
+                    targets[fp.target] = alloc(meta.shape, dtype=meta.dtype, device=self.device)
                 dst = targets[fp.target][fp.expert]
                 if fp.parts > 1:
                     size = t.shape[fp.dim]
@@ -529,7 +538,8 @@ class LayerLoader:
             del floats
         for target, tensor in targets.items():
             expected = tensor.shape[0] * parts_per_expert[target]
-            if filled[target] != expected:
+            weightless = (tensor.shape[0] - zero_experts) * parts_per_expert[target] if zero_experts else expected
+            if filled[target] not in (expected, weightless):
                 raise ShardcutError(
                     f"{what}: {target} needs {expected} per-expert tensors, the checkpoint has {filled[target]}",
                     self.ckpt.root,
