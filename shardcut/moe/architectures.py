@@ -592,7 +592,13 @@ ARCHITECTURES += (
         moe_rule=per_layer_types("mlp_layer_types", ("moe", "hash_moe"), every_layer),
         scoring="sqrtsoftplus",
         selection_bias="ffn.gate.bias",
-        calibration=Calibration(unsupported="its hash-routed layers are not streamed yet"),
+        calibration=Calibration(
+            unsupported="its decoder layers pass hc_mult parallel hidden streams ([tokens, hc_mult, hidden], "
+            "manifold hyper-connections), which the activation store (one [tokens, hidden] row per token) does "
+            "not hold, and its hash-routed layers (mlp_layer_types 'hash_moe') pick experts from the token ids "
+            "(gate.tid2eid[input_ids]), which the layer-by-layer stream does not pass past the embedding; "
+            "a checkpoint with hash-routed layers cannot be pruned either"
+        ),
     ),
     Architecture(
         "longcat_flash",
