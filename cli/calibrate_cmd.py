@@ -170,10 +170,19 @@ def calibrate_cmd(
     """Compute REAP saliency statistics of a MoE checkpoint, one decoder layer at a time.
 
     Multimodal wrappers (Kimi-K2.5, Qwen3-VL-MoE, Qwen3.5-MoE, GLM-4.5V,
-    ERNIE-4.5-VL, Qwen3-Omni) calibrate their text stack on text only, read
-    from the wrapper's own shards and keyed as plan and prune key the wrapper.
-    Where image tokens route through the same experts, the statistics do not
-    see them: the score file says so (metadata `text_only`).
+    Llama-4, Gemma-4, ERNIE-4.5-VL, Qwen3-Omni) calibrate their text stack on
+    text only, read from the wrapper's own shards and keyed as plan and prune
+    key the wrapper. Where image tokens route through the same experts, the
+    statistics do not see them: the score file says so (metadata `text_only`).
+    Stacks text never reaches are listed as `unscored_stacks`: `plan` keeps
+    Qwen3-Omni's talker (its own expert count) whole; ERNIE-4.5-VL's vision
+    experts share the text count and need `plan --mtp-policy`.
+
+    Llama-4's router scales the expert input: the statistics take the expert
+    on the unscaled token, f_j(x) (as the REAP reference does), with gate the
+    sigmoid score the layer applies. LongCat-Flash's zero-computation
+    (identity) experts run in the layer but are not scored (they have no
+    weights and are never pruned).
     """
     from shardcut.ops.calibration.runner import calibrate
 

@@ -47,6 +47,7 @@ MORE_FAMILIES = [
     "llama4",
     "longcat_flash",
     "dbrx",
+    "gemma4",
 ]
 # multimodal wrappers: their text stack streams from the wrapper's own shards, keyed as plan/prune key it
 WRAPPERS = [
@@ -57,6 +58,7 @@ WRAPPERS = [
     "ernie4_5_vl_moe",
     "qwen3_omni_moe",
     "llama4_multimodal",
+    "gemma4_multimodal",
 ]
 CALIBRATED = PROOF_FAMILIES + MORE_FAMILIES + WRAPPERS
 # lengths up to the tiny models' 64 positions; a batch budget of 96 tokens forces padded batches

@@ -172,6 +172,9 @@ class Calibration:
         LongcatFlashExperts squeezes a `[1, N]` top-1 mask to `[N]` and fails): each (token, expert)
         pair gets a second slot of weight 0, on the first zero-computation (identity) expert where
         the module has one (costs nothing), else on the same expert.
+    unsupported_when: (text-config key, transformers' default for it, reason): a config where the
+        key (absent: its default) is set cannot be calibrated, for that reason (Gemma-4's per-layer
+        inputs, which its MoE checkpoints turn off).
     """
 
     unsupported: str | None = None
@@ -181,6 +184,7 @@ class Calibration:
     experts_module: str | None = None
     input_scaling_router: str | None = None
     two_slot_pairs: bool = False
+    unsupported_when: tuple[tuple[str, object, str], ...] = ()
 
 
 CALIBRATES = Calibration()
@@ -283,6 +287,23 @@ def _qwen_omni(stack: str, config: str, plan_prefix: str) -> Stack:
         config_path=(config, "text_config"),
     )
 
+
+# Gemma-4 configs the layer-by-layer stream cannot run (its small dense models use both)
+_GEMMA4_SWITCHES = (
+    (
+        "hidden_size_per_layer_input",
+        256,
+        "its decoder layers take per-layer token inputs (hidden_size_per_layer_input > 0), computed once "
+        "from the token ids and the input embeddings, which the layer-by-layer stream does not carry "
+        "(Gemma-4's MoE checkpoints set it to 0 and calibrate)",
+    ),
+    (
+        "num_kv_shared_layers",
+        0,
+        "its last num_kv_shared_layers layers reuse the keys and values of earlier layers, which the "
+        "layer-by-layer stream does not carry",
+    ),
+)
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
@@ -638,7 +659,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         moe_rule=per_layer_types("mlp_layer_types", ("moe", "hash_moe"), every_layer),
         scoring="sqrtsoftplus",
         selection_bias="ffn.gate.bias",
-        calibration=Calibration(unsupported="its hash-routed layers are not streamed yet"),
+        calibration=Calibration(
+            unsupported="its decoder layers pass hc_mult parallel hidden streams ([tokens, hc_mult, hidden], "
+            "manifold hyper-connections), which the activation store (one [tokens, hidden] row per token) does "
+            "not hold, and its hash-routed layers (mlp_layer_types 'hash_moe') pick experts from the token ids "
+            "(gate.tid2eid[input_ids]), which the layer-by-layer stream does not pass past the embedding; "
+            "a checkpoint with hash-routed layers cannot be pruned either"
+        ),
     ),
     Architecture(
         name="longcat_flash",
@@ -755,7 +782,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         top_k_keys=("top_k_experts",),
         moe_rule=moe_block_enabled,
         config_path=("text_config",),
-        calibration=Calibration(unsupported="its per-layer token inputs are not streamed yet"),
+        # the MoE checkpoints (26B-A4B) set hidden_size_per_layer_input 0 and share no KV across layers
+        calibration=Calibration(unsupported_when=_GEMMA4_SWITCHES),
+        calibration_by_type=(("gemma4", Calibration(images_share_experts=True, unsupported_when=_GEMMA4_SWITCHES)),),
     ),
     Architecture(
         name="jetmoe",

@@ -41,7 +41,11 @@ def unsupported_reason(config: dict) -> str | None:
     arch = find_architecture(config)
     if arch is None:
         return "shardcut's architecture table does not know it"
-    return arch.unsupported or arch.calibration_of(model_type).unsupported
+    calib = arch.calibration_of(model_type)
+    if arch.unsupported or calib.unsupported:
+        return arch.unsupported or calib.unsupported
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return next((why for key, default, why in calib.unsupported_when if text.get(key, default)), None)
 
 
 def check_supported(info: ModelInfo, source) -> None:
