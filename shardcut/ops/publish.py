@@ -28,6 +28,7 @@ from shardcut.format.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint, 
 from shardcut.format.errors import CheckpointError, ShardcutError
 from shardcut.moe.model import ModelInfo, describe
 from shardcut.moe.parameters import count_parameters
+from shardcut.plans.options import PlanOptions
 from shardcut.plans.plan import Plan
 
 CARD_NAME = "README.md"
@@ -562,10 +563,8 @@ def _calibration_section(meta: dict | None, source: str, criterion: str) -> str:
 
 def _commands(repo_id: str, source: str, plan: Plan, meta: dict | None, criterion: str) -> str:
     """The commands that made this checkpoint; the plan command's options come from the plan's own
-    record of them (`recorded_options`), so every option that decided the plan is in it."""
-    from shardcut.ops.planning import plan_arguments, recorded_options
-
-    options = recorded_options(plan.extra)
+    record of them (`PlanOptions.from_record`), so every option that decided the plan is in it."""
+    options = PlanOptions.from_record(plan.extra)
     lines = []
     if meta is not None:
         opts = [
@@ -597,7 +596,7 @@ def _commands(repo_id: str, source: str, plan: Plan, meta: dict | None, criterio
                         source,
                         "--scores",
                         "scores.safetensors",
-                        *plan_arguments(options),
+                        *options.arguments(),
                         "-o",
                         "plan.json",
                     ]
@@ -617,10 +616,8 @@ def _commands(repo_id: str, source: str, plan: Plan, meta: dict | None, criterio
 def _reprune_command(source: str, plan: Plan) -> str:
     """`prune --scores` at another ratio with every other option of the plan (its criterion, MTP
     policy, protections, seed, multiple_of)."""
-    from shardcut.ops.planning import plan_arguments, recorded_options
-
-    options = recorded_options(plan.extra) or {"criterion": plan.extra.get("criterion") or "reap"}
-    ratio = 0.25 if options.get("ratio") != 0.25 else 0.5
+    options = PlanOptions.from_record(plan.extra) or PlanOptions(criterion=plan.extra.get("criterion") or "reap")
+    ratio = 0.25 if options.ratio != 0.25 else 0.5
     return shlex.join(
         [
             "shardcut",
@@ -632,6 +629,6 @@ def _reprune_command(source: str, plan: Plan) -> str:
             SCORES_IN_REPO,
             "--ratio",
             str(ratio),
-            *plan_arguments(options, count=False),
+            *options.arguments(count=False),
         ]
     )

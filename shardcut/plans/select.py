@@ -39,6 +39,8 @@ import numpy as np
 
 from shardcut.format.errors import PlanError, ShardcutError
 from shardcut.moe.model import CountGroup, ModelInfo, count_groups
+from shardcut.plans.options import SUPER_LAYER_FRACTION, SUPER_PERCENTILE
+from shardcut.plans.options import parse_protect as parse_protect  # its old home: eval_cmd imports it here
 from shardcut.plans.scores import Scores
 
 CRITERIA: dict[str, str] = {
@@ -51,10 +53,7 @@ CRITERIA: dict[str, str] = {
 }
 # The REAP reference's names for the same quantities.
 ALIASES = {"ean_sum": "ean", "expert_frequency": "frequency", "weighted_expert_frequency_sum": "weighted_frequency"}
-MTP_POLICIES = ("reuse-last", "scores-of:N", "same-ids-as:N")
-SUPER_PERCENTILE = 99.5
 SUPER_MAX_FRACTION = 10.0
-SUPER_LAYER_FRACTION = 0.75
 
 
 def canonical_criterion(name: str | None, scores: Scores | None = None) -> str:
@@ -348,26 +347,6 @@ def super_experts(
 def _layer_sort_key(key: str) -> tuple[str, int]:
     m = re.fullmatch(r"(.*?)(\d+)", key)
     return (m.group(1), int(m.group(2))) if m else (key, -1)
-
-
-def parse_protect(specs: list[str] | None) -> dict[str, list[int]]:
-    """`["3:0,5", "mtp.0:1"]` -> `{"3": [0, 5], "mtp.0": [1]}` (the `--protect` syntax).
-
-    Example:
-        >>> parse_protect(["3:0,5"])
-        {'3': [0, 5]}
-    """
-    out: dict[str, list[int]] = {}
-    for spec in specs or []:
-        layer, sep, ids = spec.partition(":")
-        try:
-            parsed = [int(x) for x in ids.split(",") if x.strip()]
-        except ValueError:
-            parsed = []
-        if not sep or not layer.strip() or not parsed:
-            raise ShardcutError(f"--protect {spec!r}: expected LAYER:ID[,ID...], e.g. 3:0,17")
-        out.setdefault(layer.strip(), []).extend(parsed)
-    return out
 
 
 def summarize_scores(scores: Scores, criterion: str | None = None, seed: int = 0, n: int = 3) -> dict:
