@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from shardcut.format.errors import ShardcutError
+from shardcut.format.text import human_bytes as human_bytes  # the commands' byte formatting
 
 console = Console()
 err_console = Console(stderr=True)
@@ -113,11 +114,3 @@ def byte_progress(description: str, enabled: bool = True):
             bar.update(task, completed=done, total=total)
 
         yield update
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"

@@ -171,9 +171,9 @@ def run_demo(directory: str | Path, log: Callable[[str], None] = print) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shardcut.ops.calibration.stream import quiet_transformers
     from shardcut.moe.oracle import forbid_pruned_experts
     from shardcut.ops.calibration.runner import calibrate
+    from shardcut.ops.calibration.stream import quiet_transformers
     from shardcut.ops.planning import make_plan
 
     source, pruned, scores_path = directory / "original", directory / "pruned", directory / "scores.safetensors"

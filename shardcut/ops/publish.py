@@ -25,7 +25,8 @@ from pathlib import Path
 from shardcut import __version__
 from shardcut.format import hub
 from shardcut.format.checkpoint import INDEX_NAME, Checkpoint, open_checkpoint, read_json_object
-from shardcut.format.errors import CheckpointError, ShardcutError
+from shardcut.format.errors import CheckpointError, HubError, ScoresError, ShardcutError
+from shardcut.format.text import human_bytes
 from shardcut.moe.model import ModelInfo, describe
 from shardcut.moe.parameters import count_parameters
 from shardcut.plans.options import PlanOptions
@@ -114,10 +115,10 @@ def push(
     own = _own_files(out)  # before anything reads OUT: a link leading out of it is refused
     checked = verify(out)
     if not checked.ok:
-        raise ShardcutError(f"verify rejects it, nothing uploaded: {checked.problems[0]}", out)
+        raise CheckpointError(f"verify rejects it, nothing uploaded: {checked.problems[0]}", out)
     plan_path = out / _plan_copy_name()
     if not plan_path.is_file():
-        raise ShardcutError(f"no {plan_path.name}: not an output of shardcut prune, nothing uploaded", out)
+        raise CheckpointError(f"no {plan_path.name}: not an output of shardcut prune, nothing uploaded", out)
     plan = Plan.load(plan_path)
     score_file = Path(scores) if scores is not None else None
     scores_meta = _scores_metadata(score_file, plan) if score_file else None
@@ -151,7 +152,7 @@ def push(
 
     api = api or hub.hub_api()
     if not (getattr(api, "token", None) or hub.current_token()):
-        raise ShardcutError(f"no Hugging Face token, nothing uploaded: {hub.LOGIN_HINT}", target)
+        raise HubError(f"no Hugging Face token, nothing uploaded: {hub.LOGIN_HINT}", target)
     with tempfile.TemporaryDirectory(prefix="shardcut-push-") as tmp:
         staging = _stage(Path(tmp), files, out)
         with hub.hub_errors(target, revision):
@@ -230,7 +231,9 @@ def _check_target(repo_id: str, revision: str | None, create_pr: bool) -> str:
         raise ShardcutError(f"malformed Hub repo id ({str(exc).splitlines()[0]})", repo_id) from None
     if create_pr and revision not in (None, "main"):
         raise ShardcutError(
-            f"--create-pr opens a pull request against main; it cannot target --revision {revision!r}", repo_id
+            f"create_pr opens a pull request against main; it cannot target revision {revision!r}",
+            repo_id,
+            params=("create_pr", "revision"),
         )
     return repo_id
 
@@ -241,7 +244,7 @@ def _scores_metadata(path: Path, plan: Plan) -> dict:
     scores = Scores.load(path)
     want = plan.extra.get("scores_sha256")
     if want and file_sha256(path) != want:
-        raise ShardcutError(
+        raise ScoresError(
             f"is not the score file this checkpoint was planned from (plan records sha256 {want[:12]}…)", path
         )
     meta = {k: v for k, v in scores.metadata.items() if k not in ("format", "layer_keys")}
@@ -408,13 +411,6 @@ def _fmt_count(n: int) -> str:
     return f"{n:,}"
 
 
-def _fmt_bytes(n: int) -> str:
-    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n} B"
-
-
 def model_card(
     repo_id: str,
     base: str | None,
@@ -456,7 +452,7 @@ def model_card(
         ("MoE layers", str(len(info.layers)), str(len(info.layers))),
         ("total parameters", _fmt_count(before["total"]), _fmt_count(after["total"])),
         ("active parameters per token", _fmt_count(before["active"]), _fmt_count(after["active"])),
-        ("size on disk (tensor data)", _fmt_bytes(before["bytes"]), _fmt_bytes(after["bytes"])),
+        ("size on disk (tensor data)", human_bytes(before["bytes"]), human_bytes(after["bytes"])),
     ]
     table = "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
     how = CRITERIA.get(criterion, "see the plan file")

@@ -26,14 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shardcut.ops.calibration.stream import (
-    LayerLoader,
-    TensorReader,
-    capture_call,
-    current_memory,
-    make_skeleton,
-    release_free_memory,
-)
 from shardcut.format.checkpoint import open_checkpoint
 from shardcut.format.errors import ShardcutError
 from shardcut.format.hub import resolve_model
@@ -43,6 +35,14 @@ from shardcut.ops.calibration.data import CalibData, load_data
 from shardcut.ops.calibration.observe import check_supported
 from shardcut.ops.calibration.runner import CalibEvent, make_batches, resolve_device, resolve_dtype
 from shardcut.ops.calibration.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory
+from shardcut.ops.calibration.stream import (
+    LayerLoader,
+    TensorReader,
+    capture_call,
+    current_memory,
+    make_skeleton,
+    release_free_memory,
+)
 from shardcut.ops.evaluation.layers import load_head, logits_of, moe_block, refuse_pruned, run_with_block
 from shardcut.ops.evaluation.metrics import EvalReport, summarize
 from shardcut.plans.plan import Plan, validate_plan
