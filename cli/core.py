@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from shardcut.format.text import span
 from shardcut.plans.options import PlanOptions
 from shardcut_cli.common import byte_progress, console, fail, handle_errors, human_bytes, safe
 from shardcut_cli.options import check_size
@@ -238,8 +239,8 @@ def _by_config(counts: dict[str, int] | None) -> str:
 
 
 def _span(keys: list[str]) -> str:
-    return ", ".join(keys) if len(keys) <= 8 else f"{', '.join(keys[:3])}, …, {', '.join(keys[-2:])}"
+    return span(keys, limit=8)
 
 
 def _ids(ids: list[int]) -> str:
-    return " ".join(map(str, ids)) if len(ids) <= 24 else f"{' '.join(map(str, ids[:20]))} … ({len(ids)})"
+    return span(ids, limit=24, head=20, tail=0, sep=" ", count=True)

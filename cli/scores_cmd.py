@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from shardcut.format.text import span
 from shardcut.plans.options import CRITERION_HELP, PlanOptions
 from shardcut_cli.common import console, handle_errors, human_bytes, safe
 from shardcut_cli.options import check_int
@@ -285,4 +286,4 @@ def _pairs(pairs: list[list]) -> str:
 
 
 def _ids(ids: list[int]) -> str:
-    return " ".join(map(str, ids)) if len(ids) <= 12 else f"{' '.join(map(str, ids[:10]))} … ({len(ids)})"
+    return span(ids, limit=12, head=10, tail=0, sep=" ", count=True)

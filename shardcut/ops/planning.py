@@ -19,8 +19,10 @@ from typing import Any
 
 import numpy as np
 
+from shardcut.format.cache_paths import split_revision
 from shardcut.format.checkpoint import Checkpoint
 from shardcut.format.errors import PlanError, ScoresError, ShardcutError
+from shardcut.format.text import span
 from shardcut.moe.model import CountGroup, ModelInfo
 from shardcut.plans.options import MTP_POLICIES, PlanOptions
 from shardcut.plans.plan import Plan, check_replaceable_plan, validate_plan
@@ -437,10 +439,8 @@ def _report(
 
 def _hub_ref(model: str) -> tuple[str, str] | None:
     """(repo id, revision) of a `org/name@revision` model that is no local path, else None."""
-    if "@" in model and not Path(model).exists():
-        repo, _, revision = model.partition("@")
-        return repo, revision
-    return None
+    repo, revision = split_revision(model)
+    return (repo, revision) if revision is not None else None
 
 
 def id_order_ties(values, kept: list[int], n_group: int = 1, protect=()) -> tuple[int, float | None, list[int]]:
@@ -508,7 +508,7 @@ def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin
     if foreign:
         raise ScoresError(
             f"covers layers {foreign[:5]} that are not MoE layers of the model (its MoE layers: "
-            f"{_span(model_keys)}; scores of another model?)",
+            f"{span(model_keys)}; scores of another model?)",
             origin,
         )
     scored = set(scores.layers)
@@ -548,7 +548,7 @@ def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin
     elif name in ("scores-of", "same-ids-as") and arg:
         if arg not in scored:
             raise PlanError(
-                f"mtp_policy {policy!r}: layer {arg} has no scores (scored: {_span(scores.layers)})",
+                f"mtp_policy {policy!r}: layer {arg} has no scores (scored: {span(scores.layers)})",
                 params=("mtp_policy",),
             )
         out.update({k: ("scores" if name == "scores-of" else "same-ids", arg) for k in unscored})
@@ -576,7 +576,7 @@ def _check_protect(protect: dict[str, list[int]], info: ModelInfo) -> dict[str, 
         if key not in info.layer_by_key:
             raise PlanError(
                 f"protect: layer {key} is not a MoE layer of the model "
-                f"(MoE layers: {_span([layer.key for layer in info.layers])})",
+                f"(MoE layers: {span([layer.key for layer in info.layers])})",
                 params=("protect",),
             )
         E = info.layer_by_key[key].num_experts
@@ -584,7 +584,3 @@ def _check_protect(protect: dict[str, list[int]], info: ModelInfo) -> dict[str, 
         if bad:
             raise PlanError(f"protect: layer {key}: expert ids {bad[:5]} out of range 0..{E - 1}", params=("protect",))
     return protect
-
-
-def _span(keys: list[str]) -> str:
-    return ", ".join(keys) if len(keys) <= 6 else f"{', '.join(keys[:3])}, …, {', '.join(keys[-2:])}"

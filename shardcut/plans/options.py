@@ -17,12 +17,10 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any
 
 from shardcut.format.errors import PlanError
+from shardcut.plans.keys import PLAN_KEY_PATTERN
 
 MTP_POLICIES = ("reuse-last", "scores-of:N", "same-ids-as:N")
-# A plan key as the model layer makes them: the layer number after an optional stack prefix
-# ("3", "mtp.0", "talker.12"). Plan files, score files and MTP policies all spell keys so.
-LAYER_KEY = r"(?:[A-Za-z_][A-Za-z0-9_]*\.)*[0-9]+"
-_MTP_POLICY = re.compile(rf"reuse-last|(?:scores-of|same-ids-as):{LAYER_KEY}")
+_MTP_POLICY = re.compile(rf"reuse-last|(?:scores-of|same-ids-as):{PLAN_KEY_PATTERN}")
 SUPER_PERCENTILE = 99.5
 SUPER_LAYER_FRACTION = 0.75
 
