@@ -101,3 +101,27 @@ def test_no_module_keeps_its_own_copy():
     ):
         holders = sorted(str(p.relative_to(root)) for p, t in texts.items() if needle in t)
         assert holders == ([home] if home else []), (needle, holders)
+
+
+def test_the_importer_reads_layer_names_from_the_table(families, tmp_path):
+    """Qwen3-Next's MTP stack (`mtp.layers.N`, plan keys `mtp.N`) as published files spell it:
+    the table's prefixes, whole or as a tail, and plan keys with a tail; no family name is
+    hard-coded in the importer."""
+    import numpy as np
+
+    from shardcut.format.checkpoint import open_checkpoint
+    from shardcut.moe.model import describe
+    from shardcut.plans.score_import import import_scores
+
+    src = families("qwen3_next").source
+    info = describe(open_checkpoint(src))
+    E = info.num_experts
+    spelled = {"0": "model.layers.0.mlp", "2": "layers.2", "3": "3", "mtp.0": "mtp.0.mlp.experts"}
+    assert sorted(spelled) == sorted(layer.key for layer in info.layers)
+    for mtp_spelling in ("mtp.0.mlp.experts", "mtp.layers.0", "mtp.layers.0.mlp.gate"):
+        spelled["mtp.0"] = mtp_spelling
+        report = {v: [float(i + 1) for i in range(E)] for v in spelled.values()}
+        (tmp_path / "reap.json").write_text(json.dumps({"criterion": "reap", "scores": report}))
+        scores, _ = import_scores(tmp_path / "reap.json", src)
+        assert sorted(scores.layers) == sorted(spelled), mtp_spelling
+        np.testing.assert_allclose(scores.values["reap"][scores.layers.index("mtp.0")], np.arange(1, E + 1))

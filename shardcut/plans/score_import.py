@@ -21,7 +21,7 @@ model's own layer prefixes (`model.layers.3`, `backbone.layers.3.mixer`, `transf
 as the architecture table spells them). Keys 0..n-1 that are not the model's MoE layers but
 count them (n of them) are read as positions in its MoE layer list, and the report says so;
 `layer_offset` adds a fixed offset instead. A file whose shape fits several readings is refused
-with the readings named. torch is imported only for torch files.
+with the readings named (layer names: `shardcut.plans.layer_names`). torch is imported only for torch files.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ import numpy as np
 from shardcut.format.errors import ScoresError
 from shardcut.format.text import span
 from shardcut.moe.model import ModelInfo
+from shardcut.plans.layer_names import as_int, in_model_order, layer_key
 from shardcut.plans.scores import FIELDS, GATE_APPLIED, GATE_SOFTMAX, GATE_UNKNOWN, Scores, check_replaceable_scores
 
 FORMATS = ("auto", "reap-observer", "torch", "saliency-json", "keep-list", "llm-compressor")
@@ -94,7 +95,6 @@ IGNORED_STATS = (
     "mean_saliency",
 )
 _SUM_NAMES = {**{f: f for f in FIELDS}, **{v: k for k, v in OBSERVER_FIELDS.items()}, "expert_frequency": "count"}
-_MTP_KEY = re.compile(r"^mtp\.(?:layers\.)?(\d+)(?:\..*)?$")
 _BLOCK_FILE = re.compile(r"block_(\d+)_metrics\.pt$")
 
 
@@ -388,46 +388,31 @@ def _layer_entries(data: object, ctx: _Context, what: str) -> dict[str, object]:
         )
     raw = list(data)
     if ctx.offset is not None:
-        ints = [_as_int(k) for k in raw]
+        ints = [as_int(k) for k in raw]
         if any(i is None for i in ints):
             raise ScoresError("layer_offset needs integer layer keys", path, params=("layer_offset",))
         mapped = {str(i + ctx.offset): data[k] for i, k in zip(ints, raw)}
         ctx.notes.append(f"layer keys: +{ctx.offset} added to every key ({raw[0]} -> {int(ints[0]) + ctx.offset})")
-        return _in_model_order(mapped, info, path)
+        return in_model_order(mapped, info, path)
     mapped = {}
     for k in raw:
-        key = _layer_key(k, info, path)
+        key = layer_key(k, info, path)
         if key in mapped:
             raise ScoresError("a layer appears twice", path)
         mapped[key] = data[k]
-    ints = sorted(i for i in (_as_int(k) for k in raw) if i is not None)
+    ints = sorted(i for i in (as_int(k) for k in raw) if i is not None)
     main = [layer.key for layer in info.layers if not layer.mtp]
     every = [layer.key for layer in info.layers]
     foreign = [k for k in mapped if k not in info.layer_by_key]
     if foreign and len(ints) == len(raw) and ints == list(range(len(raw))) and len(raw) in (len(main), len(every)):
         keys = main if len(raw) == len(main) else every
-        by_pos = {keys[_as_int(k)]: data[k] for k in raw}
+        by_pos = {keys[as_int(k)]: data[k] for k in raw}
         ctx.notes.append(
             f"layer keys 0..{len(raw) - 1} are not the model's MoE layers ({span(keys)}); read as "
             f"positions in its MoE layer list: 0 -> {keys[0]}, {len(raw) - 1} -> {keys[len(raw) - 1]}"
         )
-        return _in_model_order(by_pos, info, path)
-    return _in_model_order(mapped, info, path)
-
-
-def _in_model_order(mapped: dict[str, object], info: ModelInfo, path: Path) -> dict[str, object]:
-    keys = _check_layers(list(mapped), info, path)
-    return {k: mapped[k] for k in keys}
-
-
-def _as_int(key: object) -> int | None:
-    if isinstance(key, bool):
-        return None
-    if isinstance(key, (int, np.integer)):
-        return int(key)
-    if isinstance(key, str) and key.strip().isdigit():
-        return int(key)
-    return None
+        return in_model_order(by_pos, info, path)
+    return in_model_order(mapped, info, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -655,56 +640,3 @@ def _vector(value: object, E: int, what: str, path: Path) -> np.ndarray:
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
         raise ScoresError(f"{what}: holds NaN, infinite or negative values", path)
     return arr
-
-
-# ---------------------------------------------------------------------------------------------
-# Layer keys
-
-
-def _layer_key(raw: object, info: ModelInfo, path: Path) -> str:
-    """A plan key from a layer index (int), a plan key, or a name spelled with one of the model's
-    layer prefixes from the architecture table (`model.layers.3`, `backbone.layers.3.mixer`,
-    `transformer.blocks.3`; also without their leading parts, `layers.3`)."""
-    if isinstance(raw, bool):
-        raise ScoresError(f"layer key {raw!r} is not a layer", path)
-    if isinstance(raw, (int, np.integer)):
-        return str(int(raw))
-    text = str(raw).strip()
-    if text in info.layer_by_key or text.isdigit():
-        return str(int(text)) if text.isdigit() else text
-    m = _MTP_KEY.match(text)
-    if m and f"mtp.{m.group(1)}" in info.layer_by_key:
-        return f"mtp.{m.group(1)}"
-    dotted = f".{text}."
-    for layer in info.layers:  # the model's own spelling of each layer, whole or as a tail
-        if text.startswith(layer.prefix) or f".{layer.prefix}".endswith(dotted):
-            return layer.key
-    for layer in info.layers:  # another spelling of the same layer index under a known stack prefix
-        for prefix in layer.stack.layer_prefixes:
-            tail = prefix.rsplit(".", 1)[-1]
-            m = re.match(rf"^(?:[\w]+\.)*{re.escape(tail)}\.(\d+)(?:\..*)?$", text)
-            if m:
-                return f"{layer.stack.plan_prefix}{int(m.group(1))}"
-    raise ScoresError(f'cannot read {text!r} as a layer (use the layer index, e.g. "3")', path)
-
-
-def _check_layers(keys: list[str], info: ModelInfo, path: Path) -> list[str]:
-    """The keys in model order; refuses layers the model lacks, duplicates and missing main layers."""
-    if len(set(keys)) != len(keys):
-        raise ScoresError("a layer appears twice", path)
-    model_keys = [layer.key for layer in info.layers]
-    foreign = [k for k in keys if k not in info.layer_by_key]
-    if foreign:
-        shown = span(model_keys, limit=8)
-        raise ScoresError(
-            f"layers {foreign[:5]} are not MoE layers of the model (its MoE layers: {shown}; scores of another model?)",
-            path,
-        )
-    missing = [layer.key for layer in info.layers if not layer.mtp and layer.key not in keys]
-    if missing:
-        raise ScoresError(
-            f"no scores for MoE layers {missing[:5]} ({len(keys)} layers in the file, "
-            f"{len(model_keys)} in the model; scores of another model?)",
-            path,
-        )
-    return [k for k in model_keys if k in keys]
