@@ -110,8 +110,9 @@ def prune_model(
     """
     if stream and max_shard_size:
         raise ShardcutError(
-            "--stream keeps the source's shards (each is rewritten on its own); "
-            "drop --max-shard-size or prune without --stream"
+            "stream keeps the source's shards (each is rewritten on its own); "
+            "drop max_shard_size or prune without stream",
+            params=("stream", "max_shard_size"),
         )
     if hub.is_local(model):  # nothing to download: the plain rewrite; a stream needs no different disk
         base = prune(

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardcut import __version__
+from shardcut.format.cache_paths import snapshot_of
 from shardcut.format.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint
 from shardcut.format.container import (
     OutTensor,
@@ -30,6 +31,7 @@ from shardcut.format.container import (
     write_shard,
 )
 from shardcut.format.errors import ShardcutError
+from shardcut.format.text import parse_size
 from shardcut.moe.model import Copied, ExpertTensor, ModelInfo, describe, experts_by_config, sub_config
 from shardcut.plans.plan import Plan, validate_plan
 from shardcut.rewrite.side_files import HF_QUANT_NAME, PLAN_COPY_NAME
@@ -236,34 +238,6 @@ def updated_config(info: ModelInfo, kept: int | dict[str, list[int]]) -> tuple[d
     return config, changes
 
 
-def parse_size(text: str | int | None) -> int | None:
-    """'5GB', '500MB', '2GiB' or a byte count -> bytes (decimal units as in transformers)."""
-    if text is None or isinstance(text, int):
-        return text
-    units = {
-        "": 1,
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }
-    s = text.strip().upper()
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num) :]
-    try:
-        value = float(num)
-    except ValueError:
-        raise ShardcutError(f"cannot read size {text!r} (try 5GB or 500MB)") from None
-    if unit not in units or value <= 0:
-        raise ShardcutError(f"cannot read size {text!r} (try 5GB or 500MB)")
-    return int(value * units[unit])
-
-
 def prune(
     model: str | Path,
     out: str | Path | None,
@@ -429,10 +403,10 @@ def write_checkpoint_files(
         if len(info.layers_by_config()) > 1:  # the card's "before" for every stack (push)
             source.setdefault("num_experts_by_config", info.summary()["num_experts_by_config"])
         root = ckpt.root.resolve() if ckpt.root.exists() else ckpt.root
-        if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
-            # a Hugging Face cache snapshot: name the repo and the exact commit pruned
-            source.setdefault("model", root.parent.parent.name.removeprefix("models--").replace("--", "/"))
-            source.setdefault("revision", root.name)
+        snapshot = snapshot_of(root)
+        if snapshot:  # a Hugging Face cache snapshot: name the repo and the exact commit pruned
+            source.setdefault("model", snapshot[0])
+            source.setdefault("revision", snapshot[1])
         card = _card_metadata(ckpt.root / "README.md")
         if card:  # the source's card is not copied (push writes a new one); its license etc. are kept here
             source.setdefault("card", card)

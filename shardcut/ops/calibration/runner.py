@@ -132,11 +132,11 @@ def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
     if isinstance(shard, str):
         head, sep, tail = shard.partition("/")
         if not (sep and head.strip().isdigit() and tail.strip().isdigit()):
-            raise ShardcutError(f"--shard must look like i/N, e.g. 1/2 (got {shard!r})")
+            raise ShardcutError(f"shard must look like i/N, e.g. 1/2 (got {shard!r})", params=("shard",))
         shard = (int(head), int(tail))
     i, n = shard
     if not 1 <= i <= n:
-        raise ShardcutError(f"--shard {i}/{n}: the shard index runs from 1 to {n}")
+        raise ShardcutError(f"shard {i}/{n}: the shard index runs from 1 to {n}", params=("shard",))
     return i, n
 
 
@@ -148,7 +148,7 @@ def resolve_device(device: str) -> torch.device:
     except RuntimeError:
         raise ShardcutError(f"unknown device {device!r} (use auto, cuda, cuda:N or cpu)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ShardcutError("--device cuda asked for, but torch sees no CUDA device")
+        raise ShardcutError(f"device {device!r} asked for, but torch sees no CUDA device", params=("device",))
     if dev.type not in ("cuda", "cpu"):
         raise ShardcutError(f"device {device!r} is not supported (use auto, cuda or cpu)")
     return dev
@@ -165,12 +165,10 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def _revision_of(model: str, path: Path) -> str | None:
-    if "@" in model and not Path(model).exists():
-        return model.rpartition("@")[2]
-    parts = path.resolve().parts
-    if "snapshots" in parts and parts.index("snapshots") + 1 < len(parts):
-        return parts[parts.index("snapshots") + 1]
-    return None
+    from shardcut.format.cache_paths import snapshot_of, split_revision
+
+    snapshot = snapshot_of(path.resolve())
+    return split_revision(model)[1] or (snapshot[1] if snapshot else None)
 
 
 def _now() -> str:
