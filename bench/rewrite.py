@@ -28,13 +28,12 @@ import argparse
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from measure import timed
+from measure import timed, timed_usage
 
 from shardcut.ops.synthetic import SyntheticSpec, write_synthetic_checkpoint
 from shardcut.plans.plan import Plan
@@ -144,36 +143,36 @@ def bench(size_gb: float, args: argparse.Namespace, workdir: Path) -> dict:
         """argv is [python, -m|-c, module|code, args...]"""
         return [sys.executable, "-c", BASELINE, str(base), *argv[1:]] if baseline else argv
 
-    def run_prune(extra: list[str], baseline: bool = False) -> tuple[float, int]:
+    def run_prune(extra: list[str], baseline: bool = False) -> tuple[float, int, float]:
         shutil.rmtree(out, ignore_errors=True)
         prepare(files(src), args.cold)
         try:
-            return timed(cmd([*prune, "-o", str(out), *extra], baseline))
+            return timed_usage(cmd([*prune, "-o", str(out), *extra], baseline))
         finally:
             shutil.rmtree(out, ignore_errors=True)  # the disk holds one output at a time
 
-    def run_cp() -> tuple[float, int]:
+    def run_cp() -> tuple[float, int, float]:
         shutil.rmtree(copy, ignore_errors=True)
         prepare(files(ref), args.cold)
         t0 = time.perf_counter()
-        subprocess.run(["cp", "-r", str(ref), str(copy)], check=True)
+        _, rss, cpu = timed_usage(["cp", "-r", str(ref), str(copy)])
         os.sync()
         wall = time.perf_counter() - t0
         shutil.rmtree(copy, ignore_errors=True)
-        return wall, 0
+        return wall, rss, cpu
 
-    def run_verify(baseline: bool = False) -> tuple[float, int]:
+    def run_verify(baseline: bool = False) -> tuple[float, int, float]:
         prepare(files(ref, src), args.cold)
-        return timed(cmd([*cli, "verify", str(ref), "--source", str(src)], baseline))
+        return timed_usage(cmd([*cli, "verify", str(ref), "--source", str(src)], baseline))
 
-    def run_stream(baseline: bool = False) -> tuple[float, int]:
+    def run_stream(baseline: bool = False) -> tuple[float, int, float]:
         shutil.rmtree(out, ignore_errors=True)
         cache = workdir / "hf-cache"
         shutil.rmtree(cache, ignore_errors=True)
         prepare(files(src), args.cold)
         script = [sys.executable, "-c", STREAM, str(src), str(out), str(plan), str(cache), str(ROOT / "tests")]
         try:
-            return timed(cmd(script, baseline))
+            return timed_usage(cmd(script, baseline))
         finally:
             shutil.rmtree(out, ignore_errors=True)
 
@@ -191,12 +190,14 @@ def bench(size_gb: float, args: argparse.Namespace, workdir: Path) -> dict:
             steps["stream_baseline"] = lambda: run_stream(baseline=True)
     results: dict[str, list[float]] = {k: [] for k in steps}
     rss: dict[str, list[int]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
     try:
         for _ in range(args.runs):
             for key, step in steps.items():  # interleaved: every quantity once per run
-                wall, peak = step()
+                wall, peak, used = step()
                 results[key].append(wall)
                 rss[key].append(peak)
+                cpu[key].append(used)
         written = du(ref)
     finally:
         for p in (out, copy, ref, workdir / "hf-cache", base):
@@ -205,7 +206,8 @@ def bench(size_gb: float, args: argparse.Namespace, workdir: Path) -> dict:
             shutil.rmtree(src, ignore_errors=True)
     med = {k: statistics.median(v) for k, v in results.items()}
     runs = {k: [round(x, 2) for x in v] for k, v in results.items()}
-    return {"input_bytes": input_bytes, "written_bytes": written, "rss": rss, "runs": runs, **med}
+    cpu_med = {k: statistics.median(v) for k, v in cpu.items()}
+    return {"input_bytes": input_bytes, "written_bytes": written, "rss": rss, "runs": runs, "cpu": cpu_med, **med}
 
 
 def main() -> None:
@@ -224,9 +226,9 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     cache = "cold" if args.cold else "warm"
     print(
-        f"page cache: {cache}; medians of {args.runs} interleaved runs\n"
-        "| input | written | cp + sync | prune (verified) | / cp | prune --no-verify | / cp | peak RSS |\n"
-        "|---|---|---|---|---|---|---|---|"
+        f"page cache: {cache}; medians of {args.runs} interleaved runs (CPU: user + system of the process)\n"
+        "| input | written | cp + sync | prune (verified) | / cp | prune --no-verify | / cp | CPU cp / prune "
+        "/ --no-verify | peak RSS |\n|---|---|---|---|---|---|---|---|---|"
     )
     try:
         for size in sizes:
@@ -234,12 +236,17 @@ def main() -> None:
             print(
                 f"| {r['input_bytes'] / 1e9:.2f} GB | {r['written_bytes'] / 1e9:.2f} GB | {r['cp']:.2f} s "
                 f"| {r['prune']:.2f} s | {r['prune'] / r['cp']:.2f}x | {r['prune_noverify']:.2f} s "
-                f"| {r['prune_noverify'] / r['cp']:.2f}x | {max(r['rss']['prune'] + r['rss']['prune_noverify']) / 1e6:.0f} MB |",
+                f"| {r['prune_noverify'] / r['cp']:.2f}x "
+                f"| {r['cpu']['cp']:.2f} / {r['cpu']['prune']:.2f} / {r['cpu']['prune_noverify']:.2f} s "
+                f"| {max(r['rss']['prune'] + r['rss']['prune_noverify']) / 1e6:.0f} MB |",
                 flush=True,
             )
             extra = {k: r[k] for k in r["runs"] if k not in ("cp", "prune", "prune_noverify")}
             if extra:
-                print("  also: " + ", ".join(f"{k} {v:.2f} s" for k, v in extra.items()), flush=True)
+                print(
+                    "  also: " + ", ".join(f"{k} {v:.2f} s (CPU {r['cpu'][k]:.2f} s)" for k, v in extra.items()),
+                    flush=True,
+                )
             print(f"  every run: {r['runs']}", flush=True)
     finally:
         if args.dir is None:

@@ -164,3 +164,26 @@ def test_read_back_bypasses_the_page_cache(source, tmp_path, monkeypatch):
     assert all(flags & os.O_DIRECT for flags in direct.values())
     written = sum(p.stat().st_size for p in out.glob("*.safetensors"))
     assert sum(n for fd, n in read_through.items() if fd in direct) == written
+
+
+def test_stream_writes_are_read_back_too(source, tmp_path, monkeypatch, chunking):
+    """`prune --stream` writes each shard with `write_followed`: the same follower, so a byte
+    that differs on disk is an error there too, and a clean shard is byte-exact."""
+    from shardcut.format.checkpoint import open_checkpoint
+    from shardcut.format.container import PinnedSources
+    from shardcut.moe.model import describe
+    from shardcut.rewrite.writer import layout
+
+    ckpt = open_checkpoint(source)
+    lay = layout(ckpt, describe(ckpt), Plan(KEEP))
+    with PinnedSources(ckpt.shards) as pinned:
+        clean = tmp_path / "clean.safetensors"
+        size = readback.write_followed(clean, lay.shards[1], lay.metadata[1], sources=pinned)
+        assert clean.stat().st_size == size
+        assert readback.compare_written(tmp_path, [lay.shards[1]], [clean.name], pinned) == sum(
+            t.nbytes for t in lay.shards[1]
+        )
+        flipped = _corrupt(monkeypatch, 0, "tensor")
+        with pytest.raises(ShardcutError, match="differs from its source bytes"):
+            readback.write_followed(tmp_path / "bad.safetensors", lay.shards[1], lay.metadata[1], sources=pinned)
+        assert flipped
