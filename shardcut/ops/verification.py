@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardcut.format.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint, read_json_object
-from shardcut.format.container import COMPARE_CHUNK, compare_written
+from shardcut.format.container import COMPARE_CHUNK
 from shardcut.format.errors import CheckpointError, ShardcutError
+from shardcut.format.readback import compare_written
 from shardcut.moe.model import ExpertAxisSlice, ExpertTensor, ModelInfo, describe
 from shardcut.plans.plan import Plan
 

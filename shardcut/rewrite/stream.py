@@ -27,13 +27,12 @@ from shardcut.format.container import (
     OutTensor,
     PinnedSources,
     ShardHeader,
-    compare_written,
     read_header,
     shard_size,
-    write_shard,
 )
 from shardcut.format.errors import ShardcutError
 from shardcut.format.hub import OTHER_WEIGHTS, RepoRef, cached_file, hub_errors
+from shardcut.format.readback import write_followed
 from shardcut.moe.model import ModelInfo, describe
 from shardcut.plans.plan import Plan, validate_plan
 from shardcut.rewrite.side_files import download_ignore_patterns
@@ -285,9 +284,8 @@ def _stream(
                         "shard differs from the header read from the Hub (did the repo change?)", f"{ref}/{current}"
                     )
                 with PinnedSources([on_disk]) as pinned:  # copy and self-check read one file, unchanged
-                    write_shard(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned)
-                    if verify:
-                        compare_written(tx.dir, [tensors], [tx.shard_path(name).name], pinned)
+                    # read back from the disk and compared while it is written, then fsynced
+                    write_followed(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned, verify=verify)
                     pinned.check()
                 tx.shard_done(name)
                 if local is None:
