@@ -13,7 +13,7 @@ import pytest
 from fixtures.calib_fixtures import layer_outputs, reference_statistics, write_ids_jsonl
 from fixtures.families import TOP_K, E, family
 
-from shardcut.ops.calibration.runner import Calibrator, calibrate
+from shardcut.ops.calibration.runner import CalibrateOptions, Calibrator, calibrate
 from shardcut.plans.scores import FIELDS, Scores, merge_scores
 
 PROOF_FAMILIES = ["qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss"]
@@ -91,8 +91,7 @@ def streamed(families, ids_data, tmp_path_factory):
                 str(families(name).source),
                 str(ids_data[0]),
                 out,
-                max_length=64,
-                batch_tokens=BATCH_TOKENS,
+                CalibrateOptions(max_length=64, batch_tokens=BATCH_TOKENS),
                 on_layer=on_layer,
             )
             scores = cal.run()
@@ -317,9 +316,9 @@ def test_deepseek_v32_indexer_drops_tokens(families, streamed):
 
 
 def test_gpu_settings_run_on_the_cpu(families, ids_data, streamed, tmp_path, monkeypatch):
-    """What a CUDA run does differently, run on the CPU: the next layer's tensors are read while the
-    current one runs (`prefetch`), and the compute dtype is bfloat16. Prefetching changes nothing
-    (bit-identical scores); in bfloat16 every loaded parameter sits on the run's device in bfloat16
+    """What a CUDA run does differently, run on the CPU: the compute dtype is bfloat16 (the next
+    layer's tensors are read while the current one runs, `prefetch`, on both by default; reading
+    in turn instead changes nothing, bit-identical scores); in bfloat16 every loaded parameter sits on the run's device in bfloat16
     except those transformers keeps in float32 (its dtype plan: DeepSeek's router), and the
     statistics track float32."""
     import re
@@ -343,24 +342,19 @@ def test_gpu_settings_run_on_the_cpu(families, ids_data, streamed, tmp_path, mon
         return layer
 
     monkeypatch.setattr(stream.LayerLoader, "load_layer", spy)
-    ahead = Calibrator(
+    in_turn = Calibrator(  # the streamed runs read ahead (the default): reading in turn changes nothing
         str(source),
         str(ids_data[0]),
         tmp_path / "a.safetensors",
-        max_length=64,
-        batch_tokens=BATCH_TOKENS,
-        prefetch=True,
+        CalibrateOptions(max_length=64, batch_tokens=BATCH_TOKENS, prefetch=False),
     ).run()
-    _assert_identical(ahead, full)
+    _assert_identical(in_turn, full)
     placed.clear()
     bf16 = Calibrator(
         str(source),
         str(ids_data[0]),
         tmp_path / "b.safetensors",
-        max_length=64,
-        batch_tokens=BATCH_TOKENS,
-        prefetch=True,
-        dtype="bfloat16",
+        CalibrateOptions(max_length=64, batch_tokens=BATCH_TOKENS, prefetch=True, dtype="bfloat16"),
     ).run()
     assert placed and all(device == torch.device("cpu") for _, device, _, _ in placed)
     assert all(dtype == (torch.float32 if keep32 else torch.bfloat16) for _, _, dtype, keep32 in placed), placed

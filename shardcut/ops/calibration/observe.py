@@ -14,15 +14,16 @@ did not choose it, and nothing of size experts x tokens x hidden is ever formed.
 from __future__ import annotations
 
 import inspect
+import time
 
 import torch
 
 from shardcut.format.errors import ShardcutError
 from shardcut.moe.architectures import ARCHITECTURES, Calibration, find_architecture
 from shardcut.moe.model import ModelInfo
+from shardcut.ops.calibration.device import synchronize
+from shardcut.ops.calibration.options import DEFAULT_PAIR_CHUNK
 from shardcut.plans.scores import Scores
-
-DEFAULT_PAIR_CHUNK = 16384  # (token, expert) pairs per experts call: bounds the f_j(x) buffer
 
 
 def calibratable_model_types() -> list[str]:
@@ -124,6 +125,7 @@ class ExpertObserver:
         self.valid: torch.Tensor | None = None
         self.record = True
         self.calls = 0
+        self.stats_s = 0.0  # wall seconds spent recording the statistics (LayerTimes.stats_s)
         self._original = type(experts).forward
         self._signature = inspect.signature(self._original)
         # LongCat's module counts its real experts as `num_routed_experts` (its identity experts follow)
@@ -175,6 +177,8 @@ class ExpertObserver:
         gates = weights.float()
         out = torch.bmm(gates.unsqueeze(1), f32.view(n, k, -1)).squeeze(1).to(hidden.dtype)  # sum_slot g * f
         if self.record:
+            synchronize(f32.device)  # the expert forward queued above is forward time, not statistics time
+            t0 = time.perf_counter()
             # reduce per pair first, select the non-padding pairs after: no second copy of f
             norms = torch.linalg.vector_norm(f32, dim=-1)
             low, high = torch.aminmax(f32, dim=-1)
@@ -189,6 +193,7 @@ class ExpertObserver:
                 peaks=peaks[keep].double().cpu().numpy(),
                 tokens=int(valid.sum()),
             )
+            self.stats_s += time.perf_counter() - t0
         return out
 
 
