@@ -258,7 +258,7 @@ class Calibrator:
         self.torch_device = resolve_device(self.device)
         self.dist = Distributed.from_env(self.torch_device)
         if self.dist.world > 1:
-            self.torch_device = self.dist.device
+            self.torch_device = self.dist.device or self.torch_device
         self.torch_dtype = resolve_dtype(self.dtype, self.torch_device)
         self.shard_of = parse_shard(self.shard)
         self.budget_tokens = self.batch_tokens or DEFAULT_BATCH_TOKENS[self.torch_device.type]
@@ -523,10 +523,10 @@ class Calibrator:
                 )
         if step == 0:
             self.loader.free_outside_params()
-        else:
+        elif layer is not None:
             self.loader.free(layer)
         release_free_memory()
-        if observer is not None and record:
+        if observer is not None and key is not None and record:
             self.dist.reduce_row(self.scores, key)
         self.store.commit()
         return pending
