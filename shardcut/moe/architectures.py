@@ -228,9 +228,9 @@ class Architecture:
     calibration: Calibration = CALIBRATES
     calibration_by_type: tuple[tuple[str, Calibration], ...] = ()
 
-    def calibration_of(self, model_type: str) -> Calibration:
+    def calibration_of(self, model_type: str | None) -> Calibration:
         """The calibration facts of one of this entry's model types."""
-        return dict(self.calibration_by_type).get(model_type, self.calibration)
+        return next((c for t, c in self.calibration_by_type if t == model_type), self.calibration)
 
 
 def _qwen_layers(prefixes: tuple[str, ...] = ("model.layers",)) -> Stack:

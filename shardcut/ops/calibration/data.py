@@ -41,6 +41,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 
@@ -110,7 +112,7 @@ class CalibData:
 
 def _split_top(spec: str) -> list[str]:
     """Split at commas outside [], (), {}."""
-    parts, depth, cur = [], 0, []
+    parts, depth, cur = [], 0, list[str]()
     for ch in spec:
         if ch in "[({":
             depth += 1
@@ -198,7 +200,7 @@ def plan_counts(sources: list[Source], available: list[int | None], samples: int
 class Loaded:
     """One source's rows: plain dicts, or a `datasets.Dataset` (kept as one for recipes)."""
 
-    rows: object  # list[dict] | datasets.Dataset
+    rows: Any  # list[dict] | datasets.Dataset (an optional dependency)
     how: str
     recipe: Recipe | None = None
     generic: list[Record] | None = None  # the records of a source read without a recipe
@@ -229,6 +231,7 @@ def read_source(source: Source) -> Loaded:
         rows, how = _read_dir(path, split)
     elif _is_repo_id(text) and not text.startswith(("./", "../", "/", "~")):
         m = _HUB_SOURCE.match(text)
+        assert m is not None  # _is_repo_id matched it
         recipe = recipe or recipe_for_hub(m.group("name"))
         rows, how = _read_hub(m.group("name"), m.group("subset"), m.group("split"), recipe)
     else:
@@ -366,7 +369,7 @@ def _read_parquet(files: list[Path], label: str) -> tuple[list[dict], str]:
     return rows, f"{label}: {len(rows)} rows from {len(files)} parquet file{'s' * (len(files) > 1)}"
 
 
-def _read_dir(path: Path, split: str | None) -> tuple[object, str]:
+def _read_dir(path: Path, split: str | None) -> tuple[Any, str]:
     if (
         (path / "dataset_dict.json").exists()
         or (path / "state.json").exists()
@@ -396,7 +399,7 @@ def _read_dir(path: Path, split: str | None) -> tuple[object, str]:
     )
     if not files:
         raise DataError("folder holds no .jsonl, .json, .txt, .csv, .parquet or saved dataset files", path)
-    rows: list[dict] = []
+    rows = []
     for f in files:
         try:
             rows += _read_file(f)[0]
@@ -422,7 +425,7 @@ def _parquet_splits(files: list[Path], root: Path) -> dict[str, list[Path]]:
     return out
 
 
-def _datasets(where) -> object:
+def _datasets(where) -> ModuleType:
     try:
         import datasets
     except ImportError:
@@ -433,7 +436,7 @@ def _datasets(where) -> object:
     return datasets
 
 
-def _datasets_rows(where, load, label: str, split: str | None = None) -> tuple[object, str]:
+def _datasets_rows(where, load, label: str, split: str | None = None) -> tuple[Any, str]:
     datasets = _datasets(where)
     try:
         ds = load(datasets)
@@ -457,7 +460,7 @@ def _datasets_rows(where, load, label: str, split: str | None = None) -> tuple[o
     return ds, f"{label}: {len(ds)} rows"
 
 
-def _read_hub(name: str, subset: str | None, split: str | None, recipe: Recipe | None) -> tuple[object, str]:
+def _read_hub(name: str, subset: str | None, split: str | None, recipe: Recipe | None) -> tuple[Any, str]:
     label = name + (f"[{subset}]" if subset else "")
     kwargs: dict = {"split": split or "train"}
     if subset:
@@ -475,6 +478,7 @@ def _recipe_records(loaded: Loaded, indices: list[int], source_index: int) -> li
     """Rows `indices` mapped with the recipe through `datasets.Dataset.map`, as the reference maps them."""
     datasets = _datasets(loaded.how)
     recipe = loaded.recipe
+    assert recipe is not None  # only sources read with a recipe are mapped
     rows = loaded.rows
     ds = rows.select(indices) if hasattr(rows, "select") else datasets.Dataset.from_list([rows[i] for i in indices])
     keys = [f"{source_index}:{i}" for i in indices]
@@ -530,8 +534,7 @@ def encode(record: Record, tokenizer_fn, source: str) -> list[int]:
         raise DataError("has 'messages' records but the tokenizer has no chat template", source)
     from shardcut.ops.calibration.template import render_chat_template
 
-    kwargs = {"tools": record.tools} if record.tools is not None else {}
-    text = render_chat_template(tokenizer, record.messages, source, **kwargs)  # untrusted code: time-limited
+    text = render_chat_template(tokenizer, record.messages, source, tools=record.tools)  # untrusted: time-limited
     return tokenizer(text, add_special_tokens=record.special_tokens)["input_ids"]
 
 

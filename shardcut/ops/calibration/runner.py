@@ -182,7 +182,7 @@ class Calibrator:
         check_output(self.out, inputs, overwrite=o.overwrite, what="score file")
         self._work_path = o.work_dir or state_dir_for(self.out)
         check_work_dir(self._work_path, [*inputs, self.out])
-        self._revision = _revision_of(self.model, self._model_dir)
+        self._revision = _revision_of(str(self.model), self._model_dir)
         self._info_model = info = describe(self._ckpt)
         check_supported(info, self._model_dir / "config.json")
         TensorReader(self._ckpt)  # refuses quantization schemes it cannot read, before any data is loaded
@@ -486,10 +486,10 @@ class Calibrator:
         times.peak_memory = peak_memory(dev)
         if step == 0:
             self._loader.free_outside_params()
-        else:
+        elif layer is not None:
             self._loader.free(layer)
         release_free_memory()
-        if observer is not None and record:
+        if observer is not None and key is not None and record:
             self._dist.reduce_row(self._scores, key)
         self._store.commit()
         return pending, times

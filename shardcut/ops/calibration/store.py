@@ -113,7 +113,7 @@ class ActivationStore:
             if resume_file.resolve() in (self.path(0).resolve(), self.path(1).resolve()):
                 self.current = 0 if resume_file.resolve() == self.path(0).resolve() else 1
             else:  # a RAM checkpoint: copy it into the first spill file
-                self._load(resume_file, memoryview(self._maps[0]).cast("B"))
+                self._load(resume_file, self._maps[0].data.cast("B"))
                 self._sync(0)
 
     def path(self, i: int) -> Path:
@@ -127,7 +127,7 @@ class ActivationStore:
 
     def _bytes_of_ram(self) -> memoryview:
         t = self._ram if self.dtype == torch.float32 else self._ram.view(torch.int16)
-        return memoryview(t.numpy()).cast("B")
+        return t.numpy().data.cast("B")
 
     def _load(self, path: Path, into: memoryview) -> None:
         with open(path, "rb") as f:
@@ -197,4 +197,4 @@ class ActivationStore:
         if self.mode == "disk":
             self._maps.clear()
         else:
-            self._ram = None
+            self._ram = torch.empty(0)  # frees the activations

@@ -17,10 +17,11 @@ the pass. Nothing about masks or rotary embeddings is re-implemented here.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from shardcut.format.checkpoint import Checkpoint
 from shardcut.format.errors import ShardcutError
 from shardcut.moe.model import ModelInfo
 from shardcut.ops.calibration.device import current_memory as current_memory  # the eval runner imports it from here
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # safetensors dtype -> torch dtype (quantized checkpoints store packed ints and scales in most of them)
 TORCH_DTYPES = {
@@ -73,11 +77,11 @@ def params_on_meta() -> Iterator[None]:
         if p is not None and p.device.type != "meta":
             self._parameters[name] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
 
-    torch.nn.Module.register_parameter = register
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]  # patched for the block only
     try:
         yield
     finally:
-        torch.nn.Module.register_parameter = original
+        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 @contextmanager
@@ -207,9 +211,11 @@ def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False):
 class Skeleton:
     """The meta model and where its decoder layers are, in the model and in the checkpoint."""
 
-    model: object
-    base: object  # the decoder stack module (model.model; a wrapper's language model), whose forward builds masks and rotary
-    layers: object  # the decoder ModuleList
+    model: PreTrainedModel
+    base: (
+        torch.nn.Module
+    )  # the decoder stack module (model.model; a wrapper's language model), whose forward builds masks and rotary
+    layers: torch.nn.ModuleList  # the decoder ModuleList
     module_prefix: str  # "model.layers." in the model's own parameter names
     ckpt_prefix: str  # "model.layers." in the checkpoint's tensor names
     num_layers: int
@@ -674,8 +680,8 @@ def release_free_memory() -> None:
             _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
         except (OSError, AttributeError):
             _malloc_trim = False
-    if _malloc_trim:
+    if callable(_malloc_trim):
         _malloc_trim(0)
 
 
-_malloc_trim = None
+_malloc_trim: Callable[[int], int] | bool | None = None  # False: not glibc
