@@ -53,6 +53,7 @@ def main() -> None:
         with obs:
             got, _ = block(x)
         err = float((got - want).abs().max() / want.abs().max())
+        assert obs.calls == 1 and scores.count.sum() == args.tokens * args.top_k  # the observer ran
         for _ in range(args.runs):
             for side in ("transformers", "observer"):
                 t = time.perf_counter()
