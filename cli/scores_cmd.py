@@ -249,7 +249,7 @@ def print_plan_report(report) -> None:
     for row in report.rows:
         note = []
         if row.source.startswith("kept whole"):
-            note.append("kept whole (no scores: text calibration never reaches it)")
+            note.append("kept whole (no scores)")
         elif row.source != "scores":
             note.append("no scores (mtp policy)")
         if row.protection_overrode:

@@ -482,3 +482,25 @@ def test_longcat_identity_experts_are_routed_but_not_scored(families, ids_data, 
         np.testing.assert_array_equal(scores.count[r], ref[key]["count"])
         for f in ("gate_sum", "norm_sum", "reap_sum", "act_max"):
             np.testing.assert_allclose(getattr(scores, f)[r], ref[key][f], rtol=1e-6, atol=1e-9, err_msg=f)
+
+
+def test_llama4_skewed_routing_splits_the_padded_expert_call(families, ids_data, streamed, tmp_path, monkeypatch):
+    """Llama-4's experts run padded to the busiest expert; spans whose padding would waste more than
+    PAD_WASTE x are halved. Forced here on every span: the statistics do not change."""
+    from shardcut.ops.calibration import observe
+
+    monkeypatch.setattr(observe, "PAD_MIN_TOKENS", 1)
+    monkeypatch.setattr(observe, "PAD_WASTE", 1)
+    grouped, calls = observe.ScaledInputObserver._grouped, []
+
+    def counted(self, expert, *args):
+        calls.append(len(expert))
+        return grouped(self, expert, *args)
+
+    monkeypatch.setattr(observe.ScaledInputObserver, "_grouped", counted)
+    split = _run(families("llama4").source, ids_data[0], tmp_path / "s.safetensors")
+    assert len(calls) > sum(LENGTHS) and max(calls) <= 2 * TOP_K  # spans of one or two tokens
+    full, _, _ = streamed("llama4")
+    np.testing.assert_array_equal(split.count, full.count)
+    for f in ("gate_sum", "norm_sum", "reap_sum", "act_max"):
+        np.testing.assert_allclose(getattr(split, f), getattr(full, f), rtol=1e-6, err_msg=f)

@@ -197,6 +197,11 @@ class ExpertObserver:
         return out
 
 
+# ScaledInputObserver pads each expert's rows to the busiest expert's: spans are halved (down to
+# PAD_MIN_TOKENS tokens) while the padded call would exceed PAD_WASTE times the routed rows
+PAD_WASTE, PAD_MIN_TOKENS = 8, 256
+
+
 class ScaledInputObserver(ExpertObserver):
     """For a family whose routing scores scale each expert's input (`Calibration.input_scaling_router`,
     Llama-4): its experts module is called with `[E·T, H]`, row e·T+t = s_{t,e}·x_t (zero where
@@ -245,11 +250,15 @@ class ScaledInputObserver(ExpertObserver):
         routed = hidden_states.view(E, T, -1)
         out = torch.zeros_like(hidden_states)
         placed = out.view(E, T, -1)
-        step = max(1, self.pair_chunk // self.top_k)
-        for s in range(0, T, step):
-            e = min(T, s + step)
-            k = self.top_k
+        k = self.top_k
+        spans = [(s, min(T, s + max(1, self.pair_chunk // k))) for s in range(0, T, max(1, self.pair_chunk // k))]
+        while spans:
+            s, e = spans.pop(0)
             expert = index[s:e].reshape(-1)
+            if e - s > PAD_MIN_TOKENS and E * int(torch.bincount(expert, minlength=E).max()) > PAD_WASTE * len(expert):
+                # skewed routing pads every expert to the busiest one: halve the span to bound that
+                spans[:0] = [(s, (s + e) // 2), ((s + e) // 2, e)]
+                continue
             token = torch.arange(s, e, device=x.device).repeat_interleave(k)
             f_scaled, f_plain = self._grouped(expert, routed[expert, token], x[token], E)
             placed[expert, token] = f_scaled.to(out.dtype)

@@ -235,8 +235,10 @@ def make_skeleton(ckpt: Checkpoint, info: ModelInfo, dtype: torch.dtype, trust_r
     targets = ModelNames(model)
     sample = next(n for n in ckpt.tensors if n.startswith(main[0].prefix))
     target = targets.target(sample) or sample
-    # one tensor of each MoE layer: a list nested in a layer (LongCat's `input_layernorm.0`) matches one only
-    samples = [(layer.index, next(n for n in ckpt.tensors if n.startswith(layer.prefix))) for layer in main]
+    # a tensor of the first and of the last MoE layer: a list nested in a layer (LongCat's
+    # `input_layernorm.0`) holds one of them at most
+    ends = [main[0], main[-1]] if len(main) > 1 else main
+    samples = [(layer.index, next(n for n in ckpt.tensors if n.startswith(layer.prefix))) for layer in ends]
     loaded = [(i, targets.target(n) or n) for i, n in samples]
     lists = [
         (name, m)
