@@ -190,10 +190,15 @@ def main() -> None:
         fwd, rss = run(["-c", _FORWARD, str(model_dir), str(data), *common, str(sizes["total"])])
         fwds.append(fwd)
         fwd_rss = max(fwd_rss, rss)
+        print(f"run {len(fwds)}: plain forward {fwd['forward']:.1f} s + load {fwd['load']:.1f} s", flush=True)
         for m in modes:
             cal, rss = run(["-c", _CALIBRATE, str(model_dir), str(data), str(out), *common, m])
             cals[m].append(cal)
             cal_rss[m] = max(cal_rss[m], rss)
+            print(
+                f"run {len(fwds)}: calibrate (prefetch {m}) {cal['calibrate']:.1f} s; {_breakdown(cal['times'])}",
+                flush=True,
+            )
     fwd = {
         "forward": statistics.median(f["forward"] for f in fwds),
         "load": statistics.median(f["load"] for f in fwds),

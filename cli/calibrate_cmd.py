@@ -113,7 +113,6 @@ FLAGS = {
     "shard": "--shard",
     "device": "--device",
     "dtype": "--dtype",
-    "sequences": "--pack",
 }
 
 

@@ -20,7 +20,6 @@ if TYPE_CHECKING:
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
 DEFAULT_PAIR_CHUNK = 16384  # (token, expert) pairs per experts call: bounds the f_j(x) buffer
-SEQUENCES = ("truncate", "pack")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,7 +28,8 @@ class CalibrateOptions:
 
     samples: samples in all (None: every record; per-source `:N` counts take precedence).
     max_length: tokens kept per sample (with `sequences="pack"`: per packed sequence).
-    sequences: "truncate" (one sequence per sample) or "pack" (end to end, as the REAP reference).
+    sequences: "truncate" (one sequence per sample) or "pack" (end to end, as the REAP reference;
+        checked with the data, `data.SEQUENCE_MODES`).
     seed: seed of the sample selection.
     device: "auto" (CUDA when present), "cuda", "cuda:N", "cpu" or a `torch.device`.
     dtype: compute dtype, "bfloat16" or "float32" (None: bfloat16 on CUDA, float32 on the CPU).
@@ -74,8 +74,6 @@ class CalibrateOptions:
                 raise ShardcutError(f"{name} must be a positive integer (got {value!r})")
         if self.checkpoint_every is not None and self.checkpoint_every < 0:
             raise ShardcutError(f"checkpoint_every must be >= 0 layers (got {self.checkpoint_every})")
-        if self.sequences not in SEQUENCES:
-            raise ShardcutError(f"sequences must be one of {', '.join(SEQUENCES)} (got {self.sequences!r})")
         parse_shard(self.shard)
 
     @classmethod
