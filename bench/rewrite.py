@@ -104,13 +104,14 @@ def files(*folders: Path) -> list[Path]:
 def prepare(inputs: list[Path], cold: bool) -> None:
     """Sync, then put `inputs` in the page cache (warm) or drop them from it (cold)."""
     os.sync()
+    buf = bytearray(16 << 20)
     for path in inputs:
         fd = os.open(path, os.O_RDONLY)
         try:
             if cold:
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             else:
-                while os.read(fd, 64 << 20):
+                while os.readv(fd, [buf]):
                     pass
         finally:
             os.close(fd)

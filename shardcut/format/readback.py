@@ -151,8 +151,9 @@ class Follower:
     `segments` say what every compared byte must be (`shard_segments`); `written(fd, pos)` is
     the writer's progress callback, `writer_done()` says the writer stopped (finished or
     failed), `cancel(exc)` stops both sides, `run()` is the follower's body: it raises
-    ShardcutError at the first byte that differs. `verify=False` only flushes and drops the
-    written pages; `complete=True` checks a file already written (nothing flushed or dropped).
+    ShardcutError at the first byte that differs. `verify=False` only fsyncs the finished file
+    and drops its pages (as a plain write would); `complete=True` checks a file already written
+    (nothing flushed or dropped).
     """
 
     def __init__(
@@ -185,13 +186,13 @@ class Follower:
     def written(self, fd: int, pos: int) -> None:
         """The writer has written `[0, pos)`: start its write-back, wake the follower, and wait
         while the writer is more than WINDOW ahead of the follower (so dirty pages stay bounded)."""
-        if pos - self._kicked >= self.chunk or pos >= self.size:
+        if self.verify and (pos - self._kicked >= self.chunk or pos >= self.size):
             start_writeback(fd, self._kicked, pos - self._kicked)
             self._kicked = pos
         with self._cond:
             self._written = pos
             self._cond.notify_all()
-            while self._error is None and pos - self._checked > WINDOW:
+            while self.verify and self._error is None and pos - self._checked > WINDOW:
                 self._cond.wait(1.0)
             if self._error is not None:
                 raise self._error
@@ -238,6 +239,12 @@ class Follower:
         bufs = (Buffer(self.chunk), Buffer(self.chunk)) if self.verify else None
         opened: dict[Path, int] = {}
         try:
+            if not self.verify:  # nothing to read back: one fsync once written, as a plain write
+                if self._wait_written(self.size) < self.size:
+                    raise ShardcutError("the shard's writer stopped before its end", self.path)
+                os.fsync(fd)
+                _drop(fd, 0, 0)
+                return
             seg_i = 0
             lo = 0
             while lo < self.size:
@@ -246,8 +253,7 @@ class Follower:
                     raise ShardcutError("the shard's writer stopped before its end", self.path)
                 if not self.complete:
                     wait_writeback(fd, lo, hi - lo)
-                if bufs is not None:
-                    seg_i = self._compare(fd, direct, bufs, opened, lo, hi, seg_i)
+                seg_i = self._compare(fd, direct, bufs, opened, lo, hi, seg_i)
                 if not self.complete:
                     _drop(fd, lo, hi - lo)
                 lo = hi
