@@ -16,6 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import overload
 
 from shardcut import __version__
 from shardcut.format.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint
@@ -236,6 +237,10 @@ def updated_config(info: ModelInfo, kept: int | dict[str, list[int]]) -> tuple[d
     return config, changes
 
 
+@overload
+def parse_size(text: str | int) -> int: ...
+@overload
+def parse_size(text: None) -> None: ...
 def parse_size(text: str | int | None) -> int | None:
     """'5GB', '500MB', '2GiB' or a byte count -> bytes (decimal units as in transformers)."""
     if text is None or isinstance(text, int):

@@ -27,6 +27,8 @@ def refuse_pruned(layer: torch.nn.Module, key: str, keep: list[int], num_experts
     recognised by weight identity (`forbid_pruned_experts`), and a router that copies its
     weight before the matmul would slip past it unnoticed otherwise."""
     experts = find_experts(layer)
+    if experts is None:
+        raise ShardcutError(f"layer {key}: no routed-experts module found in {type(layer).__name__}")
     pruned = torch.ones(num_experts, dtype=torch.bool)
     pruned[keep] = False
 
