@@ -106,6 +106,22 @@ class _Display:
                 )
 
 
+# CalibrateOptions fields -> this command's flags (a message that starts with a field names the flag)
+FLAGS = {
+    "checkpoint_every": "--checkpoint-every",
+    "batch_tokens": "--batch-tokens",
+    "shard": "--shard",
+    "device": "--device",
+    "dtype": "--dtype",
+    "sequences": "--pack",
+}
+
+
+def _as_flags(message: str) -> str:
+    field, sep, rest = message.partition(" ")
+    return f"{FLAGS[field]} {rest}" if sep and field in FLAGS else message
+
+
 @handle_errors
 def calibrate_cmd(
     model: str = typer.Argument(..., help="Checkpoint folder or Hub repo id (org/name[@revision])."),
@@ -170,11 +186,22 @@ def calibrate_cmd(
     """Compute REAP saliency statistics of a MoE checkpoint, one decoder layer at a time.
 
     Multimodal wrappers (Kimi-K2.5, Qwen3-VL-MoE, Qwen3.5-MoE, GLM-4.5V,
-    ERNIE-4.5-VL, Qwen3-Omni) calibrate their text stack on text only, read
-    from the wrapper's own shards and keyed as plan and prune key the wrapper.
-    Where image tokens route through the same experts, the statistics do not
-    see them: the score file says so (metadata `text_only`).
+    Llama-4, Gemma-4, ERNIE-4.5-VL, Qwen3-Omni) calibrate their text stack on
+    text only, read from the wrapper's own shards and keyed as plan and prune
+    key the wrapper. Where image tokens route through the same experts, the
+    statistics do not see them: the score file says so (metadata `text_only`).
+    Stacks text never reaches are listed as `unscored_stacks`: `plan` keeps
+    Qwen3-Omni's talker (its own expert count) whole; ERNIE-4.5-VL's vision
+    experts share the text count and need `plan --mtp-policy`.
+
+    Llama-4's router scales the expert input: the statistics take the expert
+    on the unscaled token, f_j(x) (as the REAP reference does), with gate the
+    sigmoid score the layer applies. LongCat-Flash's zero-computation
+    (identity) experts run in the layer but are not scored (they have no
+    weights and are never pruned).
     """
+    from shardcut.format.errors import ShardcutError
+    from shardcut.ops.calibration.options import CalibrateOptions
     from shardcut.ops.calibration.runner import calibrate
 
     check_int("--samples", samples)
@@ -184,29 +211,29 @@ def calibrate_cmd(
     check_size("--max-memory", max_memory)
     if work_dir is not None and work_dir.exists() and not work_dir.is_dir():
         fail(f"{safe(str(work_dir))}: --work-dir exists and is not a folder")
+    try:
+        options = CalibrateOptions(
+            samples=samples,
+            max_length=max_length,
+            sequences="pack" if pack else "truncate",
+            seed=seed,
+            device=device,
+            dtype=dtype,
+            batch_tokens=batch_tokens,
+            max_memory=max_memory,
+            resume=resume,
+            checkpoint_every=checkpoint_every,
+            work_dir=work_dir,
+            shard=shard,
+            trust_remote_code=trust_remote_code,
+            overwrite=overwrite,
+        )
+    except ShardcutError as exc:  # the library names its fields; the user typed flags
+        fail(_as_flags(str(exc)))
     live = err_console.is_terminal and not as_json
     try:
         with _Display(live) as display:
-            scores = calibrate(
-                model,
-                data,
-                out,
-                samples=samples,
-                max_length=max_length,
-                device=device,
-                dtype=dtype,
-                seed=seed,
-                resume=resume,
-                max_memory=max_memory,
-                shard=shard,
-                trust_remote_code=trust_remote_code,
-                progress=display,
-                batch_tokens=batch_tokens,
-                work_dir=work_dir,
-                sequences="pack" if pack else "truncate",
-                overwrite=overwrite,
-                checkpoint_every=checkpoint_every,
-            )
+            scores = calibrate(model, data, out, options, progress=display)
     except KeyboardInterrupt:
         err_console.print("interrupted: rerun with --resume to continue from the last finished layer")
         raise typer.Exit(130) from None

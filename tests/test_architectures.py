@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from shardcut.moe.architectures import ARCHITECTURES, Architecture, Calibration, Stack
-from shardcut.plans.plan import _PLAN_KEY
+from shardcut.plans.keys import is_plan_key
 
 _NAME = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_\d][\w]*)*")  # a dotted tensor or module path
 _SCORINGS = {"softmax", "sigmoid", "sqrtsoftplus"}
@@ -105,7 +105,7 @@ def _check_stack(a: Architecture, s: Stack) -> None:
         assert not (s.experts and f.startswith(s.experts + ".")), f"{f} is inside experts: fused already"
     if s.experts:
         assert not any(r.startswith(s.experts + ".") for r in rel), "a row inside experts is shadowed"
-    assert _PLAN_KEY.fullmatch(f"{s.plan_prefix}0"), s.plan_prefix
+    assert is_plan_key(f"{s.plan_prefix}0"), s.plan_prefix
     assert s.follows_rule or s.plan_prefix, "a stack outside the layer rule needs its own plan keys"
     assert s.config_path is None or (s.config_path and all(re.fullmatch(r"\w+", k) for k in s.config_path))
     assert s.zero_experts_key is None or re.fullmatch(r"\w+", s.zero_experts_key)

@@ -437,15 +437,13 @@ def test_spill_files_are_reserved_up_front(model, data, reference, tmp_path):
             st = cal.store.path(i).stat()
             sizes.append((st.st_size, st.st_blocks * 512))
 
-    from shardcut.ops.calibration.runner import Calibrator
+    from shardcut.ops.calibration.runner import CalibrateOptions, Calibrator
 
     cal = Calibrator(
         str(model),
         str(data),
         tmp_path / "s.safetensors",
-        max_length=64,
-        batch_tokens=96,
-        max_memory="1",
+        CalibrateOptions(max_length=64, batch_tokens=96, max_memory="1"),
         on_layer=on_layer,
     )
     cal.run()

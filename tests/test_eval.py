@@ -441,3 +441,13 @@ def test_bad_input_is_one_line_naming_the_file(families, ids_data, tmp_path):
     for args, needle in cases:
         r = runner.invoke(app, args)
         assert r.exit_code == 2 and needle in r.output and r.output.count("error:") == 1, (args, r.output)
+
+
+@pytest.mark.parametrize("name", ["llama4", "longcat_flash"])
+def test_eval_masks_input_scaling_and_identity_expert_routers(name, evaluated):
+    """Llama-4 (its router scales the expert input) and LongCat (identity experts after the real
+    ones): a plan applied as the router mask measures what the pruned checkpoint computes."""
+    report, built = evaluated(name)
+    plan, out = report.plans
+    assert plan.kl_mean > 1e-4 and plan.kept == 4
+    _assert_same_quality(out, plan)

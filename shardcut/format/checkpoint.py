@@ -11,6 +11,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardcut.format.cache_paths import snapshot_of
 from shardcut.format.container import ShardHeader, TensorInfo, read_header
 from shardcut.format.errors import CheckpointError, ShardcutError
 
@@ -123,7 +124,7 @@ def _link_area(root: Path) -> Path:
     """Where a checkpoint's files may resolve to: the folder itself, or for a Hugging Face cache
     snapshot (`models--org--name/snapshots/<sha>`, whose files link into `../../blobs/`) the
     repo's cache folder."""
-    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+    if snapshot_of(root):
         return root.parent.parent
     return root
 

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardcut.format.cache_paths import repo_folder_name
 from shardcut.format.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -120,7 +121,7 @@ def cache_root() -> Path:
 
 def cache_folder(ref: RepoRef) -> Path:
     """`models--org--name` in the cache, laid out as huggingface_hub does."""
-    return cache_root() / ("models--" + ref.repo_id.replace("/", "--"))
+    return cache_root() / repo_folder_name(ref.repo_id)
 
 
 @contextmanager

@@ -160,7 +160,21 @@ class Calibration:
     text_only_stacks: plan-key prefixes of MoE stacks a text-only forward never reaches (ERNIE-VL's
         vision experts, Qwen3-Omni's talker): their layers are not scored.
     experts_module: the experts module a text token runs, relative to the decoder layer, where a
-        layer holds several (ERNIE-VL: `mlp.text_moe.experts`); else the layer's one experts module.
+        layer holds several (ERNIE-VL: `mlp.text_moe.experts`) or where it does not take the usual
+        `(hidden, top_k_index, top_k_weights)` call (Llama-4); else the layer's one experts module.
+    input_scaling_router: the router module (relative to the decoder layer) of a family whose
+        routing scores scale each expert's *input* rather than its output, its experts module
+        running every expert on the `[E·T, H]` pre-scaled tokens (Llama-4: the layer adds
+        f_j(s_j·x), s_j the sigmoid of the top-k logit). The statistics take f_j(x), the expert on
+        the unscaled token, as the REAP reference does for Llama-4, with gate s_j, the score the
+        layer applies; the layer's own output f_j(s_j·x) flows on. Only routed pairs are computed.
+    two_slot_pairs: the experts module cannot take one expert per row (transformers 5.24's
+        LongcatFlashExperts squeezes a `[1, N]` top-1 mask to `[N]` and fails): each (token, expert)
+        pair gets a second slot of weight 0, on the first zero-computation (identity) expert where
+        the module has one (costs nothing), else on the same expert.
+    unsupported_when: (text-config key, transformers' default for it, reason): a config where the
+        key (absent: its default) is set cannot be calibrated, for that reason (Gemma-4's per-layer
+        inputs, which its MoE checkpoints turn off).
     """
 
     unsupported: str | None = None
@@ -168,6 +182,9 @@ class Calibration:
     images_share_experts: bool = False
     text_only_stacks: tuple[str, ...] = ()
     experts_module: str | None = None
+    input_scaling_router: str | None = None
+    two_slot_pairs: bool = False
+    unsupported_when: tuple[tuple[str, object, str], ...] = ()
 
 
 CALIBRATES = Calibration()
@@ -243,10 +260,6 @@ _GROUPS = ("n_group", "topk_group")
 _SPARSE = ("sparse",)
 # calibration facts shared by several entries
 _SHARED_IMAGES = Calibration(images_share_experts=True)
-_ROUTER_SCALES_INPUT = Calibration(
-    unsupported="its router scales the expert input by the routing score, so f_j(x) "
-    "is not the plain expert output the statistics need"
-)
 _NO_TRANSFORMERS = Calibration(
     unsupported="transformers has no implementation of it (the Hub's remote code builds "
     "another MoE block, which the observer does not hook)"
@@ -274,6 +287,23 @@ def _qwen_omni(stack: str, config: str, plan_prefix: str) -> Stack:
         config_path=(config, "text_config"),
     )
 
+
+# Gemma-4 configs the layer-by-layer stream cannot run (its small dense models use both)
+_GEMMA4_SWITCHES = (
+    (
+        "hidden_size_per_layer_input",
+        256,
+        "its decoder layers take per-layer token inputs (hidden_size_per_layer_input > 0), computed once "
+        "from the token ids and the input embeddings, which the layer-by-layer stream does not carry "
+        "(Gemma-4's MoE checkpoints set it to 0 and calibrate)",
+    ),
+    (
+        "num_kv_shared_layers",
+        0,
+        "its last num_kv_shared_layers layers reuse the keys and values of earlier layers, which the "
+        "layer-by-layer stream does not carry",
+    ),
+)
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
@@ -434,7 +464,19 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         moe_rule=llama4_moe_layers,
         config_path=("text_config",),
         scoring="sigmoid",
-        calibration=_ROUTER_SCALES_INPUT,
+        # the router scales the expert input; text only on the multimodal wrapper, whose image tokens
+        # route through the same experts
+        calibration=Calibration(experts_module="feed_forward.experts", input_scaling_router="feed_forward.router"),
+        calibration_by_type=(
+            (
+                "llama4",
+                Calibration(
+                    images_share_experts=True,
+                    experts_module="feed_forward.experts",
+                    input_scaling_router="feed_forward.router",
+                ),
+            ),
+        ),
     ),
     Architecture(
         name="granitemoe",
@@ -617,7 +659,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         moe_rule=per_layer_types("mlp_layer_types", ("moe", "hash_moe"), every_layer),
         scoring="sqrtsoftplus",
         selection_bias="ffn.gate.bias",
-        calibration=Calibration(unsupported="its hash-routed layers are not streamed yet"),
+        calibration=Calibration(
+            unsupported="its decoder layers pass hc_mult parallel hidden streams ([tokens, hc_mult, hidden], "
+            "manifold hyper-connections), which the activation store (one [tokens, hidden] row per token) does "
+            "not hold, and its hash-routed layers (mlp_layer_types 'hash_moe') pick experts from the token ids "
+            "(gate.tid2eid[input_ids]), which the layer-by-layer stream does not pass past the embedding; "
+            "a checkpoint with hash-routed layers cannot be pruned either"
+        ),
     ),
     Architecture(
         name="longcat_flash",
@@ -639,9 +687,10 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         layer_count_keys=("num_layers",),
         selection_bias="mlp.router.e_score_correction_bias",
         notes=("zero-computation experts keep router rows E..E+Z-1 after the kept real experts",),
-        calibration=Calibration(
-            unsupported="its zero-computation (identity) experts are not modelled by the observer yet"
-        ),
+        # zero-computation experts (ids E..E+Z-1) return their token unchanged, have no weights and are
+        # never pruned: the statistics cover the E real experts (pairs routed to an identity expert are
+        # not recorded; `tokens` counts every token), while the layer's output includes them
+        calibration=Calibration(experts_module="mlp.experts", two_slot_pairs=True),
     ),
     # ---- other layouts ------------------------------------------------------------------------
     Architecture(
@@ -683,7 +732,6 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         expert_keys=("moe_num_experts",),
         top_k_keys=("moe_top_k",),
         config_path=("ffn_config",),
-        calibration=Calibration(unsupported="its transformer.blocks layout is not streamed yet"),
     ),
     Architecture(
         name="minimax",
@@ -734,7 +782,9 @@ ARCHITECTURES: tuple[Architecture, ...] = (
         top_k_keys=("top_k_experts",),
         moe_rule=moe_block_enabled,
         config_path=("text_config",),
-        calibration=Calibration(unsupported="its per-layer token inputs are not streamed yet"),
+        # the MoE checkpoints (26B-A4B) set hidden_size_per_layer_input 0 and share no KV across layers
+        calibration=Calibration(unsupported_when=_GEMMA4_SWITCHES),
+        calibration_by_type=(("gemma4", Calibration(images_share_experts=True, unsupported_when=_GEMMA4_SWITCHES)),),
     ),
     Architecture(
         name="jetmoe",

@@ -8,8 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardcut.format.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint, read_json_object
-from shardcut.format.container import COMPARE_CHUNK, compare_written
-from shardcut.format.errors import ShardcutError
+from shardcut.format.container import COMPARE_CHUNK
+from shardcut.format.errors import CheckpointError, ShardcutError
+from shardcut.format.readback import compare_written
 from shardcut.moe.model import ExpertAxisSlice, ExpertTensor, ModelInfo, describe
 from shardcut.plans.plan import Plan
 
@@ -94,7 +95,7 @@ def verify(path: str | Path, source: str | Path | None = None) -> VerifyReport:
 
         plan_path = path / PLAN_COPY_NAME
         if not plan_path.exists():
-            raise ShardcutError(f"{PLAN_COPY_NAME} not found: cannot tell which source experts were kept", path)
+            raise CheckpointError(f"{PLAN_COPY_NAME} not found: cannot tell which source experts were kept", path)
         plan = Plan.load(plan_path)
         src = open_checkpoint(resolve_model(source))
         lay = layout(src, describe(src), plan)

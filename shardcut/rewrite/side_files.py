@@ -349,8 +349,8 @@ def derived_layout(root: Path, d: DerivedSet, info, plan) -> tuple[dict[str, lis
         path = folder / wname
         if not path.is_file():
             raise ShardcutError(
-                f"{d.folder}/{wname} is not on disk (prune --stream never downloads it: "
-                "prune without --stream to keep it, pruned)"
+                f"{d.folder}/{wname} is not on disk (a streamed prune never downloads it: "
+                "prune without streaming to keep it, pruned)"
             )
         header = read_header(path)
         metadata[wname] = header.metadata

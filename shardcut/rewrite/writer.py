@@ -16,21 +16,22 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import overload
 
 from shardcut import __version__
+from shardcut.format.cache_paths import snapshot_of
 from shardcut.format.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint
 from shardcut.format.container import (
     OutTensor,
     Piece,
     PinnedSources,
-    compare_written,
+    encode_header,
     shard_size,
     slice_expert_axis,
-    sync_file,
     write_shard,
 )
 from shardcut.format.errors import ShardcutError
+from shardcut.format.readback import Follower, compare_written, shard_segments
+from shardcut.format.text import parse_size
 from shardcut.moe.model import Copied, ExpertTensor, ModelInfo, describe, experts_by_config, sub_config
 from shardcut.plans.plan import Plan, validate_plan
 from shardcut.rewrite.side_files import HF_QUANT_NAME, PLAN_COPY_NAME
@@ -237,38 +238,6 @@ def updated_config(info: ModelInfo, kept: int | dict[str, list[int]]) -> tuple[d
     return config, changes
 
 
-@overload
-def parse_size(text: str | int) -> int: ...
-@overload
-def parse_size(text: None) -> None: ...
-def parse_size(text: str | int | None) -> int | None:
-    """'5GB', '500MB', '2GiB' or a byte count -> bytes (decimal units as in transformers)."""
-    if text is None or isinstance(text, int):
-        return text
-    units = {
-        "": 1,
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }
-    s = text.strip().upper()
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num) :]
-    try:
-        value = float(num)
-    except ValueError:
-        raise ShardcutError(f"cannot read size {text!r} (try 5GB or 500MB)") from None
-    if unit not in units or value <= 0:
-        raise ShardcutError(f"cannot read size {text!r} (try 5GB or 500MB)")
-    return int(value * units[unit])
-
-
 def prune(
     model: str | Path,
     out: str | Path | None,
@@ -354,25 +323,49 @@ def _write_pinned(
         if progress:
             progress(done, lay.total_size)
 
-    def finish(name: str, tensors: list[OutTensor]) -> None:
-        sync_file(tx.shard_path(name))  # durable before it is renamed into place
-        tx.shard_done(name)
-        if verify:
-            compare_written(tx.dir, [tensors], [name], pinned)
-
-    # Shard i is fsynced, renamed and self-checked on a second thread while shard i+1 is
-    # written: both wait on the disk (the kernel does the copy; fsync and pread release the
-    # GIL), so the flush and the verification cost little time beyond the copy itself.
+    # Each shard is written on this thread while a follower on a second thread trails it chunk
+    # by chunk: it waits for the chunk's write-back, reads it back from the device and compares
+    # it (readback.Follower), then fsyncs and renames the shard. Copy, write-back and read-back
+    # overlap (the kernel does the copy; memcmp and the waits release the GIL), and the writer
+    # waits when it runs more than readback.WINDOW ahead, so dirty pages stay bounded.
     finisher = ThreadPoolExecutor(1, thread_name_prefix="shardcut-finish")
+    followers: list[Follower] = []
+    failed: list[BaseException] = []
     jobs = []
+
+    def stop_all(job) -> None:  # a difference in shard i stops the writer of shard i+1 at once
+        exc = None if job.cancelled() else job.exception()
+        if exc is not None:
+            failed.append(exc)
+            for f in followers:
+                f.cancel(exc)
+
+    def finish(follower: Follower, name: str) -> None:
+        follower.run()  # flushed, read back, compared, fsynced
+        tx.shard_done(name)  # durable before it is renamed into place
+
     try:
-        for name, tensors, meta in zip(names, lay.shards, lay.metadata, strict=True):
-            if name in todo:
-                write_shard(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned, sync=False)
-                jobs.append(finisher.submit(finish, name, tensors))
+        for name, tensors, meta, size in zip(names, lay.shards, lay.metadata, sizes, strict=True):
+            if name not in todo:
+                continue
+            if failed:
+                raise failed[0]
+            header = encode_header(tensors, meta)
+            path = tx.shard_path(name)
+            follower = Follower(path, shard_segments(header, tensors), size, verify=verify, sources=pinned)
+            followers.append(follower)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))  # for the follower to open
+            jobs.append(finisher.submit(finish, follower, name))
+            jobs[-1].add_done_callback(stop_all)
+            try:
+                write_shard(path, tensors, meta, on_bytes, sources=pinned, sync=False, on_written=follower.written)
+            finally:
+                follower.writer_done()
         for job in jobs:
             job.result()  # the first failure (a difference, ENOSPC at fsync) raises here
     finally:
+        for f in followers:
+            f.writer_done()
         finisher.shutdown(wait=True, cancel_futures=True)
     pinned.check()
     write_checkpoint_files(tx.dir, ckpt, info, plan, lay, names)  # shards are all renamed by now
@@ -434,10 +427,10 @@ def write_checkpoint_files(
         if len(info.layers_by_config()) > 1:  # the card's "before" for every stack (push)
             source.setdefault("num_experts_by_config", info.summary()["num_experts_by_config"])
         root = ckpt.root.resolve() if ckpt.root.exists() else ckpt.root
-        if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
-            # a Hugging Face cache snapshot: name the repo and the exact commit pruned
-            source.setdefault("model", root.parent.parent.name.removeprefix("models--").replace("--", "/"))
-            source.setdefault("revision", root.name)
+        snapshot = snapshot_of(root)
+        if snapshot:  # a Hugging Face cache snapshot: name the repo and the exact commit pruned
+            source.setdefault("model", snapshot[0])
+            source.setdefault("revision", snapshot[1])
         card = _card_metadata(ckpt.root / "README.md")
         if card:  # the source's card is not copied (push writes a new one); its license etc. are kept here
             source.setdefault("card", card)

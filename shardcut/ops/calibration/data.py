@@ -147,7 +147,7 @@ def parse_spec(spec: str) -> list[Source]:
     path; a `{...}` block before it is the source's column mapping.
     """
     if not spec or not spec.strip():
-        raise DataError("empty --data spec")
+        raise DataError("empty data spec", params=("data",))
     sources = []
     for part in _split_top(spec):
         if not part:
@@ -178,10 +178,12 @@ def plan_counts(sources: list[Source], available: list[int | None], samples: int
     counts: list[int | None] = [s.count for s in sources]
     if samples is not None:
         if samples <= 0:
-            raise DataError(f"--samples must be positive (got {samples})")
+            raise DataError(f"samples must be positive (got {samples})", params=("samples",))
         left = samples - explicit
         if left < 0 or (not shared and left != 0):
-            raise DataError(f"the data spec's counts add up to {explicit} but --samples is {samples}")
+            raise DataError(
+                f"the data spec's counts add up to {explicit} but samples is {samples}", params=("samples",)
+            )
         for j, i in enumerate(shared):
             counts[i] = left // len(shared) + (1 if j < left % len(shared) else 0)
     for s, n, have in zip(sources, counts, available, strict=True):
@@ -622,7 +624,7 @@ def load_data(
         ...                  seed=0, vocab_size=151936)
     """
     if max_length < 1:
-        raise DataError(f"--max-length must be positive (got {max_length})")
+        raise DataError(f"max_length must be positive (got {max_length})", params=("max_length",))
     if sequences not in SEQUENCE_MODES:
         raise DataError(f"unknown sequence mode {sequences!r} (known: {', '.join(SEQUENCE_MODES)})")
     sources = parse_spec(spec)

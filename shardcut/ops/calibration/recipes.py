@@ -352,7 +352,7 @@ REAP_RECIPES: tuple[Recipe, ...] = (
 )
 
 
-def find_recipe(name: str, where: str = "--data") -> Recipe:
+def find_recipe(name: str, where: str = "data") -> Recipe:
     """A recipe by its short name or Hub id (case-insensitive), or from a recipe file (.json)."""
     if name.lower().endswith(".json"):
         path = Path(name)

@@ -260,8 +260,9 @@ class RunState:
             return 0
         if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
             raise ShardcutError(
-                f"not a {STATE_FORMAT} file (left by another shardcut version? run without --resume to start over)",
+                f"not a {STATE_FORMAT} file (left by another shardcut version? run without resume to start over)",
                 self.state_path,
+                params=("resume",),
             )
         old = saved.get("fingerprint") or {}
         for key, value in fingerprint.items():
@@ -269,8 +270,9 @@ class RunState:
                 what = "the weights changed" if key in ("weights", "revision") else "another run"
                 raise ShardcutError(
                     f"resume state is from {what}: {key} was {old.get(key)!r}, now {value!r} "
-                    f"(run without --resume to start over)",
+                    f"(run without resume to start over)",
                     self.state_path,
+                    params=("resume",),
                 )
         problem = self._check_files(saved)
         if not self.dist.all_true(problem is None):
@@ -310,7 +312,9 @@ class RunState:
         size = path.stat().st_size if path.is_file() else -1
         if not self.dist.all_true(size == nbytes):
             raise ShardcutError(
-                f"the saved activations hold {size} bytes, expected {nbytes} (run without --resume to start over)", path
+                f"the saved activations hold {size} bytes, expected {nbytes} (run without resume to start over)",
+                path,
+                params=("resume",),
             )
         return int(self.activations["step"]), path
 

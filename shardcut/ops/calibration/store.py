@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from shardcut.format.durable import fsync_dir
+from shardcut.format.durable import free_space, fsync_dir
 from shardcut.format.errors import OutputError, ShardcutError
 
 _NUMPY_VIEW = {torch.float32: np.float32, torch.bfloat16: np.uint16, torch.float16: np.uint16}
@@ -62,15 +61,13 @@ def reserve(path: Path, nbytes: int) -> None:
 
 def check_space(directory: Path, needed: int, what: str) -> None:
     """One-line error when the folder's filesystem has fewer than `needed` free bytes."""
-    probe = directory
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = free_space(directory)[1]
     if free < needed:
         raise OutputError(
             f"not enough disk space for {what}: {needed:,} bytes needed, {free:,} free "
-            "(free some, use --work-dir on another disk, or raise --max-memory)",
+            "(free some, use work_dir on another disk, or raise max_memory)",
             directory,
+            params=("work_dir", "max_memory"),
         )
 
 

@@ -16,7 +16,6 @@ the pass. Nothing about masks or rotary embeddings is re-implemented here.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +28,7 @@ import torch
 from shardcut.format.checkpoint import Checkpoint
 from shardcut.format.errors import ShardcutError
 from shardcut.moe.model import ModelInfo
+from shardcut.ops.calibration.device import current_memory as current_memory  # the eval runner imports it from here
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -85,6 +85,22 @@ def params_on_meta() -> Iterator[None]:
 
 
 @contextmanager
+def one_thread(device: torch.device) -> Iterator[None]:
+    """On the CPU, torch's intra-op threads off for the block: one expert's slice (hundreds of KB)
+    is copied faster by one thread than by a parallel region, many times faster when the cores
+    are shared (measured 0.13 s against 1.6-4 s for a 64-expert layer on a loaded 2-core machine)."""
+    if device.type != "cpu":
+        yield
+        return
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@contextmanager
 def quiet_transformers() -> Iterator[None]:
     """No "Loading weights" bars or init warnings from transformers while we drive it."""
     from transformers.utils import logging
@@ -121,7 +137,7 @@ def load_config(ckpt: Checkpoint, trust_remote_code: bool = False):
             with quiet_transformers():
                 config = AutoConfig.from_pretrained(str(ckpt.root), trust_remote_code=trust_remote_code)
     except Exception as exc:  # transformers raises ValueError/KeyError/OSError for unknown or remote-code configs
-        hint = " (try --trust-remote-code)" if "trust_remote_code" in str(exc) else ""
+        hint = " (try trust_remote_code)" if "trust_remote_code" in str(exc) else ""
         raise ShardcutError(
             f"transformers cannot build this config ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}){hint}",
             ckpt.root / "config.json",
@@ -219,10 +235,13 @@ def make_skeleton(ckpt: Checkpoint, info: ModelInfo, dtype: torch.dtype, trust_r
     targets = ModelNames(model)
     sample = next(n for n in ckpt.tensors if n.startswith(main[0].prefix))
     target = targets.target(sample) or sample
+    # one tensor of each MoE layer: a list nested in a layer (LongCat's `input_layernorm.0`) matches one only
+    samples = [(layer.index, next(n for n in ckpt.tensors if n.startswith(layer.prefix))) for layer in main]
+    loaded = [(i, targets.target(n) or n) for i, n in samples]
     lists = [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, torch.nn.ModuleList) and target.startswith(f"{name}.{main[0].index}.")
+        if isinstance(m, torch.nn.ModuleList) and all(t.startswith(f"{name}.{i}.") for i, t in loaded)
     ]
     if not lists:
         raise ShardcutError(
@@ -299,8 +318,9 @@ class TensorReader:
         dtype = TORCH_DTYPES[info.dtype]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
-        buf = bytearray(info.nbytes)
-        view = memoryview(buf)
+        # torch.empty, not bytearray: no memset of bytes about to be overwritten (a layer's worth per layer)
+        buf = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = buf.numpy().data
         with open(header.path, "rb", buffering=0) as f:
             f.seek(info.start)
             done = 0
@@ -309,7 +329,7 @@ class TensorReader:
                 if not n:
                     raise ShardcutError(f"unexpected end of file reading {name!r}", header.path)
                 done += n
-        return torch.frombuffer(buf, dtype=dtype).reshape(info.shape)
+        return buf.view(dtype).reshape(info.shape)
 
     def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Read `names` with a few threads (large layers are I/O bound)."""
@@ -393,8 +413,16 @@ class LayerLoader:
         self._fp32 = [re.compile(p) for p in skeleton.dtype_plan or ()]
         stacks = "|".join(re.escape(p) for s in info.arch.stacks for p in s.layer_prefixes)
         in_stack = re.compile(rf"^(?:{stacks})\.(\d+)\.")
+        # zero-computation experts (LongCat) have no weights: their rows of fused parameters stay zero
+        main = info.arch.stacks[0]
+        self._zero = {layer.index: layer.zero_experts for layer in info.layers if layer.stack is main and not layer.mtp}
         self._by_layer: dict[int, list[str]] = {}
         self.outside: list[str] = []
+        # fused expert parameters of freed layers, by (shape, dtype), lent again to the next layer:
+        # fresh memory costs page faults on every first touch (on the CPU, copying a layer's experts
+        # into fresh buffers measured 3-10x slower than into reused ones)
+        self._pool: dict[tuple, list[torch.Tensor]] = {}
+        self._lent: dict[int, torch.Tensor] = {}  # data_ptr -> buffer, of the layers now loaded
         for name in ckpt.tensors:
             if name.startswith(skeleton.ckpt_prefix):
                 m = re.match(r"(\d+)\.", name[len(skeleton.ckpt_prefix) :])
@@ -419,7 +447,7 @@ class LayerLoader:
     def load_layer(self, i: int, raw: dict[str, torch.Tensor]) -> torch.nn.Module:
         """Put layer `i`'s tensors (consumed from `raw`) into the skeleton, on the device."""
         layer = self.sk.layers[i]
-        self._convert(self._load(raw, f"decoder layer {i}"), f"decoder layer {i}")
+        self._convert(self._load(raw, f"decoder layer {i}", self._zero.get(i, 0)), f"decoder layer {i}")
         missing = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
         if missing:
             raise ShardcutError(
@@ -455,9 +483,20 @@ class LayerLoader:
     def _outside_modules(self) -> list[torch.nn.Module]:
         return [m for _, m in self.sk.base.named_children() if m is not self.sk.layers]
 
-    @staticmethod
-    def free(layer: torch.nn.Module) -> None:
+    def free(self, layer: torch.nn.Module) -> None:
+        """Put `layer` back on the meta device; its fused expert buffers go back to the pool."""
+        for p in layer.parameters():
+            buf = self._lent.pop(p.data_ptr(), None) if p.device.type != "meta" else None
+            if buf is not None:
+                self._pool.setdefault((tuple(buf.shape), buf.dtype), []).append(buf)
         layer.to("meta")
+
+    def _buffer(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised `[E, ...]` buffer on the device, reused from a freed layer when one fits."""
+        free = self._pool.get((tuple(shape), dtype))
+        buf = free.pop() if free else torch.empty(shape, dtype=dtype, device=self.device)
+        self._lent[buf.data_ptr()] = buf
+        return buf
 
     def fused_parts(self, names: list[str]) -> dict[str, FusedPart]:
         """Which of `names` (float tensor names) transformers stacks (and concatenates) into fused
@@ -501,9 +540,11 @@ class LayerLoader:
             return torch.float32
         return self.sk.dtype
 
-    def _load(self, raw: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    def _load(self, raw: dict[str, torch.Tensor], what: str, zero_experts: int = 0) -> dict[str, torch.Tensor]:
         """Dequantise `raw` (consumed) chunk by chunk on the device; per-expert tensors of fused
-        parameters go straight into them; returns the other float tensors for `_convert`."""
+        parameters go straight into them; returns the other float tensors for `_convert`.
+        zero_experts: a fused parameter may lack its last this many experts (LongCat's identity
+        experts, which transformers allocates but never reads); their rows are zero."""
         targets: dict[str, torch.Tensor] = {}
         filled: dict[str, int] = {}
         parts_per_expert: dict[str, int] = {}
@@ -511,6 +552,7 @@ class LayerLoader:
         for names in list(module_chunks(raw, DEQUANT_CHUNK_BYTES)):
             floats = self.reader.dequantize(raw, names, self.device, self._dtype_of(names))
             parts = self.fused_parts(list(floats))
+            copies: list[tuple[torch.Tensor, torch.Tensor]] = []
             for name, t in floats.items():
                 fp = parts.get(name)
                 if fp is None:
@@ -519,7 +561,9 @@ class LayerLoader:
                 if fp.target not in targets:
                     module_path, _, attr = fp.target.rpartition(".")
                     meta = getattr(self.sk.model.get_submodule(module_path), attr)
-                    targets[fp.target] = torch.empty(meta.shape, dtype=meta.dtype, device=self.device)
+                    targets[fp.target] = self._buffer(meta.shape, meta.dtype)
+                    if zero_experts:  # the identity experts' slots have no weights to fill them
+                        targets[fp.target].zero_()
                 dst = targets[fp.target][fp.expert]
                 if fp.parts > 1:
                     size = t.shape[fp.dim]
@@ -529,13 +573,17 @@ class LayerLoader:
                         f"{what}: {name} has shape {list(t.shape)}, {fp.target} expects {list(dst.shape)} per expert",
                         self.ckpt.root,
                     )
-                dst.copy_(t)
+                copies.append((dst, t))
                 filled[fp.target] = filled.get(fp.target, 0) + 1
                 parts_per_expert[fp.target] = fp.parts
-            del floats
+            with one_thread(self.device):
+                for dst, t in copies:
+                    dst.copy_(t)
+            del floats, copies
         for target, tensor in targets.items():
             expected = tensor.shape[0] * parts_per_expert[target]
-            if filled[target] != expected:
+            weightless = (tensor.shape[0] - zero_experts) * parts_per_expert[target] if zero_experts else expected
+            if filled[target] not in (expected, weightless):
                 raise ShardcutError(
                     f"{what}: {target} needs {expected} per-expert tensors, the checkpoint has {filled[target]}",
                     self.ckpt.root,
@@ -637,14 +685,3 @@ def release_free_memory() -> None:
 
 
 _malloc_trim: Callable[[int], int] | bool | None = None  # False: not glibc
-
-
-def current_memory(device: torch.device) -> int:
-    """Bytes in use: allocated device memory on CUDA, resident set size on the CPU."""
-    if device.type == "cuda":
-        return int(torch.cuda.memory_allocated(device))
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0

@@ -355,8 +355,15 @@ class Evaluator:
         loaded = {}
         for c in self._sources():
             layer = c.loader.load_layer(i, c.loader.read_layer(i))
-            loaded[id(c)] = (layer, moe_block(layer) if key is not None else None)
+            loaded[id(c)] = (
+                layer,
+                moe_block(layer, c.info.arch.calibration_of(c.info.config.get("model_type")))
+                if key is not None
+                else None,
+            )
         E_key = (self.src.info.layer_by_key[key].num_experts or self.E) if key is not None else self.E
+        calib = self.src.info.arch.calibration_of(self.src.info.config.get("model_type"))
+        zero = self.src.info.layer_by_key[key].zero_experts if key is not None else 0
         done = 0
         for b_idx, batch in enumerate(self.batches):
             mask, attention = self._batch_inputs(batch)
@@ -373,8 +380,8 @@ class Evaluator:
                 layer, block = loaded[id(c)]
                 if s.keep is not None and key is not None:
                     with (
-                        forbid_pruned_experts(layer, {key: s.keep[key]}, E_key, layer_key=lambda _name: key),
-                        refuse_pruned(layer, key, s.keep[key], E_key),
+                        forbid_pruned_experts(layer, {key: s.keep[key]}, E_key, lambda _name: key, zero),
+                        refuse_pruned(layer, key, s.keep[key], E_key, calib),
                     ):
                         outs[s_idx] = run_with_block(layer, block, hidden, calls[id(c)])
                 else:
