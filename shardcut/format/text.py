@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable
+from typing import overload
 
 from shardcut.format.errors import ShardcutError
 
@@ -27,6 +28,10 @@ MAX_BYTES = 1 << 60  # an exabyte: beyond any disk or memory this tool will meet
 _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMGT]I?B|B)?\s*", re.IGNORECASE)
 
 
+@overload
+def parse_size(text: str | int, what: str = "size") -> int: ...
+@overload
+def parse_size(text: None, what: str = "size") -> None: ...
 def parse_size(text: str | int | None, what: str = "size") -> int | None:
     """'5GB', '500MB', '2GiB' or a byte count -> bytes; None stays None. Refused (one line
     naming `what`): text that is no size, and sizes outside 1 byte .. 1 EB (NaN, infinity).

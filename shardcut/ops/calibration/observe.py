@@ -45,7 +45,8 @@ def unsupported_reason(config: dict) -> str | None:
     calib = arch.calibration_of(model_type)
     if arch.unsupported or calib.unsupported:
         return arch.unsupported or calib.unsupported
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    sub = config.get("text_config")
+    text = sub if isinstance(sub, dict) else config
     return next((why for key, default, why in calib.unsupported_when if text.get(key, default)), None)
 
 
@@ -133,7 +134,7 @@ class ExpertObserver:
         n = experts.num_routed_experts if n is None else n
         if n != scores.experts_of(key):
             raise ShardcutError(f"layer {key}: the model has {n} experts, the config says {scores.experts_of(key)}")
-        self.num_real = n
+        self.num_real = int(n)
 
     def __enter__(self) -> ExpertObserver:
         self.experts.forward = self.forward
@@ -218,7 +219,7 @@ class ScaledInputObserver(ExpertObserver):
         super().__init__(experts, scores, key, top_k, pair_chunk)
         self.router = router
         self._routing: tuple | None = None
-        self._hook = None
+        self._hook: torch.utils.hooks.RemovableHandle | None = None
 
     def __enter__(self) -> ScaledInputObserver:
         self._hook = self.router.register_forward_hook(self._capture)

@@ -322,7 +322,7 @@ class TensorReader:
             return torch.empty(info.shape, dtype=dtype)
         # torch.empty, not bytearray: no memset of bytes about to be overwritten (a layer's worth per layer)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        view = buf.numpy().data
         with open(header.path, "rb", buffering=0) as f:
             f.seek(info.start)
             done = 0

@@ -51,8 +51,10 @@ def refuse_pruned(
 
     if calib is not None and calib.input_scaling_router:
         hook = layer.get_submodule(calib.input_scaling_router).register_forward_hook(check_scores)
+    elif (experts := find_experts(layer, calib)) is not None:
+        hook = experts.register_forward_pre_hook(check)
     else:
-        hook = find_experts(layer, calib).register_forward_pre_hook(check)
+        raise ShardcutError(f"layer {key}: no routed-experts module found in {type(layer).__name__}")
     try:
         yield
     finally:

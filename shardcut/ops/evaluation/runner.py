@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shardcut.format.checkpoint import open_checkpoint
+from shardcut.format.checkpoint import Checkpoint, open_checkpoint
 from shardcut.format.errors import ShardcutError
 from shardcut.format.hub import resolve_model
-from shardcut.moe.model import describe
+from shardcut.moe.model import ModelInfo, describe
 from shardcut.moe.oracle import forbid_pruned_experts
 from shardcut.ops.calibration.data import CalibData, load_data
 from shardcut.ops.calibration.observe import check_supported
@@ -37,6 +37,7 @@ from shardcut.ops.calibration.runner import CalibEvent, make_batches, resolve_de
 from shardcut.ops.calibration.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory
 from shardcut.ops.calibration.stream import (
     LayerLoader,
+    Skeleton,
     TensorReader,
     capture_call,
     current_memory,
@@ -58,9 +59,9 @@ class _Checkpoint:
 
     name: str
     model_dir: Path
-    ckpt: object
-    info: object
-    skeleton: object
+    ckpt: Checkpoint
+    info: ModelInfo
+    skeleton: Skeleton
     loader: LayerLoader
 
 
@@ -74,12 +75,19 @@ class _Stream:
     keep: dict[str, list[int]] | None
     ratio: float
     kept: int
-    store: ActivationStore | None = None
+    _store: ActivationStore | None = None  # set up by `Evaluator.run`
     moe: dict[str, list[float]] = field(default_factory=dict)  # plan key -> [sum diff², sum ref²]
     residual: list[list[float]] = field(default_factory=list)
     kl: list[np.ndarray] = field(default_factory=list)
     agree: list[np.ndarray] = field(default_factory=list)
     loss: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def store(self) -> ActivationStore:
+        """The stream's hidden states, one row per token."""
+        if self._store is None:
+            raise RuntimeError(f"stream {self.name}: no activation store yet")
+        return self._store
 
 
 @dataclass
@@ -143,7 +151,7 @@ class Evaluator:
             p = plan if isinstance(plan, Plan) else Plan.load(plan)
             name = Path(p.origin).name if p.origin not in ("", "plan") else f"plan {i + 1}"
             self._add_plan(p, name)
-        if self.ratios:
+        if self.ratios and self.scores is not None:  # ratios without scores: refused above
             from shardcut.ops.planning import make_plan
 
             for r in self.ratios:
@@ -240,7 +248,7 @@ class Evaluator:
         per_stream = self._budget() // len(self.streams)
         try:
             for i, s in enumerate(self.streams):
-                s.store = ActivationStore(
+                s._store = ActivationStore(
                     self.rows, self.hidden_size, self.torch_dtype, per_stream, work / f"stream{i}"
                 )
                 s.residual = [[0.0, 0.0] for _ in range(n_layers)]
@@ -259,8 +267,8 @@ class Evaluator:
                 self._heads()
         finally:
             for s in self.streams:
-                if s.store is not None:
-                    s.store.close()
+                if s._store is not None:
+                    s._store.close()
             shutil.rmtree(work, ignore_errors=True)
         self._emit(CalibEvent("done", step=self.steps, steps=self.steps))
         return self._report(warnings, overlap)
@@ -386,11 +394,11 @@ class Evaluator:
                 out, moe = outs[s_idx]
                 if s_idx:
                     s.residual[i][0] += float((out[mask].double() - ref_valid).square().sum())
-                    if moe is not None and ref_moe_valid is not None:
+                    if moe is not None and ref_moe_valid is not None and key is not None:
                         diff = moe.reshape(B * T, -1)[mask.reshape(-1)].double() - ref_moe_valid
                         s.moe[key][0] += float(diff.square().sum())
                 s.residual[i][1] += ref_sq
-                if ref_moe_valid is not None:
+                if ref_moe_valid is not None and key is not None:
                     s.moe[key][1] += float(ref_moe_valid.square().sum())
                 s.store.write(batch.start, batch.start + batch.rows, out[mask].to("cpu"))
             done += batch.rows
