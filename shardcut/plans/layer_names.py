@@ -43,8 +43,9 @@ def layer_key(raw: object, info: ModelInfo, path: Path) -> str:
     raise ScoresError(f'cannot read {text!r} as a layer (use the layer index, e.g. "3")', path)
 
 
-def check_layers(keys: list[str], info: ModelInfo, path: Path) -> list[str]:
-    """The keys in model order; refuses layers the model lacks, duplicates and missing main layers."""
+def check_layers(keys: list[str], info: ModelInfo, path: str | Path) -> list[str]:
+    """The keys in model order; refuses layers the model lacks, duplicates and missing main layers
+    (MTP layers may lack scores: `mtp_policy` decides them). Imports and `make_plan` check so."""
     if len(set(keys)) != len(keys):
         raise ScoresError("a layer appears twice", path)
     model_keys = [layer.key for layer in info.layers]
