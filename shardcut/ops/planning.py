@@ -24,6 +24,7 @@ from shardcut.format.checkpoint import Checkpoint
 from shardcut.format.errors import PlanError, ScoresError, ShardcutError
 from shardcut.format.text import span
 from shardcut.moe.model import CountGroup, ModelInfo
+from shardcut.plans.layer_names import check_layers
 from shardcut.plans.options import MTP_POLICIES, PlanOptions
 from shardcut.plans.plan import Plan, check_replaceable_plan, validate_plan
 from shardcut.plans.scores import Scores, file_sha256
@@ -546,24 +547,9 @@ def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin
             origin,
         )
     model_keys = [layer.key for layer in info.layers]
-    foreign = [k for k in scores.layers if k not in info.layer_by_key]
-    if foreign:
-        raise ScoresError(
-            f"covers layers {foreign[:5]} that are not MoE layers of the model (its MoE layers: "
-            f"{span(model_keys)}; scores of another model?)",
-            origin,
-        )
-    scored = set(scores.layers)
     unreached = _text_unreached(info)
-    missing_main = [
-        layer.key for layer in info.layers if not layer.mtp and layer.key not in scored and layer.key not in unreached
-    ]
-    if missing_main:
-        raise ScoresError(
-            f"lacks MoE layers {missing_main[:5]} of the model ({len(scores.layers)} scored, "
-            f"{len(model_keys)} in the model; scores of another model?)",
-            origin,
-        )
+    check_layers(scores.layers, info, origin, unreached)  # the model's MoE layers, every main one
+    scored = set(scores.layers)
     for key in scores.layers:
         have, want = scores.experts_of(key), info.layer_by_key[key].num_experts
         if have != want:

@@ -8,6 +8,7 @@ parts, `layers.3`). No family is named here: every spelling comes from the table
 from __future__ import annotations
 
 import re
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -43,8 +44,10 @@ def layer_key(raw: object, info: ModelInfo, path: Path) -> str:
     raise ScoresError(f'cannot read {text!r} as a layer (use the layer index, e.g. "3")', path)
 
 
-def check_layers(keys: list[str], info: ModelInfo, path: Path) -> list[str]:
-    """The keys in model order; refuses layers the model lacks, duplicates and missing main layers."""
+def check_layers(keys: list[str], info: ModelInfo, path: str | Path, unreached: Collection[str] = ()) -> list[str]:
+    """The keys in model order; refuses layers the model lacks, duplicates and missing main layers
+    (MTP layers may lack scores: `mtp_policy` decides them; so may the `unreached` layers, which a
+    text-only calibration never routes through). Imports and `make_plan` check so."""
     if len(set(keys)) != len(keys):
         raise ScoresError("a layer appears twice", path)
     model_keys = [layer.key for layer in info.layers]
@@ -55,7 +58,9 @@ def check_layers(keys: list[str], info: ModelInfo, path: Path) -> list[str]:
             f"layers {foreign[:5]} are not MoE layers of the model (its MoE layers: {shown}; scores of another model?)",
             path,
         )
-    missing = [layer.key for layer in info.layers if not layer.mtp and layer.key not in keys]
+    missing = [
+        layer.key for layer in info.layers if not layer.mtp and layer.key not in keys and layer.key not in unreached
+    ]
     if missing:
         raise ScoresError(
             f"no scores for MoE layers {missing[:5]} ({len(keys)} layers in the file, "
