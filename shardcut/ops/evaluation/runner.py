@@ -26,14 +26,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from shardcut.ops.calibration.stream import (
-    LayerLoader,
-    TensorReader,
-    capture_call,
-    current_memory,
-    make_skeleton,
-    release_free_memory,
-)
 from shardcut.format.checkpoint import open_checkpoint
 from shardcut.format.errors import ShardcutError
 from shardcut.format.hub import resolve_model
@@ -43,13 +35,21 @@ from shardcut.ops.calibration.data import CalibData, load_data
 from shardcut.ops.calibration.observe import check_supported
 from shardcut.ops.calibration.runner import CalibEvent, make_batches, resolve_device, resolve_dtype
 from shardcut.ops.calibration.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory
+from shardcut.ops.calibration.stream import (
+    LayerLoader,
+    TensorReader,
+    capture_call,
+    current_memory,
+    make_skeleton,
+    release_free_memory,
+)
 from shardcut.ops.evaluation.layers import load_head, logits_of, moe_block, refuse_pruned, run_with_block
 from shardcut.ops.evaluation.metrics import EvalReport, summarize
+from shardcut.ops.evaluation.tokens import original_tokens, variant_tokens
 from shardcut.plans.plan import Plan, validate_plan
 
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
-LOGIT_CHUNK = 1 << 24  # float64 log-prob elements at once (rows x vocabulary): bounds the head's buffers
 
 
 @dataclass
@@ -372,20 +372,20 @@ class Evaluator:
                 else:
                     outs[s_idx] = run_with_block(layer, block, hidden, calls[id(c)])
             ref, ref_moe = outs[0]
-            ref_valid = ref[mask].double()
-            ref_sq = float(ref_valid.square().sum())
-            ref_moe_valid = ref_moe.reshape(B * T, -1)[mask.reshape(-1)].double() if ref_moe is not None else None
+            ref_valid = ref[mask]
+            ref_moe_valid = ref_moe.reshape(B * T, -1)[mask.reshape(-1)] if ref_moe is not None else None
+            ref_sq = _sq(ref_valid) if len(self.streams) > 1 else 0.0
+            ref_moe_sq = _sq(ref_moe_valid) if ref_moe_valid is not None and len(self.streams) > 1 else 0.0
             for s_idx, s in enumerate(self.streams):
                 out, moe = outs[s_idx]
-                if s_idx:
-                    s.residual[i][0] += float((out[mask].double() - ref_valid).square().sum())
+                valid = out[mask] if s_idx else ref_valid
+                if s_idx:  # differences in the activations' dtype (exactly 0 when equal), sums in float64
+                    s.residual[i][0] += _sq(valid - ref_valid)
+                    s.residual[i][1] += ref_sq
                     if moe is not None and ref_moe_valid is not None:
-                        diff = moe.reshape(B * T, -1)[mask.reshape(-1)].double() - ref_moe_valid
-                        s.moe[key][0] += float(diff.square().sum())
-                s.residual[i][1] += ref_sq
-                if ref_moe_valid is not None:
-                    s.moe[key][1] += float(ref_moe_valid.square().sum())
-                s.store.write(batch.start, batch.start + batch.rows, out[mask].to("cpu"))
+                        s.moe[key][0] += _sq(moe.reshape(B * T, -1)[mask.reshape(-1)] - ref_moe_valid)
+                        s.moe[key][1] += ref_moe_sq
+                s.store.write(batch.start, batch.start + batch.rows, valid.to("cpu"))
             done += batch.rows
             self._emit(
                 CalibEvent(
@@ -430,25 +430,14 @@ class Evaluator:
         for batch in self.batches:
             mask, attention = self._batch_inputs(batch)
             targets = torch.from_numpy(self.targets[batch.start : batch.start + batch.rows]).to(self.torch_device)
-            has = targets >= 0
-            original = self._stream_logits(self.streams[0], batch, mask, attention)
-            V = original.shape[-1]
-            chunk = max(1, LOGIT_CHUNK // V)
-            for s_idx, s in enumerate(self.streams):  # one variant's logits at a time: 2 x a batch's logits at most
-                logits = original if s_idx == 0 else self._stream_logits(s, batch, mask, attention)
-                got = []
-                for a in range(0, batch.rows, chunk):
-                    b = min(batch.rows, a + chunk)
-                    lo = torch.log_softmax(original[a:b].double(), dim=-1)
-                    lp = lo if s_idx == 0 else torch.log_softmax(logits[a:b].double(), dim=-1)
-                    po = lo.exp()
-                    kl = torch.where(po > 0, po * (lo - lp), torch.zeros((), dtype=lo.dtype, device=lo.device)).sum(-1)
-                    nll = -lp.gather(1, targets[a:b].clamp(min=0)[:, None]).squeeze(1)[has[a:b]]
-                    got.append((kl.cpu().numpy(), (lp.argmax(-1) == lo.argmax(-1)).cpu().numpy(), nll.cpu().numpy()))
-                del logits
-                s.kl.append(np.concatenate([g[0] for g in got]))
-                s.agree.append(np.concatenate([g[1] for g in got]))
-                s.loss.append(np.concatenate([g[2] for g in got]))
+            original = original_tokens(self._stream_logits(self.streams[0], batch, mask, attention), targets)
+            self.streams[0].loss.append(original.loss)
+            for s in self.streams[1:]:  # one variant's logits at a time: 2 x a batch's logits at most
+                kl, agree, loss = variant_tokens(original, self._stream_logits(s, batch, mask, attention))
+                s.kl.append(kl)
+                s.agree.append(agree)
+                s.loss.append(loss)
+            del original
         self._emit(
             CalibEvent(
                 "layer_done",
@@ -498,6 +487,11 @@ class Evaluator:
             device=str(self.torch_device),
             dtype=str(self.torch_dtype).removeprefix("torch."),
         )
+
+
+def _sq(x: torch.Tensor) -> float:
+    """The sum of squares of `x`, accumulated in float64."""
+    return float(torch.sum(x * x, dtype=torch.float64))
 
 
 def evaluate(
