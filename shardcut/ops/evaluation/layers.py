@@ -8,9 +8,9 @@ from contextlib import contextmanager
 
 import torch
 
-from shardcut.ops.calibration.stream import run_layer
 from shardcut.format.errors import ShardcutError
 from shardcut.ops.calibration.observe import find_experts
+from shardcut.ops.calibration.stream import run_layer
 
 
 def moe_block(layer: torch.nn.Module) -> torch.nn.Module | None:
