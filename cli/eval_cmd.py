@@ -75,6 +75,7 @@ def eval_cmd(
     shard: str | None = _opt("shard"),
     overwrite: bool = _opt("overwrite"),
     checkpoint_every: int | None = _opt("checkpoint_every"),
+    prefetch: bool | None = _opt("prefetch"),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: quality against ratio, per-layer error."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
@@ -124,6 +125,7 @@ def eval_cmd(
         shard=shard,
         overwrite=overwrite,
         checkpoint_every=checkpoint_every,
+        prefetch=prefetch,
     )
     live = err_console.is_terminal and not as_json
     with _Display(live) as display, _flags():

@@ -81,6 +81,9 @@ class EvalOptions:
         "--shard", None, "i/N: evaluate the i-th of N disjoint sample shards (combine them with `shardcut eval-merge`)."
     )
     overwrite: bool = _opt("--overwrite", False, "Replace an existing -o.")
+    prefetch: bool | None = _opt(
+        "--prefetch/--no-prefetch", None, "Read layer i+1 while layer i runs (default: on CUDA only, as calibrate)."
+    )
     checkpoint_every: int | None = _opt(
         "--checkpoint-every",
         None,

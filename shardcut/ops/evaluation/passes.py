@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,6 +41,8 @@ class StreamPass:
     dist: Distributed
     steps: int
     _emit: Callable[[CalibEvent], None]
+    prefetch: ThreadPoolExecutor | None = None  # as calibrate's: reads the next layer's tensors
+    pending: dict[int, Future] = field(default_factory=dict)
 
     def _batch_inputs(self, batch):
         dev = self.torch_device
@@ -108,7 +111,11 @@ class StreamPass:
         t0 = time.perf_counter()
         loaded = {}
         for c in self._sources():
-            layer = c.loader.load_layer(i, c.loader.read_layer(i))
+            pending = self.pending.pop(id(c), None)
+            raw = pending.result() if pending is not None else c.loader.read_layer(i)
+            if self.prefetch is not None and i + 1 < c.skeleton.num_layers:  # read layer i + 1 while i runs
+                self.pending[id(c)] = self.prefetch.submit(c.loader.read_layer, i + 1)
+            layer = c.loader.load_layer(i, raw)
             loaded[id(c)] = (layer, moe_block(layer) if key is not None else None)
         E = self.streams[0].source.info.num_experts
         E_key = (self.streams[0].source.info.layer_by_key[key].num_experts or E) if key is not None else E

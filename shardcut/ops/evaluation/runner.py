@@ -27,6 +27,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -202,6 +203,8 @@ class Evaluator:
             work = o.work_dir
         elif o.out is not None:
             work = state_dir_for(o.out, STATE_SUFFIX)
+        elif self.dist.world > 1:
+            raise ShardcutError("under torchrun, give `out` or `work_dir`: the ranks share the work folder")
         else:  # nothing to resume from: a private folder, removed at the end
             temp = Path(tempfile.mkdtemp(prefix="shardcut-eval-"))
             work = temp / "state"
@@ -256,8 +259,6 @@ class Evaluator:
         if first > 0:
             for c in {id(s.source): s.source for s in self.streams}.values():
                 c.loader.buffers_to_device()  # rotary frequencies & co; the embedding is not needed any more
-        activations = state.activations
-        since_s, since_steps, write_s = 0.0, 0, None
         passes = StreamPass(
             self.streams,
             self.keys,
@@ -272,7 +273,24 @@ class Evaluator:
             self.dist,
             self.steps,
             self._emit,
+            ThreadPoolExecutor(1) if self._prefetch() else None,
         )
+        try:
+            self._steps(state, passes, first, start, every)
+        finally:
+            if passes.prefetch is not None:
+                passes.prefetch.shutdown(wait=True, cancel_futures=True)
+        self.store.close()
+        self._gather()
+        report = tally.report()
+        state.finish(_Saved(None if o.out is None else tally if o.shard else report), o.out or state.directory)
+        self._emit(CalibEvent("done", message=str(o.out or ""), step=self.steps, steps=self.steps))
+        return report
+
+    def _steps(self, state: RunState, passes: StreamPass, first: int, start: int, every: int | None) -> None:
+        """Steps `first`.. (those before `start` replayed, not recorded), the state saved after each."""
+        activations = state.activations
+        since_s, since_steps, write_s = 0.0, 0, None
         with torch.inference_mode():
             for step in range(first, self.steps):
                 record = step >= start
@@ -294,7 +312,7 @@ class Evaluator:
                         self.store.checkpoint(state.rank_dir / name)
                         write_s, since_s, since_steps = time.perf_counter() - t1, 0.0, 0
                         activations = {"step": step + 1, "name": name}
-                    state.save(step + 1, tally, activations, "", in_use=self.store.in_use())
+                    state.save(step + 1, self.tally, activations, "", in_use=self.store.in_use())
                 if record:
                     self._emit(
                         CalibEvent(
@@ -306,12 +324,10 @@ class Evaluator:
                             memory=current_memory(self.torch_device),
                         )
                     )
-        self.store.close()
-        self._gather()
-        report = tally.report()
-        state.finish(_Saved(None if o.out is None else tally if o.shard else report), o.out or state.directory)
-        self._emit(CalibEvent("done", message=str(o.out or ""), step=self.steps, steps=self.steps))
-        return report
+
+    def _prefetch(self) -> bool:
+        """As calibrate: read layer i + 1 while layer i runs, by default on CUDA only."""
+        return self.opts.prefetch if self.opts.prefetch is not None else self.torch_device.type == "cuda"
 
     def _new_tally(self) -> EvalTally:
         warnings, overlap = check_overlap(self.opts.scores, self.data_set.samples)
