@@ -434,8 +434,16 @@ def test_bad_input_is_one_line_naming_the_file(families, ids_data, tmp_path):
         (["eval", str(other.pruned), "--source", str(built.source), *common], "not a pruned copy of"),
         (["eval", str(built.source), "--plan", str(tmp_path / "missing.json"), *common], "missing.json"),
         (
-            ["eval", str(built.pruned), "--source", str(built.source), *common, "--work-dir", str(tmp_path / "no")],
-            "work folder does not exist",
+            [
+                "eval",
+                str(built.pruned),
+                "--source",
+                str(built.source),
+                *common,
+                "--work-dir",
+                str(tmp_path / "no" / "w"),
+            ],
+            "the work folder's parent folder does not exist",
         ),
     ]
     for args, needle in cases:
