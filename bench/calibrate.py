@@ -47,6 +47,7 @@ def status(key):
 
 
 model_dir, data, batch_tokens, device, dtype, mbps, model_bytes = sys.argv[1:8]
+keep = int(sys.argv[8]) if len(sys.argv) > 8 else 1  # logits of the last position; 0: of every position (bench/eval.py)
 dtype = getattr(torch, dtype)
 samples = [json.loads(line)["input_ids"] for line in open(data)]
 t0 = time.perf_counter()
@@ -64,7 +65,7 @@ with torch.inference_mode():
         for r, j in enumerate(b.samples):
             ids[r, : len(samples[j])] = torch.tensor(samples[j])
             mask[r, : len(samples[j])] = 1
-        model(ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None, logits_to_keep=1)
+        model(ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None, logits_to_keep=keep)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 t2 = time.perf_counter()

@@ -4,11 +4,13 @@
     .venv/bin/python bench/eval.py --device cuda --dtype bfloat16 --layers 16 --hidden 2048 --experts 128
 
 Builds the random Qwen3-MoE checkpoint of bench/calibrate.py, writes pre-tokenised samples and P
-random half-pruning plans, then runs, each in its own process and interleaved: (1) `from_pretrained`
-+ a plain forward of every batch (the batches eval uses) with logits at every position, i.e. the
-layers plus one LM head; (2) `shardcut.ops.evaluation.evaluate` with P plans, end to end (reading every
-layer from disk, 1 + P streams through each layer, 1 + P LM heads, the metrics). Target (issue 16):
-eval with P plans <= (1 + P) x the plain forward. Best of `--runs`.
+random half-pruning plans, then runs, each in its own process and interleaved (A B A B ...): (1)
+bench/calibrate.py's plain forward (`from_pretrained`, then every batch eval uses) with logits at
+every position, i.e. the layers plus one LM head; (2) `shardcut.ops.evaluation.evaluate` with P
+plans, end to end (reading every layer from disk, 1 + P streams through each layer, 1 + P LM
+heads, the metrics). Target (issue 16): eval with P plans <= (1 + P) x the plain forward. Reports
+the median over `--runs` rounds of each round's ratio (the two sides of a ratio run back to back,
+so a load change on a shared machine moves both), and the best times.
 """
 
 from __future__ import annotations
@@ -21,30 +23,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from calibrate import _BUILD, run  # noqa: E402  (the same model and child-process runner)
-
-_FORWARD = r"""
-import json, sys, time, torch
-import transformers.models.qwen3_moe.modeling_qwen3_moe
-from transformers import AutoModelForCausalLM
-from shardcut.ops.calibration.runner import make_batches
-model_dir, data, batch_tokens, device, dtype = sys.argv[1:6]
-samples = [json.loads(line)["input_ids"] for line in open(data)]
-t_load = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
-t0 = time.perf_counter()
-with torch.inference_mode():
-    for b in make_batches([len(s) for s in samples], int(batch_tokens)):
-        ids = torch.zeros((len(b.samples), b.width), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, j in enumerate(b.samples):
-            ids[r, : len(samples[j])] = torch.tensor(samples[j])
-            mask[r, : len(samples[j])] = 1
-        model(ids.to(device), attention_mask=None if bool(mask.all()) else mask.to(device)).logits.float().log_softmax(-1)
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-print(json.dumps({"forward": time.perf_counter() - t0, "load": t0 - t_load}))
-"""
+from calibrate import _BUILD, _FORWARD, run  # noqa: E402  (the same model, forward loop and child-process runner)
 
 _EVAL = r"""
 import json, sys, time
@@ -71,7 +50,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--plans", type=int, nargs="+", default=[1, 3], help="values of P")
-    p.add_argument("--runs", type=int, default=3, help="best of N interleaved runs of each")
+    p.add_argument("--runs", type=int, default=3, help="interleaved rounds (median of the ratios)")
     p.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     a = p.parse_args()
 
@@ -93,33 +72,38 @@ def main() -> None:
         plans.append(work / f"plan{i}.json")
         plans[-1].write_text(json.dumps({"format": "shardcut-plan/1", "keep": keep}))
     common = [str(model_dir), str(data), str(a.batch_tokens), a.device, a.dtype]
-    fwd, loads = [float("inf")], [float("inf")]
-    evals = {P: [float("inf")] for P in a.plans}
-    for i in range(a.runs):  # interleaved, best of N: timings on a shared machine are noisy
-        got = run(["-c", _FORWARD, *common])[0]
+    fwd, loads = [], []
+    evals: dict[int, list[float]] = {P: [] for P in a.plans}
+    for i in range(a.runs):  # interleaved: timings on a shared machine are noisy
+        got = run(["-c", _FORWARD, *common, "0", "0", "0"])[0]  # no simulated disk; logits_to_keep=0: every position
         fwd.append(got["forward"])
         loads.append(got["load"])
         print(f"run {i + 1}: plain forward {fwd[-1]:.2f} s (+ {loads[-1]:.2f} s from_pretrained)", flush=True)
         for P in a.plans:
             evals[P].append(run(["-c", _EVAL, *common, *map(str, plans[:P])])[0]["eval"])
-            print(f"run {i + 1}: eval P = {P} {evals[P][-1]:.2f} s", flush=True)
-    base, load = min(fwd), min(loads)
+            print(f"run {i + 1}: eval P = {P} {evals[P][-1]:.2f} s = {evals[P][-1] / fwd[-1]:.2f}x", flush=True)
+    base, load = float(np.median(fwd)), float(np.median(loads))
     print(
         f"qwen3_moe {a.layers} layers x {a.experts} experts (top {a.top_k}), hidden {a.hidden}, vocab {a.vocab}, "
         f"{a.dtype}; {tokens:,} tokens in {a.samples} samples, batches of <= {a.batch_tokens}, device {a.device}, "
-        f"best of {a.runs}"
+        f"{a.runs} interleaved rounds"
     )
-    print(f"plain forward with LM head: {base:.2f} s ({tokens / base:,.0f} tok/s); from_pretrained {load:.2f} s")
+    print(
+        f"plain forward with LM head: median {base:.2f} s, best {min(fwd):.2f} s ({tokens / base:,.0f} tok/s); "
+        f"from_pretrained {load:.2f} s"
+    )
     for P in a.plans:
-        t = min(evals[P])
+        ratio = float(np.median([e / f for e, f in zip(evals[P], fwd, strict=True)]))
+        with_load = float(np.median([e / (f + lo) for e, f, lo in zip(evals[P], fwd, loads, strict=True)]))
         print(
-            f"eval, P = {P}: {t:.2f} s end to end = {t / base:.2f}x the plain forward (target <= {1 + P}x), "
-            f"{t / (base + load):.2f}x load + forward"
+            f"eval, P = {P}: median {float(np.median(evals[P])):.2f} s, best {min(evals[P]):.2f} s; median ratio "
+            f"{ratio:.2f}x the plain forward (target <= {1 + P}x), best/best {min(evals[P]) / min(fwd):.2f}x, "
+            f"{with_load:.2f}x load + forward"
         )
     if len(a.plans) > 1:
         lo, hi = min(a.plans), max(a.plans)
-        step = (min(evals[hi]) - min(evals[lo])) / (hi - lo)
-        print(f"each plan beyond {lo} adds {step:.2f} s = {step / base:.2f}x the plain forward")
+        step = float(np.median([(x - y) / (hi - lo) / f for x, y, f in zip(evals[hi], evals[lo], fwd, strict=True)]))
+        print(f"each plan beyond {lo} adds {step:.2f}x the plain forward (median)")
     if a.dir is None:
         print(f"(work folder {work} left in place; pass --dir to reuse the model)")
 

@@ -7,7 +7,15 @@ import time
 from pathlib import Path
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from shardcut_cli.common import console, err_console, fail, handle_errors, human_bytes, safe
 from shardcut_cli.options import check_int, check_size
@@ -37,10 +45,11 @@ class _Display:
     def __init__(self, live: bool):
         self.live = live
         self.bar: Progress | None = None
-        self.overall = self.layer = None
+        self.overall: TaskID | None = None
+        self.layer: TaskID | None = None
         self.started = time.perf_counter()
         self.layer_started = self.started
-        self.last = None
+        self.last: dict[str, str] | None = None
 
     def __enter__(self) -> _Display:
         if self.live:
@@ -82,14 +91,14 @@ class _Display:
                 if self.layer is not None:
                     self.bar.remove_task(self.layer)
                 self.layer = self.bar.add_task(name, total=event.layer_tokens, rate="", memory="")
-        elif event.kind == "batch" and self.bar is not None and self.layer is not None:
+        elif event.kind == "batch" and self.bar is not None and self.layer is not None and self.overall is not None:
             fields = {"rate": f"{event.tokens_per_s:,.0f} tok/s", "memory": human_bytes(event.memory)}
             self.bar.update(self.layer, completed=event.tokens, **fields)
             self.bar.update(self.overall, completed=event.step + event.tokens / max(1, event.layer_tokens), **fields)
             self.last = fields
         elif event.kind == "layer_done":
             seconds = time.perf_counter() - self.layer_started
-            if self.bar is not None:
+            if self.bar is not None and self.overall is not None:
                 self.bar.update(self.overall, completed=event.step)
             else:
                 self.print(
@@ -176,10 +185,19 @@ def calibrate_cmd(
     """Compute REAP saliency statistics of a MoE checkpoint, one decoder layer at a time.
 
     Multimodal wrappers (Kimi-K2.5, Qwen3-VL-MoE, Qwen3.5-MoE, GLM-4.5V,
-    ERNIE-4.5-VL, Qwen3-Omni) calibrate their text stack on text only, read
-    from the wrapper's own shards and keyed as plan and prune key the wrapper.
-    Where image tokens route through the same experts, the statistics do not
-    see them: the score file says so (metadata `text_only`).
+    Llama-4, Gemma-4, ERNIE-4.5-VL, Qwen3-Omni) calibrate their text stack on
+    text only, read from the wrapper's own shards and keyed as plan and prune
+    key the wrapper. Where image tokens route through the same experts, the
+    statistics do not see them: the score file says so (metadata `text_only`).
+    Stacks text never reaches are listed as `unscored_stacks`: `plan` keeps
+    Qwen3-Omni's talker (its own expert count) whole; ERNIE-4.5-VL's vision
+    experts share the text count and need `plan --mtp-policy`.
+
+    Llama-4's router scales the expert input: the statistics take the expert
+    on the unscaled token, f_j(x) (as the REAP reference does), with gate the
+    sigmoid score the layer applies. LongCat-Flash's zero-computation
+    (identity) experts run in the layer but are not scored (they have no
+    weights and are never pruned).
     """
     from shardcut.format.errors import ShardcutError
     from shardcut.ops.calibration.options import CalibrateOptions

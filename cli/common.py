@@ -7,6 +7,7 @@ import re
 import sys
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import NoReturn
 
 import typer
 from rich.console import Console
@@ -14,6 +15,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from shardcut.format.errors import ShardcutError
+from shardcut.format.text import human_bytes as human_bytes  # the commands' byte formatting
 
 console = Console()
 err_console = Console(stderr=True)
@@ -41,6 +43,34 @@ def safe(value: object, *, markup: bool = True, lines: bool = False) -> str:
     return escape(text) if markup else text
 
 
+# The flag of every library parameter whose flag is not its name with dashes (`create_pr` ->
+# `--create-pr`): the one mapping from the library's words to the command line's.
+FLAGS = {"eval_report": "--eval", "fmt": "--format"}
+# A quoted value ('...' standing alone, not the apostrophe of "layer 3's"): left as it is.
+_QUOTED = r"(?<!\w)'(?:[^'\\]|\\.)*'(?!\w)"
+
+
+def flag_of(param: str) -> str:
+    return FLAGS.get(param, "--" + param.replace("_", "-"))
+
+
+def cli_message(exc: ShardcutError) -> str:
+    """The error's one line with the parameters it names (`exc.params`) shown as their flags.
+
+    Example:
+        >>> cli_message(ShardcutError("protect '3': expected LAYER:ID", params=("protect",)))
+        "--protect '3': expected LAYER:ID"
+    """
+    text = str(exc)
+    if not exc.params:
+        return text
+    prefix = f"{exc.path}: " if exc.path is not None and text.startswith(f"{exc.path}: ") else ""
+    names = "|".join(re.escape(p) for p in sorted(exc.params, key=len, reverse=True))
+    pattern = re.compile(rf"({_QUOTED})|(?<![\w.-])({names})(?![\w-])")
+    body = pattern.sub(lambda m: m.group(1) or flag_of(m.group(2)), text[len(prefix) :])
+    return prefix + body
+
+
 def handle_errors(fn: Callable) -> Callable:
     """Bad input ends as one line on stderr and exit code 2; no traceback."""
 
@@ -49,7 +79,8 @@ def handle_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except ShardcutError as exc:
-            err_console.print(f"[bold red]error:[/] {safe(exc)}", highlight=False, markup=True, soft_wrap=True)
+            line = safe(cli_message(exc))
+            err_console.print(f"[bold red]error:[/] {line}", highlight=False, markup=True, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("interrupted")
@@ -58,7 +89,7 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     err_console.print(f"[bold red]error:[/] {safe(message)}", soft_wrap=True)
     raise typer.Exit(code)
 
@@ -84,11 +115,3 @@ def byte_progress(description: str, enabled: bool = True):
             bar.update(task, completed=done, total=total)
 
         yield update
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"

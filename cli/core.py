@@ -8,8 +8,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from shardcut.format.text import span
+from shardcut.plans.options import PlanOptions
 from shardcut_cli.common import byte_progress, console, fail, handle_errors, human_bytes, safe
-from shardcut_cli.options import check_int, check_mtp_policy, check_ratio, check_size
+from shardcut_cli.options import check_size
+from shardcut_cli.plan_options import takes_plan_options
 
 
 def register(app: typer.Typer) -> None:
@@ -68,54 +71,12 @@ def inspect_cmd(
 
 
 @handle_errors
+@takes_plan_options(help_prefix="With --scores: ")
 def prune_cmd(
     model: str = typer.Argument(..., help="Checkpoint folder or Hub repo id."),
     out: Path = typer.Option(..., "-o", "--out", help="Output folder (must not exist, or be empty)."),
     plan: Path | None = typer.Option(None, "--plan", help="A shardcut-plan/1 file."),
     scores: Path | None = typer.Option(None, "--scores", help="A score file to plan from (with --ratio or --experts)."),
-    ratio: float | None = typer.Option(
-        None,
-        "--ratio",
-        help="Fraction of routed experts to remove, in (0, 1); "
-        "pruned per layer = floor(E x ratio), E each stack's own count.",
-    ),
-    experts: int | None = typer.Option(
-        None,
-        "--experts",
-        help="Experts to keep per layer, the same in every stack "
-        "of a model with several expert counts (refused where it does not fit one).",
-    ),
-    criterion: str | None = typer.Option(
-        None,
-        "--criterion",
-        help="With --scores: the saliency criterion (see "
-        "`shardcut plan --help`; default reap, or an imported file's only one).",
-    ),
-    seed: int = typer.Option(0, "--seed", help="With --scores: seed of the random criterion."),
-    protect_super_experts: bool = typer.Option(
-        False, "--protect-super-experts", help="With --scores: keep super experts (see `shardcut plan --help`)."
-    ),
-    protect: list[str] | None = typer.Option(None, "--protect", help="With --scores: always keep LAYER:ID[,ID...]."),
-    mtp_policy: str | None = typer.Option(
-        None,
-        "--mtp-policy",
-        help="With --scores: reuse-last, scores-of:N or same-ids-as:N for MoE layers without scores (MTP).",
-    ),
-    multiple_of: int = typer.Option(
-        1,
-        "--multiple-of",
-        metavar="N",
-        help="With --scores: round the kept count up "
-        "to a multiple of N, e.g. the expert-parallel size (see `shardcut plan --help`).",
-    ),
-    super_percentile: float = typer.Option(
-        99.5, "--super-percentile", help="With --scores: super-expert rule percentile (see `shardcut plan --help`)."
-    ),
-    super_layer_fraction: float = typer.Option(
-        0.75,
-        "--super-layer-fraction",
-        help="With --scores: super-expert rule layer fraction (see `shardcut plan --help`).",
-    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print what would be written; write nothing."),
     max_shard_size: str | None = typer.Option(
         None, "--max-shard-size", help="Re-shard, e.g. 5GB (default: keep source shards)."
@@ -129,40 +90,25 @@ def prune_cmd(
         "(disk = output + one shard); a rerun continues an interrupted stream.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable summary."),
+    *,
+    options: PlanOptions,
 ) -> None:
     """Write a pruned checkpoint: kept tensors byte for byte, experts renumbered, routers sliced."""
     from shardcut.plans.plan import Plan
     from shardcut.rewrite.stream import prune_model
 
-    check_ratio("--ratio", ratio)
-    check_int("--experts", experts)
     check_size("--max-shard-size", max_shard_size)
-    check_mtp_policy("--mtp-policy", mtp_policy)
     if (plan is None) == (scores is None):
         fail("give exactly one of --plan or --scores")
+    options.check(count=scores is not None)  # before any file is read
     if plan is not None:
         the_plan = Plan.load(plan)
     else:
-        if (ratio is None) == (experts is None):
-            fail("with --scores give exactly one of --ratio or --experts")
         from shardcut.ops.planning import make_plan
-        from shardcut.plans.select import parse_protect
         from shardcut_cli.scores_cmd import print_plan_report
 
-        the_plan, plan_report = make_plan(
-            model,
-            scores,
-            ratio=ratio,
-            experts=experts,
-            criterion=criterion,
-            seed=seed,
-            protect_super_experts=protect_super_experts,
-            protect=parse_protect(protect),
-            mtp_policy=mtp_policy,
-            multiple_of=multiple_of,
-            super_percentile=super_percentile,
-            super_layer_fraction=super_layer_fraction,
-        )
+        assert scores is not None  # exactly one of --plan and --scores, checked above
+        the_plan, plan_report = make_plan(model, scores, options)
         if not as_json:
             print_plan_report(plan_report)
     with byte_progress("pruning", enabled=not dry_run and not as_json) as progress:
@@ -294,8 +240,8 @@ def _by_config(counts: dict[str, int] | None) -> str:
 
 
 def _span(keys: list[str]) -> str:
-    return ", ".join(keys) if len(keys) <= 8 else f"{', '.join(keys[:3])}, …, {', '.join(keys[-2:])}"
+    return span(keys, limit=8)
 
 
 def _ids(ids: list[int]) -> str:
-    return " ".join(map(str, ids)) if len(ids) <= 24 else f"{' '.join(map(str, ids[:20]))} … ({len(ids)})"
+    return span(ids, limit=24, head=20, tail=0, sep=" ", count=True)

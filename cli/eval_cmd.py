@@ -3,16 +3,34 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from shardcut_cli.common import console, err_console, fail, handle_errors
+from shardcut.format.errors import ShardcutError
+from shardcut.ops.evaluation.options import EvalOptions
+from shardcut_cli.common import console, err_console, fail, handle_errors, safe
+from shardcut_cli.options import check_int, check_size
+
+_FIELDS = {f.name: f for f in fields(EvalOptions)}
+_FIELD = object()
 
 
 def register(app: typer.Typer) -> None:
     app.command("eval")(eval_cmd)
+    app.command("eval-merge")(merge_cmd)
+
+
+def _opt(name: str, *extra: str, default=_FIELD, help: str | None = None):
+    """The typer option of EvalOptions field `name`: its flag, default and help (one home for them)."""
+    f = _FIELDS[name]
+    value = f.default if default is _FIELD else default
+    if isinstance(value, tuple):
+        value = None  # repeatable options: typer's own empty list
+    return typer.Option(value, f.metadata["flag"], *extra, help=help or f.metadata["help"])
 
 
 def _ratios(text: str | None) -> list[float]:
@@ -33,50 +51,39 @@ def eval_cmd(
         "pruned checkpoint (a `shardcut prune` output).",
     ),
     data: str = typer.Option(..., "--data", help="Held-out text, as calibrate's --data (not the calibration data)."),
-    plan: list[Path] | None = typer.Option(None, "--plan", help="A shardcut-plan/1 file (repeatable)."),
-    scores: Path | None = typer.Option(
-        None,
-        "--scores",
-        help="Score file: plans for --ratio come from it, and the "
-        "data is checked against the calibration data it records.",
-    ),
-    ratio: str | None = typer.Option(
-        None, "--ratio", help="With --scores: fractions to prune, e.g. 0.25,0.5,0.75 (one pass for all)."
-    ),
+    plan: list[Path] | None = _opt("plans"),
+    scores: Path | None = _opt("scores"),
+    ratio: str | None = _opt("ratios"),
     source: str | None = typer.Option(
         None, "--source", help="MODEL is a pruned checkpoint: stream it next to this source and compare."
     ),
-    criterion: str = typer.Option("reap", "--criterion", help="With --ratio: the saliency criterion."),
-    protect_super_experts: bool = typer.Option(
-        False, "--protect-super-experts", help="With --ratio: keep super experts."
-    ),
-    protect: list[str] | None = typer.Option(None, "--protect", help="With --ratio: always keep LAYER:ID[,ID...]."),
-    mtp_policy: str | None = typer.Option(
-        None,
-        "--mtp-policy",
-        help="With --ratio: reuse-last, scores-of:N or same-ids-as:N for MoE layers without scores (MTP).",
-    ),
-    samples: int | None = typer.Option(None, "--samples", help="Samples in all (default: every record)."),
-    max_length: int = typer.Option(2048, "--max-length", help="Keep the first L tokens of each sample."),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cuda, cuda:N or cpu."),
-    dtype: str | None = typer.Option(None, "--dtype", help="bfloat16 (default on GPU) or float32 (default on CPU)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sample selection."),
-    max_memory: str | None = typer.Option(
-        None,
-        "--max-memory",
-        help="RAM for all streams' activations, e.g. 64GB "
-        "(default: half the available memory); beyond it they spill to disk.",
-    ),
-    batch_tokens: int | None = typer.Option(None, "--batch-tokens", help="Token budget of one batch."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Allow the checkpoint's own code."),
-    work_dir: Path | None = typer.Option(
-        None, "--work-dir", help="Where spilled activations go (default: a temporary folder, removed at the end)."
-    ),
-    out: Path | None = typer.Option(None, "-o", "--out", help="Also write the report as JSON (for `push --eval`)."),
+    criterion: str = _opt("criterion"),
+    protect_super_experts: bool = _opt("protect_super_experts"),
+    protect: list[str] | None = _opt("protect"),
+    mtp_policy: str | None = _opt("mtp_policy"),
+    samples: int | None = _opt("samples"),
+    max_length: int = _opt("max_length"),
+    device: str = _opt("device"),
+    dtype: str | None = _opt("dtype"),
+    seed: int = _opt("seed"),
+    max_memory: str | None = _opt("max_memory"),
+    batch_tokens: int | None = _opt("batch_tokens"),
+    trust_remote_code: bool = _opt("trust_remote_code"),
+    work_dir: Path | None = _opt("work_dir"),
+    out: Path | None = _opt("out", "--out"),
+    resume: bool = _opt("resume"),
+    shard: str | None = _opt("shard"),
+    overwrite: bool = _opt("overwrite"),
+    checkpoint_every: int | None = _opt("checkpoint_every"),
+    prefetch: bool | None = _opt("prefetch"),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: quality against ratio, per-layer error."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Measure what pruning costs on held-out text, streaming the model one layer at a time."""
+    """Measure what pruning costs on held-out text, streaming the model one layer at a time.
+
+    Under torchrun the samples are split across ranks (rank 0 writes -o).
+    """
+    from shardcut.ops.evaluation.options import EvalOptions
     from shardcut.ops.evaluation.runner import evaluate
     from shardcut.plans.select import parse_protect
     from shardcut_cli.calibrate_cmd import _Display
@@ -88,33 +95,76 @@ def eval_cmd(
         fail("give --plan, or --scores with --ratio, or a pruned checkpoint with --source")
     if source is not None and (plan or ratios):
         fail("with --source, MODEL is the pruned checkpoint: give no --plan or --ratio")
+    check_int("--samples", samples)
+    check_int("--max-length", max_length)
+    check_int("--seed", seed, low=0)
+    check_int("--batch-tokens", batch_tokens)
+    check_int("--checkpoint-every", checkpoint_every, low=0)
+    check_size("--max-memory", max_memory)
     src, pruned = (source, [model]) if source is not None else (model, [])
+    options = EvalOptions(
+        plans=tuple(plan or ()),
+        scores=scores,
+        ratios=tuple(ratios),
+        criterion=criterion,
+        protect_super_experts=protect_super_experts,
+        protect=parse_protect(protect),
+        mtp_policy=mtp_policy,
+        pruned=tuple(pruned),
+        samples=samples,
+        max_length=max_length,
+        device=device,
+        dtype=dtype,
+        seed=seed,
+        max_memory=max_memory,
+        batch_tokens=batch_tokens,
+        trust_remote_code=trust_remote_code,
+        work_dir=work_dir,
+        out=out,
+        resume=resume,
+        shard=shard,
+        overwrite=overwrite,
+        checkpoint_every=checkpoint_every,
+        prefetch=prefetch,
+    )
     live = err_console.is_terminal and not as_json
-    with _Display(live) as display:
-        report = evaluate(
-            src,
-            data,
-            plans=plan or [],
-            scores=scores,
-            ratios=ratios,
-            criterion=criterion,
-            protect_super_experts=protect_super_experts,
-            protect=parse_protect(protect),
-            mtp_policy=mtp_policy,
-            pruned=pruned,
-            samples=samples,
-            max_length=max_length,
-            device=device,
-            dtype=dtype,
-            seed=seed,
-            max_memory=max_memory,
-            batch_tokens=batch_tokens,
-            trust_remote_code=trust_remote_code,
-            work_dir=work_dir,
-            progress=display if not as_json else None,
+    with _Display(live) as display, _flags():
+        report = evaluate(src, data, options, progress=display if not as_json else None)
+    _show(report, out if shard is None else None, plot, as_json)
+    if out is not None and shard is not None:
+        console.print(
+            f"[green]wrote[/] shard {safe(shard)} tally {safe(str(out))} (combine with `shardcut eval-merge`)"
         )
-    if out is not None:
-        report.save(out)
+
+
+@handle_errors
+def merge_cmd(
+    tallies: list[Path] = typer.Argument(..., help="Tallies of `shardcut eval --shard i/N -o T` runs."),
+    out: Path | None = typer.Option(None, "-o", "--out", help="Write the merged report as JSON (for `push --eval`)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing -o."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: quality against ratio, per-layer error."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Combine the shards of one evaluation exactly into the report of the whole data."""
+    from shardcut.ops.evaluation.tally import merge_tally_files
+
+    with _flags():
+        report = merge_tally_files(tallies, out, overwrite=overwrite)
+    _show(report, out, plot, as_json)
+
+
+@contextmanager
+def _flags():
+    """Library messages name EvalOptions fields (`ratios`); show the flags instead."""
+    from shardcut.ops.evaluation.options import flag_message
+
+    try:
+        yield
+    except ShardcutError as exc:
+        raise ShardcutError(flag_message(str(exc))) from None
+
+
+def _show(report, out: Path | None, plot: Path | None, as_json: bool) -> None:
     if plot is not None:
         from shardcut.ops.evaluation.plot import plot_report
 

@@ -8,18 +8,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from shardcut_cli.common import console, fail, handle_errors, human_bytes, safe
-from shardcut_cli.options import check_int, check_mtp_policy, check_ratio
-
-CRITERION_HELP = (
-    "Saliency criterion: reap (mean g·‖f‖ over routed tokens), ean (Σ‖f‖), ean_mean (mean ‖f‖), "
-    "frequency (routed tokens), weighted_frequency (Σ g), random (seeded), or an imported one. "
-    "Default: reap, or the only criterion an imported values-only file holds."
-)
-MTP_HELP = (
-    "How to prune MoE layers the scores do not cover (MTP layers): reuse-last (rank with the last scored "
-    "layer's scores), scores-of:N (with layer N's), same-ids-as:N (keep exactly layer N's ids)."
-)
+from shardcut.format.text import span
+from shardcut.plans.options import CRITERION_HELP, PlanOptions
+from shardcut_cli.common import console, handle_errors, human_bytes, safe
+from shardcut_cli.options import check_int
+from shardcut_cli.plan_options import takes_plan_options
 
 scores_app = typer.Typer(help="Read, merge and import score files (shardcut-scores/1).", no_args_is_help=True)
 
@@ -27,17 +20,6 @@ scores_app = typer.Typer(help="Read, merge and import score files (shardcut-scor
 def register(app: typer.Typer) -> None:
     app.add_typer(scores_app, name="scores")
     app.command("plan")(plan_cmd)
-
-
-MULTIPLE_HELP = (
-    "Round the kept count per layer up to a multiple of N (and of n_group), e.g. the expert-parallel "
-    "size vLLM serves with (E' % ep_size == 0); never prunes more than asked. Default: off."
-)
-SUPER_HELP = (
-    "Keep super experts whatever their score. Defined as in the REAP reference: experts whose act_max "
-    "exceeds max(99.5th percentile of act_max over all scored layers, global max / 10), in the first 75% "
-    "of the scored MoE layers (by layer key)."
-)
 
 
 @scores_app.command("show")
@@ -226,43 +208,10 @@ def import_cmd(
 
 
 @handle_errors
+@takes_plan_options()
 def plan_cmd(
     model: str = typer.Argument(..., help="Checkpoint folder or Hub repo id (only headers are read)."),
     scores: Path = typer.Option(..., "--scores", "-s", help="A shardcut-scores/1 file."),
-    ratio: float | None = typer.Option(
-        None,
-        "--ratio",
-        help="Fraction of routed experts removed, in (0, 1); "
-        "pruned per layer = floor(E x ratio), with E each stack's own count where "
-        "stacks differ (Qwen3-Omni's talker).",
-    ),
-    experts: int | None = typer.Option(
-        None,
-        "--experts",
-        help="Experts kept per layer. A model with several expert "
-        "counts keeps this many in every stack; refused, naming the stack, where it "
-        "does not fit one (not below its count, or below its top-k): use --ratio.",
-    ),
-    criterion: str | None = typer.Option(None, "--criterion", "-c", help=CRITERION_HELP),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random criterion."),
-    protect_super_experts: bool = typer.Option(False, "--protect-super-experts", help=SUPER_HELP),
-    super_percentile: float = typer.Option(
-        99.5,
-        "--super-percentile",
-        help="Super-expert rule: the act_max percentile of the threshold (REAP reference: 99.5).",
-    ),
-    super_layer_fraction: float = typer.Option(
-        0.75,
-        "--super-layer-fraction",
-        help="Super-expert rule: look in "
-        "the first this fraction of the scored layers (REAP reference: 0.75; "
-        "1 = every layer).",
-    ),
-    protect: list[str] | None = typer.Option(
-        None, "--protect", help="Always keep these experts: LAYER:ID[,ID...] (repeatable), e.g. --protect 3:0,17."
-    ),
-    mtp_policy: str | None = typer.Option(None, "--mtp-policy", help=MTP_HELP),
-    multiple_of: int = typer.Option(1, "--multiple-of", metavar="N", help=MULTIPLE_HELP),
     out: Path | None = typer.Option(
         None,
         "-o",
@@ -271,33 +220,13 @@ def plan_cmd(
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace the plan file if it exists."),
     as_json: bool = typer.Option(False, "--json", help="Machine-readable plan and report."),
+    *,
+    options: PlanOptions,
 ) -> None:
     """Choose the experts to keep from a score file; print the per-layer table and size estimate."""
     from shardcut.ops.planning import make_plan
-    from shardcut.plans.select import parse_protect
 
-    check_ratio("--ratio", ratio)
-    check_int("--experts", experts)
-    check_int("--seed", seed, low=0)
-    check_mtp_policy("--mtp-policy", mtp_policy)
-    if (ratio is None) == (experts is None):
-        fail("give exactly one of --ratio or --experts")
-    plan, report = make_plan(
-        model,
-        scores,
-        ratio=ratio,
-        experts=experts,
-        criterion=criterion,
-        seed=seed,
-        protect_super_experts=protect_super_experts,
-        protect=parse_protect(protect),
-        mtp_policy=mtp_policy,
-        super_percentile=super_percentile,
-        super_layer_fraction=super_layer_fraction,
-        multiple_of=multiple_of,
-        out=out,
-        overwrite=overwrite,
-    )
+    plan, report = make_plan(model, scores, options.check(), out=out, overwrite=overwrite)
     if as_json:
         typer.echo(
             json.dumps({"plan": plan.to_json(), "report": report.to_json(), "out": str(out) if out else None}, indent=2)
@@ -319,7 +248,9 @@ def print_plan_report(report) -> None:
         t.add_column(col, justify="right" if col in ("kept", "pruned") else "left")
     for row in report.rows:
         note = []
-        if row.source != "scores":
+        if row.source.startswith("kept whole"):
+            note.append("kept whole (no scores)")
+        elif row.source != "scores":
             note.append("no scores (mtp policy)")
         if row.protection_overrode:
             note.append("protection overrode order")
@@ -357,4 +288,4 @@ def _pairs(pairs: list[list]) -> str:
 
 
 def _ids(ids: list[int]) -> str:
-    return " ".join(map(str, ids)) if len(ids) <= 12 else f"{' '.join(map(str, ids[:10]))} … ({len(ids)})"
+    return span(ids, limit=12, head=10, tail=0, sep=" ", count=True)

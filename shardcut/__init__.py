@@ -43,6 +43,8 @@ _EXPORTS = {
     "calibrate": "shardcut.ops.calibration.runner",
     "evaluate": "shardcut.ops.evaluation.runner",
     "EvalReport": "shardcut.ops.evaluation.metrics",
+    "EvalOptions": "shardcut.ops.evaluation.options",
+    "merge_tally_files": "shardcut.ops.evaluation.tally",
 }
 
 if TYPE_CHECKING:
@@ -52,7 +54,9 @@ if TYPE_CHECKING:
     from shardcut.moe.model import describe as describe
     from shardcut.ops.calibration.runner import calibrate as calibrate
     from shardcut.ops.evaluation.metrics import EvalReport as EvalReport
+    from shardcut.ops.evaluation.options import EvalOptions as EvalOptions
     from shardcut.ops.evaluation.runner import evaluate as evaluate
+    from shardcut.ops.evaluation.tally import merge_tally_files as merge_tally_files
     from shardcut.ops.planning import make_plan as make_plan
     from shardcut.ops.publish import push as push
     from shardcut.ops.summary import inspect_model as inspect_model

@@ -7,6 +7,7 @@ import hashlib
 import json
 import shutil
 from collections.abc import Callable
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -148,9 +149,7 @@ def test_offsets_overlapping(case):
     def edit(header):
         tensors = _tensors(header)
         first, second = next(
-            (a, b)
-            for a, b in zip(tensors, tensors[1:])
-            if a[1]["shape"] == b[1]["shape"] and a[1]["dtype"] == b[1]["dtype"]
+            (a, b) for a, b in pairwise(tensors) if a[1]["shape"] == b[1]["shape"] and a[1]["dtype"] == b[1]["dtype"]
         )
         second[1]["data_offsets"] = list(first[1]["data_offsets"])
 

@@ -44,9 +44,22 @@ MORE_FAMILIES = [
     "deepseek_v32",
     "step3",
     "qwen3_5_moe_text",
+    "llama4",
+    "longcat_flash",
+    "dbrx",
+    "gemma4",
 ]
 # multimodal wrappers: their text stack streams from the wrapper's own shards, keyed as plan/prune key it
-WRAPPERS = ["kimi_k25", "qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe", "ernie4_5_vl_moe", "qwen3_omni_moe"]
+WRAPPERS = [
+    "kimi_k25",
+    "qwen3_vl_moe",
+    "qwen3_5_moe",
+    "glm4v_moe",
+    "ernie4_5_vl_moe",
+    "qwen3_omni_moe",
+    "llama4_multimodal",
+    "gemma4_multimodal",
+]
 CALIBRATED = PROOF_FAMILIES + MORE_FAMILIES + WRAPPERS
 # lengths up to the tiny models' 64 positions; a batch budget of 96 tokens forces padded batches
 LENGTHS = [3, 17, 40, 9, 64, 25, 33, 12, 50, 7]
@@ -96,7 +109,10 @@ def _keys(name: str) -> dict[int, str]:
 
 def _text_model(name: str, model):
     """The module whose forward the reference runs on text (Qwen3-Omni: its thinker)."""
-    return model.thinker if name == "qwen3_omni_moe" else model
+    if name == "qwen3_omni_moe":
+        return model.thinker
+    # transformers 5.24's Llama4ForConditionalGeneration cannot run text alone: its language model can
+    return model.language_model if name == "llama4_multimodal" else model
 
 
 @pytest.mark.parametrize("name", PROOF_FAMILIES)
@@ -345,3 +361,146 @@ def test_gpu_settings_run_on_the_cpu(families, ids_data, streamed, tmp_path, mon
     assert any(keep32 for *_, keep32 in placed) and not all(keep32 for *_, keep32 in placed)
     np.testing.assert_array_equal(bf16.count.sum(1), TOP_K * bf16.tokens)
     np.testing.assert_allclose(bf16.norm_sum.sum(1), full.norm_sum.sum(1), rtol=0.05)
+
+
+def _prune_and_oracle(name: str, families, plan, tmp_path):
+    """prune -> verify --source -> transformers loads it -> pruned logits equal the masked original's."""
+    import torch
+    from fixtures.families import load
+
+    from shardcut.moe.oracle import forbid_pruned_experts
+    from shardcut.ops.verification import verify
+    from shardcut.rewrite.writer import prune
+
+    b = families(name)
+    out = tmp_path / "pruned"
+    prune(b.source, out, plan)
+    checked = verify(out, source=b.source)
+    assert checked.ok, checked.problems
+    small, loading = load(b.family, out)
+    assert not loading["missing_keys"] and not loading["mismatched_keys"], loading
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(7))
+    counts = {k: b.family.experts_of(k) for k in plan.keep}
+    with torch.no_grad():
+        base = b.family.forward(b.model, ids)
+        with forbid_pruned_experts(b.model, plan.keep, counts, b.family.oracle_key) as masked_routers:
+            masked = b.family.forward(b.model, ids)
+        got = b.family.forward(small, ids)
+    assert masked_routers == len(b.family.runs)
+    assert (base - masked).abs().max().item() > 1e-3
+    assert (got - masked).abs().max().item() < 1e-5
+    return out
+
+
+def test_talker_never_reached_by_text_is_kept_whole(families, streamed, tmp_path):
+    """Qwen3-Omni: text calibration scores the thinker only; plan keeps the talker (its own expert
+    count) whole by default, says so in the report and the plan, and calibrate -> plan -> prune ->
+    verify gives a checkpoint transformers loads, with the talker's experts and count unchanged."""
+    import json
+
+    from shardcut.ops.planning import make_plan
+
+    scores, _, cal = streamed("qwen3_omni_moe")
+    plan, report = make_plan(families("qwen3_omni_moe").source, cal.out, ratio=0.5)
+    assert {k: len(v) for k, v in plan.keep.items()} == {"0": 4, "1": 4, "talker.0": 6, "talker.1": 6}
+    assert plan.keep["talker.0"] == list(range(6))
+    whole = [row for row in report.rows if row.layer.startswith("talker.")]
+    assert all(row.pruned == 0 and row.source.startswith("kept whole") for row in whole)
+    assert report.by_config["talker_config.text_config"]["kept"] == 6
+    assert any("talker_config.text_config: every expert kept" in n for n in report.notes)
+    assert "text-only calibration never routes" in plan.extra["unscored_stacks"]["talker_config.text_config"]
+    assert "mtp_policy" not in plan.extra
+    out = _prune_and_oracle("qwen3_omni_moe", families, plan, tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    assert config["thinker_config"]["text_config"]["num_experts"] == 4
+    assert config["talker_config"]["text_config"]["num_local_experts"] == 6
+
+
+def test_vision_experts_sharing_the_text_count_need_an_explicit_policy(families, streamed, tmp_path):
+    """ERNIE-4.5-VL: the vision half shares `moe_num_experts` with the text half (one int in
+    transformers; vLLM asserts both halves equal), so it cannot be kept whole while text is
+    pruned: plan refuses with the reason, and with --mtp-policy prunes both halves alike."""
+    from shardcut.format.errors import ShardcutError
+    from shardcut.ops.planning import make_plan
+
+    _, _, cal = streamed("ernie4_5_vl_moe")
+    source = families("ernie4_5_vl_moe").source
+    with pytest.raises(
+        ShardcutError, match=r"vision\.1, vision\.2 \(vision\. stack\) have no scores.*one expert count"
+    ):
+        make_plan(source, cal.out, ratio=0.5)
+    plan, report = make_plan(source, cal.out, ratio=0.5, mtp_policy="reuse-last")
+    assert plan.keep["vision.1"] == plan.keep["vision.2"] == plan.keep["2"]
+    assert {len(v) for v in plan.keep.values()} == {4}
+    _prune_and_oracle("ernie4_5_vl_moe", families, plan, tmp_path)
+
+
+def test_longcat_identity_experts_are_routed_but_not_scored(families, ids_data, tmp_path):
+    """LongCat-Flash: tokens routed to a zero-computation (identity) expert, ids E..E+Z-1, pass
+    through unchanged. Those pairs are in the layer's output but not in the statistics of the E real
+    experts, which still equal the full-model reference; counts plus identity choices make
+    top_k x tokens. The fixture's identity experts get a selection bias so that tokens choose them."""
+    import shutil
+
+    import torch
+    from fixtures.calib_fixtures import decoder_layers
+    from fixtures.families import load
+    from safetensors.torch import load_file, save_file
+
+    b = families("longcat_flash")
+    source = tmp_path / "longcat"
+    shutil.copytree(b.source, source)
+    for shard in source.glob("*.safetensors"):
+        tensors = load_file(shard)
+        biased = {n: t for n, t in tensors.items() if n.endswith("mlp.router.e_score_correction_bias")}
+        for t in biased.values():
+            t.zero_()
+            t[E:] = 0.02  # identity experts compete with the real ones
+        if biased:
+            save_file(tensors, shard, metadata={"format": "pt"})
+    model, _ = load(b.family, source)
+    scores = _run(source, ids_data[0], tmp_path / "s.safetensors")
+    identity: dict[int, int] = {}
+    hooks = [
+        layer.mlp.experts.register_forward_pre_hook(
+            lambda m, args, i=i: identity.__setitem__(i, identity.get(i, 0) + int((args[1] >= E).sum()))
+        )
+        for i, layer in enumerate(decoder_layers(model))
+    ]
+    try:
+        with torch.no_grad():
+            for s in ids_data[1]:
+                model(torch.as_tensor(s)[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(identity) == len(scores.layers) and all(0 < n < TOP_K * sum(LENGTHS) // 2 for n in identity.values())
+    ref = reference_statistics(model, ids_data[1], {int(k): k for k in scores.layers}, E)
+    for key in scores.layers:
+        r = scores.row(key)
+        assert scores.count[r].sum() + identity[int(key)] == TOP_K * scores.tokens[r]
+        np.testing.assert_array_equal(scores.count[r], ref[key]["count"])
+        for f in ("gate_sum", "norm_sum", "reap_sum", "act_max"):
+            np.testing.assert_allclose(getattr(scores, f)[r], ref[key][f], rtol=1e-6, atol=1e-9, err_msg=f)
+
+
+def test_llama4_skewed_routing_splits_the_padded_expert_call(families, ids_data, streamed, tmp_path, monkeypatch):
+    """Llama-4's experts run padded to the busiest expert; spans whose padding would waste more than
+    PAD_WASTE x are halved. Forced here on every span: the statistics do not change."""
+    from shardcut.ops.calibration import observe
+
+    monkeypatch.setattr(observe, "PAD_MIN_TOKENS", 1)
+    monkeypatch.setattr(observe, "PAD_WASTE", 1)
+    grouped, calls = observe.ScaledInputObserver._grouped, []
+
+    def counted(self, expert, *args):
+        calls.append(len(expert))
+        return grouped(self, expert, *args)
+
+    monkeypatch.setattr(observe.ScaledInputObserver, "_grouped", counted)
+    split = _run(families("llama4").source, ids_data[0], tmp_path / "s.safetensors")
+    assert len(calls) > sum(LENGTHS) and max(calls) <= 2 * TOP_K  # spans of one or two tokens
+    full, _, _ = streamed("llama4")
+    np.testing.assert_array_equal(split.count, full.count)
+    for f in ("gate_sum", "norm_sum", "reap_sum", "act_max"):
+        np.testing.assert_allclose(getattr(split, f), getattr(full, f), rtol=1e-6, err_msg=f)

@@ -171,8 +171,8 @@ def test_messages_need_a_chat_template(tmp_path, tokenizer_dir):
 def test_unsupported_architecture(families, tmp_path):
     data = tmp_path / "ids.jsonl"
     write_ids_jsonl(data, [5], VOCAB)
-    with pytest.raises(ShardcutError, match="llama4"):
-        calibrate(families("llama4").source, str(data), tmp_path / "s.safetensors")
+    with pytest.raises(ShardcutError, match="deepseek_v4.*hash-routed"):
+        calibrate(families("deepseek_v4").source, str(data), tmp_path / "s.safetensors")
 
 
 def test_bad_shard_and_device(families, tmp_path):
@@ -233,7 +233,7 @@ def test_cli_bad_input_exits_2(families, tmp_path):
     cases = [
         ["calibrate", model, "--data", str(tmp_path / "missing.txt"), "-o", str(out)],
         ["calibrate", model, "--data", str(empty), "-o", str(out)],
-        ["calibrate", str(families("llama4").source), "--data", str(empty), "-o", str(out)],
+        ["calibrate", str(families("deepseek_v4").source), "--data", str(empty), "-o", str(out)],
         ["calibrate", model, "--data", str(empty), "-o", str(tmp_path / "no" / "s.safetensors")],
         ["calibrate", model, "--data", str(empty), "-o", str(out), "--dtype", "int3"],
     ]

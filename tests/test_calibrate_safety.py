@@ -452,10 +452,10 @@ def test_spill_files_are_reserved_up_front(model, data, reference, tmp_path):
 
 
 def test_full_disk_is_a_one_line_error(model, data, tmp_path, monkeypatch):
-    import shardcut.ops.calibration.store as store
+    import shardcut.format.durable as durable  # the one free-space probe
 
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(store.shutil, "disk_usage", lambda p: usage._replace(free=1000))
+    monkeypatch.setattr(durable.shutil, "disk_usage", lambda p: usage._replace(free=1000))
     result = CliRunner().invoke(
         app, ["calibrate", str(model), "--data", str(data), "-o", str(tmp_path / "s.safetensors"), "--max-memory", "1"]
     )

@@ -25,9 +25,15 @@ def _all_types() -> list[tuple[str, str]]:
     return [(a.name, mt) for a in ARCHITECTURES for mt in a.model_types]
 
 
+def _plain_config(arch: str, model_type: str) -> dict:
+    """A config of `model_type` with the keys its entry's `unsupported_when` names turned off."""
+    entry = next(a for a in ARCHITECTURES if a.name == arch)
+    return {"model_type": model_type, **{k: 0 for k, _, _ in entry.calibration_of(model_type).unsupported_when}}
+
+
 @pytest.mark.parametrize("arch,model_type", _all_types())
 def test_every_model_type_calibrates_on_a_fixture_or_says_why_not(arch, model_type):
-    reason = unsupported_reason({"model_type": model_type})
+    reason = unsupported_reason(_plain_config(arch, model_type))
     if reason is None:
         assert model_type in _CALIBRATED_TYPES, f"{model_type} claims to calibrate but no fixture proves it"
         assert model_type in calibratable_model_types()
@@ -40,24 +46,26 @@ def test_every_family_transformers_registers_calibrates_or_is_explained():
     """The target of issue 12: whatever transformers can build calibrates; the rest is explained."""
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
-    explained = {mt: unsupported_reason({"model_type": mt}) for _, mt in _all_types()}
+    explained = {mt: unsupported_reason(_plain_config(a, mt)) for a, mt in _all_types()}
     registered = [mt for mt in explained if mt in CONFIG_MAPPING_NAMES]
     unregistered = [mt for mt in explained if mt not in CONFIG_MAPPING_NAMES]
     assert all(explained[mt] for mt in unregistered if mt != "kimi_k2"), unregistered  # kimi_k2: an alias
     calibrates = [mt for mt in registered if explained[mt] is None]
-    assert len(calibrates) >= 30
-    # what transformers builds but shardcut does not calibrate yet, each with its reason
-    assert {mt for mt in registered if explained[mt]} <= {
-        "llama4",
-        "llama4_text",
-        "longcat_flash",
+    assert len(calibrates) >= 39
+    # what transformers builds but shardcut does not calibrate, each with its reason
+    assert {mt for mt in registered if explained[mt]} == {
         "deepseek_v4",
-        "gemma4",
-        "gemma4_text",
-        "dbrx",
         "jetmoe",
         "step3p5",
     }
+
+
+def test_a_config_switch_can_make_a_family_uncalibratable():
+    """Gemma-4 calibrates without per-layer inputs or shared KV (its MoE checkpoints), not with them."""
+    assert unsupported_reason({"model_type": "gemma4_text", "hidden_size_per_layer_input": 0}) is None
+    assert "per-layer token inputs" in unsupported_reason({"model_type": "gemma4_text"})  # transformers' default 256
+    wrapped = {"model_type": "gemma4", "text_config": {"hidden_size_per_layer_input": 0, "num_kv_shared_layers": 2}}
+    assert "keys and values of earlier layers" in unsupported_reason(wrapped)
 
 
 def test_the_cli_prints_the_reason_in_one_line(families, tmp_path):
@@ -67,11 +75,14 @@ def test_the_cli_prints_the_reason_in_one_line(families, tmp_path):
 
     model = tmp_path / "model"
     shutil.copytree(families("gemma4").source, model)
+    config = json.loads((model / "config.json").read_text())
+    config["hidden_size_per_layer_input"] = 8  # Gemma-4's small dense models' per-layer inputs
+    (model / "config.json").write_text(json.dumps(config))
     data = tmp_path / "ids.jsonl"
     write_ids_jsonl(data, [5], json.loads((model / "config.json").read_text())["vocab_size"])
     result = CliRunner().invoke(app, ["calibrate", str(model), "--data", str(data), "-o", str(tmp_path / "s.st")])
     assert result.exit_code == 2
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "cannot calibrate model_type='gemma4_text'" in lines[0]
-    assert unsupported_reason({"model_type": "gemma4_text"}) in " ".join(result.output.split())
+    assert unsupported_reason(config) in " ".join(result.output.split())
     assert not (tmp_path / "s.st").exists()

@@ -114,7 +114,7 @@ def test_seed003_from_local_files_in_the_real_schemas(tmp_path, tok_dir, rows):
     """The issue's `evol.jsonl:700,xlam.jsonl:330,swe.jsonl:330`: evol and xlam are recognised by
     their columns; SWE-smith's tool list needs its recipe named (its rows are plain messages)."""
     names = []
-    for r, short in zip(rows.values(), ("evol", "xlam", "swe")):
+    for r, short in zip(rows.values(), ("evol", "xlam", "swe"), strict=True):
         path = tmp_path / f"{short}.jsonl"
         path.write_text("".join(json.dumps(row) + "\n" for row in r))
         names.append(str(path))

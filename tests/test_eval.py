@@ -219,7 +219,7 @@ def test_pruning_what_a_layer_relies_on_shows_first_at_that_layer(families, ids_
         device="cpu",
     )
     a, b = report.plans
-    parted = next(i for i, (x, y) in enumerate(zip(a.residual_error, b.residual_error)) if x != y)
+    parted = next(i for i, (x, y) in enumerate(zip(a.residual_error, b.residual_error, strict=True)) if x != y)
     assert parted == 2 and a.moe_error["1"] == b.moe_error["1"]
     assert b.moe_error["2"] > 1.3 * a.moe_error["2"] and b.moe_error["2"] > 1.5 * b.moe_error["1"]
     assert b.residual_error[2] > a.residual_error[2] and b.kl_mean > a.kl_mean
@@ -399,7 +399,7 @@ def test_ratios_from_a_score_file_are_the_plans_make_plan_writes(families, ids_d
     )
     by_plan = evaluate(built.source, str(ids_data[0]), plans=plans, max_length=64, device="cpu")
     assert [(p.name, p.kept, p.ratio) for p in by_ratio.plans] == [("ratio=0.25", 6, 0.25), ("ratio=0.5", 4, 0.5)]
-    for a, b in zip(by_ratio.plans, by_plan.plans):
+    for a, b in zip(by_ratio.plans, by_plan.plans, strict=True):
         assert (a.kl_mean, a.residual_error, a.moe_error) == (b.kl_mean, b.residual_error, b.moe_error)
     assert by_ratio.plans[0].kl_mean < by_ratio.plans[1].kl_mean  # pruning more costs more, here
     bad = CliRunner().invoke(
@@ -434,10 +434,28 @@ def test_bad_input_is_one_line_naming_the_file(families, ids_data, tmp_path):
         (["eval", str(other.pruned), "--source", str(built.source), *common], "not a pruned copy of"),
         (["eval", str(built.source), "--plan", str(tmp_path / "missing.json"), *common], "missing.json"),
         (
-            ["eval", str(built.pruned), "--source", str(built.source), *common, "--work-dir", str(tmp_path / "no")],
-            "work folder does not exist",
+            [
+                "eval",
+                str(built.pruned),
+                "--source",
+                str(built.source),
+                *common,
+                "--work-dir",
+                str(tmp_path / "no" / "w"),
+            ],
+            "the work folder's parent folder does not exist",
         ),
     ]
     for args, needle in cases:
         r = runner.invoke(app, args)
         assert r.exit_code == 2 and needle in r.output and r.output.count("error:") == 1, (args, r.output)
+
+
+@pytest.mark.parametrize("name", ["llama4", "longcat_flash"])
+def test_eval_masks_input_scaling_and_identity_expert_routers(name, evaluated):
+    """Llama-4 (its router scales the expert input) and LongCat (identity experts after the real
+    ones): a plan applied as the router mask measures what the pruned checkpoint computes."""
+    report, built = evaluated(name)
+    plan, out = report.plans
+    assert plan.kl_mean > 1e-4 and plan.kept == 4
+    _assert_same_quality(out, plan)

@@ -38,7 +38,7 @@ def hand_scores(seed: int = 0) -> tuple[Scores, dict[str, list[float]]]:
     s = Scores.zeros(KEYS, COUNTS, {"model": "tiny-omni"})
     rng = np.random.default_rng(seed)
     reap = {}
-    for r, (key, E) in enumerate(zip(KEYS, COUNTS)):
+    for r, (key, E) in enumerate(zip(KEYS, COUNTS, strict=True)):
         reap[key] = (rng.permutation(E) + 1.0).tolist()
         s.count[r, :E] = rng.integers(3, 40, E)
         s.reap_sum[r, :E] = s.count[r, :E] * np.array(reap[key])
@@ -217,7 +217,7 @@ def test_round_trip_keeps_the_best_of_each_stack_and_passes_the_oracle(omni, pla
     small, loading = load(fam, root / "pruned")
     assert not loading["missing_keys"] and not loading["unexpected_keys"], loading
     ids = torch.randint(3, 60, (2, 10), generator=torch.Generator().manual_seed(11))
-    counts = dict(zip(KEYS, COUNTS))
+    counts = dict(zip(KEYS, COUNTS, strict=True))
     with torch.no_grad():
         base = fam.forward(omni.model, ids)
         with forbid_pruned_experts(omni.model, plan.keep, counts, fam.oracle_key) as routers:

@@ -25,7 +25,8 @@ from shardcut.format.checkpoint import open_checkpoint
 from shardcut.format.errors import CheckpointError, ShardcutError
 from shardcut.moe.model import describe
 from shardcut.moe.parameters import count_parameters
-from shardcut.ops.publish import PROVENANCE_NAME, TAGS, push
+from shardcut.ops.card import TAGS
+from shardcut.ops.publish import PROVENANCE_NAME, push
 from shardcut.plans.plan import Plan
 from shardcut.plans.scores import file_sha256
 from shardcut_cli.main import app

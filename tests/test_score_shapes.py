@@ -49,7 +49,7 @@ def _keep(model, scores, criterion=None) -> dict:
 def _observer(native: Scores, keys) -> dict:
     """The native sums as the REAP reference's observer names them, under `keys`."""
     out = {}
-    for key, r in zip(keys, range(len(native.layers))):
+    for key, r in zip(keys, range(len(native.layers)), strict=True):
         out[key] = {
             "total_tokens": torch.tensor(int(native.tokens[r])),
             "expert_frequency": torch.tensor(native.count[r]).long(),

@@ -313,9 +313,9 @@ def test_mtp_layers_need_an_explicit_policy(with_mtp):
     plan, report = make_plan(with_mtp, s, ratio=0.5, mtp_policy="same-ids-as:2")
     assert plan.keep["4"] == plan.keep["2"] and report.rows[-1].source == "keeps the same ids as layer 2"
     for bad, message in (
-        ("guess", "unknown mtp policy"),
+        ("guess", "unknown mtp_policy"),
         ("same-ids-as:4", "layer 4 has no scores"),
-        ("scores-of:", "unknown mtp policy"),
+        ("scores-of:", "unknown mtp_policy"),
     ):
         with pytest.raises(ShardcutError, match=message):
             make_plan(with_mtp, s, ratio=0.5, mtp_policy=bad)
@@ -327,11 +327,11 @@ def test_scores_of_another_model_are_refused(with_mtp, qwen):
     info = model_info(with_mtp)
     with pytest.raises(ShardcutError, match="scores of 16 experts per layer, the model has 8"):
         make_plan(with_mtp, Scores.zeros(["1", "2", "3"], 16), ratio=0.5)
-    with pytest.raises(ShardcutError, match=r"layers \['0'\] that are not MoE layers"):
+    with pytest.raises(ShardcutError, match=r"layers \['0'\] are not MoE layers"):
         make_plan(with_mtp, random_scores(info, layers=["0", "1", "2", "3"]), ratio=0.5)
-    with pytest.raises(ShardcutError, match=r"lacks MoE layers \['3'\]"):
+    with pytest.raises(ShardcutError, match=r"no scores for MoE layers \['3'\]"):
         make_plan(with_mtp, random_scores(info, layers=["1", "2"]), ratio=0.5)
-    with pytest.raises(ShardcutError, match=r"covers layers \['2', '3'\] that are not MoE layers"):
+    with pytest.raises(ShardcutError, match=r"layers \['2', '3'\] are not MoE layers"):
         make_plan(qwen, random_scores(info, layers=["2", "3"]), ratio=0.5)
 
 
@@ -525,17 +525,17 @@ def test_multiple_of_reaches_the_plan_and_the_commands(qwen, tmp_path):
 
 
 def test_every_plan_option_has_a_flag_and_comes_back_from_it(qwen, tmp_path):
-    """`plan_arguments` renders every `make_plan` option (a new option without a flag fails
-    here), and `shardcut plan` with those arguments makes the same plan."""
-    import inspect
+    """Every `PlanOptions` field is a flag of both `plan` and `prune` (a new field without a flag
+    fails here), the plan records every option, `arguments` renders them, and `shardcut plan`
+    with those arguments makes the same plan."""
+    from dataclasses import fields
 
-    from shardcut.ops.planning import PLAN_FLAGS, plan_arguments
+    from shardcut.plans.options import PlanOptions
 
-    options = {k for k, p in inspect.signature(make_plan).parameters.items() if p.kind is p.KEYWORD_ONLY}
-    assert options - {"out", "overwrite"} == set(PLAN_FLAGS)  # where the plan is written is no plan option
+    flags = [f.metadata["flag"] for f in fields(PlanOptions)]
     help_text = runner.invoke(app, ["plan", "--help"], env={"COLUMNS": "300"}).output
     prune_help = runner.invoke(app, ["prune", "--help"], env={"COLUMNS": "300"}).output
-    assert all(flag in help_text and flag in prune_help for flag in PLAN_FLAGS.values())
+    assert len(flags) == 10 and all(flag in help_text and flag in prune_help for flag in flags)
     scores_path = tmp_path / "s.safetensors"
     random_scores(model_info(qwen)).save(scores_path)
     plan, _ = make_plan(
@@ -548,7 +548,9 @@ def test_every_plan_option_has_a_flag_and_comes_back_from_it(qwen, tmp_path):
         protect_super_experts=True,
         multiple_of=2,
     )
-    args = plan_arguments(plan.extra["options"])
+    unset = {"ratio", "mtp_policy"}  # None: left out of the record
+    assert set(plan.extra["options"]) == {f.name for f in fields(PlanOptions)} - unset
+    args = PlanOptions.from_record(plan.extra).arguments()
     assert args == [
         "--experts",
         "4",

@@ -417,7 +417,7 @@ def test_stream_applies_the_same_rules(hub, tmp_path, monkeypatch):
     report = prune_model(repo, out, Plan(keep(), {"criterion": "test"}), stream=True, download=fetch)
     lines = {f["path"]: f["why"] for f in report.side_files if f["action"] == "leave"}
     assert {"README.md", "metal/model.bin", "original/config.json", "original/dtypes.json"} <= set(lines)
-    assert "--stream never downloads it" in lines["original/config.json"]
+    assert "a streamed prune never downloads it" in lines["original/config.json"]
     assert not (out / "original").exists() and not (out / "metal").exists() and not (out / "README.md").exists()
     assert report.shards == SHARDS
     for rel in _files(out) - {"shardcut-plan.json"}:

@@ -170,7 +170,7 @@ def test_refuses_to_start_when_disk_is_short(t, tmp_path, online, monkeypatch):
 
 
 def test_stream_rejects_resharding(t, tmp_path, online):
-    with pytest.raises(ShardcutError, match="--stream keeps the source's shards"):
+    with pytest.raises(ShardcutError, match="stream keeps the source's shards"):
         prune_model(REPO, tmp_path / "out", Plan.load(t.plan_path), stream=True, max_shard_size="1MB")
 
 

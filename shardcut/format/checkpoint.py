@@ -11,6 +11,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardcut.format.cache_paths import snapshot_of
 from shardcut.format.container import ShardHeader, TensorInfo, read_header
 from shardcut.format.errors import CheckpointError, ShardcutError
 
@@ -123,7 +124,7 @@ def _link_area(root: Path) -> Path:
     """Where a checkpoint's files may resolve to: the folder itself, or for a Hugging Face cache
     snapshot (`models--org--name/snapshots/<sha>`, whose files link into `../../blobs/`) the
     repo's cache folder."""
-    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
+    if snapshot_of(root):
         return root.parent.parent
     return root
 
@@ -150,7 +151,8 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ShardcutError("'weight_map' must map tensor names to shard file names", index_path)
-        index_metadata = index.get("metadata") if isinstance(index.get("metadata"), dict) else {}
+        metadata = index.get("metadata")
+        index_metadata = metadata if isinstance(metadata, dict) else {}
         shard_names = list(dict.fromkeys(weight_map.values()))
     elif (root / SINGLE_NAME).exists():
         weight_map = None

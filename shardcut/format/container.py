@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import orjson
 
@@ -395,12 +396,15 @@ def write_shard(
     on_bytes=None,
     sources: PinnedSources | None = None,
     sync: bool = True,
+    on_written=None,
 ) -> int:
     """Write a safetensors file whose tensors are copied byte for byte from source ranges.
 
     `on_bytes(n)` is called as data is copied (for progress bars). `sources`: source files
     already open (pinned), read through their descriptors. `sync=False` leaves the fsync to the
-    caller (`sync_file`), e.g. to overlap it with writing the next shard. Returns the file size.
+    caller (`sync_file`), e.g. to overlap it with writing the next shard. `on_written(fd, pos)`
+    is called after the header and after each piece with the bytes written so far (a
+    `readback.Follower` starts their write-back and reads them back). Returns the file size.
 
     Example:
         >>> src = read_header("in.safetensors").tensors["w"]
@@ -414,9 +418,15 @@ def write_shard(
         view = memoryview(header)
         while view:
             view = view[os.write(fd, view) :]
+        pos = len(header)
+        if on_written is not None:
+            on_written(fd, pos)
         for t in tensors:
             for p in t.pieces:
                 _copy_range(files.fd(p.path), fd, p.offset, p.length, on_bytes)
+                pos += p.length
+                if on_written is not None:
+                    on_written(fd, pos)
         if sync:
             _sync_and_drop(fd)
         size = os.lseek(fd, 0, os.SEEK_CUR)
@@ -456,7 +466,7 @@ def hash_pieces(pieces: list[Piece], hasher) -> None:
                 left -= len(buf)
 
 
-COMPARE_CHUNK = 16 << 20  # bytes per read when comparing written tensors with their sources
+COMPARE_CHUNK = 16 << 20  # bytes per read when comparing files
 
 
 def slice_expert_axis(
@@ -479,7 +489,10 @@ def slice_expert_axis(
     except ValueError:
         raise ShardcutError(f"tensor {t.name!r}: expert blocks of {t.dtype} do not fill whole bytes", path) from None
     outer = math.prod(t.shape[:axis])
-    per_outer = kept if kept and isinstance(kept[0], list) else [kept] * outer
+    if kept and isinstance(kept[0], list):
+        per_outer = cast("list[list[int]]", kept)
+    else:
+        per_outer = [cast("list[int]", kept)] * outer
     if len(per_outer) != outer or len({len(k) for k in per_outer}) != 1:
         raise ShardcutError(f"tensor {t.name!r} {list(t.shape)}: {outer} rows need equal kept lists for each", path)
     pieces = [
@@ -490,46 +503,3 @@ def slice_expert_axis(
     shape = list(t.shape)
     shape[axis] = block * len(per_outer[0])
     return OutTensor(t.name, t.dtype, tuple(shape), merge_pieces(pieces))
-
-
-def compare_written(
-    out_dir: Path, shards: list[list[OutTensor]], names: list[str], pinned: PinnedSources | None = None
-) -> int:
-    """Re-read every written tensor and compare it with its source byte ranges.
-
-    Raises ShardcutError at the first difference; returns the bytes compared. Reads in
-    bounded chunks, so memory stays flat. `pinned`: the source files the copy read (compared
-    through those same descriptors, not re-opened by path).
-    """
-    compared = 0
-    sources: dict[Path, int] = {}
-    try:
-        for name, tensors in zip(names, shards):
-            path = out_dir / name
-            header = read_header(path)
-            out_fd = os.open(path, os.O_RDONLY)
-            try:
-                for t in tensors:
-                    info = header.tensors.get(t.name)
-                    if info is None or info.shape != t.shape or info.dtype != t.dtype:
-                        raise ShardcutError(f"tensor {t.name!r} missing or with the wrong dtype/shape", path)
-                    pos = info.start
-                    for piece in t.pieces:
-                        if pinned is not None and piece.path in pinned:
-                            src_fd = pinned.fd(piece.path)
-                        else:
-                            if piece.path not in sources:
-                                sources[piece.path] = os.open(piece.path, os.O_RDONLY)
-                            src_fd = sources[piece.path]
-                        for off in range(0, piece.length, COMPARE_CHUNK):
-                            n = min(COMPARE_CHUNK, piece.length - off)
-                            if os.pread(out_fd, n, pos + off) != os.pread(src_fd, n, piece.offset + off):
-                                raise ShardcutError(f"tensor {t.name!r} differs from its source bytes", path)
-                        pos += piece.length
-                        compared += piece.length
-            finally:
-                os.close(out_fd)
-    finally:
-        for fd in sources.values():
-            os.close(fd)
-    return compared

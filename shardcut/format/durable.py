@@ -11,10 +11,27 @@ rename it over the target, fsync the directory (so the rename itself is on disk)
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from shardcut.format.errors import OutputError, OutputExistsError
+
+
+def nearest_existing(path: str | Path) -> Path:
+    """`path` (absolute) when it exists, else its nearest existing parent: where a folder that
+    is still to be made would live."""
+    probe = Path(path).absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return probe
+
+
+def free_space(path: str | Path) -> tuple[Path, int]:
+    """(the folder probed, its filesystem's free bytes) for `path` or its nearest existing parent:
+    the one free-space probe of prune, --stream and calibration's activation files."""
+    probe = nearest_existing(path)
+    return probe, shutil.disk_usage(probe).free
 
 
 def fsync_dir(path: str | Path) -> None:

@@ -1,7 +1,8 @@
 """The exceptions shardcut raises for bad input, one kind per thing that can be wrong.
 
 Every message is one line that names the file (or layer) and the problem, so the CLI can print
-it as is and exit with code 2. Every kind is a `ShardcutError`, so `except ShardcutError` still
+it as is and exit with code 2. A message names the library's parameters (`create_pr`, `protect`),
+never command-line flags, and lists them in `params`: the CLI shows them as its flags. Every kind is a `ShardcutError`, so `except ShardcutError` still
 catches them all; a caller that must tell them apart catches the kind.
 
     >>> try:
@@ -12,18 +13,25 @@ catches them all; a caller that must tell them apart catches the kind.
 
 from __future__ import annotations
 
-from pathlib import Path
+from os import PathLike
 
 
 class ShardcutError(Exception):
     """Bad input: a malformed file, an inconsistent plan, an unsupported layout.
 
+    `params`: the parameters the message names, by their Python names (the CLI maps each to its
+    flag when it prints the message).
+
     Example:
         >>> raise ShardcutError("plan.json: layer 3 keeps 3 experts, other layers keep 4")
+        >>> raise PlanError("protect: layer 9 is not a MoE layer", params=("protect",))
     """
 
-    def __init__(self, message: str, path: str | Path | None = None) -> None:
+    def __init__(
+        self, message: str, path: str | PathLike | object | None = None, *, params: tuple[str, ...] = ()
+    ) -> None:  # object: a Hub RepoRef
         self.path = str(path) if path is not None else None
+        self.params = tuple(params)
         super().__init__(f"{path}: {message}" if path is not None else message)
 
 

@@ -14,19 +14,23 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # annotations only: the module imports no numpy
+    import numpy as np
 
 SKETCH_FORMAT = "bottomk-sha256-48/1"
 SKETCH_SIZE = 1024
 PREFIX_TOKENS = 32
 
 
-def sample_hash(ids: Sequence[int]) -> int:
+def sample_hash(ids: Sequence[int] | np.ndarray) -> int:
     """48 bits of sha256 over the sample's first PREFIX_TOKENS token ids (little-endian int64)."""
     head = b"".join(int(i).to_bytes(8, "little", signed=True) for i in list(ids[:PREFIX_TOKENS]))
     return int.from_bytes(hashlib.sha256(head).digest()[:6], "big")
 
 
-def data_sketch(samples: Iterable[Sequence[int]], size: int = SKETCH_SIZE) -> str:
+def data_sketch(samples: Iterable[Sequence[int] | np.ndarray], size: int = SKETCH_SIZE) -> str:
     """`FORMAT;k;hex,hex,...`: the `size` smallest distinct sample hashes, ascending."""
     hashes = sorted({sample_hash(s) for s in samples})[:size]
     return f"{SKETCH_FORMAT};{size};" + ",".join(f"{h:012x}" for h in hashes)
@@ -46,7 +50,7 @@ class Overlap:
         return self.matched / self.compared if self.compared else 0.0
 
 
-def overlap(sketch: str, samples: Sequence[Sequence[int]]) -> Overlap | None:
+def overlap(sketch: str, samples: Sequence[Sequence[int] | np.ndarray]) -> Overlap | None:
     """Compare held-out `samples` with a recorded sketch; None when the sketch is not one."""
     fmt, _, rest = sketch.partition(";")
     size_text, _, body = rest.partition(";")

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from shardcut.format.cache_paths import repo_folder_name
 from shardcut.format.checkpoint import (
     CONFIG_NAME,
     INDEX_NAME,
@@ -120,7 +121,7 @@ def cache_root() -> Path:
 
 def cache_folder(ref: RepoRef) -> Path:
     """`models--org--name` in the cache, laid out as huggingface_hub does."""
-    return cache_root() / ("models--" + ref.repo_id.replace("/", "--"))
+    return cache_root() / repo_folder_name(ref.repo_id)
 
 
 @contextmanager
@@ -193,8 +194,8 @@ def resolve_commit(ref: RepoRef, api=None) -> str:
     return sha
 
 
-def cached_file(ref: RepoRef, commit: str, filename: str) -> Path | None:
-    """The cached copy of `filename` at `commit`, or None (`try_to_load_from_cache`)."""
+def cached_file(ref: RepoRef, commit: str | None, filename: str) -> Path | None:
+    """The cached copy of `filename` at `commit` (None: main), or None (`try_to_load_from_cache`)."""
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(ref.repo_id, filename, revision=commit)
@@ -324,8 +325,8 @@ def remote_checkpoint(root: Path, meta, index: dict | None, ref: RepoRef | str) 
                 )
         if set(tensors) - set(index["weight_map"]):
             raise ShardcutError("shards hold tensors the index does not list", INDEX_NAME)
-    metadata = index.get("metadata") if index and isinstance(index.get("metadata"), dict) else {}
-    return Checkpoint(root, config, shards, tensors, metadata)
+    metadata = index.get("metadata") if index else None
+    return Checkpoint(root, config, shards, tensors, metadata if isinstance(metadata, dict) else {})
 
 
 def is_remote(ckpt: Checkpoint) -> bool:

@@ -5,6 +5,8 @@ one row (or column) per expert, where the per-expert ModuleList (or fused expert
 which config keys hold the expert count and top-k, and which layers the config makes MoE.
 Nothing else in shardcut knows a family by name: the rewriter, the planner, `inspect` and
 `verify` all read this table. Facts: ../shared/reference/moe-checkpoint-formats.md, tables A and B.
+Entries and stacks take named fields only, one per line; tests/test_architectures.py checks each
+entry's own consistency (what one field names, another must hold).
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def llama4_moe_layers(cfg: dict, layer: int) -> bool:
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Stack:
     """A run of decoder layers that contain MoE blocks, e.g. `model.layers.{L}`.
 
@@ -144,7 +146,7 @@ class Stack:
         return (self.expert_rows + self.expert_cols)[0]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Calibration:
     """How `calibrate` runs a family through transformers' own modelling code (or why it cannot).
 
@@ -158,7 +160,21 @@ class Calibration:
     text_only_stacks: plan-key prefixes of MoE stacks a text-only forward never reaches (ERNIE-VL's
         vision experts, Qwen3-Omni's talker): their layers are not scored.
     experts_module: the experts module a text token runs, relative to the decoder layer, where a
-        layer holds several (ERNIE-VL: `mlp.text_moe.experts`); else the layer's one experts module.
+        layer holds several (ERNIE-VL: `mlp.text_moe.experts`) or where it does not take the usual
+        `(hidden, top_k_index, top_k_weights)` call (Llama-4); else the layer's one experts module.
+    input_scaling_router: the router module (relative to the decoder layer) of a family whose
+        routing scores scale each expert's *input* rather than its output, its experts module
+        running every expert on the `[E·T, H]` pre-scaled tokens (Llama-4: the layer adds
+        f_j(s_j·x), s_j the sigmoid of the top-k logit). The statistics take f_j(x), the expert on
+        the unscaled token, as the REAP reference does for Llama-4, with gate s_j, the score the
+        layer applies; the layer's own output f_j(s_j·x) flows on. Only routed pairs are computed.
+    two_slot_pairs: the experts module cannot take one expert per row (transformers 5.24's
+        LongcatFlashExperts squeezes a `[1, N]` top-1 mask to `[N]` and fails): each (token, expert)
+        pair gets a second slot of weight 0, on the first zero-computation (identity) expert where
+        the module has one (costs nothing), else on the same expert.
+    unsupported_when: (text-config key, transformers' default for it, reason): a config where the
+        key (absent: its default) is set cannot be calibrated, for that reason (Gemma-4's per-layer
+        inputs, which its MoE checkpoints turn off).
     """
 
     unsupported: str | None = None
@@ -166,12 +182,15 @@ class Calibration:
     images_share_experts: bool = False
     text_only_stacks: tuple[str, ...] = ()
     experts_module: str | None = None
+    input_scaling_router: str | None = None
+    two_slot_pairs: bool = False
+    unsupported_when: tuple[tuple[str, object, str], ...] = ()
 
 
 CALIBRATES = Calibration()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Architecture:
     """One MoE family.
 
@@ -209,186 +228,50 @@ class Architecture:
     calibration: Calibration = CALIBRATES
     calibration_by_type: tuple[tuple[str, Calibration], ...] = ()
 
-    def calibration_of(self, model_type: str) -> Calibration:
+    def calibration_of(self, model_type: str | None) -> Calibration:
         """The calibration facts of one of this entry's model types."""
-        return dict(self.calibration_by_type).get(model_type, self.calibration)
+        return next((c for t, c in self.calibration_by_type if t == model_type), self.calibration)
 
 
 def _qwen_layers(prefixes: tuple[str, ...] = ("model.layers",)) -> Stack:
-    return Stack(prefixes, "mlp.experts", ("mlp.gate.weight",))
+    return Stack(
+        layer_prefixes=prefixes,
+        experts="mlp.experts",
+        expert_rows=("mlp.gate.weight",),
+    )
 
 
 def _deepseek_layers(prefixes: tuple[str, ...] = ("model.layers",)) -> Stack:
-    return Stack(prefixes, "mlp.experts", ("mlp.gate.weight", "mlp.gate.e_score_correction_bias"))
+    return Stack(
+        layer_prefixes=prefixes,
+        experts="mlp.experts",
+        expert_rows=("mlp.gate.weight", "mlp.gate.e_score_correction_bias"),
+    )
 
 
-_MIXTRAL = Stack(("model.layers",), "block_sparse_moe.experts", ("block_sparse_moe.gate.weight",))
+_MIXTRAL = Stack(
+    layer_prefixes=("model.layers",),
+    experts="block_sparse_moe.experts",
+    expert_rows=("block_sparse_moe.gate.weight",),
+)
 _QWEN_KEYS = ("num_experts", "num_local_experts")
 _DEEPSEEK_KEYS = ("n_routed_experts", "num_local_experts", "num_experts")
 _GROUPS = ("n_group", "topk_group")
+_SPARSE = ("sparse",)
 # calibration facts shared by several entries
 _SHARED_IMAGES = Calibration(images_share_experts=True)
-_ROUTER_SCALES_INPUT = Calibration(
-    unsupported="its router scales the expert input by the routing score, so f_j(x) "
-    "is not the plain expert output the statistics need"
-)
 _NO_TRANSFORMERS = Calibration(
     unsupported="transformers has no implementation of it (the Hub's remote code builds "
     "another MoE block, which the observer does not hook)"
 )
 
-ARCHITECTURES: tuple[Architecture, ...] = (
-    Architecture("qwen3_moe", ("qwen3_moe",), (_qwen_layers(),), _QWEN_KEYS, moe_rule=qwen_sparse_step),
-    Architecture("qwen2_moe", ("qwen2_moe",), (_qwen_layers(),), _QWEN_KEYS, moe_rule=qwen_sparse_step),
-    Architecture("olmoe", ("olmoe",), (_qwen_layers(),), _QWEN_KEYS),
-    Architecture(
-        "qwen3_next",
-        ("qwen3_next",),
-        (
-            _qwen_layers(),
-            Stack(("mtp.layers",), "mlp.experts", ("mlp.gate.weight",), plan_prefix="mtp.", follows_rule=False),
-        ),
-        _QWEN_KEYS,
-        moe_rule=qwen_sparse_step,
-    ),
-    Architecture("mixtral", ("mixtral",), (_MIXTRAL,), ("num_local_experts", "num_experts")),
-    Architecture(
-        "phimoe",
-        ("phimoe",),
-        (_MIXTRAL,),
-        ("num_local_experts", "num_experts"),
-        top_k_exact=2,
-        notes=("vLLM's PhiMoE (sparsemixer) asserts top_k == 2",),
-    ),
-    Architecture(
-        "minimax_m2",
-        ("minimax_m2",),
-        (
-            Stack(
-                ("model.layers",),
-                "block_sparse_moe.experts",
-                ("block_sparse_moe.gate.weight", "block_sparse_moe.e_score_correction_bias"),
-            ),
-        ),
-        ("num_local_experts", "num_experts"),
-        scoring="sigmoid",
-        selection_bias="block_sparse_moe.e_score_correction_bias",
-    ),
-    Architecture(
-        "deepseek_v2",
-        ("deepseek_v2",),
-        (_deepseek_layers(),),
-        _DEEPSEEK_KEYS,
-        moe_rule=first_k_dense,
-        group_keys=_GROUPS,
-        grouped_when=("group_limited_greedy",),
-    ),
-    Architecture(
-        "deepseek_v3",
-        ("deepseek_v3", "deepseek_v32", "kimi_k2"),
-        (_deepseek_layers(),),
-        _DEEPSEEK_KEYS,
-        moe_rule=first_k_dense,
-        group_keys=_GROUPS,
-        scoring="sigmoid",
-        selection_bias="mlp.gate.e_score_correction_bias",
-        calibration_by_type=(("kimi_k2", Calibration(config_alias="deepseek_v3")),),
-    ),
-    Architecture(
-        "kimi_k25",
-        ("kimi_k25",),
-        (_deepseek_layers(("language_model.model.layers", "language_model.layers")),),
-        _DEEPSEEK_KEYS,
-        moe_rule=first_k_dense,
-        config_path=("text_config",),
-        group_keys=_GROUPS,
-        scoring="sigmoid",
-        selection_bias="mlp.gate.e_score_correction_bias",
-        calibration=_SHARED_IMAGES,
-    ),
-    Architecture(
-        "glm4_moe",
-        ("glm4_moe",),
-        (_deepseek_layers(),),
-        _DEEPSEEK_KEYS,
-        moe_rule=first_k_dense,
-        group_keys=_GROUPS,
-        scoring="sigmoid",
-        selection_bias="mlp.gate.e_score_correction_bias",
-    ),
-    Architecture(
-        "dots1",
-        ("dots1",),
-        (_deepseek_layers(),),
-        _DEEPSEEK_KEYS,
-        moe_rule=first_k_dense,
-        group_keys=_GROUPS,
-        scoring="sigmoid",
-        selection_bias="mlp.gate.e_score_correction_bias",
-    ),
-    Architecture(
-        "ernie4_5_moe",
-        ("ernie4_5_moe",),
-        (
-            Stack(
-                ("model.layers",),
-                "mlp.experts",
-                ("mlp.gate.weight",),
-                expert_cols=("mlp.moe_statics.e_score_correction_bias",),
-            ),
-        ),
-        ("moe_num_experts", "num_experts"),
-        top_k_keys=("moe_k", "num_experts_per_tok"),
-        moe_rule=ernie_interval,
-        selection_bias="mlp.moe_statics.e_score_correction_bias",
-    ),
-    Architecture(
-        "gpt_oss",
-        ("gpt_oss",),
-        (Stack(("model.layers",), "mlp.experts", ("mlp.router.weight", "mlp.router.bias")),),
-        ("num_local_experts", "num_experts"),
-    ),
-    Architecture(
-        "llama4",
-        ("llama4", "llama4_text"),
-        (
-            Stack(
-                ("language_model.model.layers", "model.layers"), "feed_forward.experts", ("feed_forward.router.weight",)
-            ),
-        ),
-        ("num_local_experts",),
-        moe_rule=llama4_moe_layers,
-        config_path=("text_config",),
-        scoring="sigmoid",
-        calibration=_ROUTER_SCALES_INPUT,
-    ),
-    Architecture(
-        "granitemoe",
-        ("granitemoe", "granitemoeshared", "granitemoehybrid"),
-        (
-            Stack(
-                ("model.layers",),
-                None,
-                (
-                    "block_sparse_moe.router.layer.weight",
-                    "block_sparse_moe.input_linear.weight",
-                    "block_sparse_moe.output_linear.weight",
-                ),
-            ),
-        ),
-        ("num_local_experts",),
-    ),
-)
-
-_SPARSE = ("sparse",)
-
 
 def _ernie_vl_half(block: int, plan_prefix: str, router: str) -> Stack:
     return Stack(
-        ("model.layers", "model.language_model.layers"),
-        "mlp.experts",
-        (),
-        (router,),
+        layer_prefixes=("model.layers", "model.language_model.layers"),
+        experts="mlp.experts",
+        expert_rows=(),
+        expert_cols=(router,),
         plan_prefix=plan_prefix,
         expert_block=block,
         block_cols=("mlp.moe_statics.e_score_correction_bias",),
@@ -397,51 +280,121 @@ def _ernie_vl_half(block: int, plan_prefix: str, router: str) -> Stack:
 
 def _qwen_omni(stack: str, config: str, plan_prefix: str) -> Stack:
     return Stack(
-        (f"{stack}.model.layers",),
-        "mlp.experts",
-        ("mlp.gate.weight",),
+        layer_prefixes=(f"{stack}.model.layers",),
+        experts="mlp.experts",
+        expert_rows=("mlp.gate.weight",),
         plan_prefix=plan_prefix,
         config_path=(config, "text_config"),
     )
 
 
-ARCHITECTURES += (
-    # ---- vision-language and omni variants of the Qwen / GLM families ------------------------
+# Gemma-4 configs the layer-by-layer stream cannot run (its small dense models use both)
+_GEMMA4_SWITCHES = (
+    (
+        "hidden_size_per_layer_input",
+        256,
+        "its decoder layers take per-layer token inputs (hidden_size_per_layer_input > 0), computed once "
+        "from the token ids and the input embeddings, which the layer-by-layer stream does not carry "
+        "(Gemma-4's MoE checkpoints set it to 0 and calibrate)",
+    ),
+    (
+        "num_kv_shared_layers",
+        0,
+        "its last num_kv_shared_layers layers reuse the keys and values of earlier layers, which the "
+        "layer-by-layer stream does not carry",
+    ),
+)
+
+ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture(
-        "qwen3_vl_moe",
-        ("qwen3_vl_moe",),
-        (_qwen_layers(("model.language_model.layers",)),),  # fused, [E,H,2I] / [E,I,H] on the Hub
-        _QWEN_KEYS,
+        name="qwen3_moe",
+        model_types=("qwen3_moe",),
+        stacks=(_qwen_layers(),),
+        expert_keys=_QWEN_KEYS,
         moe_rule=qwen_sparse_step,
-        config_path=("text_config",),
-        calibration=_SHARED_IMAGES,
     ),
     Architecture(
-        "qwen3_5_moe",
-        ("qwen3_5_moe", "qwen3_5_moe_text"),
-        (
-            _qwen_layers(("model.language_model.layers", "model.layers")),
-            Stack(("mtp.layers",), "mlp.experts", ("mlp.gate.weight",), plan_prefix="mtp.", follows_rule=False),
+        name="qwen2_moe",
+        model_types=("qwen2_moe",),
+        stacks=(_qwen_layers(),),
+        expert_keys=_QWEN_KEYS,
+        moe_rule=qwen_sparse_step,
+    ),
+    Architecture(
+        name="olmoe",
+        model_types=("olmoe",),
+        stacks=(_qwen_layers(),),
+        expert_keys=_QWEN_KEYS,
+    ),
+    Architecture(
+        name="qwen3_next",
+        model_types=("qwen3_next",),
+        stacks=(
+            _qwen_layers(),
+            Stack(
+                layer_prefixes=("mtp.layers",),
+                experts="mlp.experts",
+                expert_rows=("mlp.gate.weight",),
+                plan_prefix="mtp.",
+                follows_rule=False,
+            ),
         ),
-        _QWEN_KEYS,
+        expert_keys=_QWEN_KEYS,
         moe_rule=qwen_sparse_step,
-        config_path=("text_config",),
-        calibration_by_type=(("qwen3_5_moe", _SHARED_IMAGES),),
     ),
     Architecture(
-        "qwen3_omni_moe",
-        ("qwen3_omni_moe",),
-        (_qwen_omni("thinker", "thinker_config", ""), _qwen_omni("talker", "talker_config", "talker.")),
-        _QWEN_KEYS,
-        moe_rule=qwen_sparse_step,
-        notes=("thinker and talker have their own expert counts; plan keys 'L' and 'talker.L'",),
-        calibration=Calibration(images_share_experts=True, text_only_stacks=("talker.",)),
+        name="mixtral",
+        model_types=("mixtral",),
+        stacks=(_MIXTRAL,),
+        expert_keys=("num_local_experts", "num_experts"),
     ),
     Architecture(
-        "glm4v_moe",
-        ("glm4v_moe",),
-        (_deepseek_layers(("model.language_model.layers",)),),
-        _DEEPSEEK_KEYS,
+        name="phimoe",
+        model_types=("phimoe",),
+        stacks=(_MIXTRAL,),
+        expert_keys=("num_local_experts", "num_experts"),
+        top_k_exact=2,
+        notes=("vLLM's PhiMoE (sparsemixer) asserts top_k == 2",),
+    ),
+    Architecture(
+        name="minimax_m2",
+        model_types=("minimax_m2",),
+        stacks=(
+            Stack(
+                layer_prefixes=("model.layers",),
+                experts="block_sparse_moe.experts",
+                expert_rows=("block_sparse_moe.gate.weight", "block_sparse_moe.e_score_correction_bias"),
+            ),
+        ),
+        expert_keys=("num_local_experts", "num_experts"),
+        scoring="sigmoid",
+        selection_bias="block_sparse_moe.e_score_correction_bias",
+    ),
+    Architecture(
+        name="deepseek_v2",
+        model_types=("deepseek_v2",),
+        stacks=(_deepseek_layers(),),
+        expert_keys=_DEEPSEEK_KEYS,
+        moe_rule=first_k_dense,
+        group_keys=_GROUPS,
+        grouped_when=("group_limited_greedy",),
+    ),
+    Architecture(
+        name="deepseek_v3",
+        model_types=("deepseek_v3", "deepseek_v32", "kimi_k2"),
+        stacks=(_deepseek_layers(),),
+        expert_keys=_DEEPSEEK_KEYS,
+        moe_rule=first_k_dense,
+        group_keys=_GROUPS,
+        scoring="sigmoid",
+        selection_bias="mlp.gate.e_score_correction_bias",
+        calibration_by_type=(("kimi_k2", Calibration(config_alias="deepseek_v3")),),
+    ),
+    Architecture(
+        name="kimi_k25",
+        model_types=("kimi_k25",),
+        stacks=(_deepseek_layers(("language_model.model.layers", "language_model.layers")),),
+        expert_keys=_DEEPSEEK_KEYS,
         moe_rule=first_k_dense,
         config_path=("text_config",),
         group_keys=_GROUPS,
@@ -450,10 +403,148 @@ ARCHITECTURES += (
         calibration=_SHARED_IMAGES,
     ),
     Architecture(
-        "ernie4_5_vl_moe",
-        ("ernie4_5_vl_moe",),
-        (_ernie_vl_half(0, "", "mlp.gate.weight"), _ernie_vl_half(1, "vision.", "mlp.gate.weight_1")),
-        ("moe_num_experts", "num_experts"),
+        name="glm4_moe",
+        model_types=("glm4_moe",),
+        stacks=(_deepseek_layers(),),
+        expert_keys=_DEEPSEEK_KEYS,
+        moe_rule=first_k_dense,
+        group_keys=_GROUPS,
+        scoring="sigmoid",
+        selection_bias="mlp.gate.e_score_correction_bias",
+    ),
+    Architecture(
+        name="dots1",
+        model_types=("dots1",),
+        stacks=(_deepseek_layers(),),
+        expert_keys=_DEEPSEEK_KEYS,
+        moe_rule=first_k_dense,
+        group_keys=_GROUPS,
+        scoring="sigmoid",
+        selection_bias="mlp.gate.e_score_correction_bias",
+    ),
+    Architecture(
+        name="ernie4_5_moe",
+        model_types=("ernie4_5_moe",),
+        stacks=(
+            Stack(
+                layer_prefixes=("model.layers",),
+                experts="mlp.experts",
+                expert_rows=("mlp.gate.weight",),
+                expert_cols=("mlp.moe_statics.e_score_correction_bias",),
+            ),
+        ),
+        expert_keys=("moe_num_experts", "num_experts"),
+        top_k_keys=("moe_k", "num_experts_per_tok"),
+        moe_rule=ernie_interval,
+        selection_bias="mlp.moe_statics.e_score_correction_bias",
+    ),
+    Architecture(
+        name="gpt_oss",
+        model_types=("gpt_oss",),
+        stacks=(
+            Stack(
+                layer_prefixes=("model.layers",),
+                experts="mlp.experts",
+                expert_rows=("mlp.router.weight", "mlp.router.bias"),
+            ),
+        ),
+        expert_keys=("num_local_experts", "num_experts"),
+    ),
+    Architecture(
+        name="llama4",
+        model_types=("llama4", "llama4_text"),
+        stacks=(
+            Stack(
+                layer_prefixes=("language_model.model.layers", "model.layers"),
+                experts="feed_forward.experts",
+                expert_rows=("feed_forward.router.weight",),
+            ),
+        ),
+        expert_keys=("num_local_experts",),
+        moe_rule=llama4_moe_layers,
+        config_path=("text_config",),
+        scoring="sigmoid",
+        # the router scales the expert input; text only on the multimodal wrapper, whose image tokens
+        # route through the same experts
+        calibration=Calibration(experts_module="feed_forward.experts", input_scaling_router="feed_forward.router"),
+        calibration_by_type=(
+            (
+                "llama4",
+                Calibration(
+                    images_share_experts=True,
+                    experts_module="feed_forward.experts",
+                    input_scaling_router="feed_forward.router",
+                ),
+            ),
+        ),
+    ),
+    Architecture(
+        name="granitemoe",
+        model_types=("granitemoe", "granitemoeshared", "granitemoehybrid"),
+        stacks=(
+            Stack(
+                layer_prefixes=("model.layers",),
+                experts=None,
+                expert_rows=("block_sparse_moe.router.layer.weight",),
+                fused=("block_sparse_moe.input_linear", "block_sparse_moe.output_linear"),  # [E, 2I, H], [E, H, I],
+            ),
+        ),
+        expert_keys=("num_local_experts",),
+    ),
+    # ---- vision-language and omni variants of the Qwen / GLM families ------------------------
+    Architecture(
+        name="qwen3_vl_moe",
+        model_types=("qwen3_vl_moe",),
+        stacks=(_qwen_layers(("model.language_model.layers",)),),  # fused, [E,H,2I] / [E,I,H] on the Hub
+        expert_keys=_QWEN_KEYS,
+        moe_rule=qwen_sparse_step,
+        config_path=("text_config",),
+        calibration=_SHARED_IMAGES,
+    ),
+    Architecture(
+        name="qwen3_5_moe",
+        model_types=("qwen3_5_moe", "qwen3_5_moe_text"),
+        stacks=(
+            _qwen_layers(("model.language_model.layers", "model.layers")),
+            Stack(
+                layer_prefixes=("mtp.layers",),
+                experts="mlp.experts",
+                expert_rows=("mlp.gate.weight",),
+                plan_prefix="mtp.",
+                follows_rule=False,
+            ),
+        ),
+        expert_keys=_QWEN_KEYS,
+        moe_rule=qwen_sparse_step,
+        config_path=("text_config",),
+        calibration_by_type=(("qwen3_5_moe", _SHARED_IMAGES),),
+    ),
+    Architecture(
+        name="qwen3_omni_moe",
+        model_types=("qwen3_omni_moe",),
+        stacks=(_qwen_omni("thinker", "thinker_config", ""), _qwen_omni("talker", "talker_config", "talker.")),
+        expert_keys=_QWEN_KEYS,
+        moe_rule=qwen_sparse_step,
+        notes=("thinker and talker have their own expert counts; plan keys 'L' and 'talker.L'",),
+        calibration=Calibration(images_share_experts=True, text_only_stacks=("talker.",)),
+    ),
+    Architecture(
+        name="glm4v_moe",
+        model_types=("glm4v_moe",),
+        stacks=(_deepseek_layers(("model.language_model.layers",)),),
+        expert_keys=_DEEPSEEK_KEYS,
+        moe_rule=first_k_dense,
+        config_path=("text_config",),
+        group_keys=_GROUPS,
+        scoring="sigmoid",
+        selection_bias="mlp.gate.e_score_correction_bias",
+        calibration=_SHARED_IMAGES,
+    ),
+    Architecture(
+        name="ernie4_5_vl_moe",
+        model_types=("ernie4_5_vl_moe",),
+        stacks=(_ernie_vl_half(0, "", "mlp.gate.weight"), _ernie_vl_half(1, "vision.", "mlp.gate.weight_1")),
+        expert_keys=("moe_num_experts", "num_experts"),
         top_k_keys=("moe_k", "num_experts_per_tok"),
         moe_rule=per_layer_types("mlp_layer_types", _SPARSE, ernie_interval),
         config_path=("text_config",),
@@ -466,16 +557,16 @@ ARCHITECTURES += (
     ),
     # ---- DeepSeek-style routers elsewhere ---------------------------------------------------
     Architecture(
-        "kimi_linear",
-        ("kimi_linear",),
-        (
+        name="kimi_linear",
+        model_types=("kimi_linear",),
+        stacks=(
             Stack(
-                ("model.layers",),
-                "block_sparse_moe.experts",
-                ("block_sparse_moe.gate.weight", "block_sparse_moe.gate.e_score_correction_bias"),
+                layer_prefixes=("model.layers",),
+                experts="block_sparse_moe.experts",
+                expert_rows=("block_sparse_moe.gate.weight", "block_sparse_moe.gate.e_score_correction_bias"),
             ),
         ),
-        ("num_experts", "num_local_experts"),
+        expert_keys=("num_experts", "num_local_experts"),
         top_k_keys=("num_experts_per_token", "num_experts_per_tok"),
         moe_rule=per_layer_types("mlp_layer_types", _SPARSE, first_k_dense),
         group_keys=(("num_expert_group", "n_group"), "topk_group"),
@@ -483,10 +574,16 @@ ARCHITECTURES += (
         selection_bias="block_sparse_moe.gate.e_score_correction_bias",
     ),
     Architecture(
-        "bailing_moe",
-        ("bailing_moe", "bailing_moe_v2", "bailing_hybrid"),  # Ling / Ring 2.x
-        (Stack(("model.layers",), "mlp.experts", ("mlp.gate.weight", "mlp.gate.expert_bias")),),
-        ("num_experts", "num_local_experts"),
+        name="bailing_moe",
+        model_types=("bailing_moe", "bailing_moe_v2", "bailing_hybrid"),  # Ling / Ring 2.x
+        stacks=(
+            Stack(
+                layer_prefixes=("model.layers",),
+                experts="mlp.experts",
+                expert_rows=("mlp.gate.weight", "mlp.gate.expert_bias"),
+            ),
+        ),
+        expert_keys=("num_experts", "num_local_experts"),
         top_k_keys=("num_experts_per_tok", "num_experts_per_token"),
         moe_rule=per_layer_types("mlp_layer_types", _SPARSE, first_k_dense),
         group_keys=(("n_group", "num_expert_group"), "topk_group"),
@@ -495,34 +592,46 @@ ARCHITECTURES += (
         calibration_by_type=(("bailing_moe", _NO_TRANSFORMERS), ("bailing_moe_v2", _NO_TRANSFORMERS)),
     ),
     Architecture(
-        "afmoe",
-        ("afmoe",),
-        (Stack(("model.layers",), "mlp.experts", ("mlp.router.gate.weight", "mlp.expert_bias")),),
-        ("num_experts",),
+        name="afmoe",
+        model_types=("afmoe",),
+        stacks=(
+            Stack(
+                layer_prefixes=("model.layers",),
+                experts="mlp.experts",
+                expert_rows=("mlp.router.gate.weight", "mlp.expert_bias"),
+            ),
+        ),
+        expert_keys=("num_experts",),
         moe_rule=after_dense_layers,
         scoring="sigmoid",
         selection_bias="mlp.expert_bias",
     ),
     Architecture(
-        "lfm2_moe",
-        ("lfm2_moe",),
-        (Stack(("model.layers",), "feed_forward.experts", ("feed_forward.gate.weight", "feed_forward.expert_bias")),),
-        ("num_experts",),
+        name="lfm2_moe",
+        model_types=("lfm2_moe",),
+        stacks=(
+            Stack(
+                layer_prefixes=("model.layers",),
+                experts="feed_forward.experts",
+                expert_rows=("feed_forward.gate.weight", "feed_forward.expert_bias"),
+            ),
+        ),
+        expert_keys=("num_experts",),
         moe_rule=after_dense_layers,
         scoring="sigmoid",
         selection_bias="feed_forward.expert_bias",
     ),
     Architecture(
-        "nemotron_h",
-        ("nemotron_h",),
-        (
+        name="nemotron_h",
+        model_types=("nemotron_h",),
+        stacks=(
             Stack(
-                ("backbone.layers", "model.layers"),
-                "mixer.experts",  # non-gated: up_proj, down_proj
-                ("mixer.gate.weight", "mixer.gate.e_score_correction_bias"),
+                layer_prefixes=("backbone.layers", "model.layers"),
+                experts="mixer.experts",  # non-gated: up_proj, down_proj
+                expert_rows=("mixer.gate.weight", "mixer.gate.e_score_correction_bias"),
             ),
         ),
-        ("n_routed_experts", "num_local_experts"),
+        expert_keys=("n_routed_experts", "num_local_experts"),
         moe_rule=nemotron_h_pattern,
         group_keys=_GROUPS,
         layer_count_keys=("num_hidden_layers", "layers_block_type", "hybrid_override_pattern"),
@@ -530,13 +639,13 @@ ARCHITECTURES += (
         selection_bias="mixer.gate.e_score_correction_bias",
     ),
     Architecture(
-        "deepseek_v4",
-        ("deepseek_v4",),
-        (
+        name="deepseek_v4",
+        model_types=("deepseek_v4",),
+        stacks=(
             Stack(
-                ("layers", "model.layers"),
-                "ffn.experts",
-                ("ffn.gate.weight", "ffn.gate.bias"),
+                layer_prefixes=("layers", "model.layers"),
+                experts="ffn.experts",
+                expert_rows=("ffn.gate.weight", "ffn.gate.bias"),
                 unprunable=(
                     (
                         "ffn.gate.tid2eid",
@@ -546,69 +655,102 @@ ARCHITECTURES += (
                 ),
             ),
         ),
-        ("n_routed_experts", "num_local_experts"),
+        expert_keys=("n_routed_experts", "num_local_experts"),
         moe_rule=per_layer_types("mlp_layer_types", ("moe", "hash_moe"), every_layer),
         scoring="sqrtsoftplus",
         selection_bias="ffn.gate.bias",
-        calibration=Calibration(unsupported="its hash-routed layers are not streamed yet"),
+        calibration=Calibration(
+            unsupported="its decoder layers pass hc_mult parallel hidden streams ([tokens, hc_mult, hidden], "
+            "manifold hyper-connections), which the activation store (one [tokens, hidden] row per token) does "
+            "not hold, and its hash-routed layers (mlp_layer_types 'hash_moe') pick experts from the token ids "
+            "(gate.tid2eid[input_ids]), which the layer-by-layer stream does not pass past the embedding; "
+            "a checkpoint with hash-routed layers cannot be pruned either"
+        ),
     ),
     Architecture(
-        "longcat_flash",
-        ("longcat_flash",),
-        (
+        name="longcat_flash",
+        model_types=("longcat_flash",),
+        stacks=(
             Stack(
-                ("model.layers",),
-                "mlp.experts",
-                ("mlp.router.classifier.weight", "mlp.router.classifier.bias", "mlp.router.e_score_correction_bias"),
+                layer_prefixes=("model.layers",),
+                experts="mlp.experts",
+                expert_rows=(
+                    "mlp.router.classifier.weight",
+                    "mlp.router.classifier.bias",
+                    "mlp.router.e_score_correction_bias",
+                ),
                 zero_experts_key="zero_expert_num",
             ),
         ),
-        ("n_routed_experts", "num_local_experts"),
+        expert_keys=("n_routed_experts", "num_local_experts"),
         top_k_keys=("moe_topk", "num_experts_per_tok"),
         layer_count_keys=("num_layers",),
         selection_bias="mlp.router.e_score_correction_bias",
         notes=("zero-computation experts keep router rows E..E+Z-1 after the kept real experts",),
-        calibration=Calibration(
-            unsupported="its zero-computation (identity) experts are not modelled by the observer yet"
-        ),
+        # zero-computation experts (ids E..E+Z-1) return their token unchanged, have no weights and are
+        # never pruned: the statistics cover the E real experts (pairs routed to an identity expert are
+        # not recorded; `tokens` counts every token), while the layer's output includes them
+        calibration=Calibration(experts_module="mlp.experts", two_slot_pairs=True),
     ),
     # ---- other layouts ------------------------------------------------------------------------
     Architecture(
-        "hunyuan_v1_moe",
-        ("hunyuan_v1_moe",),
-        (Stack(("model.layers",), "mlp.experts", ("mlp.gate.wg.weight",)),),
-        ("num_experts",),
+        name="hunyuan_v1_moe",
+        model_types=("hunyuan_v1_moe",),
+        stacks=(
+            Stack(
+                layer_prefixes=("model.layers",),
+                experts="mlp.experts",
+                expert_rows=("mlp.gate.wg.weight",),
+            ),
+        ),
+        expert_keys=("num_experts",),
         top_k_keys=("moe_topk", "num_experts_per_tok"),
     ),
     Architecture(
-        "jamba",
-        ("jamba",),
-        (Stack(("model.layers",), "feed_forward.experts", ("feed_forward.router.weight",)),),
-        ("num_experts",),
+        name="jamba",
+        model_types=("jamba",),
+        stacks=(
+            Stack(
+                layer_prefixes=("model.layers",),
+                experts="feed_forward.experts",
+                expert_rows=("feed_forward.router.weight",),
+            ),
+        ),
+        expert_keys=("num_experts",),
         moe_rule=jamba_period,
     ),
     Architecture(
-        "dbrx",
-        ("dbrx",),
-        (Stack(("transformer.blocks",), "ffn.experts", ("ffn.router.layer.weight",)),),  # 2-D [E·F, H] blocks
-        ("moe_num_experts",),
+        name="dbrx",
+        model_types=("dbrx",),
+        stacks=(
+            Stack(
+                layer_prefixes=("transformer.blocks",),
+                experts="ffn.experts",
+                expert_rows=("ffn.router.layer.weight",),
+            ),
+        ),  # 2-D [E·F, H] blocks
+        expert_keys=("moe_num_experts",),
         top_k_keys=("moe_top_k",),
         config_path=("ffn_config",),
-        calibration=Calibration(unsupported="its transformer.blocks layout is not streamed yet"),
     ),
-    Architecture("minimax", ("minimax",), (_MIXTRAL,), ("num_local_experts", "num_experts")),
     Architecture(
-        "step3",
-        ("step3_text", "step3_vl", "step3p5", "step3p7"),
-        (
+        name="minimax",
+        model_types=("minimax",),
+        stacks=(_MIXTRAL,),
+        expert_keys=("num_local_experts", "num_experts"),
+    ),
+    Architecture(
+        name="step3",
+        model_types=("step3_text", "step3_vl", "step3p5", "step3p7"),
+        stacks=(
             Stack(
-                ("model.layers", "model.language_model.layers", "language_model.model.layers"),
-                "moe.experts",
-                ("moe.gate.weight", "moe.router_bias"),
+                layer_prefixes=("model.layers", "model.language_model.layers", "language_model.model.layers"),
+                experts="moe.experts",
+                expert_rows=("moe.gate.weight", "moe.router_bias"),
                 fused=("moe.gate_proj", "moe.up_proj", "moe.down_proj"),
             ),
         ),
-        ("moe_num_experts", "n_routed_experts", "num_local_experts"),
+        expert_keys=("moe_num_experts", "n_routed_experts", "num_local_experts"),
         top_k_keys=("moe_top_k", "num_experts_per_tok"),
         moe_rule=per_layer_types("mlp_layer_types", _SPARSE, step3_moe_layers),
         config_path=("text_config",),
@@ -627,26 +769,34 @@ ARCHITECTURES += (
         ),
     ),
     Architecture(
-        "gemma4",
-        ("gemma4", "gemma4_text"),
-        (
+        name="gemma4",
+        model_types=("gemma4", "gemma4_text"),
+        stacks=(
             Stack(
-                ("model.language_model.layers", "model.layers"),
-                "experts",
-                ("router.proj.weight", "router.per_expert_scale"),
+                layer_prefixes=("model.language_model.layers", "model.layers"),
+                experts="experts",
+                expert_rows=("router.proj.weight", "router.per_expert_scale"),
             ),
         ),
-        ("num_experts",),
+        expert_keys=("num_experts",),
         top_k_keys=("top_k_experts",),
         moe_rule=moe_block_enabled,
         config_path=("text_config",),
-        calibration=Calibration(unsupported="its per-layer token inputs are not streamed yet"),
+        # the MoE checkpoints (26B-A4B) set hidden_size_per_layer_input 0 and share no KV across layers
+        calibration=Calibration(unsupported_when=_GEMMA4_SWITCHES),
+        calibration_by_type=(("gemma4", Calibration(images_share_experts=True, unsupported_when=_GEMMA4_SWITCHES)),),
     ),
     Architecture(
-        "jetmoe",
-        ("jetmoe",),
-        (Stack(("model.layers",), None, ("mlp.router.layer.weight",)),),
-        ("num_local_experts",),
+        name="jetmoe",
+        model_types=("jetmoe",),
+        stacks=(
+            Stack(
+                layer_prefixes=("model.layers",),
+                experts=None,
+                expert_rows=("mlp.router.layer.weight",),
+            ),
+        ),
+        expert_keys=("num_local_experts",),
         unsupported=(
             "JetMoE's num_local_experts counts both its FFN experts and its attention (MoA) "
             "experts, and shardcut cannot prune the attention experts; pruning the FFN experts "

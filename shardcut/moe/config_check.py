@@ -26,7 +26,9 @@ _EMBEDDING = "model.embed_tokens.weight"
 def _spellings() -> tuple[set[str], set[str], set[str]]:
     from shardcut.moe.architectures import ARCHITECTURES
 
-    experts, top_k, layers = set(), set(), set()
+    experts: set[str] = set()
+    top_k: set[str] = set()
+    layers: set[str] = set()
     for arch in ARCHITECTURES:
         experts.update(arch.expert_keys)
         top_k.update(arch.top_k_keys)

@@ -45,7 +45,7 @@ def dequantize(
     """
     tensors = {name: t.to(device) for name, t in name_to_tensors.items()}
     method = (quant_config or {}).get("quant_method")
-    if not method:
+    if not method or quant_config is None:
         return tensors
     if method == "fp8":
         return _fp8_block(tensors, quant_config, dtype)
@@ -68,7 +68,7 @@ def check_dequantizable(quant_config: Mapping | None, path: str | Path = "config
         ShardcutError: config.json: cannot dequantize quant_method 'gptq' for calibration (...)
     """
     method = (quant_config or {}).get("quant_method")
-    if not method or method in ("fp8", "mxfp4"):
+    if not method or quant_config is None or method in ("fp8", "mxfp4"):
         return
     if method != "compressed-tensors":
         raise ShardcutError(

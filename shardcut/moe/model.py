@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import cached_property
+from typing import TypeAlias, TypeGuard
 
 from shardcut.format.checkpoint import CONFIG_NAME, Checkpoint
 from shardcut.format.errors import ShardcutError
@@ -38,28 +40,51 @@ class MoELayer:
 
 
 @dataclass(frozen=True)
-class Role:
-    """What the rewrite does with one tensor.
+class Copied:
+    """A tensor outside the routed experts: copied unchanged."""
 
-    kind: "copy" (unchanged), "expert" (belongs to expert `expert` of `layer`: dropped or
-    renamed), or "slice" (`blocks` equal blocks along `axis`, sliced to the kept experts;
-    see `ModelInfo.kept_blocks`). `per_row`: row r of the tensor belongs to the stack whose
-    `expert_block` is r (ERNIE-VL's `[2, E]` statics).
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """A tensor of one routed expert, `{layer.prefix}{experts}.{expert}.{suffix}`: dropped with
+    its expert or renamed to the expert's new id. `expert` is the id within `layer`'s stack (the
+    vision half of ERNIE-VL's shared ModuleList counts from 0 too)."""
+
+    layer: MoELayer
+    expert: int
+    suffix: str
+
+
+@dataclass(frozen=True)
+class ExpertAxisSlice:
+    """A tensor holding `blocks` equal blocks along `axis`, one per expert (then any
+    zero-computation rows), sliced to the kept experts' blocks (`ModelInfo.kept_blocks`).
+
+    is_router: router weights, selection biases, per-expert scales (computed for every token);
+        otherwise fused expert weights (`[E, …]`, DBRX's `[E·F, H]`).
+    rows: for `[stacks, E]` tensors shared by stacks (ERNIE-VL's statics), the layer owning each
+        row (row r is sliced with that layer's kept experts); `()` otherwise.
     """
 
-    kind: str
-    layer: MoELayer | None = None
-    expert: int = -1
-    suffix: str = ""
-    axis: int = 0
-    blocks: int = 0
-    per_row: bool = False
+    layer: MoELayer
+    axis: int
+    blocks: int
+    is_router: bool
+    rows: tuple[MoELayer, ...] = ()
+
+    @property
+    def owners(self) -> tuple[MoELayer, ...]:
+        """The MoE layers whose experts lie along the axis."""
+        return self.rows or (self.layer,)
 
 
-COPY = Role("copy")
+# What the rewrite does with one tensor: a closed set, produced only by `ModelInfo.classify`.
+Role: TypeAlias = Copied | ExpertTensor | ExpertAxisSlice
+COPIED = Copied()
 
 
-def _sub_config(config: dict, path: tuple[str, ...]) -> dict:
+def sub_config(config: dict, path: tuple[str, ...]) -> dict:
+    """The config node at `path` (`("text_config",)`), or the deepest existing node on the way."""
     node = config
     for key in path:
         child = node.get(key)
@@ -107,31 +132,26 @@ class ModelInfo:
         return {(index[id(layer.stack)], layer.prefix): layer for layer in self.layers}
 
     @cached_property
-    def _by_prefix(self) -> dict[str, MoELayer]:
-        """Layer prefix -> its MoE layer (the block-0 one where stacks share a layer)."""
-        out: dict[str, MoELayer] = {}
-        for layer in sorted(self.layers, key=lambda x: x.stack.expert_block):
-            out.setdefault(layer.prefix, layer)
-        return out
-
-    @cached_property
-    def _siblings(self) -> dict[str, list[MoELayer]]:
+    def _siblings(self) -> dict[str, tuple[MoELayer, ...]]:
         """Layer prefix -> the MoE layers sharing it, by `expert_block` (one unless halves)."""
         out: dict[str, list[MoELayer]] = {}
         for layer in sorted(self.layers, key=lambda x: x.stack.expert_block):
             out.setdefault(layer.prefix, []).append(layer)
-        return out
+        return {prefix: tuple(layers) for prefix, layers in out.items()}
+
+    def _layer_of(self, name: str) -> Iterator[tuple[MoELayer, str]]:
+        """(MoE layer, rest of the name) for each stack whose MoE layer `name` lies in."""
+        for s_idx, pattern in self._patterns:
+            m = pattern.match(name)
+            if m:
+                rest = m.group(2)
+                layer = self._layer_at.get((s_idx, name[: len(name) - len(rest)]))
+                if layer is not None:  # else a dense layer of this stack
+                    yield layer, rest
 
     def classify(self, name: str) -> Role:
         """The role of tensor `name`; raises for an expert-looking tensor the table does not know."""
-        for s_idx, pattern in self._patterns:
-            m = pattern.match(name)
-            if not m:
-                continue
-            rest = m.group(2)
-            layer = self._layer_at.get((s_idx, name[: len(name) - len(rest)]))
-            if layer is None:
-                continue  # a dense layer of this stack
+        for layer, rest in self._layer_of(name):
             role = self._role_in(layer, rest)
             if role is not None:
                 return role
@@ -140,25 +160,39 @@ class ModelInfo:
                 f"tensor {name!r} looks like an expert tensor of a layout the {self.arch.name!r} "
                 "table entry does not describe"
             )
-        return COPY
+        return COPIED
+
+    def expert_of(self, module: str) -> ExpertTensor | None:
+        """The expert a per-expert module or tensor name belongs to (`suffix` may be empty:
+        `…experts.7`), or None for anything else; never raises (quantization configs name
+        modules the table need not know)."""
+        for layer, rest in self._layer_of(module):
+            experts = layer.stack.experts
+            if experts and rest.startswith(experts + "."):
+                head, _, suffix = rest[len(experts) + 1 :].partition(".")
+                if head.isdigit():
+                    owner, local = self._owner(layer, int(head))
+                    return ExpertTensor(owner, local, suffix)
+        return None
 
     def _role_in(self, layer: MoELayer, rest: str) -> Role | None:
         stack, E = layer.stack, layer.num_experts
         if rest in stack.expert_rows:
-            return Role("slice", layer, axis=0, blocks=E + layer.zero_experts)
+            return ExpertAxisSlice(layer, axis=0, blocks=E + layer.zero_experts, is_router=True)
         if rest in stack.expert_cols:
-            return Role("slice", layer, axis=1, blocks=E + layer.zero_experts)
+            return ExpertAxisSlice(layer, axis=1, blocks=E + layer.zero_experts, is_router=True)
         if rest in stack.block_cols:
-            return Role("slice", self._siblings[layer.prefix][0], axis=1, blocks=E, per_row=True)
+            rows = self._siblings[layer.prefix]
+            return ExpertAxisSlice(rows[0], axis=1, blocks=E, is_router=True, rows=rows)
         if any(rest.startswith(f + ".") for f in stack.fused):
-            return Role("slice", layer, axis=0, blocks=E)
+            return ExpertAxisSlice(layer, axis=0, blocks=E, is_router=False)
         if stack.experts and rest.startswith(stack.experts + "."):
             head, _, suffix = rest[len(stack.experts) + 1 :].partition(".")
             if head.isdigit() and suffix:
                 owner, local = self._owner(layer, int(head))
-                return Role("expert", owner, expert=local, suffix=suffix)
+                return ExpertTensor(owner, local, suffix)
             if not head.isdigit():
-                return Role("slice", layer, axis=0, blocks=E)  # fused [E, ...] tensor
+                return ExpertAxisSlice(layer, axis=0, blocks=E, is_router=False)  # fused [E, ...] tensor
         return None
 
     def _owner(self, layer: MoELayer, expert: int) -> tuple[MoELayer, int]:
@@ -171,7 +205,7 @@ class ModelInfo:
                     return sib, expert - block * layer.num_experts
         return layer, expert
 
-    def new_expert_id(self, layer: MoELayer, expert: int, keep: dict[str, list[int]]) -> int | None:
+    def new_expert_id(self, layer: MoELayer, expert: int, keep: Mapping[str, list[int]]) -> int | None:
         """The id expert `expert` of `layer` gets in the pruned ModuleList (None when pruned).
 
         Example:
@@ -185,14 +219,13 @@ class ModelInfo:
         before = [s for s in self._siblings[layer.prefix] if s.stack.expert_block < layer.stack.expert_block]
         return sum(len(keep[s.key]) for s in before) + position
 
-    def kept_blocks(self, role: Role, keep: dict[str, list[int]]) -> list[int] | list[list[int]]:
-        """The blocks of a "slice" tensor that stay, in output order: the kept experts, then
-        any zero-computation rows; for `per_row` tensors one such list per row."""
-        layer = role.layer
-        if role.per_row:
-            return [keep[s.key] for s in self._siblings[layer.prefix]]
-        zero = range(layer.num_experts, role.blocks)
-        return list(keep[layer.key]) + list(zero)
+    def kept_blocks(self, role: ExpertAxisSlice, keep: Mapping[str, list[int]]) -> list[int] | list[list[int]]:
+        """The blocks of a sliced tensor that stay, in output order: the kept experts, then any
+        zero-computation rows; for a tensor with `rows`, one such list per row."""
+        if role.rows:
+            return [list(keep[layer.key]) for layer in role.rows]
+        zero = range(role.layer.num_experts, role.blocks)
+        return list(keep[role.layer.key]) + list(zero)
 
     def layers_by_config(self) -> dict[tuple[str, ...], list[MoELayer]]:
         """MoE layers by the config node holding their expert count (each keeps one count)."""
@@ -202,7 +235,8 @@ class ModelInfo:
         return out
 
     def expert_name(self, layer: MoELayer, expert: int, suffix: str) -> str:
-        return f"{layer.prefix}{layer.stack.experts}.{expert}.{suffix}"
+        """The name of expert `expert`'s tensor (or module, when `suffix` is empty) in `layer`."""
+        return f"{layer.prefix}{layer.stack.experts}.{expert}" + (f".{suffix}" if suffix else "")
 
     def summary(self) -> dict:
         out = {
@@ -222,7 +256,7 @@ class ModelInfo:
         return out
 
 
-def _is_int(value: object) -> bool:
+def _is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -243,7 +277,7 @@ def _first_int(
 def _layer_count(config: dict, path: tuple[str, ...], arch: Architecture) -> int:
     """The decoder layer count, from the sub-config at `path` or the nearest parent holding it."""
     for depth in range(len(path), -1, -1):
-        node = _sub_config(config, path[:depth])
+        node = sub_config(config, path[:depth])
         for key in arch.layer_count_keys:
             value = node.get(key)
             if _is_int(value):
@@ -274,7 +308,7 @@ class _StackCounts:
 
 def _stack_counts(config: dict, arch: Architecture, stack: Stack) -> _StackCounts:
     path = arch.config_path if stack.config_path is None else stack.config_path
-    cfg = _sub_config(config, path)
+    cfg = sub_config(config, path)
     E = _first_int(cfg, arch.expert_keys, "expert count", arch, element=stack.expert_block)
     top_k = _first_int(cfg, arch.top_k_keys, "top-k", arch, largest=True)
     zero = cfg.get(stack.zero_experts_key) if stack.zero_experts_key else 0
@@ -376,8 +410,8 @@ _EXPERT_ID = re.compile(r"^(.+?\.\d+\..+?\.)(\d+)\.")
 
 def _count_field(config: dict, path: tuple[str, ...], keys: tuple[str, ...]) -> str:
     """The dotted config field an expert count or top-k was read from, for messages."""
-    node = _sub_config(config, path)
-    where = next((".".join(path[:i]) for i in range(len(path), 0, -1) if _sub_config(config, path[:i]) is node), "")
+    node = sub_config(config, path)
+    where = next((".".join(path[:i]) for i in range(len(path), 0, -1) if sub_config(config, path[:i]) is node), "")
     key = next((k for k in keys if _is_int(node.get(k)) or isinstance(node.get(k), list)), keys[0])
     return f"{where}.{key}" if where else key
 
@@ -440,10 +474,8 @@ def _check_mtp_count(config: dict, stack: Stack, counts: _StackCounts, extra: li
     otherwise num_hidden_layers is smaller than the layers the checkpoint holds."""
     if not extra:
         return
-    node = counts.cfg
-    declared = next((node.get(k) for k in _MTP_COUNT_KEYS if _is_int(node.get(k))), None)
-    if declared is None:
-        declared = next((config.get(k) for k in _MTP_COUNT_KEYS if _is_int(config.get(k))), 0)
+    found = [v for node in (counts.cfg, config) for k in _MTP_COUNT_KEYS if _is_int(v := node.get(k))]
+    declared = found[0] if found else 0
     if len(extra) > declared:
         where = f"{stack.plan_prefix.rstrip('.')} " if stack.plan_prefix else ""
         raise ShardcutError(

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from shardcut.format.checkpoint import Checkpoint
-from shardcut.moe.model import ModelInfo
+from shardcut.moe.model import Copied, ExpertAxisSlice, ModelInfo, Role
 
 _COMPANIONS = (
     ".weight.quant_state.bitsandbytes__nf4",
@@ -85,17 +85,15 @@ def ct_bits(quant: dict) -> int | None:
     return None
 
 
-def tensor_group(name: str, role, ndim: int) -> str:
+def tensor_group(role: Role) -> str:
     """expert: per-expert and fused expert tensors; router: router rows, selection biases, scales."""
-    if role.kind == "copy":
-        return "other"
-    if role.kind == "expert" or ndim >= 3:
-        return "expert"
-    stack, rest = role.layer.stack, name[len(role.layer.prefix) :]
-    fused = (stack.experts and rest.startswith(stack.experts + ".")) or any(
-        rest.startswith(f + ".") for f in stack.fused
-    )
-    return "expert" if fused else "router"
+    match role:
+        case Copied():
+            return "other"
+        case ExpertAxisSlice(is_router=True):
+            return "router"
+        case _:
+            return "expert"
 
 
 @dataclass
@@ -127,7 +125,10 @@ class Counts:
         """
         keys = self.expert.keys() | self.router.keys()
         E = {k: num_experts[k] if isinstance(num_experts, Mapping) else num_experts for k in keys}
-        per = {k: [a + b for a, b in zip(self.expert.get(k, (0, 0)), self.router.get(k, (0, 0)))] for k in keys}
+        per = {
+            k: [a + b for a, b in zip(self.expert.get(k, (0, 0)), self.router.get(k, (0, 0)), strict=True)]
+            for k in keys
+        }
         total = self.base[0] + sum(E[k] * p[0] for k, p in per.items())
         size = self.base[1] + sum(E[k] * p[1] for k, p in per.items())
         active = self.base_active + sum(
@@ -158,8 +159,8 @@ def count_parameters(ckpt: Checkpoint, info: ModelInfo) -> Counts:
     for name, (_, t) in ckpt.tensors.items():
         n = params[name]
         role = info.classify(name)
-        group = tensor_group(name, role, len(t.shape))
-        if group == "other":
+        group = tensor_group(role)
+        if isinstance(role, Copied):
             base[0] += n
             base[1] += t.nbytes
             if not (mtp_prefixes and name.startswith(mtp_prefixes)):

@@ -17,59 +17,60 @@ import re
 from collections import defaultdict
 
 from shardcut.format.errors import ShardcutError
-from shardcut.moe.model import ModelInfo
+from shardcut.moe.model import ExpertTensor, ModelInfo
 
 _LIST_KEYS = ("ignore", "modules_to_not_convert", "llm_int8_skip_modules", "exclude_modules", "ignored_layers")
 _DICT_KEYS = ("dynamic", "quantized_layers")
-_DROP = object()
+
+
+class _Dropped:
+    """What a pruned expert's entry becomes: left out of its list or dict."""
+
+
+_DROP = _Dropped()
 
 
 class _Renamer:
     def __init__(self, info: ModelInfo, keep: dict[str, list[int]]) -> None:
         self.info = info
         self.keep = keep
-        self.patterns = []
-        for stack in info.arch.stacks:
-            if stack.experts is None:
-                continue
-            alt = "|".join(re.escape(p) for p in stack.layer_prefixes)
-            self.patterns.append(re.compile(rf"^((?:{alt})\.\d+\.){re.escape(stack.experts)}\.(\d+)(\..*)?$"))
         # (layer key, module inside the expert) -> new ids of the experts excluded from quantization
         self.excluded: dict[tuple[str, str], set[int]] = defaultdict(set)
 
-    def name(self, name: str, excluded_list: bool = False):
-        """New module name, `_DROP` for a pruned expert, or the name unchanged."""
-        for pattern in self.patterns:
-            m = pattern.match(name)
-            if not m:
-                continue
-            layer = self.info._by_prefix.get(m.group(1))
-            if layer is None:
-                return name
-            layer, expert = self.info._owner(
-                layer, int(m.group(2))
-            )  # ERNIE-VL: the vision half's ids follow the text half's
-            new = self.info.new_expert_id(layer, expert, self.keep)
-            if new is None:
-                return _DROP
-            if excluded_list:
-                self.excluded[(layer.key, m.group(3) or "")].add(new)
-            return f"{m.group(1)}{layer.stack.experts}.{new}{m.group(3) or ''}"
-        return name
+    def _renumbered(self, name: str, excluded_list: bool) -> tuple[ExpertTensor, int | None] | None:
+        """(The expert module `name` belongs to, its new ModuleList id or None when pruned);
+        None when `name` is no expert's. ERNIE-VL: the vision half's new ids follow the text half's."""
+        expert = self.info.expert_of(name)
+        if expert is None:
+            return None
+        new = self.info.new_expert_id(expert.layer, expert.expert, self.keep)
+        if new is not None and excluded_list:
+            self.excluded[(expert.layer.key, expert.suffix)].add(new)
+        return expert, new
 
-    def regex(self, pattern: str, where: str, excluded_list: bool = False):
+    def name(self, name: str, excluded_list: bool = False) -> str | _Dropped:
+        """New module name, `_DROP` for a pruned expert, or the name unchanged."""
+        found = self._renumbered(name, excluded_list)
+        if found is None:
+            return name
+        expert, new = found
+        return _DROP if new is None else self.info.expert_name(expert.layer, new, expert.suffix)
+
+    def regex(self, pattern: str, where: str, excluded_list: bool = False) -> str | _Dropped:
         """Renumber a regex naming one expert literally; refuse one that names experts otherwise."""
         head = "^" if pattern.startswith("^") else ""
         tail = "$" if pattern.endswith("$") and not pattern.endswith("\\$") else ""
         body = pattern[len(head) : len(pattern) - len(tail)]
         plain = body.replace("\\.", ".")
         if re.fullmatch(r"[\w.]+", plain):  # a literal module name written as a regex
-            new = self.name(plain, excluded_list)
-            if new is _DROP or new == plain:
-                return new if new is _DROP else pattern
-            new_id = re.search(r"experts\.(\d+)", new[len(plain.split("experts.")[0]) :]).group(1)
+            found = self._renumbered(plain, excluded_list)
+            if found is None:
+                return pattern
+            new_id = found[1]
+            if new_id is None:
+                return _DROP
             # Change only the expert index, keeping the pattern's own spelling (escapes, anchors).
-            body = re.sub(r"(experts(?:\\\.|\.))\d+", lambda m: m.group(1) + new_id, body, count=1)
+            body = re.sub(r"(experts(?:\\\.|\.))\d+", lambda m: m.group(1) + str(new_id), body, count=1)
             return head + body + tail
         if re.search(r"experts(\\\.|\.)[(\[]?\d", pattern):
             raise ShardcutError(
@@ -79,13 +80,13 @@ class _Renamer:
         return pattern
 
 
-def _entry(renamer: _Renamer, value: str, where: str, excluded_list: bool):
+def _entry(renamer: _Renamer, value: object, where: str, excluded_list: bool) -> object:
     if not isinstance(value, str):
         return value
     for prefix in ("re:", "+:", "-:"):
         if value.startswith(prefix):
             new = renamer.regex(value[len(prefix) :], where, excluded_list)
-            return new if new is _DROP else prefix + new
+            return new if isinstance(new, _Dropped) else prefix + new
     if "*" in value or "?" in value or "[" in value:  # fnmatch wildcard (ModelOpt exclude_modules)
         if re.search(r"experts\.\d", value):
             raise ShardcutError(
@@ -143,7 +144,7 @@ def rewrite_quantization(
     for (layer_key, module), ids in renamer.excluded.items():
         if 0 < len(ids) < len(keep[layer_key]):
             raise ShardcutError(
-                f"layer {layer_key}: experts {sorted(ids)[:5]} ({module.lstrip('.') or 'whole expert'}) are excluded "
+                f"layer {layer_key}: experts {sorted(ids)[:5]} ({module or 'whole expert'}) are excluded "
                 "from quantization but the others are not; "
                 "vLLM reads a MoE layer's scheme from expert 0, so a layer's experts must share one scheme"
             )

@@ -12,12 +12,13 @@ import shutil
 from collections.abc import Callable, Iterable
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from shardcut.format.errors import OutputError
 from shardcut.ops.verification import verify
 from shardcut.rewrite.writer import prune
 
-DEMO_CONFIG = dict(
+DEMO_CONFIG: dict[str, Any] = dict(
     model_type="qwen3_moe",
     hidden_size=64,
     intermediate_size=96,
@@ -171,9 +172,9 @@ def run_demo(directory: str | Path, log: Callable[[str], None] = print) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from shardcut.ops.calibration.stream import quiet_transformers
     from shardcut.moe.oracle import forbid_pruned_experts
     from shardcut.ops.calibration.runner import calibrate
+    from shardcut.ops.calibration.stream import quiet_transformers
     from shardcut.ops.planning import make_plan
 
     source, pruned, scores_path = directory / "original", directory / "pruned", directory / "scores.safetensors"

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from pathlib import Path
+from typing import Any
 
-from shardcut.moe.model import ModelInfo, describe
+from shardcut.moe.model import Copied, ExpertAxisSlice, ExpertTensor, ModelInfo, describe
 from shardcut.moe.parameters import GROUPS, ct_bits, split_companion, tensor_group
 
 
@@ -49,9 +50,11 @@ def quantization_groups(info: ModelInfo, tensors: dict, quant: dict) -> dict:
     suffixes with their dtypes and bytes."""
     modules: dict[str, dict[str, str]] = defaultdict(dict)
     group_of: dict[str, str] = {}
-    out = {g: {"tensors": 0, "bytes": 0, "schemes": Counter(), "companions": {}} for g in GROUPS}
+    out: dict[str, dict[str, Any]] = {
+        g: {"tensors": 0, "bytes": 0, "schemes": Counter(), "companions": {}} for g in GROUPS
+    }
     for name, (_, t) in tensors.items():
-        group = tensor_group(name, info.classify(name), len(t.shape))
+        group = tensor_group(info.classify(name))
         module, suffix = split_companion(name)
         modules[module][suffix] = t.dtype
         group_of[module] = group
@@ -77,12 +80,11 @@ def savings_per_expert(info: ModelInfo, tensors: dict) -> dict[str, float]:
     saved: dict[str, float] = {layer.key: 0.0 for layer in info.layers}
     for name, (_, t) in tensors.items():
         role = info.classify(name)
-        if role.kind == "expert":
+        if isinstance(role, ExpertTensor):
             saved[role.layer.key] += t.nbytes / role.layer.num_experts
-        elif role.kind == "slice":
-            owners = info._siblings[role.layer.prefix] if role.per_row else [role.layer]
-            for layer in owners:
-                saved[layer.key] += t.nbytes / role.blocks / len(owners)
+        elif isinstance(role, ExpertAxisSlice):
+            for layer in role.owners:
+                saved[layer.key] += t.nbytes / role.blocks / len(role.owners)
     return saved
 
 
@@ -107,7 +109,7 @@ def inspect_model(model: str | Path) -> dict:
     for name, (_, t) in ckpt.tensors.items():
         dtype_bytes[t.dtype] += t.nbytes
         role = info.classify(name)
-        if role.kind != "copy":
+        if not isinstance(role, Copied):
             expert_bytes += t.nbytes
             per_layer[role.layer.key] += t.nbytes
     quant = info.config.get("quantization_config") or info.text_config.get("quantization_config")

@@ -143,7 +143,8 @@ def write_synthetic_checkpoint(path: str | Path, spec: SyntheticSpec = Synthetic
 
 
 def _write_raw_shard(path: Path, tensors: list[tuple[str, str, tuple[int, ...]]], rng: np.random.Generator) -> None:
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+    offset = 0
     for name, dtype, shape in tensors:
         n = tensor_nbytes(dtype, shape)
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}

@@ -8,9 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardcut.format.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint, read_json_object
-from shardcut.format.container import COMPARE_CHUNK, compare_written
-from shardcut.format.errors import ShardcutError
-from shardcut.moe.model import ModelInfo, describe
+from shardcut.format.container import COMPARE_CHUNK
+from shardcut.format.errors import CheckpointError, ShardcutError
+from shardcut.format.readback import compare_written
+from shardcut.moe.model import ExpertAxisSlice, ExpertTensor, ModelInfo, describe
 from shardcut.plans.plan import Plan
 
 
@@ -63,9 +64,9 @@ def verify(path: str | Path, source: str | Path | None = None) -> VerifyReport:
     experts: dict[str, dict[int, set[str]]] = defaultdict(lambda: defaultdict(set))
     for name, (_, t) in ckpt.tensors.items():
         role = info.classify(name)
-        if role.kind == "expert":
+        if isinstance(role, ExpertTensor):
             experts[role.layer.key][role.expert].add(role.suffix)
-        elif role.kind == "slice":
+        elif isinstance(role, ExpertAxisSlice):
             dim = t.shape[role.axis] if role.axis < len(t.shape) else -1
             if dim <= 0 or dim % role.blocks:
                 report.problems.append(
@@ -94,7 +95,7 @@ def verify(path: str | Path, source: str | Path | None = None) -> VerifyReport:
 
         plan_path = path / PLAN_COPY_NAME
         if not plan_path.exists():
-            raise ShardcutError(f"{PLAN_COPY_NAME} not found: cannot tell which source experts were kept", path)
+            raise CheckpointError(f"{PLAN_COPY_NAME} not found: cannot tell which source experts were kept", path)
         plan = Plan.load(plan_path)
         src = open_checkpoint(resolve_model(source))
         lay = layout(src, describe(src), plan)
@@ -111,8 +112,7 @@ def verify(path: str | Path, source: str | Path | None = None) -> VerifyReport:
             for name, (shard, _) in ckpt.tensors.items():
                 by_shard[shard.path].append(expected[name])
             try:
-                for shard_path, tensors in by_shard.items():
-                    report.compared_bytes += compare_written(shard_path.parent, [tensors], [shard_path.name])
+                report.compared_bytes += _compare_shards(by_shard)
                 report.checks.append(
                     f"every tensor byte-identical to its source ranges ({report.compared_bytes} bytes)"
                 )
@@ -120,6 +120,22 @@ def verify(path: str | Path, source: str | Path | None = None) -> VerifyReport:
                 report.problems.append(str(exc))
         check_against_source(ckpt, info, src, plan, report)
     return report
+
+
+VERIFY_READERS = 2  # shards compared at once: both sides are reads, and two in flight keep the disk busier
+
+
+def _compare_shards(by_shard: dict[Path, list]) -> int:
+    """compare_written over OUT's shards, VERIFY_READERS at a time; the first difference raises
+    (the shards not started yet are not compared)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(VERIFY_READERS, thread_name_prefix="shardcut-verify")
+    try:
+        jobs = [pool.submit(compare_written, p.parent, [tensors], [p.name]) for p, tensors in by_shard.items()]
+        return sum(job.result() for job in jobs)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def check_side_files(path: Path, ckpt: Checkpoint, info: ModelInfo, report: VerifyReport) -> None:
@@ -232,7 +248,7 @@ def check_against_source(ckpt: Checkpoint, info: ModelInfo, src: Checkpoint, pla
 
     for name, (_, t) in ckpt.tensors.items():
         role, src_role = info.classify(name), src_info.classify(name) if name in src.tensors else None
-        if role.kind != "slice" or src_role is None or src_role.kind != "slice":
+        if not isinstance(role, ExpertAxisSlice) or not isinstance(src_role, ExpertAxisSlice):
             continue
         src_dim = src.tensors[name][1].shape[src_role.axis]
         block = src_dim // src_role.blocks

@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shardcut.format.errors import ShardcutError
+from shardcut.format.errors import PlanError
+from shardcut.format.text import span
 from shardcut.moe.model import ModelInfo
+from shardcut.plans.keys import PLAN_KEY_RULE, is_plan_key
 
 PLAN_FORMAT = "shardcut-plan/1"
-_PLAN_KEY = re.compile(r"(?:[A-Za-z_][\w]*\.)*\d+")  # "3", "mtp.0", "talker.12"
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Plan:
     def to_json(self) -> dict:
         """The plan file's JSON: `num_experts` (see the property) unless undefined, then `extra`
         (provenance; `make_plan` adds `num_experts_by_config` for several expert counts)."""
-        body = {"format": PLAN_FORMAT, "keep": {k: list(v) for k, v in self.keep.items()}}
+        body: dict[str, object] = {"format": PLAN_FORMAT, "keep": {k: list(v) for k, v in self.keep.items()}}
         if self.keep and self.num_experts >= 0:
             body["num_experts"] = self.num_experts
         for k, v in self.extra.items():
@@ -74,18 +74,18 @@ class Plan:
     @classmethod
     def from_json(cls, data: object, source: str | Path = "plan") -> Plan:
         if not isinstance(data, dict):
-            raise ShardcutError("a plan must be a JSON object", source)
+            raise PlanError("a plan must be a JSON object", source)
         if data.get("format") != PLAN_FORMAT:
-            raise ShardcutError(f"format must be {PLAN_FORMAT!r}, got {data.get('format')!r}", source)
+            raise PlanError(f"format must be {PLAN_FORMAT!r}, got {data.get('format')!r}", source)
         keep = data.get("keep")
         if not isinstance(keep, dict) or not keep:
-            raise ShardcutError("'keep' must be a non-empty object mapping layer keys to expert id lists", source)
+            raise PlanError("'keep' must be a non-empty object mapping layer keys to expert id lists", source)
         parsed: dict[str, list[int]] = {}
         for key, ids in keep.items():
-            if not _PLAN_KEY.fullmatch(key):
-                raise ShardcutError(f"layer key {key[:40]!r} is not a plan key (like '3' or 'mtp.0')", source)
+            if not is_plan_key(key):
+                raise PlanError(f"layer key {key[:40]!r} {PLAN_KEY_RULE}", source)
             if not isinstance(ids, list) or not all(type(i) is int for i in ids):
-                raise ShardcutError(f"layer {key}: kept experts must be a list of integers", source)
+                raise PlanError(f"layer {key}: kept experts must be a list of integers", source)
             parsed[str(key)] = ids
         extra = {k: v for k, v in data.items() if k not in ("format", "keep")}
         return cls(parsed, extra, str(source))
@@ -98,9 +98,9 @@ class Plan:
 
             data = json.loads(read_regular_file(path).decode("utf-8"))
         except FileNotFoundError:
-            raise ShardcutError("file not found", path) from None
+            raise PlanError("file not found", path) from None
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            raise ShardcutError(f"not valid JSON ({type(exc).__name__})", path) from None
+            raise PlanError(f"not valid JSON ({type(exc).__name__})", path) from None
         return cls.from_json(data, path)
 
 
@@ -133,27 +133,27 @@ def validate_plan(plan: Plan, info: ModelInfo, source: str | Path = "plan") -> N
     expected = [layer.key for layer in info.layers]
     for key in expected:
         if key not in plan.keep:
-            raise ShardcutError(f"layer {key} is a MoE layer of the model but the plan does not list it", source)
+            raise PlanError(f"layer {key} is a MoE layer of the model but the plan does not list it", source)
     for key in plan.keep:
         if key not in info.layer_by_key:
-            raise ShardcutError(f"layer {key} is not a MoE layer of the model (MoE layers: {_span(expected)})", source)
+            raise PlanError(f"layer {key} is not a MoE layer of the model (MoE layers: {span(expected)})", source)
     for layer in info.layers:
         ids, key, E = plan.keep[layer.key], layer.key, layer.num_experts
         if len(set(ids)) != len(ids):
             dup = sorted({i for i in ids if ids.count(i) > 1})
-            raise ShardcutError(f"layer {key}: duplicate expert ids {dup[:5]}", source)
+            raise PlanError(f"layer {key}: duplicate expert ids {dup[:5]}", source)
         bad = [i for i in ids if not 0 <= i < E]
         if bad:
-            raise ShardcutError(f"layer {key}: expert ids {bad[:5]} out of range 0..{E - 1}", source)
+            raise PlanError(f"layer {key}: expert ids {bad[:5]} out of range 0..{E - 1}", source)
         if ids != sorted(ids):
-            raise ShardcutError(f"layer {key}: kept expert ids must be ascending", source)
+            raise PlanError(f"layer {key}: kept expert ids must be ascending", source)
     for path, layers in info.layers_by_config().items():
         counts: dict[int, str] = {}
         for layer in layers:
             counts.setdefault(len(plan.keep[layer.key]), layer.key)
         if len(counts) > 1:
             (n1, k1), (n2, k2) = list(counts.items())[:2]
-            raise ShardcutError(
+            raise PlanError(
                 f"unequal counts: layer {k1} keeps {n1} experts, layer {k2} keeps {n2} "
                 f"(one expert count per config{' (' + '.'.join(path) + ')' if len(info.layers_by_config()) > 1 else ''}: "
                 "every MoE layer sharing it must keep the same number)",
@@ -161,13 +161,13 @@ def validate_plan(plan: Plan, info: ModelInfo, source: str | Path = "plan") -> N
             )
         kept = next(iter(counts))
         if kept < layers[0].top_k:
-            raise ShardcutError(
+            raise PlanError(
                 f"layer {layers[0].key}: keeps {kept} expert{'s' if kept != 1 else ''}, "
                 f"fewer than top_k={layers[0].top_k}",
                 source,
             )
     if info.arch.top_k_exact and info.top_k != info.arch.top_k_exact:
-        raise ShardcutError(f"{info.arch.name} needs top_k == {info.arch.top_k_exact}", source)
+        raise PlanError(f"{info.arch.name} needs top_k == {info.arch.top_k_exact}", source)
     if info.grouped:
         main = info.layers_by_config()[info.layers[0].config_path]
         _validate_groups(
@@ -178,26 +178,20 @@ def validate_plan(plan: Plan, info: ModelInfo, source: str | Path = "plan") -> N
 def _validate_groups(plan: Plan, info: ModelInfo, kept: int, source) -> None:
     G, E = info.n_group, info.num_experts
     if E % G:
-        raise ShardcutError(f"n_group={G} does not divide num_experts={E}", source)
+        raise PlanError(f"n_group={G} does not divide num_experts={E}", source)
     size = E // G
     if kept % G:
-        raise ShardcutError(f"grouped routing: {kept} kept experts cannot split evenly over n_group={G}", source)
+        raise PlanError(f"grouped routing: {kept} kept experts cannot split evenly over n_group={G}", source)
     per = kept // G
     for key, ids in plan.keep.items():
         in_group = [sum(1 for i in ids if i // size == g) for g in range(G)]
         if len(set(in_group)) != 1:
-            raise ShardcutError(
+            raise PlanError(
                 f"layer {key}: not group-balanced (kept per group {in_group}); grouped routing with "
                 f"n_group={G} needs the same number kept in every group",
                 source,
             )
     if per < 2:
-        raise ShardcutError(f"grouped routing: {per} expert(s) kept per group, at least 2 needed", source)
+        raise PlanError(f"grouped routing: {per} expert(s) kept per group, at least 2 needed", source)
     if info.topk_group * per < info.top_k:
-        raise ShardcutError(
-            f"grouped routing: topk_group={info.topk_group} x {per} per group < top_k={info.top_k}", source
-        )
-
-
-def _span(keys: list[str]) -> str:
-    return ", ".join(keys) if len(keys) <= 6 else f"{', '.join(keys[:3])}, …, {', '.join(keys[-2:])}"
+        raise PlanError(f"grouped routing: topk_group={info.topk_group} x {per} per group < top_k={info.top_k}", source)

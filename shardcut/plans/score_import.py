@@ -21,7 +21,7 @@ model's own layer prefixes (`model.layers.3`, `backbone.layers.3.mixer`, `transf
 as the architecture table spells them). Keys 0..n-1 that are not the model's MoE layers but
 count them (n of them) are read as positions in its MoE layer list, and the report says so;
 `layer_offset` adds a fixed offset instead. A file whose shape fits several readings is refused
-with the readings named. torch is imported only for torch files.
+with the readings named (layer names: `shardcut.plans.layer_names`). torch is imported only for torch files.
 """
 
 from __future__ import annotations
@@ -30,11 +30,14 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
-from shardcut.format.errors import ShardcutError
+from shardcut.format.errors import ScoresError
+from shardcut.format.text import span
 from shardcut.moe.model import ModelInfo
+from shardcut.plans.layer_names import as_int, in_model_order, layer_key
 from shardcut.plans.scores import FIELDS, GATE_APPLIED, GATE_SOFTMAX, GATE_UNKNOWN, Scores, check_replaceable_scores
 
 FORMATS = ("auto", "reap-observer", "torch", "saliency-json", "keep-list", "llm-compressor")
@@ -93,7 +96,6 @@ IGNORED_STATS = (
     "mean_saliency",
 )
 _SUM_NAMES = {**{f: f for f in FIELDS}, **{v: k for k, v in OBSERVER_FIELDS.items()}, "expert_frequency": "count"}
-_MTP_KEY = re.compile(r"^mtp\.(?:layers\.)?(\d+)(?:\..*)?$")
 _BLOCK_FILE = re.compile(r"block_(\d+)_metrics\.pt$")
 
 
@@ -147,11 +149,11 @@ def import_scores(
         check_output(out, [path, model if is_local(model) else None], overwrite=overwrite, what="score file")
         check_replaceable_scores(out)
     if not path.exists():
-        raise ShardcutError("file not found", path)
+        raise ScoresError("file not found", path)
     if fmt not in FORMATS:
-        raise ShardcutError(f"unknown import format {fmt!r} (known: {', '.join(FORMATS)})")
+        raise ScoresError(f"unknown import format {fmt!r} (known: {', '.join(FORMATS)})")
     if layout is not None and layout not in LAYOUTS:
-        raise ShardcutError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
+        raise ScoresError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
     ckpt = open_model(model)  # headers only: no shard data
     if out is not None:  # a Hub id resolves to a cache snapshot: never write inside it either
         check_output(out, [ckpt.root], overwrite=overwrite, what="score file")
@@ -223,19 +225,17 @@ def _torch_load(path: Path):
         text = str(exc)
         m = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
         if m:
-            raise ShardcutError(
+            raise ScoresError(
                 f"refused: the file needs arbitrary unpickling (it references {m.group(1)}, which "
                 "torch.load(weights_only=True) does not allow); shardcut never runs code from a "
                 "data file",
                 path,
             ) from None
         detail = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("Unsupported")), "corrupt")
-        raise ShardcutError(
-            f"not a readable torch file (weights-only unpickling failed: {detail[:120]})", path
-        ) from None
+        raise ScoresError(f"not a readable torch file (weights-only unpickling failed: {detail[:120]})", path) from None
     except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile errors... for non-torch files
         first = str(exc).splitlines()[0][:160] if str(exc) else ""
-        raise ShardcutError(f"not a readable torch file ({type(exc).__name__}: {first})", path) from None
+        raise ScoresError(f"not a readable torch file ({type(exc).__name__}: {first})", path) from None
 
 
 def _plain(obj: object, path: Path, depth: int = 0) -> object:
@@ -244,7 +244,7 @@ def _plain(obj: object, path: Path, depth: int = 0) -> object:
     import torch
 
     if depth > 8:
-        raise ShardcutError("nested too deeply to be a score file", path)
+        raise ScoresError("nested too deeply to be a score file", path)
     if torch.is_tensor(obj):
         arr = obj.detach().to(torch.float64).cpu().numpy()
         return arr.item() if arr.ndim == 0 else arr
@@ -262,7 +262,7 @@ def _read_json(path: Path) -> object:
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ShardcutError(f"not valid JSON ({type(exc).__name__})", path) from None
+        raise ScoresError(f"not valid JSON ({type(exc).__name__})", path) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -299,17 +299,16 @@ def _from_object(data: object, ctx: _Context, kind: str) -> tuple[Scores, Import
         named = next((data[k] for k in NAME_KEYS if isinstance(data.get(k), str)), named)
         data = data[wrapper]
     if isinstance(data, dict) and data and all(_is_stat_name(k) for k in data):
-        stacked = {k: _matrix(v) for k, v in data.items() if k not in IGNORED_STATS}
-        stacked = {k: v for k, v in stacked.items() if v is not None}
+        stacked = {k: m for k, v in data.items() if k not in IGNORED_STATS and (m := _matrix(v)) is not None}
         if not stacked:
-            raise ShardcutError(
+            raise ScoresError(
                 f"holds statistics {sorted(map(str, data))} but no per-layer, per-expert values", ctx.path
             )
         rows = {k: _rows(v, ctx, f"{k!r}") for k, v in stacked.items()}
         keys = next(iter(rows.values()))[0]
         if any(r[0] != keys for r in rows.values()):
-            raise ShardcutError("its statistics cover different layer counts", ctx.path)
-        per_layer = {key: {stat: r[1][i] for stat, r in rows.items()} for i, key in enumerate(keys)}
+            raise ScoresError("its statistics cover different layer counts", ctx.path)
+        per_layer: dict[str, object] = {key: {stat: r[1][i] for stat, r in rows.items()} for i, key in enumerate(keys)}
         if kind == "llm-compressor" or ("saliency" in stacked and not (set(stacked) & set(OBSERVER_FIELDS.values()))):
             fmt = "llm-compressor"
             ctx.notes.append(
@@ -319,18 +318,18 @@ def _from_object(data: object, ctx: _Context, kind: str) -> tuple[Scores, Import
     else:
         matrix = _matrix(data)
         if matrix is not None:
-            keys, rows = _rows(matrix, ctx, "the stacked tensor")
-            per_layer = dict(zip(keys, rows))
+            keys, layer_rows = _rows(matrix, ctx, "the stacked tensor")
+            per_layer = dict(zip(keys, layer_rows, strict=True))
         else:
             per_layer = _layer_entries(data, ctx, "the file")
     keys = list(per_layer)
     sample = per_layer[keys[0]]
     if isinstance(sample, dict):
         if kind == "torch" and set(OBSERVER_FIELDS.values()) & set(sample):
-            return _observer_sums(per_layer, ctx)
+            return _observer_sums(cast("dict[str, dict]", per_layer), ctx)  # a dict per layer, as the first
         sums = {_SUM_NAMES[k] for k in sample if k in _SUM_NAMES}
         if set(FIELDS) <= sums:
-            return _generic_sums(per_layer, ctx, fmt)
+            return _generic_sums(cast("dict[str, dict]", per_layer), ctx, fmt)
         return _values(per_layer, ctx, fmt, None)
     return _values(per_layer, ctx, fmt, named)
 
@@ -350,17 +349,18 @@ def _rows(matrix: np.ndarray, ctx: _Context, what: str) -> tuple[list[str], list
     if ctx.layout:
         readings = [r for r in readings if r[0] == ctx.layout]
     if not readings:
-        raise ShardcutError(
+        raise ScoresError(
             f"{what} has shape {[a, b]}; the model has {len(main)} MoE layers"
             + (f" ({len(every)} with MTP)" if len(every) != len(main) else "")
             + f" of {E} experts (scores of another model?)",
             ctx.path,
         )
     if len({r[0] for r in readings}) > 1:
-        raise ShardcutError(
+        raise ScoresError(
             f"{what} has shape {[a, b]}, which reads both as [layers, experts] and as [experts, "
-            "layers]; say which with --layout layers-experts or --layout experts-layers",
+            "layers]; say which with layout layers-experts or layout experts-layers",
             ctx.path,
+            params=("layout",),
         )
     name, keys, rows = readings[0]
     if name == "experts-layers":
@@ -376,62 +376,43 @@ def _layer_entries(data: object, ctx: _Context, what: str) -> dict[str, object]:
         every = [layer.key for layer in info.layers]
         for keys in (main, every):
             if len(data) == len(keys):
-                return dict(zip(keys, data))
-        raise ShardcutError(
+                return dict(zip(keys, data, strict=True))
+        raise ScoresError(
             f"{what} is a list of {len(data)} layers but the model has {len(main)} MoE layers"
             + (f" ({len(every)} with MTP)" if len(every) != len(main) else ""),
             path,
         )
     if not isinstance(data, dict) or not data:
-        raise ShardcutError(
+        raise ScoresError(
             f"{what} must map layers to values (or list them in MoE-layer order); got {type(data).__name__}", path
         )
     raw = list(data)
     if ctx.offset is not None:
-        ints = [_as_int(k) for k in raw]
-        if any(i is None for i in ints):
-            raise ShardcutError("--layer-offset needs integer layer keys", path)
-        mapped = {str(i + ctx.offset): data[k] for i, k in zip(ints, raw)}
+        ints = [i for i in map(as_int, raw) if i is not None]
+        if len(ints) < len(raw):
+            raise ScoresError("layer_offset needs integer layer keys", path, params=("layer_offset",))
+        mapped = {str(i + ctx.offset): data[k] for i, k in zip(ints, raw, strict=True)}
         ctx.notes.append(f"layer keys: +{ctx.offset} added to every key ({raw[0]} -> {int(ints[0]) + ctx.offset})")
-        return _in_model_order(mapped, info, path)
+        return in_model_order(mapped, info, path)
     mapped = {}
     for k in raw:
-        key = _layer_key(k, info, path)
+        key = layer_key(k, info, path)
         if key in mapped:
-            raise ShardcutError("a layer appears twice", path)
+            raise ScoresError("a layer appears twice", path)
         mapped[key] = data[k]
-    ints = sorted(i for i in (_as_int(k) for k in raw) if i is not None)
+    ints = sorted(i for i in (as_int(k) for k in raw) if i is not None)
     main = [layer.key for layer in info.layers if not layer.mtp]
     every = [layer.key for layer in info.layers]
     foreign = [k for k in mapped if k not in info.layer_by_key]
     if foreign and len(ints) == len(raw) and ints == list(range(len(raw))) and len(raw) in (len(main), len(every)):
         keys = main if len(raw) == len(main) else every
-        by_pos = {keys[_as_int(k)]: data[k] for k in raw}
+        by_pos = {keys[i]: data[k] for k in raw if (i := as_int(k)) is not None}  # all are here
         ctx.notes.append(
-            f"layer keys 0..{len(raw) - 1} are not the model's MoE layers ({_span(keys)}); read as "
+            f"layer keys 0..{len(raw) - 1} are not the model's MoE layers ({span(keys)}); read as "
             f"positions in its MoE layer list: 0 -> {keys[0]}, {len(raw) - 1} -> {keys[len(raw) - 1]}"
         )
-        return _in_model_order(by_pos, info, path)
-    return _in_model_order(mapped, info, path)
-
-
-def _in_model_order(mapped: dict[str, object], info: ModelInfo, path: Path) -> dict[str, object]:
-    keys = _check_layers(list(mapped), info, path)
-    return {k: mapped[k] for k in keys}
-
-
-def _as_int(key: object) -> int | None:
-    if isinstance(key, bool):
-        return None
-    if isinstance(key, (int, np.integer)):
-        return int(key)
-    if isinstance(key, str) and key.strip().isdigit():
-        return int(key)
-    return None
-
-
-def _span(keys: list[str]) -> str:
-    return ", ".join(keys) if len(keys) <= 6 else f"{', '.join(keys[:3])}, ..., {keys[-1]}"
+        return in_model_order(by_pos, info, path)
+    return in_model_order(mapped, info, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -442,9 +423,9 @@ def _vec(value: object, E: int, what: str, path: Path) -> np.ndarray:
     if isinstance(value, np.ndarray):
         arr = value.astype(np.float64).reshape(-1)
         if arr.shape != (E,):
-            raise ShardcutError(f"{what}: {arr.size} experts, the model has {E} (scores of another model?)", path)
+            raise ScoresError(f"{what}: {arr.size} experts, the model has {E} (scores of another model?)", path)
         if np.isnan(arr).any():
-            raise ShardcutError(f"{what} holds NaN", path)
+            raise ScoresError(f"{what} holds NaN", path)
         return arr
     return _vector(value, E, what, path)
 
@@ -456,10 +437,10 @@ def _observer_sums(per_layer: dict[str, dict], ctx: _Context) -> tuple[Scores, I
     for r, key in enumerate(keys):
         stats = per_layer[key]
         if not isinstance(stats, dict):
-            raise ShardcutError(f"layer {key}: expected a dict of statistics, got {type(stats).__name__}", path)
+            raise ScoresError(f"layer {key}: expected a dict of statistics, got {type(stats).__name__}", path)
         missing = [name for name in (*OBSERVER_FIELDS.values(), OBSERVER_TOKENS) if name not in stats]
         if missing:
-            raise ShardcutError(f"layer {key}: missing statistics {missing}", path)
+            raise ScoresError(f"layer {key}: missing statistics {missing}", path)
         for ours, theirs in OBSERVER_FIELDS.items():
             arr = _vec(np.asarray(stats[theirs], dtype=np.float64), E, f"layer {key}: {theirs}", path)
             if ours == "act_max":
@@ -489,11 +470,11 @@ def _generic_sums(per_layer: dict[str, dict], ctx: _Context, fmt: str) -> tuple[
     for r, key in enumerate(keys):
         entry = per_layer[key]
         if not isinstance(entry, dict):
-            raise ShardcutError(f"layer {key}: expected an object of per-expert sums like layer {keys[0]}", path)
+            raise ScoresError(f"layer {key}: expected an object of per-expert sums like layer {keys[0]}", path)
         got = {_SUM_NAMES[k]: v for k, v in entry.items() if k in _SUM_NAMES}
         missing = [f for f in FIELDS if f not in got]
         if missing:
-            raise ShardcutError(
+            raise ScoresError(
                 f"layer {key}: missing sums {missing} (names: {', '.join(FIELDS)} or the REAP reference's)", path
             )
         for f in FIELDS:
@@ -519,7 +500,7 @@ def _values(per_layer: dict[str, object], ctx: _Context, fmt: str, named: str | 
             if k in VALUE_NAMES and VALUE_NAMES[k] not in names.values():
                 names[k] = VALUE_NAMES[k]
         if not names:
-            raise ShardcutError(
+            raise ScoresError(
                 f"layer {keys[0]}: holds {sorted(map(str, sample))}, neither the sums "
                 f"({', '.join(FIELDS)}) nor a known criterion ({', '.join(sorted(VALUE_NAMES))})",
                 path,
@@ -528,7 +509,7 @@ def _values(per_layer: dict[str, object], ctx: _Context, fmt: str, named: str | 
             ours: np.stack(
                 [
                     _vec(
-                        per_layer[k].get(theirs) if isinstance(per_layer[k], dict) else None,
+                        v.get(theirs) if isinstance(v := per_layer[k], dict) else None,
                         E,
                         f"layer {k}: {theirs}",
                         path,
@@ -541,30 +522,32 @@ def _values(per_layer: dict[str, object], ctx: _Context, fmt: str, named: str | 
     else:
         name = ctx.criterion or named or _name_from_file(path)
         if not name:
-            raise ShardcutError("the file does not name its criterion; give it (e.g. --criterion reap)", path)
+            raise ScoresError(
+                "the file does not name its criterion; give it (e.g. criterion reap)", path, params=("criterion",)
+            )
         if not (ctx.criterion or named):
             ctx.notes.append(f"criterion {name!r} taken from the file name")
         name = ALIASES.get(str(name), VALUE_NAMES.get(str(name), str(name)))
         if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
-            raise ShardcutError(f"criterion name {name!r} must be letters, digits, '_' or '-'", path)
+            raise ScoresError(f"criterion name {name!r} must be letters, digits, '_' or '-'", path)
         if name == "random":
-            raise ShardcutError("'random' is computed, not imported", path)
+            raise ScoresError("'random' is computed, not imported", path)
         values = {name: np.stack([_vec(per_layer[k], E, f"layer {k}", path) for k in keys])}
     for name, arr in values.items():
         if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-            raise ShardcutError(f"{name} values hold NaN, infinite or negative values", path)
-    names = list(values)
+            raise ScoresError(f"{name} values hold NaN, infinite or negative values", path)
+    criteria = list(values)
     notes = [
-        f"only {', '.join(map(repr, names))} values, no sums: plan with --criterion {names[0]}; merging is impossible"
+        f"only {', '.join(map(repr, criteria))} values, no sums: plan with --criterion {criteria[0]}; merging is impossible"
     ]
     notes += [
-        f"{n!r} is not one of shardcut's criteria; it is kept under its own name" for n in names if n not in CRITERIA
+        f"{n!r} is not one of shardcut's criteria; it is kept under its own name" for n in criteria if n not in CRITERIA
     ]
-    meta = {"criterion": names[0]}
+    meta = {"criterion": criteria[0]}
     if fmt == "llm-compressor":
         meta["gate_convention"] = GATE_APPLIED
     scores = Scores.from_values(keys, values, meta)
-    return scores, ImportReport(path, fmt, keys, E, False, names[0], notes)
+    return scores, ImportReport(path, fmt, keys, E, False, criteria[0], notes)
 
 
 def _name_from_file(path: Path) -> str | None:
@@ -578,12 +561,12 @@ def _from_accumulator_dir(ctx: _Context) -> tuple[Scores, ImportReport]:
     `{stat: tensor or running-mean tracker}` each; NNN the decoder layer index)."""
     files = sorted(p for p in ctx.path.iterdir() if _BLOCK_FILE.search(p.name))
     if not files:
-        raise ShardcutError("folder holds no REAP accumulator checkpoints (block_NNN_metrics.pt)", ctx.path)
+        raise ScoresError("folder holds no REAP accumulator checkpoints (block_NNN_metrics.pt)", ctx.path)
     state = {}
     for f in files:
         entry = _plain(_torch_load(f), f)
-        if isinstance(entry, dict) and entry:  # blocks without a MoE layer save {}
-            state[int(_BLOCK_FILE.search(f.name).group(1))] = entry
+        if isinstance(entry, dict) and entry and (m := _BLOCK_FILE.search(f.name)):  # no MoE layer: {}
+            state[int(m.group(1))] = entry
     scores, report = _from_object(state, ctx, "torch")
     report.format = "reap-accumulators"
     report.notes.append(f"{len(files)} block files read, {len(state)} with MoE statistics")
@@ -624,14 +607,14 @@ def _from_keep_list(data: object, path: Path, info: ModelInfo, ctx: _Context) ->
     for r, key in enumerate(keys):
         ids = per_layer[key]
         if not isinstance(ids, list) or not all(type(i) is int for i in ids):
-            raise ShardcutError(f"layer {key}: expected a list of expert ids", path)
+            raise ScoresError(f"layer {key}: expected a list of expert ids", path)
         bad = [i for i in ids if not 0 <= i < E]
         if bad:
-            raise ShardcutError(
+            raise ScoresError(
                 f"layer {key}: expert ids {bad[:5]} out of range 0..{E - 1} (model has {E} experts)", path
             )
         if len(set(ids)) != len(ids):
-            raise ShardcutError(f"layer {key}: duplicate expert ids", path)
+            raise ScoresError(f"layer {key}: duplicate expert ids", path)
         values[r, ids] = 1.0
         if pruned_mode:
             values[r] = 1.0 - values[r]
@@ -650,63 +633,10 @@ def _from_keep_list(data: object, path: Path, info: ModelInfo, ctx: _Context) ->
 
 def _vector(value: object, E: int, what: str, path: Path) -> np.ndarray:
     if not isinstance(value, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value):
-        raise ShardcutError(f"{what}: expected a list of {E} numbers", path)
+        raise ScoresError(f"{what}: expected a list of {E} numbers", path)
     if len(value) != E:
-        raise ShardcutError(f"{what}: {len(value)} experts, the model has {E} (scores of another model?)", path)
+        raise ScoresError(f"{what}: {len(value)} experts, the model has {E} (scores of another model?)", path)
     arr = np.asarray(value, dtype=np.float64)
     if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ShardcutError(f"{what}: holds NaN, infinite or negative values", path)
+        raise ScoresError(f"{what}: holds NaN, infinite or negative values", path)
     return arr
-
-
-# ---------------------------------------------------------------------------------------------
-# Layer keys
-
-
-def _layer_key(raw: object, info: ModelInfo, path: Path) -> str:
-    """A plan key from a layer index (int), a plan key, or a name spelled with one of the model's
-    layer prefixes from the architecture table (`model.layers.3`, `backbone.layers.3.mixer`,
-    `transformer.blocks.3`; also without their leading parts, `layers.3`)."""
-    if isinstance(raw, bool):
-        raise ShardcutError(f"layer key {raw!r} is not a layer", path)
-    if isinstance(raw, (int, np.integer)):
-        return str(int(raw))
-    text = str(raw).strip()
-    if text in info.layer_by_key or text.isdigit():
-        return str(int(text)) if text.isdigit() else text
-    m = _MTP_KEY.match(text)
-    if m and f"mtp.{m.group(1)}" in info.layer_by_key:
-        return f"mtp.{m.group(1)}"
-    dotted = f".{text}."
-    for layer in info.layers:  # the model's own spelling of each layer, whole or as a tail
-        if text.startswith(layer.prefix) or f".{layer.prefix}".endswith(dotted):
-            return layer.key
-    for layer in info.layers:  # another spelling of the same layer index under a known stack prefix
-        for prefix in layer.stack.layer_prefixes:
-            tail = prefix.rsplit(".", 1)[-1]
-            m = re.match(rf"^(?:[\w]+\.)*{re.escape(tail)}\.(\d+)(?:\..*)?$", text)
-            if m:
-                return f"{layer.stack.plan_prefix}{int(m.group(1))}"
-    raise ShardcutError(f'cannot read {text!r} as a layer (use the layer index, e.g. "3")', path)
-
-
-def _check_layers(keys: list[str], info: ModelInfo, path: Path) -> list[str]:
-    """The keys in model order; refuses layers the model lacks, duplicates and missing main layers."""
-    if len(set(keys)) != len(keys):
-        raise ShardcutError("a layer appears twice", path)
-    model_keys = [layer.key for layer in info.layers]
-    foreign = [k for k in keys if k not in info.layer_by_key]
-    if foreign:
-        shown = ", ".join(model_keys) if len(model_keys) <= 8 else f"{model_keys[0]}..{model_keys[-1]}"
-        raise ShardcutError(
-            f"layers {foreign[:5]} are not MoE layers of the model (its MoE layers: {shown}; scores of another model?)",
-            path,
-        )
-    missing = [layer.key for layer in info.layers if not layer.mtp and layer.key not in keys]
-    if missing:
-        raise ShardcutError(
-            f"no scores for MoE layers {missing[:5]} ({len(keys)} layers in the file, "
-            f"{len(model_keys)} in the model; scores of another model?)",
-            path,
-        )
-    return [k for k in model_keys if k in keys]

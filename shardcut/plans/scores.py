@@ -35,14 +35,14 @@ from pathlib import Path
 import numpy as np
 
 from shardcut.format.durable import atomic_write_bytes
-from shardcut.format.errors import ShardcutError
+from shardcut.format.errors import ScoresError, ShardcutError
+from shardcut.plans.keys import PLAN_KEY_RULE, is_plan_key
 
 SCORES_FORMAT = "shardcut-scores/1"
 SUM_FIELDS = ("count", "gate_sum", "norm_sum", "reap_sum")
 MAX_FIELDS = ("act_max",)
 FIELDS = SUM_FIELDS + MAX_FIELDS
 VALUE_PREFIX = "criterion."  # tensor name prefix of imported criterion values
-_LAYER_KEY = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 _MERGE_IDENTITY = ("model", "revision", "architecture", "num_experts")  # metadata that must agree to merge
 # How `gate_sum` / `reap_sum` were weighted (metadata `gate_convention`):
@@ -116,7 +116,7 @@ class Scores:
         if not isinstance(num_experts, int):
             per_layer = [int(n) for n in num_experts]
             if len(per_layer) != L:
-                raise ShardcutError(f"{len(per_layer)} expert counts for {L} layers")
+                raise ScoresError(f"{len(per_layer)} expert counts for {L} layers")
             num_experts = max(per_layer, default=0)
             if all(n == num_experts for n in per_layer):
                 per_layer = None  # one count: a plain single-count file
@@ -151,14 +151,14 @@ class Scores:
         """
         arrays = {k: np.asarray(v, dtype=np.float64) for k, v in values.items()}
         if not arrays:
-            raise ShardcutError("no criterion values given")
+            raise ScoresError("no criterion values given")
         for name, a in arrays.items():
             if a.ndim != 2 or a.shape[0] != len(layers):
-                raise ShardcutError(f"criterion {name!r} has shape {list(a.shape)}, expected [{len(layers)}, E]")
+                raise ScoresError(f"criterion {name!r} has shape {list(a.shape)}, expected [{len(layers)}, E]")
         num_experts = next(iter(arrays.values())).shape[-1]
         scores = cls.zeros(layers, num_experts if layer_experts is None else layer_experts, metadata)
         if scores.num_experts != num_experts:
-            raise ShardcutError(
+            raise ScoresError(
                 f"criterion values hold {num_experts} experts per layer, the layers' largest "
                 f"count is {scores.num_experts}"
             )
@@ -230,7 +230,7 @@ class Scores:
         le = [np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")) for _, a in arrays]
         described = [
             OutTensor(name, "I64" if a.dtype.kind == "i" else "F64", a.shape, [Piece(Path(), 0, a.nbytes)])
-            for (name, _), a in zip(arrays, le)
+            for (name, _), a in zip(arrays, le, strict=True)
         ]
         return encode_header(described, dict(sorted(self.file_metadata().items()))) + b"".join(a.tobytes() for a in le)
 
@@ -257,74 +257,86 @@ class Scores:
         try:
             require_regular(path)  # by stat: a FIFO is never opened
         except FileNotFoundError:
-            raise ShardcutError("file not found", path) from None
+            raise ScoresError("file not found", path) from None
         header = read_header(path)  # exact validation with shardcut's own errors first
         meta = dict(header.metadata or {})
         if meta.get("format") != SCORES_FORMAT:
-            raise ShardcutError(f"not a {SCORES_FORMAT} file (format={meta.get('format')!r})", path)
+            raise ScoresError(f"not a {SCORES_FORMAT} file (format={meta.get('format')!r})", path)
         has_sums = meta.pop("sums", "present") != "absent"
         value_names = [n for n in header.tensors if n.startswith(VALUE_PREFIX)]
         required = ["layers", *((*FIELDS, "tokens") if has_sums else ())]
         if not has_sums and not value_names:
-            raise ShardcutError("file says it has no sums but holds no criterion values either", path)
+            raise ScoresError("file says it has no sums but holds no criterion values either", path)
         for name in required + value_names:
             info = header.tensors.get(name)
             if info is None:
-                raise ShardcutError(f"missing tensor {name!r}", path)
+                raise ScoresError(f"missing tensor {name!r}", path)
             want = "I64" if name == "layers" else "F64"
             if info.dtype != want:
-                raise ShardcutError(f"tensor {name!r} has dtype {info.dtype}, expected {want}", path)
+                raise ScoresError(f"tensor {name!r} has dtype {info.dtype}, expected {want}", path)
         try:
             arrays = load_file(str(path))
         except (SafetensorError, OSError, ValueError) as exc:
-            raise ShardcutError(f"cannot read tensors ({exc})", path) from None
+            raise ScoresError(f"cannot read tensors ({exc})", path) from None
         layer_ids = arrays["layers"].tolist()
         keys = meta.pop("layer_keys", None)
         layers = keys.split(",") if keys else [str(i) for i in layer_ids]
         if len(layers) != len(layer_ids):
-            raise ShardcutError(f"metadata names {len(layers)} layers but 'layers' holds {len(layer_ids)}", path)
+            raise ScoresError(f"metadata names {len(layers)} layers but 'layers' holds {len(layer_ids)}", path)
         per_layer = _parse_layer_experts(meta.pop("layer_experts", None), len(layers), path)
         values = {n[len(VALUE_PREFIX) :]: arrays[n] for n in value_names}
         if has_sums:
-            scores = cls(layers, *(arrays[n] for n in FIELDS), arrays["tokens"], meta, values, layer_experts=per_layer)
+            a = arrays
+            scores = cls(
+                layers,
+                a["count"],
+                a["gate_sum"],
+                a["norm_sum"],
+                a["reap_sum"],
+                a["act_max"],
+                a["tokens"],
+                meta,
+                values,
+                layer_experts=per_layer,
+            )
         else:
             try:
                 scores = cls.from_values(layers, values, meta, per_layer)
             except ShardcutError as exc:
-                raise ShardcutError(str(exc), path) from None
+                raise ScoresError(str(exc), path) from None
         scores.validate(path)
         return scores
 
     def validate(self, source: str | Path = "scores") -> None:
         L = len(self.layers)
         if L == 0:
-            raise ShardcutError("no layers", source)
+            raise ScoresError("no layers", source)
         if len(set(self.layers)) != L:
-            raise ShardcutError("duplicate layer keys", source)
-        odd = next((k for k in self.layers if not _LAYER_KEY.fullmatch(k)), None)
+            raise ScoresError("duplicate layer keys", source)
+        odd = next((k for k in self.layers if not is_plan_key(k)), None)
         if odd is not None:
-            raise ShardcutError(f"layer key {odd!r} is not a plan key (like '3' or 'mtp.0')", source)
+            raise ScoresError(f"layer key {odd!r} {PLAN_KEY_RULE}", source)
         shape = self.count.shape
         if len(shape) != 2 or shape[0] != L or shape[1] < 1:
-            raise ShardcutError(f"'count' has shape {list(shape)}, expected [{L}, E]", source)
+            raise ScoresError(f"'count' has shape {list(shape)}, expected [{L}, E]", source)
         for name in FIELDS:
             a = getattr(self, name)
             if a.shape != shape:
-                raise ShardcutError(f"{name!r} has shape {list(a.shape)}, expected {list(shape)}", source)
+                raise ScoresError(f"{name!r} has shape {list(a.shape)}, expected {list(shape)}", source)
             if not np.all(np.isfinite(a)) or np.any(a < 0):
-                raise ShardcutError(f"{name!r} holds NaN, infinite or negative values", source)
+                raise ScoresError(f"{name!r} holds NaN, infinite or negative values", source)
         if self.tokens.shape != (L,) or np.any(self.tokens < 0) or not np.all(np.isfinite(self.tokens)):
-            raise ShardcutError(f"'tokens' must be [{L}] finite and non-negative", source)
+            raise ScoresError(f"'tokens' must be [{L}] finite and non-negative", source)
         for name, a in self.values.items():
             if not name or not all(c.isalnum() or c in "_-" for c in name):
-                raise ShardcutError(f"criterion name {name!r} must be letters, digits, '_' or '-'", source)
+                raise ScoresError(f"criterion name {name!r} must be letters, digits, '_' or '-'", source)
             if a.shape != shape:
-                raise ShardcutError(f"criterion {name!r} has shape {list(a.shape)}, expected {list(shape)}", source)
+                raise ScoresError(f"criterion {name!r} has shape {list(a.shape)}, expected {list(shape)}", source)
             if not np.all(np.isfinite(a)) or np.any(a < 0):
-                raise ShardcutError(f"criterion {name!r} holds NaN, infinite or negative values", source)
+                raise ScoresError(f"criterion {name!r} holds NaN, infinite or negative values", source)
         declared = self.metadata.get("num_experts")
         if declared is not None and str(declared) != str(shape[1]):
-            raise ShardcutError(f"metadata num_experts={declared} but the arrays hold {shape[1]} experts", source)
+            raise ScoresError(f"metadata num_experts={declared} but the arrays hold {shape[1]} experts", source)
         self._validate_padding(source)
         if self.has_sums:
             self._validate_sums(source)
@@ -337,7 +349,7 @@ class Scores:
         over = seen[:, None] & (self.count > self.tokens[:, None] * (1 + 1e-9))
         if over.any():
             r, j = (int(x) for x in np.argwhere(over)[0])
-            raise ShardcutError(
+            raise ScoresError(
                 f"layer {self.layers[r]}: 'count' of expert {j} is {self.count[r, j]:.6g}, more than "
                 f"the layer's {self.tokens[r]:.6g} tokens",
                 source,
@@ -347,7 +359,7 @@ class Scores:
             bad = (self.count == 0) & (getattr(self, name) != 0)
             if bad.any():
                 r, j = (int(x) for x in np.argwhere(bad)[0])
-                raise ShardcutError(
+                raise ScoresError(
                     f"layer {self.layers[r]}: expert {j} has {name} {getattr(self, name)[r, j]:.6g} "
                     "but 'count' 0 (sums without routed tokens)",
                     source,
@@ -358,9 +370,9 @@ class Scores:
         order would be a silent guess. Imported values-only files carry no counts and pass."""
         if not self.has_sums:
             return
-        empty = [k for k, t, c in zip(self.layers, self.tokens, self.count) if t == 0 and not c.any()]
+        empty = [k for k, t, c in zip(self.layers, self.tokens, self.count, strict=True) if t == 0 and not c.any()]
         if empty:
-            raise ShardcutError(
+            raise ScoresError(
                 f"layers {', '.join(empty[:5])} saw no tokens (all-zero scores): nothing to rank experts by", source
             )
 
@@ -370,9 +382,9 @@ class Scores:
             return
         per, L, E = self.layer_experts, len(self.layers), self.num_experts
         if len(per) != L or not all(isinstance(n, int) and 1 <= n <= E for n in per):
-            raise ShardcutError(f"layer_experts must be {L} counts in 1..{E}, got {per[:8]}", source)
+            raise ScoresError(f"layer_experts must be {L} counts in 1..{E}, got {per[:8]}", source)
         if max(per) != E:
-            raise ShardcutError(f"layer_experts {max(per)} at most, but the arrays hold {E} experts", source)
+            raise ScoresError(f"layer_experts {max(per)} at most, but the arrays hold {E} experts", source)
         padding = ~self.valid_mask()
         arrays = {
             **({n: getattr(self, n) for n in FIELDS} if self.has_sums else {}),
@@ -382,7 +394,7 @@ class Scores:
             bad = np.argwhere(padding & (a != 0))
             if len(bad):
                 r, j = (int(x) for x in bad[0])
-                raise ShardcutError(
+                raise ScoresError(
                     f"{name} holds a value for expert {j} of layer {self.layers[r]}, which has "
                     f"{per[r]} experts (layer_experts)",
                     source,
@@ -395,11 +407,11 @@ def _parse_layer_experts(text: str | None, n_layers: int, path: Path) -> list[in
     try:
         counts = [int(x) for x in text.split(",")]
     except ValueError:
-        raise ShardcutError(
+        raise ScoresError(
             f"metadata layer_experts {text[:60]!r} is not a comma-separated list of counts", path
         ) from None
     if len(counts) != n_layers:
-        raise ShardcutError(f"metadata layer_experts names {len(counts)} counts for {n_layers} layers", path)
+        raise ScoresError(f"metadata layer_experts names {len(counts)} counts for {n_layers} layers", path)
     return counts
 
 
@@ -427,7 +439,7 @@ def parse_weighted(arg: str) -> tuple[Path, float]:
     except ValueError:
         return Path(arg), 1.0
     if not math.isfinite(weight) or weight <= 0:
-        raise ShardcutError(f"weight {tail!r} must be a positive number", path)
+        raise ScoresError(f"weight {tail!r} must be a positive number", path)
     return Path(path), weight
 
 
@@ -450,42 +462,43 @@ def merge_scores(
         >>> merged = merge_scores([(Scores.load("code.safetensors"), 2.0), (Scores.load("chat.safetensors"), 1.0)])
     """
     if len(items) < 2:
-        raise ShardcutError("merge needs at least two score files")
+        raise ScoresError("merge needs at least two score files")
     names = list(names or [f"input {i + 1}" for i in range(len(items))])
     first, _ = items[0]
-    for (s, w), name in zip(items, names):
+    for (s, w), name in zip(items, names, strict=True):
         if not s.has_sums:
             crit = ", ".join(s.values) or "?"
-            raise ShardcutError(f"holds only imported {crit!r} values and no sums: merging is impossible", name)
+            raise ScoresError(f"holds only imported {crit!r} values and no sums: merging is impossible", name)
         if not (math.isfinite(w) and w > 0):
-            raise ShardcutError(f"weight {w} must be a positive number", name)
+            raise ScoresError(f"weight {w} must be a positive number", name)
         if s.num_experts != first.num_experts:
-            raise ShardcutError(f"has {s.num_experts} experts per layer, {names[0]} has {first.num_experts}", name)
+            raise ScoresError(f"has {s.num_experts} experts per layer, {names[0]} has {first.num_experts}", name)
         if set(s.layers) != set(first.layers):
             only_a = sorted(set(first.layers) - set(s.layers))[:5]
             only_b = sorted(set(s.layers) - set(first.layers))[:5]
-            raise ShardcutError(
+            raise ScoresError(
                 f"layer sets differ from {names[0]} (missing {only_a or 'none'}, extra {only_b or 'none'})", name
             )
         other = next((k for k in first.layers if s.experts_of(k) != first.experts_of(k)), None)
         if other is not None:
-            raise ShardcutError(
+            raise ScoresError(
                 f"layer {other} has {s.experts_of(other)} experts, in {names[0]} {first.experts_of(other)}", name
             )
         problem = model_mismatch(first.metadata, s.metadata)
         if problem:
-            raise ShardcutError(f"scores of another model: {problem} (in {names[0]}: the first value)", name)
-    gates = {name: gate_convention(s.metadata) for (s, _), name in zip(items, names)}
+            raise ScoresError(f"scores of another model: {problem} (in {names[0]}: the first value)", name)
+    gates = {name: gate_convention(s.metadata) for (s, _), name in zip(items, names, strict=True)}
     caveats: list[str] = []
     for s, _ in items:
         caveats += [c for c in file_caveats(s.metadata) if c not in caveats]
     if len(set(gates.values())) > 1:
         listed = "; ".join(f"{n}: {g}" for n, g in gates.items())
         if not force:
-            raise ShardcutError(
+            raise ScoresError(
                 f"the files weight their gate sums differently ({listed}); their reap and "
                 "weighted_frequency values do not add up to one meaning. Merge anyway with "
-                "--force (the mix is recorded as a caveat)"
+                "force (the mix is recorded as a caveat)",
+                params=("force",),
             )
         caveats.append(f"merged across gate conventions ({listed}); gate_sum and reap_sum mix them")
     merged = Scores.zeros(first.layers, first.experts_per_row)
@@ -511,7 +524,7 @@ def merge_scores(
     meta["gate_convention"] = next(iter(gates.values())) if len(set(gates.values())) == 1 else "mixed"
     if caveats:
         meta["caveats"] = json.dumps(caveats)
-    sketches = [s.metadata.get("data_sketch") for s, _ in items]
+    sketches = [s.metadata.get("data_sketch") or "" for s, _ in items]
     if all(sketches):  # the calibration samples of all inputs, for `shardcut eval`'s held-out check
         from shardcut.format.fingerprint import merge_sketches
 
@@ -528,7 +541,7 @@ def merge_scores(
                     if k in s.metadata
                 },
             }
-            for (s, w), name in zip(items, names)
+            for (s, w), name in zip(items, names, strict=True)
         ]
     )
     merged.metadata = meta

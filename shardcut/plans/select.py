@@ -37,8 +37,10 @@ from fractions import Fraction
 
 import numpy as np
 
-from shardcut.format.errors import PlanError, ShardcutError
+from shardcut.format.errors import PlanError, ScoresError, ShardcutError
 from shardcut.moe.model import CountGroup, ModelInfo, count_groups
+from shardcut.plans.options import SUPER_LAYER_FRACTION, SUPER_PERCENTILE
+from shardcut.plans.options import parse_protect as parse_protect  # its old home: eval_cmd imports it here
 from shardcut.plans.scores import Scores
 
 CRITERIA: dict[str, str] = {
@@ -51,10 +53,7 @@ CRITERIA: dict[str, str] = {
 }
 # The REAP reference's names for the same quantities.
 ALIASES = {"ean_sum": "ean", "expert_frequency": "frequency", "weighted_expert_frequency_sum": "weighted_frequency"}
-MTP_POLICIES = ("reuse-last", "scores-of:N", "same-ids-as:N")
-SUPER_PERCENTILE = 99.5
 SUPER_MAX_FRACTION = 10.0
-SUPER_LAYER_FRACTION = 0.75
 
 
 def canonical_criterion(name: str | None, scores: Scores | None = None) -> str:
@@ -69,7 +68,7 @@ def canonical_criterion(name: str | None, scores: Scores | None = None) -> str:
     if name in CRITERIA or (scores is not None and name in scores.values):
         return name
     extra = f"; this file also holds imported values of {', '.join(scores.values)}" if scores and scores.values else ""
-    raise ShardcutError(f"unknown criterion {name!r} (known: {', '.join(CRITERIA)}{extra})")
+    raise PlanError(f"unknown criterion {name!r} (known: {', '.join(CRITERIA)}{extra})")
 
 
 def criterion_values(scores: Scores, criterion: str | None = "reap", seed: int = 0) -> np.ndarray:
@@ -85,9 +84,10 @@ def criterion_values(scores: Scores, criterion: str | None = "reap", seed: int =
         return np.where(scores.valid_mask(), np.random.default_rng(seed).random(scores.count.shape), 0.0)
     if not scores.has_sums:
         held = ", ".join(scores.values)
-        raise ShardcutError(
+        raise ScoresError(
             f"this score file holds only imported {held!r} values (no sums), so {name!r} cannot "
-            f"be derived; use --criterion {next(iter(scores.values))}"
+            f"be derived; use criterion {next(iter(scores.values))}",
+            params=("criterion",),
         )
     with np.errstate(divide="ignore", invalid="ignore"):
         if name == "reap":
@@ -147,23 +147,23 @@ def kept_count(
     """
     E, G = num_experts, max(1, n_group)
     if (ratio is None) == (experts is None):
-        raise ShardcutError("give exactly one of ratio (fraction of experts removed) or experts (kept per layer)")
+        raise PlanError("give exactly one of ratio (fraction of experts removed) or experts (kept per layer)")
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
         raise PlanError(f"multiple_of {multiple_of!r} must be a positive integer (e.g. the expert-parallel size)")
     M = multiple_of
     rounded = None
     if ratio is not None:
         if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio < 1):
-            raise ShardcutError(f"ratio {ratio} must lie strictly between 0 and 1 (the fraction of experts removed)")
+            raise PlanError(f"ratio {ratio} must lie strictly between 0 and 1 (the fraction of experts removed)")
         pruned = math.floor(E * Fraction(repr(float(ratio))))
         rule = f"pruned per layer = floor({E} x {ratio:g}) = {pruned}"
         if pruned == 0:
-            raise ShardcutError(f"ratio {ratio:g} removes no expert of {E} (floor({E} x {ratio:g}) = 0)")
+            raise PlanError(f"ratio {ratio:g} removes no expert of {E} (floor({E} x {ratio:g}) = 0)")
         if G > 1 and pruned % G:
             down = pruned - pruned % G
             rounded = f"rounded down to {down}, a multiple of n_group={G}, so every group drops {down // G}"
             if down == 0:
-                raise ShardcutError(
+                raise PlanError(
                     f"ratio {ratio:g} prunes {pruned} of {E} experts, fewer than one per group "
                     f"(n_group={G}); use a ratio of at least {G / E:g}"
                 )
@@ -173,11 +173,11 @@ def kept_count(
         rule += f" -> {kept} kept"
     else:
         if isinstance(experts, bool) or not isinstance(experts, int):
-            raise ShardcutError(f"experts {experts!r} must be an integer")
+            raise PlanError(f"experts {experts!r} must be an integer")
         if experts >= E or experts < 1:
-            raise ShardcutError(f"experts {experts} must be below the model's {E} experts per layer (and at least 1)")
+            raise PlanError(f"experts {experts} must be below the model's {E} experts per layer (and at least 1)")
         if experts < top_k:
-            raise ShardcutError(f"experts {experts} is fewer than top_k={top_k}: every token routes to {top_k} experts")
+            raise PlanError(f"experts {experts} is fewer than top_k={top_k}: every token routes to {top_k} experts")
         kept = experts
         rule = f"{kept} kept per layer as requested"
         if G > 1 and kept % G:
@@ -186,7 +186,7 @@ def kept_count(
             kept = up
             rule = f"{experts} kept per layer requested, {rounded}"
         if kept >= E:
-            raise ShardcutError(f"experts {experts} rounded to a multiple of n_group={G} keeps all {E} experts")
+            raise PlanError(f"experts {experts} rounded to a multiple of n_group={G} keeps all {E} experts")
     if M > 1 and kept % M:
         step = math.lcm(M, G)  # kept stays a multiple of n_group (E is one), so whole groups still drop
         up = kept + step - kept % step
@@ -200,13 +200,13 @@ def kept_count(
         rule += f", {note}"
         kept = up
     if kept < top_k:
-        raise ShardcutError(f"{rule}: fewer than top_k={top_k}; use a ratio of at most {(E - top_k) / E:g}")
+        raise PlanError(f"{rule}: fewer than top_k={top_k}; use a ratio of at most {(E - top_k) / E:g}")
     if G > 1:
         per = kept // G
         if per < 2:
-            raise ShardcutError(f"{rule}: {per} per group with n_group={G}; grouped routing needs at least 2 per group")
+            raise PlanError(f"{rule}: {per} per group with n_group={G}; grouped routing needs at least 2 per group")
         if topk_group * per < top_k:
-            raise ShardcutError(
+            raise PlanError(
                 f"{rule}: topk_group={topk_group} x {per} per group < top_k={top_k}, so a token "
                 f"could not find {top_k} experts in its {topk_group} groups"
             )
@@ -243,7 +243,7 @@ def group_counts(
                 if experts is not None
                 else ""
             )
-            raise ShardcutError(f"{g.name} ({g.num_experts} experts per layer, top_k={g.top_k}): {exc}{hint}") from None
+            raise PlanError(f"{g.name} ({g.num_experts} experts per layer, top_k={g.top_k}): {exc}{hint}") from None
         out.append((g, counts))
     return out
 
@@ -280,19 +280,19 @@ def select_layer(values, kept: int, n_group: int = 1, protect=()) -> Selection:
     v = np.asarray(values, dtype=np.float64)
     E, G = len(v), max(1, n_group)
     if E % G or kept % G:
-        raise ShardcutError(f"{kept} kept of {E} experts cannot split evenly over n_group={G}")
+        raise PlanError(f"{kept} kept of {E} experts cannot split evenly over n_group={G}")
     size, per = E // G, kept // G
     prot = sorted({int(i) for i in protect})
     bad = [i for i in prot if not 0 <= i < E]
     if bad:
-        raise ShardcutError(f"protected expert ids {bad[:5]} out of range 0..{E - 1}")
+        raise PlanError(f"protected expert ids {bad[:5]} out of range 0..{E - 1}")
     chosen: list[int] = []
     for g in range(G):
         lo = g * size
         in_group = [i for i in prot if lo <= i < lo + size]
         if len(in_group) > per:
             where = f"group {g} (experts {lo}..{lo + size - 1})" if G > 1 else "the layer"
-            raise ShardcutError(f"{len(in_group)} protected experts in {where} but only {per} kept there")
+            raise PlanError(f"{len(in_group)} protected experts in {where} but only {per} kept there")
         order = [lo + int(i) for i in rank(v[lo : lo + size]) if lo + int(i) not in in_group]
         chosen += in_group + order[: per - len(in_group)]
     chosen.sort()
@@ -329,13 +329,13 @@ def super_experts(
         ({'5': [17]}, 812.5)
     """
     if not scores.has_sums:
-        raise ShardcutError(
+        raise ScoresError(
             "this score file has no act_max (imported criterion values only): super experts cannot be found"
         )
     if not (isinstance(percentile, (int, float)) and 0 < percentile <= 100):
-        raise ShardcutError(f"super-expert percentile {percentile} must lie in (0, 100]")
+        raise PlanError(f"super-expert percentile {percentile} must lie in (0, 100]")
     if not (isinstance(layer_fraction, (int, float)) and 0 < layer_fraction <= 1):
-        raise ShardcutError(f"super-expert layer fraction {layer_fraction} must lie in (0, 1]")
+        raise PlanError(f"super-expert layer fraction {layer_fraction} must lie in (0, 1]")
     a = scores.act_max
     real = a[scores.valid_mask()]  # padding past a layer's own count is no expert
     threshold = max(float(np.percentile(real, percentile)), float(real.max()) / SUPER_MAX_FRACTION)
@@ -350,26 +350,6 @@ def _layer_sort_key(key: str) -> tuple[str, int]:
     return (m.group(1), int(m.group(2))) if m else (key, -1)
 
 
-def parse_protect(specs: list[str] | None) -> dict[str, list[int]]:
-    """`["3:0,5", "mtp.0:1"]` -> `{"3": [0, 5], "mtp.0": [1]}` (the `--protect` syntax).
-
-    Example:
-        >>> parse_protect(["3:0,5"])
-        {'3': [0, 5]}
-    """
-    out: dict[str, list[int]] = {}
-    for spec in specs or []:
-        layer, sep, ids = spec.partition(":")
-        try:
-            parsed = [int(x) for x in ids.split(",") if x.strip()]
-        except ValueError:
-            parsed = []
-        if not sep or not layer.strip() or not parsed:
-            raise ShardcutError(f"--protect {spec!r}: expected LAYER:ID[,ID...], e.g. 3:0,17")
-        out.setdefault(layer.strip(), []).extend(parsed)
-    return out
-
-
 def summarize_scores(scores: Scores, criterion: str | None = None, seed: int = 0, n: int = 3) -> dict:
     """A JSON-ready per-layer summary: tokens, never-routed experts, lowest and highest experts.
 
@@ -381,7 +361,7 @@ def summarize_scores(scores: Scores, criterion: str | None = None, seed: int = 0
     values = criterion_values(scores, crit, seed)
     multi = scores.layer_experts is not None
     layers = []
-    for r, (key, E) in enumerate(zip(scores.layers, scores.experts_per_row)):
+    for r, (key, E) in enumerate(zip(scores.layers, scores.experts_per_row, strict=True)):
         order = rank(values[r, :E])  # a layer's own experts only, never the padding
         layers.append(
             {

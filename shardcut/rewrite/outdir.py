@@ -15,7 +15,7 @@ import os
 import shutil
 from pathlib import Path
 
-from shardcut.format.durable import atomic_write_text, fsync_dir
+from shardcut.format.durable import atomic_write_text, free_space, fsync_dir, nearest_existing
 from shardcut.format.errors import OutputError, OutputExistsError, ShardcutError
 
 STATE_NAME = ".shardcut-resume.json"
@@ -62,22 +62,16 @@ def check_output_path(out: Path, source: Path) -> None:
 
 
 def _existing_parent(out: Path) -> Path:
-    probe = out.absolute().parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return probe
+    return nearest_existing(out.absolute().parent)
 
 
 def check_free_space(where: Path, needed: int) -> None:
     """Refuse when the filesystem of `where` (or of its nearest existing parent) has less than
     `needed` bytes free. For OUT pass OUT's parent: the partial folder, where every byte is
     written, lives there (a mount point as OUT is refused by `check_output_path`)."""
-    probe = Path(where).absolute()
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    probe, free = free_space(where)
     if free < needed:
-        raise ShardcutError(f"not enough disk space: the output needs {needed:,} bytes, {free:,} are free", probe)
+        raise OutputError(f"not enough disk space: the output needs {needed:,} bytes, {free:,} are free", probe)
 
 
 def sync_tree(root: Path) -> None:

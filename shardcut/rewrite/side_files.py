@@ -22,6 +22,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Set
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def expert_count_keys() -> set[str]:
     return {k for arch in ARCHITECTURES for k in arch.expert_keys} | {d.count_key for d in DERIVED_SETS}
 
 
-def walk(root: Path, skip: set[str] = frozenset(), area: Path | None = None) -> list[tuple[str, os.stat_result]]:
+def walk(root: Path, skip: Set[str] = frozenset(), area: Path | None = None) -> list[tuple[str, os.stat_result]]:
     """Every regular file under `root` (hidden folders excepted) but `skip`: (relative path, stat).
 
     Refused (CheckpointError naming the file): a symlink resolving outside `area` (default:
@@ -348,8 +349,8 @@ def derived_layout(root: Path, d: DerivedSet, info, plan) -> tuple[dict[str, lis
         path = folder / wname
         if not path.is_file():
             raise ShardcutError(
-                f"{d.folder}/{wname} is not on disk (prune --stream never downloads it: "
-                "prune without --stream to keep it, pruned)"
+                f"{d.folder}/{wname} is not on disk (a streamed prune never downloads it: "
+                "prune without streaming to keep it, pruned)"
             )
         header = read_header(path)
         metadata[wname] = header.metadata

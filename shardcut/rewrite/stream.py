@@ -27,13 +27,12 @@ from shardcut.format.container import (
     OutTensor,
     PinnedSources,
     ShardHeader,
-    compare_written,
     read_header,
     shard_size,
-    write_shard,
 )
 from shardcut.format.errors import ShardcutError
 from shardcut.format.hub import OTHER_WEIGHTS, RepoRef, cached_file, hub_errors
+from shardcut.format.readback import write_followed
 from shardcut.moe.model import ModelInfo, describe
 from shardcut.plans.plan import Plan, validate_plan
 from shardcut.rewrite.side_files import download_ignore_patterns
@@ -110,8 +109,9 @@ def prune_model(
     """
     if stream and max_shard_size:
         raise ShardcutError(
-            "--stream keeps the source's shards (each is rewritten on its own); "
-            "drop --max-shard-size or prune without --stream"
+            "stream keeps the source's shards (each is rewritten on its own); "
+            "drop max_shard_size or prune without stream",
+            params=("stream", "max_shard_size"),
         )
     if hub.is_local(model):  # nothing to download: the plain rewrite; a stream needs no different disk
         base = prune(
@@ -134,7 +134,7 @@ def prune_model(
     info = describe(ckpt)
     validate_plan(plan, info, plan.origin)
     lay = layout(ckpt, info, plan, parse_size(max_shard_size))
-    sizes = [shard_size(s, m) for s, m in zip(lay.shards, lay.metadata)]
+    sizes = [shard_size(s, m) for s, m in zip(lay.shards, lay.metadata, strict=True)]
     needs = disk_needs(ckpt, pinned, sum(sizes))
     if dry_run or out is None:
         report = _report(ckpt, info, plan, lay, sizes, dry_run=True)
@@ -284,9 +284,8 @@ def _stream(
                         "shard differs from the header read from the Hub (did the repo change?)", f"{ref}/{current}"
                     )
                 with PinnedSources([on_disk]) as pinned:  # copy and self-check read one file, unchanged
-                    write_shard(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned)
-                    if verify:
-                        compare_written(tx.dir, [tensors], [tx.shard_path(name).name], pinned)
+                    # read back from the disk and compared while it is written, then fsynced
+                    write_followed(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned, verify=verify)
                     pinned.check()
                 tx.shard_done(name)
                 if local is None:

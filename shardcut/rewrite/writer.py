@@ -18,19 +18,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shardcut import __version__
+from shardcut.format.cache_paths import snapshot_of
 from shardcut.format.checkpoint import CONFIG_NAME, INDEX_NAME, Checkpoint, open_checkpoint
 from shardcut.format.container import (
     OutTensor,
     Piece,
     PinnedSources,
-    compare_written,
+    encode_header,
     shard_size,
     slice_expert_axis,
-    sync_file,
     write_shard,
 )
 from shardcut.format.errors import ShardcutError
-from shardcut.moe.model import ModelInfo, _sub_config, describe, experts_by_config
+from shardcut.format.readback import Follower, compare_written, shard_segments
+from shardcut.format.text import parse_size
+from shardcut.moe.model import Copied, ExpertTensor, ModelInfo, describe, experts_by_config, sub_config
 from shardcut.plans.plan import Plan, validate_plan
 from shardcut.rewrite.side_files import HF_QUANT_NAME, PLAN_COPY_NAME
 
@@ -127,10 +129,10 @@ def layout(ckpt: Checkpoint, info: ModelInfo, plan: Plan, max_shard_size: int | 
         for t in shard.tensors.values():
             role = info.classify(t.name)
             whole = [Piece(shard.path, t.start, t.nbytes)]
-            if role.kind == "copy":
+            if isinstance(role, Copied):
                 out.append(OutTensor(t.name, t.dtype, t.shape, whole))
                 result.copied += 1
-            elif role.kind == "expert":
+            elif isinstance(role, ExpertTensor):
                 if role.expert >= role.layer.num_experts:
                     raise ShardcutError(
                         f"tensor {t.name!r}: expert id {role.expert} >= num_experts={role.layer.num_experts}",
@@ -216,12 +218,12 @@ def updated_config(info: ModelInfo, kept: int | dict[str, list[int]]) -> tuple[d
     `[text, vision]`) gets each entry set.
     """
     config = copy.deepcopy(info.config)
-    changes = {}
+    changes: dict[str, list] = {}
     main_path = info.layers[0].config_path if info.layers else info.arch.config_path
     for path, layers in info.layers_by_config().items():
         n = kept if isinstance(kept, int) else len(kept[layers[0].key])
         before = layers[0].num_experts
-        text = _sub_config(config, path)
+        text = sub_config(config, path)
         where = ".".join(path) if text is not config else ""
         nodes = [(text, where)] + ([(config, "")] if path == main_path and text is not config else [])
         for node, at in nodes:
@@ -234,34 +236,6 @@ def updated_config(info: ModelInfo, kept: int | dict[str, list[int]]) -> tuple[d
                     node[key] = [n] * len(value)
                     changes[f"{at}.{key}".lstrip(".")] = [value, node[key]]
     return config, changes
-
-
-def parse_size(text: str | int | None) -> int | None:
-    """'5GB', '500MB', '2GiB' or a byte count -> bytes (decimal units as in transformers)."""
-    if text is None or isinstance(text, int):
-        return text
-    units = {
-        "": 1,
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }
-    s = text.strip().upper()
-    num = s.rstrip("KMGTIB")
-    unit = s[len(num) :]
-    try:
-        value = float(num)
-    except ValueError:
-        raise ShardcutError(f"cannot read size {text!r} (try 5GB or 500MB)") from None
-    if unit not in units or value <= 0:
-        raise ShardcutError(f"cannot read size {text!r} (try 5GB or 500MB)")
-    return int(value * units[unit])
 
 
 def prune(
@@ -298,7 +272,7 @@ def prune(
     pruned_config(ckpt, info, plan)  # refuses quantization configs it cannot renumber, before any write
     lay = layout(ckpt, info, plan, parse_size(max_shard_size))
     names = output_names(ckpt, lay)
-    sizes = [shard_size(s, m) for s, m in zip(lay.shards, lay.metadata)]
+    sizes = [shard_size(s, m) for s, m in zip(lay.shards, lay.metadata, strict=True)]
     report = PruneReport.planned(ckpt, info, plan, lay, sizes, dry_run)
     if dry_run or out is None:
         return report
@@ -332,7 +306,7 @@ def _write_pinned(
     from shardcut.rewrite.outdir import check_free_space
 
     todo = []
-    for name, tensors, size in zip(names, lay.shards, sizes):
+    for name, tensors, size in zip(names, lay.shards, sizes, strict=True):
         if tx.finished(name, size):
             try:  # finished by an interrupted run: trusted only once its bytes match the source
                 compare_written(tx.dir, [tensors], [name], pinned)
@@ -340,8 +314,8 @@ def _write_pinned(
             except ShardcutError:
                 pass
         todo.append(name)
-    check_free_space(tx.out.parent, sum(sz for n, sz in zip(names, sizes) if n in todo))
-    done = sum(t.nbytes for n, s in zip(names, lay.shards) if n not in todo for t in s)
+    check_free_space(tx.out.parent, sum(sz for n, sz in zip(names, sizes, strict=True) if n in todo))
+    done = sum(t.nbytes for n, s in zip(names, lay.shards, strict=True) if n not in todo for t in s)
 
     def on_bytes(n: int) -> None:
         nonlocal done
@@ -349,25 +323,49 @@ def _write_pinned(
         if progress:
             progress(done, lay.total_size)
 
-    def finish(name: str, tensors: list[OutTensor]) -> None:
-        sync_file(tx.shard_path(name))  # durable before it is renamed into place
-        tx.shard_done(name)
-        if verify:
-            compare_written(tx.dir, [tensors], [name], pinned)
-
-    # Shard i is fsynced, renamed and self-checked on a second thread while shard i+1 is
-    # written: both wait on the disk (the kernel does the copy; fsync and pread release the
-    # GIL), so the flush and the verification cost little time beyond the copy itself.
+    # Each shard is written on this thread while a follower on a second thread trails it chunk
+    # by chunk: it waits for the chunk's write-back, reads it back from the device and compares
+    # it (readback.Follower), then fsyncs and renames the shard. Copy, write-back and read-back
+    # overlap (the kernel does the copy; memcmp and the waits release the GIL), and the writer
+    # waits when it runs more than readback.WINDOW ahead, so dirty pages stay bounded.
     finisher = ThreadPoolExecutor(1, thread_name_prefix="shardcut-finish")
+    followers: list[Follower] = []
+    failed: list[BaseException] = []
     jobs = []
+
+    def stop_all(job) -> None:  # a difference in shard i stops the writer of shard i+1 at once
+        exc = None if job.cancelled() else job.exception()
+        if exc is not None:
+            failed.append(exc)
+            for f in followers:
+                f.cancel(exc)
+
+    def finish(follower: Follower, name: str) -> None:
+        follower.run()  # flushed, read back, compared, fsynced
+        tx.shard_done(name)  # durable before it is renamed into place
+
     try:
-        for name, tensors, meta in zip(names, lay.shards, lay.metadata):
-            if name in todo:
-                write_shard(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned, sync=False)
-                jobs.append(finisher.submit(finish, name, tensors))
+        for name, tensors, meta, size in zip(names, lay.shards, lay.metadata, sizes, strict=True):
+            if name not in todo:
+                continue
+            if failed:
+                raise failed[0]
+            header = encode_header(tensors, meta)
+            path = tx.shard_path(name)
+            follower = Follower(path, shard_segments(header, tensors), size, verify=verify, sources=pinned)
+            followers.append(follower)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))  # for the follower to open
+            jobs.append(finisher.submit(finish, follower, name))
+            jobs[-1].add_done_callback(stop_all)
+            try:
+                write_shard(path, tensors, meta, on_bytes, sources=pinned, sync=False, on_written=follower.written)
+            finally:
+                follower.writer_done()
         for job in jobs:
             job.result()  # the first failure (a difference, ENOSPC at fsync) raises here
     finally:
+        for f in followers:
+            f.writer_done()
         finisher.shutdown(wait=True, cancel_futures=True)
     pinned.check()
     write_checkpoint_files(tx.dir, ckpt, info, plan, lay, names)  # shards are all renamed by now
@@ -400,7 +398,7 @@ def write_checkpoint_files(
         return 0o644
 
     files = side_files(ckpt, info, plan)  # refuses symlinks out of MODEL and special files
-    for name, tensors in zip(names, lay.shards):  # a shard made of several keeps the strictest bits
+    for name, tensors in zip(names, lay.shards, strict=True):  # a shard made of several keeps the strictest bits
         sources = {p.path for t in tensors for p in t.pieces}
         bits = 0o777
         for src in sources:
@@ -415,7 +413,7 @@ def write_checkpoint_files(
         dest / INDEX_NAME,
         {
             "metadata": index_metadata(ckpt, lay, plan),
-            "weight_map": {t.name: name for name, tensors in zip(names, lay.shards) for t in tensors},
+            "weight_map": {t.name: name for name, tensors in zip(names, lay.shards, strict=True) for t in tensors},
         },
         mode=mode_of(ckpt.root / INDEX_NAME, ckpt.root / CONFIG_NAME),
     )
@@ -429,10 +427,10 @@ def write_checkpoint_files(
         if len(info.layers_by_config()) > 1:  # the card's "before" for every stack (push)
             source.setdefault("num_experts_by_config", info.summary()["num_experts_by_config"])
         root = ckpt.root.resolve() if ckpt.root.exists() else ckpt.root
-        if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
-            # a Hugging Face cache snapshot: name the repo and the exact commit pruned
-            source.setdefault("model", root.parent.parent.name.removeprefix("models--").replace("--", "/"))
-            source.setdefault("revision", root.name)
+        snapshot = snapshot_of(root)
+        if snapshot:  # a Hugging Face cache snapshot: name the repo and the exact commit pruned
+            source.setdefault("model", snapshot[0])
+            source.setdefault("revision", snapshot[1])
         card = _card_metadata(ckpt.root / "README.md")
         if card:  # the source's card is not copied (push writes a new one); its license etc. are kept here
             source.setdefault("card", card)

@@ -81,7 +81,7 @@ class CalibData:
 
 def _split_top(spec: str) -> list[str]:
     """Split at commas outside [], (), {}."""
-    parts, depth, cur = [], 0, []
+    parts, depth, cur = [], 0, list[str]()
     for ch in spec:
         if ch in "[({":
             depth += 1
@@ -116,7 +116,7 @@ def parse_spec(spec: str) -> list[Source]:
     path; a `{...}` block before it is the source's column mapping.
     """
     if not spec or not spec.strip():
-        raise DataError("empty data spec")
+        raise DataError("empty data spec", params=("data",))
     sources = []
     for part in _split_top(spec):
         if not part:
@@ -147,13 +147,15 @@ def plan_counts(sources: list[Source], available: list[int | None], samples: int
     counts: list[int | None] = [s.count for s in sources]
     if samples is not None:
         if samples <= 0:
-            raise DataError(f"samples must be positive (got {samples})")
+            raise DataError(f"samples must be positive (got {samples})", params=("samples",))
         left = samples - explicit
         if left < 0 or (not shared and left != 0):
-            raise DataError(f"the data spec's counts add up to {explicit} but samples is {samples}")
+            raise DataError(
+                f"the data spec's counts add up to {explicit} but samples is {samples}", params=("samples",)
+            )
         for j, i in enumerate(shared):
             counts[i] = left // len(shared) + (1 if j < left % len(shared) else 0)
-    for s, n, have in zip(sources, counts, available):
+    for s, n, have in zip(sources, counts, available, strict=True):
         if n is not None and have is not None and n > have:
             raise DataError(f"asks for {n} samples but holds only {have} non-empty records", s.spec)
     return counts
@@ -167,6 +169,7 @@ def _recipe_records(loaded: Loaded, indices: list[int], source_index: int) -> li
     """Rows `indices` mapped with the recipe through `datasets.Dataset.map`, as the reference maps them."""
     datasets = _datasets(loaded.how)
     recipe = loaded.recipe
+    assert recipe is not None  # only sources read with a recipe are mapped
     rows = loaded.rows
     ds = rows.select(indices) if hasattr(rows, "select") else datasets.Dataset.from_list([rows[i] for i in indices])
     keys = [f"{source_index}:{i}" for i in indices]
@@ -222,8 +225,7 @@ def encode(record: Record, tokenizer_fn, source: str) -> list[int]:
         raise DataError("has 'messages' records but the tokenizer has no chat template", source)
     from shardcut.ops.calibration.template import render_chat_template
 
-    kwargs = {"tools": record.tools} if record.tools is not None else {}
-    text = render_chat_template(tokenizer, record.messages, source, **kwargs)  # untrusted code: time-limited
+    text = render_chat_template(tokenizer, record.messages, source, tools=record.tools)  # untrusted: time-limited
     return tokenizer(text, add_special_tokens=record.special_tokens)["input_ids"]
 
 
@@ -313,7 +315,7 @@ def load_data(
         ...                  seed=0, vocab_size=151936)
     """
     if max_length < 1:
-        raise DataError(f"max_length must be positive (got {max_length})")
+        raise DataError(f"max_length must be positive (got {max_length})", params=("max_length",))
     if sequences not in SEQUENCE_MODES:
         raise DataError(f"unknown sequence mode {sequences!r} (known: {', '.join(SEQUENCE_MODES)})")
     sources = parse_spec(spec)
@@ -328,7 +330,7 @@ def load_data(
         return tokenizer[0]
 
     data = CalibData(spec, [], [x.how for x in loaded], sequences, max_length)
-    for i, (source, x, n) in enumerate(zip(sources, loaded, counts)):
+    for i, (source, x, n) in enumerate(zip(sources, loaded, counts, strict=True)):
         order = selection_order(len(x), seed, i)
         if packing:
             data.samples += pack(_records(x, order, i), get_tokenizer, n, max_length, vocab_size, source.spec)

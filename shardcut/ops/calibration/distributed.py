@@ -75,3 +75,28 @@ class Distributed:
         t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.MIN)
         return bool(t.item())
+
+    def all_reduce_sum(self, values: np.ndarray) -> np.ndarray:
+        """The element-wise sum over ranks of a float64 array (the array itself outside torchrun)."""
+        if self.world <= 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().numpy().reshape(values.shape)
+
+    def all_gather(self, values: np.ndarray) -> list[np.ndarray]:
+        """Every rank's 1-D array (float64 or int64), in rank order, on every rank."""
+        if self.world <= 1:
+            return [values]
+        import torch.distributed as dist
+
+        sizes = [torch.zeros(1, dtype=torch.int64, device=self.device) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([len(values)], dtype=torch.int64, device=self.device))
+        n = [int(s.item()) for s in sizes]
+        mine = torch.zeros(max(n), dtype=torch.from_numpy(values[:0]).dtype, device=self.device)
+        mine[: len(values)] = torch.from_numpy(np.ascontiguousarray(values)).to(self.device)
+        got = [torch.zeros_like(mine) for _ in range(self.world)]
+        dist.all_gather(got, mine)
+        return [g[:k].cpu().numpy() for g, k in zip(got, n, strict=True)]

@@ -28,6 +28,7 @@ import os
 import re
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from shardcut.format.durable import atomic_write_bytes, atomic_write_text, fsync_dir
 from shardcut.format.errors import OutputError, ShardcutError
@@ -41,11 +42,26 @@ MARKER_FORMAT = "shardcut-calib-workdir/1"
 _OURS = re.compile(r"^(state\.json|partial\.\d+\.safetensors|hidden\.(\d|s\d+)\.bin|\..+\.shardcut-tmp|rank\d+)$")
 CHECKPOINT_OVERHEAD = 0.1  # RAM checkpoints may cost at most this fraction of the compute time
 SAMPLE_BYTES, SAMPLES_PER_SHARD = 4096, 16  # sampled bytes of each shard in the weights fingerprint
+T = TypeVar("T")
 
 
-def state_dir_for(out: Path) -> Path:
-    """`scores.safetensors` -> `scores.safetensors.calib/`."""
-    return out.with_name(out.name + ".calib")
+class Partial(Protocol):
+    """What a run saves after every step: `Scores`, or evaluation's `EvalTally`."""
+
+    def to_bytes(self) -> bytes: ...
+
+    def validate(self, source: str | Path = ...) -> None: ...
+
+
+class Result(Protocol):
+    """What `finish` writes durably before the work folder goes."""
+
+    def save(self, path: Path) -> None: ...
+
+
+def state_dir_for(out: Path, suffix: str = ".calib") -> Path:
+    """`scores.safetensors` -> `scores.safetensors.calib/` (`eval` uses `.eval`)."""
+    return out.with_name(out.name + suffix)
 
 
 def checkpoint_due(compute_s: float, write_s: float | None, every: int | None, steps_since: int) -> bool:
@@ -121,7 +137,7 @@ def check_work_dir(directory: Path, inputs: Iterable[Path | None]) -> None:
 class Lock:
     """An exclusive lock file (flock), held until `release`; a second holder is refused."""
 
-    def __init__(self, path: Path, what: Path):
+    def __init__(self, path: Path, what: Path, command: str = "calibrate"):
         import fcntl
 
         self.path = path
@@ -134,7 +150,7 @@ class Lock:
         except BlockingIOError:
             os.close(self.fd)
             self.fd = None
-            raise OutputError("another shardcut calibrate is writing this output (lock held)", what) from None
+            raise OutputError(f"another shardcut {command} is writing this output (lock held)", what) from None
 
     def release(self, unlink: bool = True) -> None:
         if self.fd is not None:
@@ -260,8 +276,9 @@ class RunState:
             return 0
         if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
             raise ShardcutError(
-                f"not a {STATE_FORMAT} file (left by another shardcut version? run without --resume to start over)",
+                f"not a {STATE_FORMAT} file (left by another shardcut version? run without resume to start over)",
                 self.state_path,
+                params=("resume",),
             )
         old = saved.get("fingerprint") or {}
         for key, value in fingerprint.items():
@@ -269,8 +286,9 @@ class RunState:
                 what = "the weights changed" if key in ("weights", "revision") else "another run"
                 raise ShardcutError(
                     f"resume state is from {what}: {key} was {old.get(key)!r}, now {value!r} "
-                    f"(run without --resume to start over)",
+                    f"(run without resume to start over)",
                     self.state_path,
+                    params=("resume",),
                 )
         problem = self._check_files(saved)
         if not self.dist.all_true(problem is None):
@@ -310,13 +328,19 @@ class RunState:
         size = path.stat().st_size if path.is_file() else -1
         if not self.dist.all_true(size == nbytes):
             raise ShardcutError(
-                f"the saved activations hold {size} bytes, expected {nbytes} (run without --resume to start over)", path
+                f"the saved activations hold {size} bytes, expected {nbytes} (run without resume to start over)",
+                path,
+                params=("resume",),
             )
         return int(self.activations["step"]), path
 
     def load_scores(self) -> Scores | None:
+        return self.load_partial(Scores.load)
+
+    def load_partial(self, load: Callable[[Path], T]) -> T | None:
+        """The saved accumulators, read by `load` (`Scores.load`, or another run's own reader)."""
         partial = self.saved.get("partial") or {}
-        return Scores.load(self.directory / partial["name"]) if partial.get("name") else None
+        return load(self.directory / partial["name"]) if partial.get("name") else None
 
     def created_at(self) -> str | None:
         return self.saved.get("created")
@@ -324,7 +348,7 @@ class RunState:
     # -- saving ------------------------------------------------------------------------------
 
     def save(
-        self, next_step: int, scores: Scores, activations: dict | None, created: str, in_use: Iterable[str] = ()
+        self, next_step: int, scores: Partial, activations: dict | None, created: str, in_use: Iterable[str] = ()
     ) -> None:
         """Persist a finished step (every rank calls it; its activations file is durable already).
 
@@ -359,7 +383,7 @@ class RunState:
         if self.rank_dir != self.directory:
             self._remove_ours(self.rank_dir, keep=lambda n: n in keep)
 
-    def finish(self, scores: Scores, out: Path) -> None:
+    def finish(self, scores: Result, out: Path) -> None:
         """Write the score file durably, then (only then) remove the work folder's files."""
         self.dist.barrier()
         if self.dist.rank == 0:

@@ -43,7 +43,7 @@ from shardcut.ops.calibration.device import (
     synchronize,
 )
 from shardcut.ops.calibration.distributed import Distributed
-from shardcut.ops.calibration.observe import ExpertObserver, calibration_notes, check_supported, find_experts
+from shardcut.ops.calibration.observe import calibration_notes, check_supported, make_observer
 from shardcut.ops.calibration.options import DEFAULT_BATCH_TOKENS, DEFAULT_MAX_LENGTH, CalibrateOptions, parse_shard
 from shardcut.ops.calibration.progress import CalibEvent, LayerTimes
 from shardcut.ops.calibration.resume import (
@@ -83,12 +83,10 @@ __all__ = [
 
 
 def _revision_of(model: str, path: Path) -> str | None:
-    if "@" in model and not Path(model).exists():
-        return model.rpartition("@")[2]
-    parts = path.resolve().parts
-    if "snapshots" in parts and parts.index("snapshots") + 1 < len(parts):
-        return parts[parts.index("snapshots") + 1]
-    return None
+    from shardcut.format.cache_paths import snapshot_of, split_revision
+
+    snapshot = snapshot_of(path.resolve())
+    return split_revision(model)[1] or (snapshot[1] if snapshot else None)
 
 
 def _now() -> str:
@@ -184,7 +182,7 @@ class Calibrator:
         check_output(self.out, inputs, overwrite=o.overwrite, what="score file")
         self._work_path = o.work_dir or state_dir_for(self.out)
         check_work_dir(self._work_path, [*inputs, self.out])
-        self._revision = _revision_of(self.model, self._model_dir)
+        self._revision = _revision_of(str(self.model), self._model_dir)
         self._info_model = info = describe(self._ckpt)
         check_supported(info, self._model_dir / "config.json")
         TensorReader(self._ckpt)  # refuses quantization schemes it cannot read, before any data is loaded
@@ -447,12 +445,11 @@ class Calibrator:
             del raw
             observer = None
             if key is not None:
-                experts = find_experts(layer, self._calib)
-                if experts is None:
-                    raise ShardcutError(f"layer {key}: no routed-experts module found in {type(layer).__name__}")
+                observer = make_observer(
+                    layer, self._calib, self._scores, key, self._info_model.top_k, self.options.pair_chunk
+                )
                 if record:
                     _zero_row(self._scores, key)
-                observer = ExpertObserver(experts, self._scores, key, self._info_model.top_k, self.options.pair_chunk)
                 observer.record = record
         synchronize(dev)
         t2 = time.perf_counter()
@@ -488,10 +485,10 @@ class Calibrator:
         times.peak_memory = peak_memory(dev)
         if step == 0:
             self._loader.free_outside_params()
-        else:
+        elif layer is not None:
             self._loader.free(layer)
         release_free_memory()
-        if observer is not None and record:
+        if observer is not None and key is not None and record:
             self._dist.reduce_row(self._scores, key)
         self._store.commit()
         return pending, times

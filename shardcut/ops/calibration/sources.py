@@ -12,6 +12,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 from shardcut.format.errors import DataError
 from shardcut.ops.calibration.recipes import Recipe, detect_recipe, recipe_for_hub
@@ -55,7 +57,7 @@ class Record:
 class Loaded:
     """One source's rows: plain dicts, or a `datasets.Dataset` (kept as one for recipes)."""
 
-    rows: object  # list[dict] | datasets.Dataset
+    rows: Any  # list[dict] | datasets.Dataset (an optional dependency)
     how: str
     recipe: Recipe | None = None
     generic: list[Record] | None = None  # the records of a source read without a recipe
@@ -86,6 +88,7 @@ def read_source(source: Source) -> Loaded:
         rows, how = _read_dir(path, split)
     elif _is_repo_id(text) and not text.startswith(("./", "../", "/", "~")):
         m = _HUB_SOURCE.match(text)
+        assert m is not None  # _is_repo_id matched it
         recipe = recipe or recipe_for_hub(m.group("name"))
         rows, how = _read_hub(m.group("name"), m.group("subset"), m.group("split"), recipe)
     else:
@@ -223,7 +226,7 @@ def _read_parquet(files: list[Path], label: str) -> tuple[list[dict], str]:
     return rows, f"{label}: {len(rows)} rows from {len(files)} parquet file{'s' * (len(files) > 1)}"
 
 
-def _read_dir(path: Path, split: str | None) -> tuple[object, str]:
+def _read_dir(path: Path, split: str | None) -> tuple[Any, str]:
     if (
         (path / "dataset_dict.json").exists()
         or (path / "state.json").exists()
@@ -253,7 +256,7 @@ def _read_dir(path: Path, split: str | None) -> tuple[object, str]:
     )
     if not files:
         raise DataError("folder holds no .jsonl, .json, .txt, .csv, .parquet or saved dataset files", path)
-    rows: list[dict] = []
+    rows = []
     for f in files:
         try:
             rows += _read_file(f)[0]
@@ -279,7 +282,7 @@ def _parquet_splits(files: list[Path], root: Path) -> dict[str, list[Path]]:
     return out
 
 
-def _datasets(where) -> object:
+def _datasets(where) -> ModuleType:
     try:
         import datasets
     except ImportError:
@@ -290,7 +293,7 @@ def _datasets(where) -> object:
     return datasets
 
 
-def _datasets_rows(where, load, label: str, split: str | None = None) -> tuple[object, str]:
+def _datasets_rows(where, load, label: str, split: str | None = None) -> tuple[Any, str]:
     datasets = _datasets(where)
     try:
         ds = load(datasets)
@@ -314,7 +317,7 @@ def _datasets_rows(where, load, label: str, split: str | None = None) -> tuple[o
     return ds, f"{label}: {len(ds)} rows"
 
 
-def _read_hub(name: str, subset: str | None, split: str | None, recipe: Recipe | None) -> tuple[object, str]:
+def _read_hub(name: str, subset: str | None, split: str | None, recipe: Recipe | None) -> tuple[Any, str]:
     label = name + (f"[{subset}]" if subset else "")
     kwargs: dict = {"split": split or "train"}
     if subset:

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import errno
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from shardcut.format.durable import fsync_dir
+from shardcut.format.durable import free_space, fsync_dir
 from shardcut.format.errors import OutputError, ShardcutError
 
 _NUMPY_VIEW = {torch.float32: np.float32, torch.bfloat16: np.uint16, torch.float16: np.uint16}
@@ -62,15 +61,13 @@ def reserve(path: Path, nbytes: int) -> None:
 
 def check_space(directory: Path, needed: int, what: str) -> None:
     """One-line error when the folder's filesystem has fewer than `needed` free bytes."""
-    probe = directory
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = free_space(directory)[1]
     if free < needed:
         raise OutputError(
             f"not enough disk space for {what}: {needed:,} bytes needed, {free:,} free "
-            "(free some, put the work folder on another disk, or raise the memory budget max_memory)",
+            "(free some, use work_dir on another disk, or raise max_memory)",
             directory,
+            params=("work_dir", "max_memory"),
         )
 
 
@@ -116,7 +113,7 @@ class ActivationStore:
             if resume_file.resolve() in (self.path(0).resolve(), self.path(1).resolve()):
                 self.current = 0 if resume_file.resolve() == self.path(0).resolve() else 1
             else:  # a RAM checkpoint: copy it into the first spill file
-                self._load(resume_file, memoryview(self._maps[0]).cast("B"))
+                self._load(resume_file, self._maps[0].data.cast("B"))
                 self._sync(0)
 
     def path(self, i: int) -> Path:
@@ -130,7 +127,7 @@ class ActivationStore:
 
     def _bytes_of_ram(self) -> memoryview:
         t = self._ram if self.dtype == torch.float32 else self._ram.view(torch.int16)
-        return memoryview(t.numpy()).cast("B")
+        return t.numpy().data.cast("B")
 
     def _load(self, path: Path, into: memoryview) -> None:
         with open(path, "rb") as f:
@@ -200,4 +197,4 @@ class ActivationStore:
         if self.mode == "disk":
             self._maps.clear()
         else:
-            self._ram = None
+            self._ram = torch.empty(0)  # frees the activations

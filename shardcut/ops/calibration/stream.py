@@ -17,10 +17,11 @@ the pass. Nothing about masks or rotary embeddings is re-implemented here.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +29,9 @@ from shardcut.format.checkpoint import Checkpoint
 from shardcut.format.errors import ShardcutError
 from shardcut.moe.model import ModelInfo
 from shardcut.ops.calibration.device import current_memory as current_memory  # the eval runner imports it from here
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
 
 # safetensors dtype -> torch dtype (quantized checkpoints store packed ints and scales in most of them)
 TORCH_DTYPES = {
@@ -73,11 +77,11 @@ def params_on_meta() -> Iterator[None]:
         if p is not None and p.device.type != "meta":
             self._parameters[name] = torch.nn.Parameter(p.to("meta"), requires_grad=False)
 
-    torch.nn.Module.register_parameter = register
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]  # patched for the block only
     try:
         yield
     finally:
-        torch.nn.Module.register_parameter = original
+        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
 
 
 @contextmanager
@@ -207,9 +211,11 @@ def build_skeleton(config, dtype: torch.dtype, trust_remote_code: bool = False):
 class Skeleton:
     """The meta model and where its decoder layers are, in the model and in the checkpoint."""
 
-    model: object
-    base: object  # the decoder stack module (model.model; a wrapper's language model), whose forward builds masks and rotary
-    layers: object  # the decoder ModuleList
+    model: PreTrainedModel
+    base: (
+        torch.nn.Module
+    )  # the decoder stack module (model.model; a wrapper's language model), whose forward builds masks and rotary
+    layers: torch.nn.ModuleList  # the decoder ModuleList
     module_prefix: str  # "model.layers." in the model's own parameter names
     ckpt_prefix: str  # "model.layers." in the checkpoint's tensor names
     num_layers: int
@@ -229,10 +235,15 @@ def make_skeleton(ckpt: Checkpoint, info: ModelInfo, dtype: torch.dtype, trust_r
     targets = ModelNames(model)
     sample = next(n for n in ckpt.tensors if n.startswith(main[0].prefix))
     target = targets.target(sample) or sample
+    # a tensor of the first and of the last MoE layer: a list nested in a layer (LongCat's
+    # `input_layernorm.0`) holds one of them at most
+    ends = [main[0], main[-1]] if len(main) > 1 else main
+    samples = [(layer.index, next(n for n in ckpt.tensors if n.startswith(layer.prefix))) for layer in ends]
+    loaded = [(i, targets.target(n) or n) for i, n in samples]
     lists = [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, torch.nn.ModuleList) and target.startswith(f"{name}.{main[0].index}.")
+        if isinstance(m, torch.nn.ModuleList) and all(t.startswith(f"{name}.{i}.") for i, t in loaded)
     ]
     if not lists:
         raise ShardcutError(
@@ -311,7 +322,7 @@ class TensorReader:
             return torch.empty(info.shape, dtype=dtype)
         # torch.empty, not bytearray: no memset of bytes about to be overwritten (a layer's worth per layer)
         buf = torch.empty(info.nbytes, dtype=torch.uint8)
-        view = memoryview(buf.numpy())
+        view = buf.numpy().data
         with open(header.path, "rb", buffering=0) as f:
             f.seek(info.start)
             done = 0
@@ -325,7 +336,7 @@ class TensorReader:
     def read_many(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Read `names` with a few threads (large layers are I/O bound)."""
         with ThreadPoolExecutor(READ_THREADS) as pool:
-            return dict(zip(names, pool.map(self.read, names)))
+            return dict(zip(names, pool.map(self.read, names), strict=True))
 
     def dequantize(
         self, raw: dict[str, torch.Tensor], names: list[str], device: torch.device, dtype: torch.dtype
@@ -404,6 +415,9 @@ class LayerLoader:
         self._fp32 = [re.compile(p) for p in skeleton.dtype_plan or ()]
         stacks = "|".join(re.escape(p) for s in info.arch.stacks for p in s.layer_prefixes)
         in_stack = re.compile(rf"^(?:{stacks})\.(\d+)\.")
+        # zero-computation experts (LongCat) have no weights: their rows of fused parameters stay zero
+        main = info.arch.stacks[0]
+        self._zero = {layer.index: layer.zero_experts for layer in info.layers if layer.stack is main and not layer.mtp}
         self._by_layer: dict[int, list[str]] = {}
         self.outside: list[str] = []
         # fused expert parameters of freed layers, by (shape, dtype), lent again to the next layer:
@@ -435,7 +449,7 @@ class LayerLoader:
     def load_layer(self, i: int, raw: dict[str, torch.Tensor]) -> torch.nn.Module:
         """Put layer `i`'s tensors (consumed from `raw`) into the skeleton, on the device."""
         layer = self.sk.layers[i]
-        self._convert(self._load(raw, f"decoder layer {i}"), f"decoder layer {i}")
+        self._convert(self._load(raw, f"decoder layer {i}", self._zero.get(i, 0)), f"decoder layer {i}")
         missing = [n for n, p in layer.named_parameters() if p.device.type == "meta"]
         if missing:
             raise ShardcutError(
@@ -528,9 +542,11 @@ class LayerLoader:
             return torch.float32
         return self.sk.dtype
 
-    def _load(self, raw: dict[str, torch.Tensor], what: str) -> dict[str, torch.Tensor]:
+    def _load(self, raw: dict[str, torch.Tensor], what: str, zero_experts: int = 0) -> dict[str, torch.Tensor]:
         """Dequantise `raw` (consumed) chunk by chunk on the device; per-expert tensors of fused
-        parameters go straight into them; returns the other float tensors for `_convert`."""
+        parameters go straight into them; returns the other float tensors for `_convert`.
+        zero_experts: a fused parameter may lack its last this many experts (LongCat's identity
+        experts, which transformers allocates but never reads); their rows are zero."""
         targets: dict[str, torch.Tensor] = {}
         filled: dict[str, int] = {}
         parts_per_expert: dict[str, int] = {}
@@ -548,6 +564,8 @@ class LayerLoader:
                     module_path, _, attr = fp.target.rpartition(".")
                     meta = getattr(self.sk.model.get_submodule(module_path), attr)
                     targets[fp.target] = self._buffer(meta.shape, meta.dtype)
+                    if zero_experts:  # the identity experts' slots have no weights to fill them
+                        targets[fp.target].zero_()
                 dst = targets[fp.target][fp.expert]
                 if fp.parts > 1:
                     size = t.shape[fp.dim]
@@ -566,7 +584,8 @@ class LayerLoader:
             del floats, copies
         for target, tensor in targets.items():
             expected = tensor.shape[0] * parts_per_expert[target]
-            if filled[target] != expected:
+            weightless = (tensor.shape[0] - zero_experts) * parts_per_expert[target] if zero_experts else expected
+            if filled[target] not in (expected, weightless):
                 raise ShardcutError(
                     f"{what}: {target} needs {expected} per-expert tensors, the checkpoint has {filled[target]}",
                     self.ckpt.root,
@@ -663,8 +682,8 @@ def release_free_memory() -> None:
             _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
         except (OSError, AttributeError):
             _malloc_trim = False
-    if _malloc_trim:
+    if callable(_malloc_trim):
         _malloc_trim(0)
 
 
-_malloc_trim = None
+_malloc_trim: Callable[[int], int] | bool | None = None  # False: not glibc

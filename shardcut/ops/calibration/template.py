@@ -46,7 +46,7 @@ def run_limited(fn: Callable[[], object], seconds: float) -> object:
 
 
 def render_chat_template(
-    tokenizer, messages: list, source: str, seconds: float = TEMPLATE_SECONDS, tools: list | None = None
+    tokenizer, messages: list | None, source: str, seconds: float = TEMPLATE_SECONDS, tools: object = None
 ) -> str:
     """The text of `messages` (and `tools`) through the tokenizer's chat template, without a
     generation prompt, or DataError naming `source` when the template fails or runs longer than

@@ -18,9 +18,21 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from shardcut.ops.evaluation.metrics import EvalReport as EvalReport
     from shardcut.ops.evaluation.metrics import PlanQuality as PlanQuality
+    from shardcut.ops.evaluation.options import EvalOptions as EvalOptions
     from shardcut.ops.evaluation.runner import evaluate as evaluate
+    from shardcut.ops.evaluation.tally import EvalTally as EvalTally
+    from shardcut.ops.evaluation.tally import merge_tallies as merge_tallies
+    from shardcut.ops.evaluation.tally import merge_tally_files as merge_tally_files
 
-_WHERE = {"evaluate": "runner", "EvalReport": "metrics", "PlanQuality": "metrics"}
+_WHERE = {
+    "evaluate": "runner",
+    "EvalOptions": "options",
+    "EvalReport": "metrics",
+    "PlanQuality": "metrics",
+    "EvalTally": "tally",
+    "merge_tallies": "tally",
+    "merge_tally_files": "tally",
+}
 __all__ = list(_WHERE)
 
 

@@ -8,37 +8,53 @@ from contextlib import contextmanager
 
 import torch
 
-from shardcut.ops.calibration.stream import run_layer
 from shardcut.format.errors import ShardcutError
+from shardcut.moe.architectures import Calibration
 from shardcut.ops.calibration.observe import find_experts
+from shardcut.ops.calibration.stream import run_layer
 
 
-def moe_block(layer: torch.nn.Module) -> torch.nn.Module | None:
+def moe_block(layer: torch.nn.Module, calib: Calibration | None = None) -> torch.nn.Module | None:
     """The module whose child is the routed-experts module: the MoE block (router, experts, shared experts)."""
-    experts = find_experts(layer)
+    experts = find_experts(layer, calib)
     if experts is None:
         return None
     return next((m for m in layer.modules() if any(child is experts for child in m.children())), None)
 
 
 @contextmanager
-def refuse_pruned(layer: torch.nn.Module, key: str, keep: list[int], num_experts: int):
+def refuse_pruned(
+    layer: torch.nn.Module, key: str, keep: list[int], num_experts: int, calib: Calibration | None = None
+):
     """Check, at the experts call, that the masked router chose no pruned expert: the mask is
     recognised by weight identity (`forbid_pruned_experts`), and a router that copies its
-    weight before the matmul would slip past it unnoticed otherwise."""
-    experts = find_experts(layer)
+    weight before the matmul would slip past it unnoticed otherwise. Ids past `num_experts`
+    (LongCat's identity experts) are never pruned. A router scaling the expert input (Llama-4)
+    is checked at its output: its scores of pruned experts must be zero."""
     pruned = torch.ones(num_experts, dtype=torch.bool)
     pruned[keep] = False
 
+    def fail() -> None:
+        raise ShardcutError(
+            f"layer {key}: the router still chose a pruned expert under the mask; this family's "
+            "router cannot be masked here (its weight is copied before use?)"
+        )
+
     def check(module, args):
         index = args[1]
-        if bool(pruned.to(index.device)[index.clamp(0, num_experts - 1)].any()):
-            raise ShardcutError(
-                f"layer {key}: the router still chose a pruned expert under the mask; this family's "
-                "router cannot be masked here (its weight is copied before use?)"
-            )
+        if bool(pruned.to(index.device)[index[index < num_experts]].any()):
+            fail()
 
-    hook = experts.register_forward_pre_hook(check)
+    def check_scores(module, args, output):
+        if bool((output[0][:, pruned.to(output[0].device)] != 0).any()):
+            fail()
+
+    if calib is not None and calib.input_scaling_router:
+        hook = layer.get_submodule(calib.input_scaling_router).register_forward_hook(check_scores)
+    elif (experts := find_experts(layer, calib)) is not None:
+        hook = experts.register_forward_pre_hook(check)
+    else:
+        raise ShardcutError(f"layer {key}: no routed-experts module found in {type(layer).__name__}")
     try:
         yield
     finally:

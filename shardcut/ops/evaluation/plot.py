@@ -20,7 +20,7 @@ def plot_report(report: EvalReport, path: str | Path) -> Path:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ShardcutError("--plot needs matplotlib (pip install 'shardcut[eval]')") from None
+        raise ShardcutError("the plot needs matplotlib (pip install 'shardcut[eval]')") from None
     path = Path(path)
     if not path.parent.is_dir():
         raise ShardcutError("the picture's folder does not exist", path.parent)
