@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import sys
 import tempfile
@@ -35,6 +36,8 @@ r = evaluate(model_dir, data, plans=plans, max_length=1 << 20, batch_tokens=int(
 print(json.dumps({"eval": time.perf_counter() - t0, "kl": [p.kl_mean for p in r.plans]}))
 """
 
+_CPU_CLOCK = "import time; time.perf_counter = time.process_time  # --clock cpu\n"
+
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -51,6 +54,13 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--plans", type=int, nargs="+", default=[1, 3], help="values of P")
     p.add_argument("--runs", type=int, default=3, help="interleaved rounds (median of the ratios)")
+    p.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: time both sides by the CPU time of their process, single-threaded (OMP_NUM_THREADS=1), "
+        "which other jobs on a shared machine disturb far less than wall time",
+    )
     p.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     a = p.parse_args()
 
@@ -72,21 +82,24 @@ def main() -> None:
         plans.append(work / f"plan{i}.json")
         plans[-1].write_text(json.dumps({"format": "shardcut-plan/1", "keep": keep}))
     common = [str(model_dir), str(data), str(a.batch_tokens), a.device, a.dtype]
+    if a.clock == "cpu":  # the children's own timings then read their CPU time
+        os.environ["OMP_NUM_THREADS"] = "1"
+    clock = _CPU_CLOCK if a.clock == "cpu" else ""
     fwd, loads = [], []
     evals: dict[int, list[float]] = {P: [] for P in a.plans}
     for i in range(a.runs):  # interleaved: timings on a shared machine are noisy
-        got = run(["-c", _FORWARD, *common, "0", "0", "0"])[0]  # no simulated disk; logits_to_keep=0: every position
+        got = run(["-c", clock + _FORWARD, *common, "0", "0", "0"])[0]  # no simulated disk; logits_to_keep=0: every position
         fwd.append(got["forward"])
         loads.append(got["load"])
         print(f"run {i + 1}: plain forward {fwd[-1]:.2f} s (+ {loads[-1]:.2f} s from_pretrained)", flush=True)
         for P in a.plans:
-            evals[P].append(run(["-c", _EVAL, *common, *map(str, plans[:P])])[0]["eval"])
+            evals[P].append(run(["-c", clock + _EVAL, *common, *map(str, plans[:P])])[0]["eval"])
             print(f"run {i + 1}: eval P = {P} {evals[P][-1]:.2f} s = {evals[P][-1] / fwd[-1]:.2f}x", flush=True)
     base, load = float(np.median(fwd)), float(np.median(loads))
     print(
         f"qwen3_moe {a.layers} layers x {a.experts} experts (top {a.top_k}), hidden {a.hidden}, vocab {a.vocab}, "
         f"{a.dtype}; {tokens:,} tokens in {a.samples} samples, batches of <= {a.batch_tokens}, device {a.device}, "
-        f"{a.runs} interleaved rounds"
+        f"{a.runs} interleaved rounds, {a.clock} clock"
     )
     print(
         f"plain forward with LM head: median {base:.2f} s, best {min(fwd):.2f} s ({tokens / base:,.0f} tok/s); "

@@ -198,7 +198,7 @@ class Evaluator:
     def run(self) -> EvalReport:
         self._prepare()
         o = self.opts
-        temp = None
+        temp = self._private = None
         if o.work_dir is not None:
             work = o.work_dir
         elif o.out is not None:
@@ -206,7 +206,7 @@ class Evaluator:
         elif self.dist.world > 1:
             raise ShardcutError("under torchrun, give `out` or `work_dir`: the ranks share the work folder")
         else:  # nothing to resume from: a private folder, removed at the end
-            temp = Path(tempfile.mkdtemp(prefix="shardcut-eval-"))
+            temp = self._private = Path(tempfile.mkdtemp(prefix="shardcut-eval-"))
             work = temp / "state"
         check_work_dir(work, [*self.inputs, o.out])
         lock = None
@@ -353,6 +353,8 @@ class Evaluator:
         """As calibrate: RAM activations are checkpointed at layer boundaries unless there is no
         room for two copies (a resume then recomputes the finished layers)."""
         every = self.opts.checkpoint_every
+        if self._private is not None and every is None:
+            return 0  # no `out` or `work_dir`: no resume can read them, so none are written
         if self.store.mode == "disk" or every == 0:
             return every
         try:
