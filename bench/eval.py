@@ -88,7 +88,8 @@ def main() -> None:
     fwd, loads = [], []
     evals: dict[int, list[float]] = {P: [] for P in a.plans}
     for i in range(a.runs):  # interleaved: timings on a shared machine are noisy
-        got = run(["-c", clock + _FORWARD, *common, "0", "0", "0"])[0]  # no simulated disk; logits_to_keep=0: every position
+        # no simulated disk (0 MB/s, 0 bytes); logits_to_keep=0: every position
+        got = run(["-c", clock + _FORWARD, *common, "0", "0", "0"])[0]
         fwd.append(got["forward"])
         loads.append(got["load"])
         print(f"run {i + 1}: plain forward {fwd[-1]:.2f} s (+ {loads[-1]:.2f} s from_pretrained)", flush=True)
