@@ -32,7 +32,9 @@ import transformers.models.qwen3_moe.modeling_qwen3_moe  # imports are outside t
 from shardcut.ops.evaluation.runner import evaluate
 model_dir, data, batch_tokens, device, dtype, *plans = sys.argv[1:]
 t0 = time.perf_counter()
-r = evaluate(model_dir, data, plans=plans, max_length=1 << 20, batch_tokens=int(batch_tokens), device=device, dtype=dtype)
+r = evaluate(
+    model_dir, data, plans=plans, max_length=1 << 20, batch_tokens=int(batch_tokens), device=device, dtype=dtype
+)
 print(json.dumps({"eval": time.perf_counter() - t0, "kl": [p.kl_mean for p in r.plans]}))
 """
 

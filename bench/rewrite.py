@@ -47,7 +47,7 @@ sys.path.insert(0, sys.argv[5])
 import pytest
 from fixtures.hub_fixtures import REPO, SHA, FakeHubApi, use_cache
 from shardcut.plans.plan import Plan
-from shardcut.rewrite.stream import prune_model
+from shardcut.rewrite.from_hub import prune_model
 src, out, plan, cache = Path(sys.argv[1]), Path(sys.argv[2]), Plan.load(sys.argv[3]), Path(sys.argv[4])
 mp = pytest.MonkeyPatch()
 use_cache(mp, cache, offline=False)

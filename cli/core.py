@@ -95,7 +95,7 @@ def prune_cmd(
 ) -> None:
     """Write a pruned checkpoint: kept tensors byte for byte, experts renumbered, routers sliced."""
     from shardcut.plans.plan import Plan
-    from shardcut.rewrite.stream import prune_model
+    from shardcut.rewrite.from_hub import prune_model
 
     check_size("--max-shard-size", max_shard_size)
     if (plan is None) == (scores is None):
@@ -143,7 +143,8 @@ def prune_cmd(
     console.print(
         f"size {human_bytes(report.input_bytes)} -> {human_bytes(report.output_bytes)} "
         f"({saved / max(1, report.input_bytes):.0%} smaller) in {len(report.shards)} shards; "
-        f"tensors: {report.copied} copied, {report.renamed} renumbered, {report.sliced} sliced, {report.dropped} dropped"
+        f"tensors: {report.copied} copied, {report.renamed} renumbered, {report.sliced} sliced, "
+        f"{report.dropped} dropped"
     )
     if report.config_changes:
         console.print(

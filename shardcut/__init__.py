@@ -38,7 +38,7 @@ _EXPORTS = {
     "merge_scores": "shardcut.plans.scores",
     "merge_score_files": "shardcut.plans.scores",
     "open_model": "shardcut.format.hub",
-    "prune_model": "shardcut.rewrite.stream",
+    "prune_model": "shardcut.rewrite.from_hub",
     "push": "shardcut.ops.publish",
     "calibrate": "shardcut.ops.calibration.runner",
     "evaluate": "shardcut.ops.evaluation.runner",
@@ -68,7 +68,7 @@ if TYPE_CHECKING:
     from shardcut.plans.scores import Scores as Scores
     from shardcut.plans.scores import merge_score_files as merge_score_files
     from shardcut.plans.scores import merge_scores as merge_scores
-    from shardcut.rewrite.stream import prune_model as prune_model
+    from shardcut.rewrite.from_hub import prune_model as prune_model
     from shardcut.rewrite.writer import PruneReport as PruneReport
     from shardcut.rewrite.writer import prune as prune
 

@@ -318,9 +318,9 @@ def test_deepseek_v32_indexer_drops_tokens(families, streamed):
 def test_gpu_settings_run_on_the_cpu(families, ids_data, streamed, tmp_path, monkeypatch):
     """What a CUDA run does differently, run on the CPU: the compute dtype is bfloat16 (the next
     layer's tensors are read while the current one runs, `prefetch`, on both by default; reading
-    in turn instead changes nothing, bit-identical scores); in bfloat16 every loaded parameter sits on the run's device in bfloat16
-    except those transformers keeps in float32 (its dtype plan: DeepSeek's router), and the
-    statistics track float32."""
+    in turn instead changes nothing, bit-identical scores); in bfloat16 every loaded parameter sits
+    on the run's device in bfloat16 except those transformers keeps in float32 (its dtype plan:
+    DeepSeek's router), and the statistics track float32."""
     import re
 
     import torch

@@ -399,7 +399,7 @@ def test_stream_applies_the_same_rules(hub, tmp_path, monkeypatch):
     import hashlib
 
     from shardcut.format import hub as hub_mod
-    from shardcut.rewrite.stream import prune_model
+    from shardcut.rewrite.from_hub import prune_model
     from tests.fixtures.hub_fixtures import FakeHubApi, use_cache
 
     source, local, _ = hub

@@ -16,7 +16,7 @@ from shardcut.format import hub
 from shardcut.format.errors import ShardcutError
 from shardcut.ops.verification import verify
 from shardcut.plans.plan import Plan
-from shardcut.rewrite.stream import STAGING, prune_model
+from shardcut.rewrite.from_hub import STAGING, prune_model
 from shardcut_cli.main import app
 
 
@@ -175,7 +175,7 @@ def test_stream_rejects_resharding(t, tmp_path, online):
 
 
 def test_transient_download_failures_are_retried_with_backoff():
-    from shardcut.rewrite.stream import with_retries
+    from shardcut.rewrite.from_hub import with_retries
 
     class Flaky(ConnectionError):
         pass

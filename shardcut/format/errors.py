@@ -2,8 +2,9 @@
 
 Every message is one line that names the file (or layer) and the problem, so the CLI can print
 it as is and exit with code 2. A message names the library's parameters (`create_pr`, `protect`),
-never command-line flags, and lists them in `params`: the CLI shows them as its flags. Every kind is a `ShardcutError`, so `except ShardcutError` still
-catches them all; a caller that must tell them apart catches the kind.
+never command-line flags, and lists them in `params`: the CLI shows them as its flags. Every kind
+is a `ShardcutError`, so `except ShardcutError` still catches them all; a caller that must tell
+them apart catches the kind.
 
     >>> try:
     ...     shardcut.prune("model", "out", plan)

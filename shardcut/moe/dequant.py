@@ -32,9 +32,10 @@ def dequantize(
     """Float weights of one layer's tensors, under their plain `.weight` names, on `device`.
 
     Quantized modules (`X.weight` + `X.weight_scale_inv`, or `X.weight_packed` + its companions)
-    become `X.weight` in `dtype`, MXFP4 `X_blocks` + `X_scales` become `X`; companions are consumed; every other tensor is returned
-    as it is, moved to `device`. `quant_config` is the checkpoint's `quantization_config` (None or
-    {} for a float checkpoint). Names are the checkpoint's, with or without a layer prefix.
+    become `X.weight` in `dtype`, MXFP4 `X_blocks` + `X_scales` become `X`; companions are
+    consumed; every other tensor is returned as it is, moved to `device`. `quant_config` is the
+    checkpoint's `quantization_config` (None or {} for a float checkpoint). Names are the
+    checkpoint's, with or without a layer prefix.
 
     Example:
         >>> qc = json.load(open("Kimi-K2-Thinking/config.json"))["quantization_config"]

@@ -6,7 +6,7 @@ Counts are real parameters, not stored words: a packed INT4 word holds 32/bits o
 MXFP4 / NVFP4 / bitsandbytes 4-bit byte two; scales, zero points and other quantization
 companions are none. Fused expert tensors are expert parameters (`inspect`'s tensor groups, from
 the architecture table). A pruned checkpoint holds one expert's share of every expert tensor, so
-the counts for the original expert count follow exactly without the source: `Counts.at(E)` for
+the counts for the original expert count follow exactly without the source: `ParameterCounts.at(E)` for
 any E (or one E per layer, for models whose stacks have their own counts, such as Qwen3-Omni's
 talker).
 """
@@ -97,7 +97,7 @@ def tensor_group(role: Role) -> str:
 
 
 @dataclass
-class Counts:
+class ParameterCounts:
     """Tensor elements and bytes of a checkpoint, split so they can be stated for any expert count.
 
     base: everything outside the routed experts (attention, embeddings, shared experts, norms).
@@ -140,7 +140,7 @@ class Counts:
         return {"total": total, "active": active, "bytes": size}
 
 
-def count_parameters(ckpt: Checkpoint, info: ModelInfo) -> Counts:
+def count_parameters(ckpt: Checkpoint, info: ModelInfo) -> ParameterCounts:
     """Split `ckpt`'s parameters (`tensor_parameters`) and bytes into base, per-expert and
     per-router-row shares; fused expert tensors are expert parameters (the tensor groups of
     `inspect`, from the architecture table).
@@ -171,7 +171,7 @@ def count_parameters(ckpt: Checkpoint, info: ModelInfo) -> Counts:
         acc[1] += t.nbytes
     E = {layer.key: layer.num_experts for layer in info.layers}  # a stack's own count (Qwen3-Omni's talker)
     per = lambda d: {k: (v[0] // E[k], v[1] // E[k]) for k, v in d.items()}  # noqa: E731
-    return Counts(
+    return ParameterCounts(
         info.top_k,
         (base[0], base[1]),
         base_active,

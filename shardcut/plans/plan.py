@@ -153,9 +153,10 @@ def validate_plan(plan: Plan, info: ModelInfo, source: str | Path = "plan") -> N
             counts.setdefault(len(plan.keep[layer.key]), layer.key)
         if len(counts) > 1:
             (n1, k1), (n2, k2) = list(counts.items())[:2]
+            where = f" ({'.'.join(path)})" if len(info.layers_by_config()) > 1 else ""
             raise PlanError(
                 f"unequal counts: layer {k1} keeps {n1} experts, layer {k2} keeps {n2} "
-                f"(one expert count per config{' (' + '.'.join(path) + ')' if len(info.layers_by_config()) > 1 else ''}: "
+                f"(one expert count per config{where}: "
                 "every MoE layer sharing it must keep the same number)",
                 source,
             )

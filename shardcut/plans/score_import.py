@@ -538,7 +538,8 @@ def _values(per_layer: dict[str, object], ctx: _Context, fmt: str, named: str | 
             raise ScoresError(f"{name} values hold NaN, infinite or negative values", path)
     criteria = list(values)
     notes = [
-        f"only {', '.join(map(repr, criteria))} values, no sums: plan with --criterion {criteria[0]}; merging is impossible"
+        f"only {', '.join(map(repr, criteria))} values, no sums: plan with criterion {criteria[0]}; "
+        "merging is impossible"
     ]
     notes += [
         f"{n!r} is not one of shardcut's criteria; it is kept under its own name" for n in criteria if n not in CRITERIA
@@ -621,7 +622,7 @@ def _from_keep_list(data: object, path: Path, info: ModelInfo, ctx: _Context) ->
         sizes.add(int(values[r].sum()))
     notes = [
         "criterion 'keep' is 1 for a kept expert and 0 for a pruned one; "
-        "plan with --criterion keep (no sums: merging is impossible)"
+        "plan with criterion keep (no sums: merging is impossible)"
     ]
     if len(sizes) == 1:
         notes.append(f"{sizes.pop()} experts kept per layer in the list")

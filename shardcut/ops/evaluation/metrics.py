@@ -100,7 +100,8 @@ class EvalReport:
             f"Held-out data: `{self.data}`, {self.samples} samples, {self.tokens:,} tokens; original perplexity "
             f"{self.perplexity:.4g} (loss {self.loss:.4f}).",
             "",
-            "| variant | experts pruned | kept / layer | perplexity | loss | KL mean | KL p50 | KL p99 | top-1 agreement | worst layer error |",
+            "| variant | experts pruned | kept / layer | perplexity | loss | KL mean | KL p50 | KL p99 "
+            "| top-1 agreement | worst layer error |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for p in self.plans:
