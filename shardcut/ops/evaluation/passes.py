@@ -117,9 +117,13 @@ class StreamPass:
             if self.prefetch is not None and i + 1 < c.skeleton.num_layers:  # read layer i + 1 while i runs
                 self.pending[id(c)] = self.prefetch.submit(c.loader.read_layer, i + 1)
             layer = c.loader.load_layer(i, raw)
-            loaded[id(c)] = (layer, moe_block(layer) if key is not None else None)
-        E = self.streams[0].source.info.num_experts
-        E_key = (self.streams[0].source.info.layer_by_key[key].num_experts or E) if key is not None else E
+            calib_c = c.info.arch.calibration_of(c.info.config.get("model_type"))
+            loaded[id(c)] = (layer, moe_block(layer, calib_c) if key is not None else None)
+        info = self.streams[0].source.info
+        E = info.num_experts
+        E_key = (info.layer_by_key[key].num_experts or E) if key is not None else E
+        calib = info.arch.calibration_of(info.config.get("model_type"))
+        zero = info.layer_by_key[key].zero_experts if key is not None else 0  # LongCat's identity experts
         sums = np.zeros((len(self.streams), 2, 2))  # stream, (residual, MoE), (diff², ref²)
         done = 0
         for b_idx, batch in enumerate(self.batches):
@@ -135,8 +139,8 @@ class StreamPass:
                 layer, block = loaded[id(c)]
                 if s.keep is not None and key is not None:
                     with (
-                        forbid_pruned_experts(layer, {key: s.keep[key]}, E_key, layer_key=lambda _name: key),
-                        refuse_pruned(layer, key, s.keep[key], E_key),
+                        forbid_pruned_experts(layer, {key: s.keep[key]}, E_key, lambda _name: key, zero),
+                        refuse_pruned(layer, key, s.keep[key], E_key, calib),
                     ):
                         out, moe = run_with_block(layer, block, hidden, calls[id(c)])
                 else:
