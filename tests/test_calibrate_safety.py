@@ -120,13 +120,14 @@ def _killed(model: Path, data: Path, out: Path, step: int, memory: str | None = 
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "shardcut_cli.main", "calibrate", *args],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """`shardcut calibrate ARGS` in this process (the refusals tested with it happen before any
+    layer runs, so a process of its own would only add a torch import)."""
+    from typer.testing import CliRunner
+
+    from shardcut_cli.main import app
+
+    result = CliRunner().invoke(app, ["calibrate", *args], env={"SOURCE_DATE_EPOCH": EPOCH})
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout, result.stderr)
 
 
 def _digest(root: Path) -> dict[str, str]:

@@ -380,7 +380,8 @@ def _run(args: list[str], out_of_process: bool) -> tuple[int, str, str]:
             capture_output=True,
             text=True,
             timeout=LIMIT_S,
-            env={**os.environ, "COLUMNS": "400"},
+            # the looping template is cut at 2 s, not 10 (test_chat_template_runs_under_a_time_limit tests the limit)
+            env={**os.environ, "COLUMNS": "400", "SHARDCUT_TEMPLATE_SECONDS": "2"},
         )
     except subprocess.TimeoutExpired:
         return -1, "", f"timed out after {LIMIT_S} s"

@@ -29,7 +29,6 @@ from shardcut.rewrite.writer import prune
 SPEC = SyntheticSpec(layers=4, experts=8, top_k=2, hidden=64, moe_inter=32, shards=4, vocab=256)
 KEEP = {"1": [0, 2, 3, 7], "2": [1, 2, 5, 6], "3": [0, 1, 4, 5]}
 ONE_SHARD = SyntheticSpec(layers=3, experts=8, top_k=2, hidden=32, moe_inter=16, shards=1, vocab=64)
-CLI = [sys.executable, "-m", "shardcut_cli.main"]
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -41,10 +40,20 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 def run(*args: object) -> subprocess.CompletedProcess:
+    """The CLI in this process (a process each would add a second per call); an exception that
+    escapes it reads as the traceback a real process would print."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from shardcut_cli.main import app
+
     # wide, so rich does not wrap the paths the assertions look for
-    return subprocess.run(
-        [*CLI, *map(str, args)], capture_output=True, timeout=120, env={**os.environ, "COLUMNS": "500"}
-    )
+    result = CliRunner().invoke(app, [*map(str, args)], env={"COLUMNS": "500"})
+    err = result.stderr
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        err += "Traceback\n" + "".join(traceback.format_exception(result.exception))
+    return subprocess.CompletedProcess(args, result.exit_code, result.stdout.encode(), err.encode())
 
 
 def one_line_error(r: subprocess.CompletedProcess, *needles: str) -> str:

@@ -9,6 +9,8 @@ little per line, and templates are short; nothing else runs traced.
 
 from __future__ import annotations
 
+import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from shardcut.format.errors import DataError
 
 TEMPLATE_SECONDS = 10.0  # a real template renders one conversation in milliseconds
+TEMPLATE_SECONDS_ENV = "SHARDCUT_TEMPLATE_SECONDS"  # overrides it (a slow machine, or a test)
 
 
 class _TemplateTimeout(BaseException):
@@ -46,11 +49,13 @@ def run_limited(fn: Callable[[], object], seconds: float) -> object:
 
 
 def render_chat_template(
-    tokenizer, messages: list | None, source: str, seconds: float = TEMPLATE_SECONDS, tools: object = None
+    tokenizer, messages: list | None, source: str, seconds: float | None = None, tools: object = None
 ) -> str:
     """The text of `messages` (and `tools`) through the tokenizer's chat template, without a
     generation prompt, or DataError naming `source` when the template fails or runs longer than
-    `seconds`."""
+    `seconds` (None: $SHARDCUT_TEMPLATE_SECONDS, else TEMPLATE_SECONDS)."""
+    if seconds is None:
+        seconds = _env_seconds()
     kwargs = {"tools": tools} if tools is not None else {}
 
     def render() -> object:
@@ -66,3 +71,16 @@ def render_chat_template(
         ) from None
     except Exception as exc:  # jinja errors of a template that expects other fields
         raise DataError(f"chat template failed ({type(exc).__name__}: {str(exc)[:80]})", source) from None
+
+
+def _env_seconds() -> float:
+    text = os.environ.get(TEMPLATE_SECONDS_ENV)
+    if text is None:
+        return TEMPLATE_SECONDS
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise DataError(f"{TEMPLATE_SECONDS_ENV}={text!r}: must be a positive number of seconds")
+    return value
