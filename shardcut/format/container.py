@@ -367,16 +367,18 @@ _NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL
 
 
 def _copy_range(src_fd: int, dst_fd: int, offset: int, length: int, on_bytes) -> None:
-    global _copy_file_range_ok
+    # The fallback is decided per call, not remembered: one filesystem pair without
+    # copy_file_range must not slow every later copy of a long-lived process.
+    kernel = _copy_file_range_ok
     while length > 0:
         n = 0
-        if _copy_file_range_ok:
+        if kernel:
             try:
                 n = os.copy_file_range(src_fd, dst_fd, min(length, COPY_CHUNK), offset)
             except OSError as exc:
                 if exc.errno not in _NO_COPY_FILE_RANGE:
                     raise  # a real failure (disk full, I/O error) must surface, not fall back
-                _copy_file_range_ok = False
+                kernel = False
                 n = 0
         if n == 0:
             buf = os.pread(src_fd, min(length, COPY_CHUNK), offset)
