@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Write requirements/lock.txt (pip constraints: exact versions) from a venv whose suite passed.
+# Write constraints.txt (pip constraints: exact versions) from a venv whose suite passed.
 #   bash scripts/lock.sh [VENV]      # default .venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,5 +8,5 @@ VENV=${1:-.venv}
     echo "# Exact versions setup.sh and CI install (pip constraints, Python 3.11, Linux x86_64)."
     echo "# Made by scripts/lock.sh from a venv whose whole suite passed; move it with scripts/upgrade.sh."
     "$VENV/bin/python" -m pip freeze --exclude-editable --all | grep -vE '^(pip|setuptools|wheel)==' | sed 's/+cpu$//'
-} > requirements/lock.txt
-echo "wrote requirements/lock.txt ($(grep -vc '^#' requirements/lock.txt) packages)"
+} > constraints.txt
+echo "wrote constraints.txt ($(grep -vc '^#' constraints.txt) packages)"

@@ -54,7 +54,12 @@ from shardcut.ops.calibration.resume import (
     fingerprint_of,
     state_dir_for,
 )
-from shardcut.ops.calibration.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory, check_space
+from shardcut.ops.calibration.store import (
+    DEFAULT_RAM_FRACTION,
+    ActivationStore,
+    available_memory,
+    checkpoint_interval,
+)
 from shardcut.ops.calibration.stream import (
     LayerLoader,
     TensorReader,
@@ -395,16 +400,7 @@ class Calibrator:
         """The checkpoint interval of RAM activations, after a free-space check (a new checkpoint
         is written before the old one goes, so two must fit)."""
         every = self.options.checkpoint_every
-        if self._store.mode == "disk" or every == 0:
-            return every
-        try:
-            check_space(state.rank_dir, 2 * nbytes, "activation checkpoints")
-        except OutputError as exc:
-            if every is not None:
-                raise
-            self._info(f"{exc}: no activation checkpoints, a resume will recompute every finished layer")
-            return 0
-        return every
+        return checkpoint_interval(every, self._store, state.rank_dir, nbytes, self._info)
 
     def _budget(self) -> int:
         if self.options.max_memory is None:

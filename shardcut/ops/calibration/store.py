@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -198,3 +199,21 @@ class ActivationStore:
             self._maps.clear()
         else:
             self._ram = torch.empty(0)  # frees the activations
+
+
+def checkpoint_interval(
+    every: int | None, store: ActivationStore, folder: Path, nbytes: int, info: Callable[[str], None]
+) -> int | None:
+    """The checkpoint interval of RAM activations (`every`, None: automatic) after a free-space
+    check: a new checkpoint is written before the old one goes, so two must fit. Without room, an
+    automatic interval becomes 0 (no checkpoints, said through `info`); an asked-for one fails."""
+    if store.mode == "disk" or every == 0:
+        return every
+    try:
+        check_space(folder, 2 * nbytes, "activation checkpoints")
+    except OutputError as exc:
+        if every is not None:
+            raise
+        info(f"{exc}: no activation checkpoints, a resume will recompute every finished layer")
+        return 0
+    return every

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from shardcut.format.durable import check_output
-from shardcut.format.errors import OutputError, ShardcutError
+from shardcut.format.errors import ShardcutError
 from shardcut.ops.calibration.data import CalibData, load_data
 from shardcut.ops.calibration.device import current_memory
 from shardcut.ops.calibration.distributed import Distributed
@@ -57,7 +57,12 @@ from shardcut.ops.calibration.runner import (
     resolve_device,
     resolve_dtype,
 )
-from shardcut.ops.calibration.store import DEFAULT_RAM_FRACTION, ActivationStore, available_memory, check_space
+from shardcut.ops.calibration.store import (
+    DEFAULT_RAM_FRACTION,
+    ActivationStore,
+    available_memory,
+    checkpoint_interval,
+)
 from shardcut.ops.evaluation.metrics import EvalReport
 from shardcut.ops.evaluation.options import EvalOptions
 from shardcut.ops.evaluation.passes import StreamPass
@@ -355,16 +360,7 @@ class Evaluator:
         every = self.opts.checkpoint_every
         if self._private is not None and every is None:
             return 0  # no `out` or `work_dir`: no resume can read them, so none are written
-        if self.store.mode == "disk" or every == 0:
-            return every
-        try:
-            check_space(state.rank_dir, 2 * nbytes, "activation checkpoints")
-        except OutputError as exc:
-            if every is not None:
-                raise
-            self._info(f"{exc}: no activation checkpoints, a resume will recompute every finished layer")
-            return 0
-        return every
+        return checkpoint_interval(every, self.store, state.rank_dir, nbytes, self._info)
 
     def _gather(self) -> None:
         """Under torchrun: every rank's per-token values on every rank (the sums are reduced per layer)."""
