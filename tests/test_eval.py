@@ -193,6 +193,44 @@ def test_a_plan_that_prunes_nothing_changes_nothing_exactly(families, ids_data):
     assert set(p.moe_error.values()) == {0.0} and set(p.residual_error) == {0.0}
 
 
+def test_a_stream_still_the_original_runs_no_second_forward(families, ids_data, evaluated, monkeypatch):
+    """A plan that prunes nothing carries the original's hidden states through every layer, and
+    any plan does through the dense layers before the first MoE one: eval runs those layers (and
+    the LM head of the first) once for both, and the results are unchanged."""
+    from shardcut.ops.calibration.runner import make_batches
+    from shardcut.ops.evaluation import layers, passes
+
+    built = families("qwen3_moe")
+    counts = {"layer": 0, "head": 0}
+
+    def counted(name, real):
+        def call(*args, **kwargs):
+            counts[name] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(passes, "run_with_block", counted("layer", passes.run_with_block))
+    monkeypatch.setattr(layers, "logits_of", counted("head", layers.logits_of))
+    everything = Plan({k: list(range(E)) for k in built.keep})
+    report = evaluate(
+        built.source,
+        str(ids_data[0]),
+        plans=[Plan(built.keep), everything],
+        max_length=64,
+        batch_tokens=BATCH_TOKENS,
+        device="cpu",
+    )
+    n_layers, batches = len(decoder_layers(built.model)), len(make_batches(LENGTHS, BATCH_TOKENS))
+    first = min(int(k) for k in family("qwen3_moe").runs)  # layers before the first MoE one (dense) run once too
+    assert first > 0 and counts == {"layer": batches * (2 * n_layers - first), "head": batches * 2}
+    got, nothing = report.plans
+    _assert_same_quality(got, evaluated("qwen3_moe")[0].plans[0])
+    assert nothing.kl_mean == 0.0 and nothing.kl_p99 == 0.0 and nothing.top1_agreement == 1.0
+    assert nothing.loss == report.loss and set(nothing.residual_error) == {0.0}
+    assert set(nothing.moe_error.values()) == {0.0}
+
+
 def _usage(scores, key: str) -> list[int]:
     """Experts of layer `key` by how often the router chose them, most used first."""
     counts = scores.count[scores.row(key)]

@@ -44,6 +44,31 @@ class StreamPass:
     _emit: Callable[[CalibEvent], None]
     prefetch: ThreadPoolExecutor | None = None  # as calibrate's: reads the next layer's tensors
     pending: dict[int, Future] = field(default_factory=dict)
+    diverges: list[int] = field(init=False)  # per stream: the first decoder layer whose output may differ
+
+    def __post_init__(self) -> None:
+        self.diverges = [self._first_change(s) for s in self.streams]
+
+    @property
+    def num_layers(self) -> int:
+        return self.streams[0].source.skeleton.num_layers
+
+    def _first_change(self, s: Stream) -> int:
+        """The first decoder layer where stream `s` can differ from the original: for a plan,
+        the first whose MoE block loses an expert (before it, its hidden states are the
+        original's, so running it again would only repeat the original's work); 0 for the original
+        itself (never skipped) and for a pruned checkpoint (its own weights)."""
+        if s.kind != "plan" or s.keep is None or s.source is not self.streams[0].source:
+            return 0
+        info = s.source.info
+        for i in range(self.num_layers):
+            key = self.keys.get(i)
+            if key is None:
+                continue
+            keep = s.keep.get(key)
+            if keep is None or len(set(keep)) < (info.layer_by_key[key].num_experts or info.num_experts):
+                return i
+        return self.num_layers
 
     def _batch_inputs(self, batch):
         dev = self.torch_device
@@ -132,6 +157,9 @@ class StreamPass:
             calls = {}
             outs: list[tuple] = []
             for s_idx, s in enumerate(self.streams):
+                if i < self.diverges[s_idx]:  # still the original's hidden states: the same output
+                    outs.append(outs[0])
+                    continue
                 c = s.source
                 hidden = self._hidden(s_idx, batch, mask)
                 if id(c) not in calls:
@@ -188,6 +216,10 @@ class StreamPass:
             original = original_tokens(self._logits(0, batch, mask, attention), targets)
             per_stream: list[tuple] = [(None, None, original.loss)]
             for s_idx in range(1, len(self.streams)):  # one variant's logits at a time: 2 x a batch's logits at most
+                if self.diverges[s_idx] >= self.num_layers:  # the original's logits: what variant_tokens gives
+                    rows = original.top1.shape[0]
+                    per_stream.append((np.zeros(rows), np.ones(rows, dtype=bool), original.loss.copy()))
+                    continue
                 per_stream.append(variant_tokens(original, self._logits(s_idx, batch, mask, attention)))
             del original
             ids = np.array([self.sample_ids[j] for j in batch.samples], dtype=np.int64)
