@@ -11,9 +11,11 @@ import typer
 from rich.table import Table
 
 from shardcut.format.errors import ShardcutError
-from shardcut.ops.evaluation.options import EvalOptions
+from shardcut.ops.evaluation.options import NOT_EVAL_FLAGS, EvalOptions
+from shardcut.plans.options import PlanOptions
 from shardcut_cli.common import console, err_console, fail, handle_errors, safe
 from shardcut_cli.options import check_int, check_size
+from shardcut_cli.plan_options import takes_plan_options
 
 _FIELDS = {f.name: f for f in fields(EvalOptions)}
 _FIELD = object()
@@ -44,6 +46,7 @@ def _ratios(text: str | None) -> list[float]:
 
 
 @handle_errors
+@takes_plan_options(help_prefix="With --ratio: ", exclude=NOT_EVAL_FLAGS)
 def eval_cmd(
     model: str = typer.Argument(
         ...,
@@ -57,10 +60,6 @@ def eval_cmd(
     source: str | None = typer.Option(
         None, "--source", help="MODEL is a pruned checkpoint: stream it next to this source and compare."
     ),
-    criterion: str = _opt("criterion"),
-    protect_super_experts: bool = _opt("protect_super_experts"),
-    protect: list[str] | None = _opt("protect"),
-    mtp_policy: str | None = _opt("mtp_policy"),
     samples: int | None = _opt("samples"),
     max_length: int = _opt("max_length"),
     device: str = _opt("device"),
@@ -78,6 +77,7 @@ def eval_cmd(
     prefetch: bool | None = _opt("prefetch"),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: quality against ratio, per-layer error."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    options: PlanOptions = PlanOptions(),
 ) -> None:
     """Measure what pruning costs on held-out text, streaming the model one layer at a time.
 
@@ -85,7 +85,6 @@ def eval_cmd(
     """
     from shardcut.ops.evaluation.options import EvalOptions
     from shardcut.ops.evaluation.runner import evaluate
-    from shardcut.plans.select import parse_protect
     from shardcut_cli.calibrate_cmd import _Display
 
     ratios = _ratios(ratio)
@@ -102,14 +101,11 @@ def eval_cmd(
     check_int("--checkpoint-every", checkpoint_every, low=0)
     check_size("--max-memory", max_memory)
     src, pruned = (source, [model]) if source is not None else (model, [])
-    options = EvalOptions(
+    eval_options = EvalOptions(
         plans=tuple(plan or ()),
         scores=scores,
         ratios=tuple(ratios),
-        criterion=criterion,
-        protect_super_experts=protect_super_experts,
-        protect=parse_protect(protect),
-        mtp_policy=mtp_policy,
+        plan_options=options,
         pruned=tuple(pruned),
         samples=samples,
         max_length=max_length,
@@ -129,7 +125,7 @@ def eval_cmd(
     )
     live = err_console.is_terminal and not as_json
     with _Display(live) as display, _flags():
-        report = evaluate(src, data, options, progress=display if not as_json else None)
+        report = evaluate(src, data, eval_options, progress=display if not as_json else None)
     _show(report, out if shard is None else None, plot, as_json)
     if out is not None and shard is not None:
         console.print(

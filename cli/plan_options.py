@@ -19,9 +19,10 @@ import typer
 from shardcut.plans.options import PlanOptions, option_default, option_fields, parse_protect
 
 
-def takes_plan_options(help_prefix: str = "") -> Callable[[Callable], Callable]:
+def takes_plan_options(help_prefix: str = "", exclude: tuple[str, ...] = ()) -> Callable[[Callable], Callable]:
     """Decorate a command whose parameter `options: PlanOptions` is to come from the command
-    line; `help_prefix` starts every option's help (prune's "With --scores: ")."""
+    line; `help_prefix` starts every option's help (prune's "With --scores: "); fields in
+    `exclude` get no flag and keep their defaults (eval's own --ratio takes a list)."""
 
     def decorate(command: Callable) -> Callable:
         hints = typing.get_type_hints(command)
@@ -30,12 +31,13 @@ def takes_plan_options(help_prefix: str = "") -> Callable[[Callable], Callable]:
             for p in inspect.signature(command).parameters.values()
             if p.name != "options"
         ]
-        flags = [_parameter(f, help_prefix) for f in option_fields()]
+        chosen = [f for f in option_fields() if f.name not in exclude]
+        flags = [_parameter(f, help_prefix) for f in chosen]
 
         @functools.wraps(command)
         def wrapper(**kwargs: Any) -> Any:
-            values = {f.name: kwargs.pop(f.name) for f in option_fields()}
-            if values["protect"] is not None:  # LAYER:ID[,ID...] texts
+            values = {f.name: kwargs.pop(f.name) for f in chosen}
+            if values.get("protect") is not None:  # LAYER:ID[,ID...] texts
                 values["protect"] = parse_protect(values["protect"]) or None
             return command(**kwargs, options=PlanOptions(**values))
 

@@ -189,3 +189,33 @@ def test_options_are_one_dataclass_named_in_messages_and_flagged_by_the_cli(fami
     (tmp_path / "exists.json").write_text("{}")
     r = CliRunner().invoke(app, ["eval", str(built.source), *common, "-o", str(tmp_path / "exists.json")])
     assert r.exit_code == 2 and "exists" in r.output and (tmp_path / "exists.json").read_text() == "{}"
+
+
+def test_plan_options_are_plan_options_once_for_library_and_cli():
+    """Eval's plan options are a `PlanOptions` (declared once, in shardcut.plans.options): the
+    keywords of `evaluate` reach it, contradictions are refused before any file is read, and the
+    eval command takes every plan flag but the count (its own --ratio) and --seed (the samples')."""
+    from dataclasses import fields
+
+    from typer.testing import CliRunner
+
+    from shardcut.ops.evaluation.options import EvalOptions, split_fields
+    from shardcut.plans.options import PlanOptions
+    from shardcut_cli.main import app
+
+    own, plan = split_fields({"ratios": [0.5], "criterion": "ean", "protect": {"1": [0]}, "seed": 3})
+    assert own == {"ratios": [0.5], "seed": 3} and plan == {"criterion": "ean", "protect": {"1": [0]}}
+    assert {f.name for f in fields(EvalOptions)}.isdisjoint({"criterion", "protect", "mtp_policy"})
+    for bad, match in (
+        (EvalOptions(ratios=(0.5,), scores="s", plan_options=PlanOptions(experts=4)), "give the fractions as"),
+        (EvalOptions(ratios=(1.5,), scores="s"), "ratio 1.5: must be a number strictly between 0 and 1"),
+        (EvalOptions(ratios=(0.5,), scores="s", plan_options=PlanOptions(mtp_policy="x")), "unknown mtp_policy"),
+    ):
+        with pytest.raises(ShardcutError, match=match):
+            bad.check()
+    with pytest.raises(ShardcutError, match="unknown mtp_policy"):  # a keyword of evaluate reaches PlanOptions
+        evaluate("no-such-model", "no-such-data", ratios=[0.5], scores="s", mtp_policy="x")
+    help_text = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).output
+    flags = [f.metadata["flag"] for f in fields(PlanOptions) if f.name not in ("ratio", "experts", "seed")]
+    assert flags and all(flag in help_text for flag in flags), flags
+    assert "--experts" not in help_text and "--super-percentile" in help_text

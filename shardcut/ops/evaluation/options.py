@@ -5,12 +5,12 @@ field in backticks (`ratios`) and the CLI shows the flag instead (`flag_message`
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from shardcut.format.errors import ShardcutError
+from shardcut.plans.options import PlanOptions
 
 DEFAULT_MAX_LENGTH = 2048
 
@@ -24,7 +24,8 @@ class EvalOptions:
     """What to evaluate and how; `evaluate(model, data, options)` or `evaluate(model, data, **fields)`.
 
     plans: shardcut-plan/1 files or `Plan`s; ratios: one plan per ratio, made from `scores` with
-    the plan options `criterion`, `protect_super_experts`, `protect`, `mtp_policy`; pruned:
+    `plan_options` (a `PlanOptions`: criterion, protect, mtp_policy, ...; declared there once, for
+    `shardcut plan` and eval alike; its `ratio` / `experts` stay unset); pruned:
     `shardcut prune` outputs streamed next to MODEL. `out`: where the report goes (for a `shard`,
     the shard's tally, which `merge_tallies` combines); `resume` continues an interrupted run
     from its work folder (`work_dir`, default OUT.eval), recomputing at most the layers since the
@@ -41,13 +42,10 @@ class EvalOptions:
     ratios: tuple[float, ...] = _opt(
         "--ratio", (), "With --scores: fractions to prune, e.g. 0.25,0.5,0.75 (one pass for all)."
     )
-    criterion: str | None = _opt("--criterion", "reap", "With --ratio: the saliency criterion.")
-    protect_super_experts: bool = _opt("--protect-super-experts", False, "With --ratio: keep super experts.")
-    protect: Mapping[str, list[int]] | None = _opt("--protect", None, "With --ratio: always keep LAYER:ID[,ID...].")
-    mtp_policy: str | None = _opt(
-        "--mtp-policy",
-        None,
-        "With --ratio: reuse-last, scores-of:N or same-ids-as:N for MoE layers without scores (MTP).",
+    plan_options: PlanOptions = _opt(
+        "(the plan options)",
+        PlanOptions(),
+        "With `ratios`: how each plan is made (`make_plan`'s options; each ratio sets `ratio`).",
     )
     pruned: tuple = _opt("--source", (), "Pruned checkpoints (`shardcut prune` outputs) streamed next to MODEL.")
     samples: int | None = _opt("--samples", None, "Samples in all (default: every record).")
@@ -108,6 +106,11 @@ class EvalOptions:
             )
         if self.ratios and self.scores is None:
             raise ShardcutError("`ratios` need the score file to plan from (`scores`)")
+        if self.plan_options.ratio is not None or self.plan_options.experts is not None:
+            raise ShardcutError("`plan_options` set ratio or experts: give the fractions as `ratios`")
+        for r in self.ratios:
+            PlanOptions(ratio=r).check()
+        self.plan_options.check(count=False)
         if self.resume and self.out is None and self.work_dir is None:
             raise ShardcutError("`resume` needs the report path (`out`) or the work folder (`work_dir`) to resume from")
         if self.shard is not None and self.out is None:
@@ -118,7 +121,20 @@ class EvalOptions:
             raise ShardcutError(f"`batch_tokens` must be positive (got {self.batch_tokens})")
 
 
-FLAGS = {f.name: f.metadata["flag"] for f in fields(EvalOptions)}
+FLAGS = {f.name: f.metadata["flag"] for f in (*fields(PlanOptions), *fields(EvalOptions)) if f.name != "plan_options"}
+FLAGS["ratio"] = FLAGS["ratios"]  # a plan option's message about one of the `ratios`
+# plan options with no eval flag: a count (eval's `ratios` give it) or a name eval uses for its own (`seed`)
+NOT_EVAL_FLAGS = ("ratio", "experts", "seed")
+
+
+def split_fields(values: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Keywords of `evaluate(...)` as (EvalOptions fields, PlanOptions fields): a plan option
+    (`criterion="ean"`) may be given directly, as `make_plan` takes it."""
+    plan_names = {f.name for f in fields(PlanOptions)} - {f.name for f in fields(EvalOptions)} - set(NOT_EVAL_FLAGS)
+    return (
+        {k: v for k, v in values.items() if k not in plan_names},
+        {k: v for k, v in values.items() if k in plan_names},
+    )
 
 
 def flag_message(message: str) -> str:

@@ -64,7 +64,7 @@ from shardcut.ops.calibration.store import (
     checkpoint_interval,
 )
 from shardcut.ops.evaluation.metrics import EvalReport
-from shardcut.ops.evaluation.options import EvalOptions
+from shardcut.ops.evaluation.options import EvalOptions, split_fields
 from shardcut.ops.evaluation.passes import StreamPass
 from shardcut.ops.evaluation.streams import Stream, check_overlap, open_source, plan_streams, pruned_stream
 from shardcut.ops.evaluation.tally import EvalTally, StreamInfo
@@ -389,7 +389,8 @@ def evaluate(
     `options` (an `EvalOptions`) or its fields as keywords (`plans=`, `scores=`, `ratios=`, ...;
     keywords override `options`). One streamed pass over MODEL's layers carries the original
     hidden states and one stream per variant: every plan in `plans`, one plan per ratio in
-    `ratios` made from `scores` (with the plan options of `make_plan`), and every checkpoint in
+    `ratios` made from `scores` (with `plan_options`, or `make_plan`'s keywords such as
+    `criterion=` and `protect=` given here directly), and every checkpoint in
     `pruned` (a `shardcut prune` output, streamed next to MODEL). `scores` is also checked
     against DATA: a warning when DATA holds calibration samples. Returns loss/perplexity of each,
     KL(original || variant) per token (mean, p50, p99), top-1 agreement and per-layer relative
@@ -401,5 +402,8 @@ def evaluate(
         >>> report = evaluate("Qwen3-30B-A3B", "heldout.jsonl:200", scores="s.safetensors", ratios=[0.25, 0.5])
         >>> report.plans[1].kl_mean, report.plans[1].first_layer_over(0.05)
     """
-    opts = replace(options, **fields) if options is not None else EvalOptions(**fields)
+    own, plan = split_fields(fields)
+    opts = replace(options, **own) if options is not None else EvalOptions(**own)
+    if plan:
+        opts = replace(opts, plan_options=replace(opts.plan_options, **plan))
     return Evaluator(model, data, opts, progress).run()

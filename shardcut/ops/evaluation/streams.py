@@ -5,7 +5,7 @@ calibration data of a score file."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,7 +61,7 @@ def _plan_stream(src: Source, plan: Plan, name: str) -> Stream:
 
 
 def plan_streams(src: Source, o: EvalOptions) -> list[Stream]:
-    """A stream per plan in `plans`, then one per ratio in `ratios` (planned from `scores`)."""
+    """A stream per plan in `plans`, then one per ratio in `ratios` (planned from `scores` with `plan_options`)."""
     out = []
     for i, plan in enumerate(o.plans):
         p = plan if isinstance(plan, Plan) else Plan.load(plan)
@@ -72,15 +72,7 @@ def plan_streams(src: Source, o: EvalOptions) -> list[Stream]:
         assert o.scores is not None  # EvalOptions.check: ratios need scores
 
         for r in o.ratios:
-            p, _ = make_plan(
-                src.model_dir,
-                o.scores,
-                ratio=r,
-                criterion=o.criterion,
-                protect_super_experts=o.protect_super_experts,
-                protect=dict(o.protect) if o.protect is not None else None,
-                mtp_policy=o.mtp_policy,
-            )
+            p, _ = make_plan(src.model_dir, o.scores, replace(o.plan_options, ratio=r))
             out.append(_plan_stream(src, p, f"ratio={r:g}"))
     return out
 
