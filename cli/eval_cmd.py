@@ -74,7 +74,7 @@ def eval_cmd(
     shard: str | None = _opt("shard"),
     overwrite: bool = _opt("overwrite"),
     checkpoint_every: int | None = _opt("checkpoint_every"),
-    prefetch: bool | None = _opt("prefetch"),
+    prefetch: bool = _opt("prefetch"),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG: quality against ratio, per-layer error."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     options: PlanOptions = PlanOptions(),

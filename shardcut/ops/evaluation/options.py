@@ -43,7 +43,7 @@ class EvalOptions:
         "--ratio", (), "With --scores: fractions to prune, e.g. 0.25,0.5,0.75 (one pass for all)."
     )
     plan_options: PlanOptions = _opt(
-        "(the plan options)",
+        "(PlanOptions' flags)",
         PlanOptions(),
         "With `ratios`: how each plan is made (`make_plan`'s options; each ratio sets `ratio`).",
     )
@@ -79,8 +79,10 @@ class EvalOptions:
         "--shard", None, "i/N: evaluate the i-th of N disjoint sample shards (combine them with `shardcut eval-merge`)."
     )
     overwrite: bool = _opt("--overwrite", False, "Replace an existing -o.")
-    prefetch: bool | None = _opt(
-        "--prefetch/--no-prefetch", None, "Read layer i+1 while layer i runs (default: on CUDA only, as calibrate)."
+    prefetch: bool = _opt(
+        "--prefetch/--no-prefetch",
+        True,
+        "Read layer i+1 while layer i runs, on CUDA and on the CPU, as calibrate (costs one layer's bytes of RAM).",
     )
     checkpoint_every: int | None = _opt(
         "--checkpoint-every",

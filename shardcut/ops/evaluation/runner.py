@@ -331,8 +331,8 @@ class Evaluator:
                     )
 
     def _prefetch(self) -> bool:
-        """As calibrate: read layer i + 1 while layer i runs, by default on CUDA only."""
-        return self.opts.prefetch if self.opts.prefetch is not None else self.torch_device.type == "cuda"
+        """As calibrate: read layer i + 1 while layer i runs (on the CPU too: README, bench)."""
+        return bool(self.opts.prefetch)
 
     def _new_tally(self) -> EvalTally:
         warnings, overlap = check_overlap(self.opts.scores, self.data_set.samples)
