@@ -145,6 +145,32 @@ class Stack:
         """The tensor whose presence makes a layer of this stack a MoE layer (its router)."""
         return (self.expert_rows + self.expert_cols)[0]
 
+    @property
+    def block(self) -> str:
+        """The MoE block's path inside a layer (`mlp`; "" where the router sits in the layer itself)."""
+        if self.experts or self.fused:
+            return (self.experts or self.fused[0]).rpartition(".")[0]
+        return self.marker.partition(".")[0]
+
+    def _in_block(self, word: str) -> tuple[str, ...]:
+        cut = len(self.block) + 1 if self.block else 0
+        return tuple(
+            name[cut:]
+            for name in self.expert_rows + self.expert_cols
+            if word in name.rpartition(".")[2] and name.startswith(self.block)
+        )
+
+    @property
+    def router_weights(self) -> tuple[str, ...]:
+        """Paths inside the MoE block of its `[E, H]` router weights (`gate.weight`); the block's
+        own name may differ between a checkpoint and transformers' modules, the router's does not."""
+        return self._in_block("weight")
+
+    @property
+    def selection_biases(self) -> tuple[str, ...]:
+        """Paths inside the MoE block of its per-expert selection and logit biases."""
+        return self._in_block("bias")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Calibration:
