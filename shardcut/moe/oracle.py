@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from shardcut.moe.architectures import ARCHITECTURES
 
 
-
 def _alternatives(paths: set[str]) -> str:
     return "|".join(re.escape(p) for p in sorted(paths, key=len, reverse=True))
 
@@ -89,11 +88,7 @@ def forbid_pruned_experts(
             continue
         if param.ndim == 2 and _ROUTER.search(name) and (pruned := pruned_mask(key, param.shape[0])) is not None:
             masks[param.data_ptr()] = pruned
-        elif (
-            _BIAS.search(name)
-            and param.ndim <= 2
-            and (pruned := pruned_mask(key, param.shape[-1])) is not None
-        ):
+        elif _BIAS.search(name) and param.ndim <= 2 and (pruned := pruned_mask(key, param.shape[-1])) is not None:
             saved.append((param, param.detach().clone()))
             with torch.no_grad():
                 param[..., pruned] = float("-inf")
