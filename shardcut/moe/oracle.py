@@ -24,7 +24,9 @@ def _table_patterns() -> tuple[re.Pattern, re.Pattern, re.Pattern]:
     """Layer numbers, router weights and selection biases, as every table entry spells them
     (the layer list's last segment, the paths inside the MoE block), so a new family needs no
     change here."""
-    lists, routers, biases = set(), set(), set()
+    lists: set[str] = set()
+    routers: set[str] = set()
+    biases: set[str] = set()
     for arch in ARCHITECTURES:
         for stack in arch.stacks:
             lists.update(prefix.rpartition(".")[2] for prefix in stack.layer_prefixes)
