@@ -38,6 +38,7 @@ from shardcut.format.errors import ScoresError
 from shardcut.format.text import span
 from shardcut.moe.model import ModelInfo
 from shardcut.plans.import_files import plain, read_json, torch_load
+from shardcut.plans.keep_lists import keep_values, looks_like_keep_list, unwrap_keep_list
 from shardcut.plans.layer_names import as_int, in_model_order, layer_key
 from shardcut.plans.scores import FIELDS, GATE_APPLIED, GATE_SOFTMAX, GATE_UNKNOWN, Scores, check_replaceable_scores
 
@@ -52,23 +53,6 @@ OBSERVER_FIELDS = {
     "act_max": "max_activations",
 }
 OBSERVER_TOKENS = "total_tokens"
-KEEP_KEYS = (
-    "keep",
-    "kept",
-    "kept_experts",
-    "retained_experts",
-    "experts_kept_per_layer",
-    "retained_experts_by_layer",
-    "kept_experts_per_layer",
-)
-PRUNED_KEYS = (
-    "pruned",
-    "pruned_experts",
-    "removed_experts",
-    "dropped_experts",
-    "pruned_experts_per_layer",
-    "experts_pruned_per_layer",
-)
 WRAPPER_KEYS = ("scores", "layers", "state", "observations", "results", "data", "saliency_scores")
 NAME_KEYS = ("criterion", "metric", "score_name")
 # Criterion names published files use -> shardcut's (higher = keep in every one of them).
@@ -189,7 +173,7 @@ def _read(path: Path, fmt: str, ctx: _Context) -> tuple[Scores, ImportReport]:
     ):
         return _from_object(plain(torch_load(path), path), ctx, "torch")
     data = read_json(path)
-    if fmt == "keep-list" or (fmt == "auto" and _looks_like_keep_list(data, ctx.info.num_experts)):
+    if fmt == "keep-list" or (fmt == "auto" and looks_like_keep_list(data, ctx.info.num_experts)):
         return _from_keep_list(data, path, ctx.info, ctx)
     return _from_object(data, ctx, "llm-compressor" if fmt == "llm-compressor" else "json")
 
@@ -533,58 +517,13 @@ def _from_accumulator_dir(ctx: _Context) -> tuple[Scores, ImportReport]:
 # Keep-lists
 
 
-def _looks_like_keep_list(data: object, num_experts: int) -> bool:
-    if not isinstance(data, dict):
-        return False
-    if data.get("format") == "shardcut-plan/1" or any(k in data for k in (*KEEP_KEYS, *PRUNED_KEYS)):
-        return True
-    lists = [v for v in data.values() if isinstance(v, list)]
-    return (
-        bool(lists)
-        and len(lists) == len(data)
-        and all(all(type(i) is int for i in v) and len(v) < num_experts for v in lists)
-    )
-
-
 def _from_keep_list(data: object, path: Path, info: ModelInfo, ctx: _Context) -> tuple[Scores, ImportReport]:
-    E = info.num_experts
-    pruned_mode = False
-    if isinstance(data, dict):
-        inner = next((data[k] for k in KEEP_KEYS if k in data), None)
-        if inner is None and (key := next((k for k in PRUNED_KEYS if k in data), None)):
-            inner, pruned_mode = data[key], True
-        data = inner if inner is not None else data
-    if isinstance(data, dict) and data.get("format") == "shardcut-plan/1":
-        data = data.get("keep")
+    data, pruned_mode = unwrap_keep_list(data)
     per_layer = _layer_entries(data, ctx, "the keep-list")
     keys = list(per_layer)
-    values = np.zeros((len(keys), E))
-    sizes = set()
-    for r, key in enumerate(keys):
-        ids = per_layer[key]
-        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
-            raise ScoresError(f"layer {key}: expected a list of expert ids", path)
-        bad = [i for i in ids if not 0 <= i < E]
-        if bad:
-            raise ScoresError(
-                f"layer {key}: expert ids {bad[:5]} out of range 0..{E - 1} (model has {E} experts)", path
-            )
-        if len(set(ids)) != len(ids):
-            raise ScoresError(f"layer {key}: duplicate expert ids", path)
-        values[r, ids] = 1.0
-        if pruned_mode:
-            values[r] = 1.0 - values[r]
-        sizes.add(int(values[r].sum()))
-    notes = [
-        "criterion 'keep' is 1 for a kept expert and 0 for a pruned one; "
-        "plan with criterion keep (no sums: merging is impossible)"
-    ]
-    if len(sizes) == 1:
-        notes.append(f"{sizes.pop()} experts kept per layer in the list")
-    else:
-        notes.append(f"layers keep different counts {sorted(sizes)}; a plan keeps one count everywhere")
+    values, notes = keep_values(per_layer, info.num_experts, pruned_mode, path)
     scores = Scores.from_values(keys, {"keep": values}, {"criterion": "keep"})
-    return scores, ImportReport(path, "keep-list", keys, E, False, "keep", notes)
+    return scores, ImportReport(path, "keep-list", keys, info.num_experts, False, "keep", notes)
 
 
 def _vector(value: object, E: int, what: str, path: Path) -> np.ndarray:
