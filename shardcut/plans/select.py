@@ -150,43 +150,64 @@ def kept_count(
         raise PlanError("give exactly one of ratio (fraction of experts removed) or experts (kept per layer)")
     if isinstance(multiple_of, bool) or not isinstance(multiple_of, int) or multiple_of < 1:
         raise PlanError(f"multiple_of {multiple_of!r} must be a positive integer (e.g. the expert-parallel size)")
-    M = multiple_of
-    rounded = None
     if ratio is not None:
-        if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio < 1):
-            raise PlanError(f"ratio {ratio} must lie strictly between 0 and 1 (the fraction of experts removed)")
-        pruned = math.floor(E * Fraction(repr(float(ratio))))
-        rule = f"pruned per layer = floor({E} x {ratio:g}) = {pruned}"
-        if pruned == 0:
-            raise PlanError(f"ratio {ratio:g} removes no expert of {E} (floor({E} x {ratio:g}) = 0)")
-        if G > 1 and pruned % G:
-            down = pruned - pruned % G
-            rounded = f"rounded down to {down}, a multiple of n_group={G}, so every group drops {down // G}"
-            if down == 0:
-                raise PlanError(
-                    f"ratio {ratio:g} prunes {pruned} of {E} experts, fewer than one per group "
-                    f"(n_group={G}); use a ratio of at least {G / E:g}"
-                )
-            pruned = down
-            rule += f", {rounded}"
-        kept = E - pruned
-        rule += f" -> {kept} kept"
+        kept, rule, rounded = _kept_for_ratio(E, G, ratio)
     else:
-        if isinstance(experts, bool) or not isinstance(experts, int):
-            raise PlanError(f"experts {experts!r} must be an integer")
-        if experts >= E or experts < 1:
-            raise PlanError(f"experts {experts} must be below the model's {E} experts per layer (and at least 1)")
-        if experts < top_k:
-            raise PlanError(f"experts {experts} is fewer than top_k={top_k}: every token routes to {top_k} experts")
-        kept = experts
-        rule = f"{kept} kept per layer as requested"
-        if G > 1 and kept % G:
-            up = kept + G - kept % G
-            rounded = f"rounded up to {up}, a multiple of n_group={G}, so every group keeps {up // G}"
-            kept = up
-            rule = f"{experts} kept per layer requested, {rounded}"
-        if kept >= E:
-            raise PlanError(f"experts {experts} rounded to a multiple of n_group={G} keeps all {E} experts")
+        assert experts is not None  # exactly one of the two, checked above
+        kept, rule, rounded = _kept_as_asked(E, G, top_k, experts)
+    kept, rule, rounded = _round_to_multiple(E, G, kept, multiple_of, rule, rounded)
+    _check_routable(E, G, top_k, topk_group, kept, rule)
+    return Counts(E, kept, ratio, rule, rounded, multiple_of)
+
+
+def _kept_for_ratio(E: int, G: int, ratio: float) -> tuple[int, str, str | None]:
+    """floor(E x ratio) pruned, rounded down to a multiple of n_group: (kept, rule, rounding)."""
+    rounded = None
+    if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and 0 < ratio < 1):
+        raise PlanError(f"ratio {ratio} must lie strictly between 0 and 1 (the fraction of experts removed)")
+    pruned = math.floor(E * Fraction(repr(float(ratio))))
+    rule = f"pruned per layer = floor({E} x {ratio:g}) = {pruned}"
+    if pruned == 0:
+        raise PlanError(f"ratio {ratio:g} removes no expert of {E} (floor({E} x {ratio:g}) = 0)")
+    if G > 1 and pruned % G:
+        down = pruned - pruned % G
+        rounded = f"rounded down to {down}, a multiple of n_group={G}, so every group drops {down // G}"
+        if down == 0:
+            raise PlanError(
+                f"ratio {ratio:g} prunes {pruned} of {E} experts, fewer than one per group "
+                f"(n_group={G}); use a ratio of at least {G / E:g}"
+            )
+        pruned = down
+        rule += f", {rounded}"
+    kept = E - pruned
+    return kept, rule + f" -> {kept} kept", rounded
+
+
+def _kept_as_asked(E: int, G: int, top_k: int, experts: int) -> tuple[int, str, str | None]:
+    """`experts` kept, rounded up to a multiple of n_group: (kept, rule, rounding)."""
+    rounded = None
+    if isinstance(experts, bool) or not isinstance(experts, int):
+        raise PlanError(f"experts {experts!r} must be an integer")
+    if experts >= E or experts < 1:
+        raise PlanError(f"experts {experts} must be below the model's {E} experts per layer (and at least 1)")
+    if experts < top_k:
+        raise PlanError(f"experts {experts} is fewer than top_k={top_k}: every token routes to {top_k} experts")
+    kept = experts
+    rule = f"{kept} kept per layer as requested"
+    if G > 1 and kept % G:
+        up = kept + G - kept % G
+        rounded = f"rounded up to {up}, a multiple of n_group={G}, so every group keeps {up // G}"
+        kept = up
+        rule = f"{experts} kept per layer requested, {rounded}"
+    if kept >= E:
+        raise PlanError(f"experts {experts} rounded to a multiple of n_group={G} keeps all {E} experts")
+    return kept, rule, rounded
+
+
+def _round_to_multiple(
+    E: int, G: int, kept: int, M: int, rule: str, rounded: str | None
+) -> tuple[int, str, str | None]:
+    """The kept count rounded up to a multiple of `multiple_of` (and n_group), never to all E."""
     if M > 1 and kept % M:
         step = math.lcm(M, G)  # kept stays a multiple of n_group (E is one), so whole groups still drop
         up = kept + step - kept % step
@@ -199,6 +220,11 @@ def kept_count(
         rounded = f"{rounded}; {note}" if rounded else note
         rule += f", {note}"
         kept = up
+    return kept, rule, rounded
+
+
+def _check_routable(E: int, G: int, top_k: int, topk_group: int, kept: int, rule: str) -> None:
+    """Every token still finds top_k experts (within its topk_group groups under grouped routing)."""
     if kept < top_k:
         raise PlanError(f"{rule}: fewer than top_k={top_k}; use a ratio of at most {(E - top_k) / E:g}")
     if G > 1:
@@ -210,7 +236,6 @@ def kept_count(
                 f"{rule}: topk_group={topk_group} x {per} per group < top_k={top_k}, so a token "
                 f"could not find {top_k} experts in its {topk_group} groups"
             )
-    return Counts(E, kept, ratio, rule, rounded, M)
 
 
 def group_counts(
