@@ -24,15 +24,14 @@ from shardcut.format.checkpoint import Checkpoint
 from shardcut.format.errors import PlanError, ShardcutError
 from shardcut.moe.model import CountGroup, ModelInfo
 from shardcut.ops.ranking import UNREACHED, check_protect, ranking_sources
+from shardcut.plans.counts import Counts, group_counts
 from shardcut.plans.options import PlanOptions
 from shardcut.plans.plan import Plan, check_replaceable_plan, validate_plan
 from shardcut.plans.scores import Scores, file_sha256
 from shardcut.plans.select import (
     SUPER_MAX_FRACTION,
-    Counts,
     canonical_criterion,
     criterion_values,
-    group_counts,
     select_layer,
     super_experts,
 )
