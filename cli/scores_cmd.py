@@ -105,7 +105,7 @@ def merge_cmd(
     The files must be of one model (by recorded fingerprint and commit, else by name) and follow
     one gate convention unless --force; every input's caveats are kept.
     """
-    from shardcut.plans.scores import merge_score_files, parse_weighted
+    from shardcut.plans.score_merge import merge_score_files, parse_weighted
 
     parsed = [parse_weighted(a) for a in inputs]
     merged = merge_score_files(parsed, out, overwrite=overwrite, force=force)

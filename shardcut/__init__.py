@@ -35,8 +35,8 @@ _EXPORTS = {
     "describe": "shardcut.moe.model",
     "make_plan": "shardcut.ops.planning",
     "import_scores": "shardcut.plans.score_import",
-    "merge_scores": "shardcut.plans.scores",
-    "merge_score_files": "shardcut.plans.scores",
+    "merge_scores": "shardcut.plans.score_merge",
+    "merge_score_files": "shardcut.plans.score_merge",
     "open_model": "shardcut.format.hub",
     "prune_model": "shardcut.rewrite.from_hub",
     "push": "shardcut.ops.publish",
@@ -65,9 +65,9 @@ if TYPE_CHECKING:
     from shardcut.plans.plan import Plan as Plan
     from shardcut.plans.plan import validate_plan as validate_plan
     from shardcut.plans.score_import import import_scores as import_scores
+    from shardcut.plans.score_merge import merge_score_files as merge_score_files
+    from shardcut.plans.score_merge import merge_scores as merge_scores
     from shardcut.plans.scores import Scores as Scores
-    from shardcut.plans.scores import merge_score_files as merge_score_files
-    from shardcut.plans.scores import merge_scores as merge_scores
     from shardcut.rewrite.from_hub import prune_model as prune_model
     from shardcut.rewrite.writer import PruneReport as PruneReport
     from shardcut.rewrite.writer import prune as prune

@@ -124,3 +124,25 @@ def test_config_aliases_are_model_types_transformers_knows():
         if c.config_alias
     }
     assert aliases and aliases <= set(CONFIG_MAPPING_NAMES), aliases - set(CONFIG_MAPPING_NAMES)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda a: a.name)
+def test_the_oracle_reads_each_entrys_routers_and_layers_from_the_table(arch: Architecture):
+    from shardcut.moe import oracle
+
+    for s in arch.stacks:
+        assert s.router_weights, f"{arch.name}: a stack without a router weight cannot be masked"
+        for prefix in s.layer_prefixes:
+            # transformers may rename the block (Mixtral's `block_sparse_moe` is `mlp` in v5): the
+            # router's path inside it is what the oracle matches
+            for block in {s.block, "mlp"}:
+                at = f"{prefix}.3.{block}." if block else f"{prefix}.3."
+                for router in s.router_weights:
+                    assert oracle._layer_key(at + router) == "3"
+                    assert oracle._ROUTER.search(at + router), at + router
+                    assert not oracle._BIAS.search(at + router)
+                for bias in s.selection_biases:
+                    assert oracle._BIAS.search(at + bias) and not oracle._ROUTER.search(at + bias)
+        for name in s.expert_rows + s.expert_cols:  # per-expert scales are neither
+            if "bias" not in name and "weight" not in name:
+                assert not oracle._BIAS.search(name) and not oracle._ROUTER.search(name), name

@@ -14,7 +14,8 @@ from fixtures.calib_fixtures import layer_outputs, reference_statistics, write_i
 from fixtures.families import TOP_K, E, family
 
 from shardcut.ops.calibration.runner import CalibrateOptions, Calibrator, calibrate
-from shardcut.plans.scores import FIELDS, Scores, merge_scores
+from shardcut.plans.score_merge import merge_scores
+from shardcut.plans.scores import FIELDS, Scores
 
 PROOF_FAMILIES = ["qwen3_moe", "deepseek_v3", "mixtral", "gpt_oss"]
 # every other family the adapter table lists, on the same reference

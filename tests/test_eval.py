@@ -388,7 +388,8 @@ def test_data_sketch_is_exact_below_its_largest_hash():
     assert overlap("something else", mixed) is None
     halves = [data_sketch(calib[:1500], size=256), data_sketch(calib[1500:], size=256)]
     assert merge_sketches(halves) == sketch
-    from shardcut.plans.scores import Scores, merge_scores  # `scores merge` keeps the union's sketch
+    from shardcut.plans.score_merge import merge_scores
+    from shardcut.plans.scores import Scores  # `scores merge` keeps the union's sketch
 
     parts = [Scores.zeros(["1"], 8, metadata={"model": "m", "data_sketch": h}) for h in halves]
     assert merge_scores([(p, 1.0) for p in parts]).metadata["data_sketch"] == sketch

@@ -25,7 +25,8 @@ from shardcut.format.errors import ShardcutError
 from shardcut.moe.model import describe
 from shardcut.ops.planning import make_plan
 from shardcut.plans.plan import Plan, validate_plan
-from shardcut.plans.scores import Scores, merge_scores
+from shardcut.plans.score_merge import merge_scores
+from shardcut.plans.scores import Scores
 from shardcut_cli.main import app
 
 THINKER, TALKER = "thinker_config.text_config", "talker_config.text_config"

@@ -22,7 +22,8 @@ import pytest
 from shardcut.format.errors import OutputError, OutputExistsError, ShardcutError
 from shardcut.ops.synthetic import SyntheticSpec, _write_raw_shard, write_synthetic_checkpoint
 from shardcut.plans.plan import Plan
-from shardcut.plans.scores import Scores, merge_score_files
+from shardcut.plans.score_merge import merge_score_files
+from shardcut.plans.scores import Scores
 from shardcut.rewrite.outdir import partial_dir
 from shardcut.rewrite.writer import prune
 

@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 from shardcut.format.errors import ShardcutError
 from shardcut.ops.planning import make_plan
 from shardcut.plans.score_import import import_scores
-from shardcut.plans.scores import Scores, merge_scores
+from shardcut.plans.score_merge import merge_scores
+from shardcut.plans.scores import Scores
 from shardcut.plans.select import criterion_values
 from shardcut_cli.main import app
 

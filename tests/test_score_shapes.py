@@ -18,7 +18,8 @@ from shardcut.format.errors import ShardcutError
 from shardcut.ops.planning import make_plan
 from shardcut.plans.plan import Plan
 from shardcut.plans.score_import import import_scores
-from shardcut.plans.scores import GATE_APPLIED, Scores, merge_scores, provenance
+from shardcut.plans.score_merge import merge_scores
+from shardcut.plans.scores import GATE_APPLIED, Scores, provenance
 from shardcut.plans.select import criterion_values
 from shardcut_cli.main import app
 

@@ -11,7 +11,8 @@ from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
 from shardcut.format.errors import ShardcutError
-from shardcut.plans.scores import Scores, file_sha256, merge_scores, parse_weighted
+from shardcut.plans.score_merge import merge_scores, parse_weighted
+from shardcut.plans.scores import Scores, file_sha256
 from shardcut_cli.main import app
 
 runner = CliRunner()

@@ -13,10 +13,33 @@ import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
-_LAYER = re.compile(r"(?:layers|blocks)\.(\d+)\.")
-# router weights: `gate`, `router`, `router.proj|layer|classifier|gate`, `gate.wg` (not `forget_gate.f_a_proj`)
-_ROUTER = re.compile(r"(?:^|\.)(?:gate|router|router\.\w+|gate\.wg)\.weight$")
-_BIAS_WORDS = ("e_score_correction_bias", "expert_bias", "router_bias", "moe_statics", "router.bias", "gate.bias")
+from shardcut.moe.architectures import ARCHITECTURES
+
+
+def _alternatives(paths: set[str]) -> str:
+    return "|".join(re.escape(p) for p in sorted(paths, key=len, reverse=True))
+
+
+def _table_patterns() -> tuple[re.Pattern, re.Pattern, re.Pattern]:
+    """Layer numbers, router weights and selection biases, as every table entry spells them
+    (the layer list's last segment, the paths inside the MoE block), so a new family needs no
+    change here."""
+    lists: set[str] = set()
+    routers: set[str] = set()
+    biases: set[str] = set()
+    for arch in ARCHITECTURES:
+        for stack in arch.stacks:
+            lists.update(prefix.rpartition(".")[2] for prefix in stack.layer_prefixes)
+            routers.update(stack.router_weights)
+            biases.update(stack.selection_biases)
+    return (
+        re.compile(rf"(?:^|\.)(?:{_alternatives(lists)})\.(\d+)\."),
+        re.compile(rf"(?:^|\.)(?:{_alternatives(routers)})$"),
+        re.compile(rf"(?:^|\.)(?:{_alternatives(biases)})$"),
+    )
+
+
+_LAYER, _ROUTER, _BIAS = _table_patterns()
 
 
 def _layer_key(name: str) -> str | None:
@@ -67,11 +90,7 @@ def forbid_pruned_experts(
             continue
         if param.ndim == 2 and _ROUTER.search(name) and (pruned := pruned_mask(key, param.shape[0])) is not None:
             masks[param.data_ptr()] = pruned
-        elif (
-            any(w in name for w in _BIAS_WORDS)
-            and param.ndim <= 2
-            and (pruned := pruned_mask(key, param.shape[-1])) is not None
-        ):
+        elif _BIAS.search(name) and param.ndim <= 2 and (pruned := pruned_mask(key, param.shape[-1])) is not None:
             saved.append((param, param.detach().clone()))
             with torch.no_grad():
                 param[..., pruned] = float("-inf")
@@ -79,7 +98,7 @@ def forbid_pruned_experts(
         key = key_of(name)
         if (
             key in keep
-            and any(w in name for w in _BIAS_WORDS)
+            and _BIAS.search(name)
             and buf.ndim >= 1
             and (pruned := pruned_mask(key, buf.shape[-1])) is not None
         ):

@@ -183,36 +183,9 @@ def count_parameters(ckpt: Checkpoint, info: ModelInfo) -> ParameterCounts:
 
 
 # Companions of a quantized module's weight that are not parameters: scales, zero points,
-# group indices, shapes, lookup tables (bitsandbytes), activation scales.
-_NOT_PARAMETERS = (
-    ".weight_scale_inv",
-    ".weight_global_scale",
-    ".weight_zero_point",
-    ".weight_scale_2",
-    ".weight_format",
-    ".weight_g_idx",
-    ".weight_scale",
-    ".weight_shape",
-    ".input_global_scale",
-    ".input_zero_point",
-    ".input_scale",
-    ".activation_scale",
-    ".qscale_weight",
-    ".qscale_act",
-    ".qzeros",
-    ".scales",
-    ".g_idx",
-    ".SCB",
-    ".scale",
-    "_scale_inv",
-    "_scales",
-    ".weight.absmax",
-    ".weight.quant_map",
-    ".weight.nested_absmax",
-    ".weight.nested_quant_map",
-    ".weight.quant_state.bitsandbytes__nf4",
-    ".weight.quant_state.bitsandbytes__fp4",
-)
+# group indices, shapes, lookup tables (bitsandbytes), activation scales: every companion but
+# the (packed) weights and biases themselves.
+_NOT_PARAMETERS = frozenset(_COMPANIONS) - {".weight", ".weight_packed", ".qweight", "_blocks", ".bias", "_bias"}
 _FLOAT = ("F64", "F32", "F16", "BF16")
 
 

@@ -21,19 +21,17 @@ import numpy as np
 
 from shardcut.format.cache_paths import split_revision
 from shardcut.format.checkpoint import Checkpoint
-from shardcut.format.errors import PlanError, ScoresError, ShardcutError
-from shardcut.format.text import span
+from shardcut.format.errors import PlanError, ShardcutError
 from shardcut.moe.model import CountGroup, ModelInfo
-from shardcut.plans.layer_names import check_layers
-from shardcut.plans.options import MTP_POLICIES, PlanOptions
+from shardcut.ops.ranking import UNREACHED, check_protect, ranking_sources
+from shardcut.plans.counts import Counts, group_counts
+from shardcut.plans.options import PlanOptions
 from shardcut.plans.plan import Plan, check_replaceable_plan, validate_plan
 from shardcut.plans.scores import Scores, file_sha256
 from shardcut.plans.select import (
     SUPER_MAX_FRACTION,
-    Counts,
     canonical_criterion,
     criterion_values,
-    group_counts,
     select_layer,
     super_experts,
 )
@@ -212,7 +210,7 @@ def _open(model: str | Path, scores: Scores | str | Path, opts: PlanOptions) -> 
         scores = Scores.load(scores)
     crit = canonical_criterion(opts.criterion, scores)
     per_group = group_counts(info, ratio=opts.ratio, experts=opts.experts, multiple_of=opts.multiple_of)
-    sources = _ranking_sources(info, scores, opts.mtp_policy, origin)
+    sources = ranking_sources(info, scores, opts.mtp_policy, origin)
     whole = _keep_whole(per_group, sources)
     per_group = [(g, whole.get(g.name, c)) for g, c in per_group]
     scores.require_routed(origin)
@@ -222,7 +220,7 @@ def _open(model: str | Path, scores: Scores | str | Path, opts: PlanOptions) -> 
 
 def _protections(job: _Job) -> tuple[dict[str, list[int]], dict[str, list[int]], float | None]:
     """Explicitly protected ids (checked against the model), super experts and their threshold."""
-    protected = {k: list(v) for k, v in _check_protect(dict(job.opts.protect or {}), job.info).items()}
+    protected = {k: list(v) for k, v in check_protect(dict(job.opts.protect or {}), job.info).items()}
     if not job.opts.protect_super_experts:
         return protected, {}, None
     supers, threshold = super_experts(job.scores, job.opts.super_layer_fraction, job.opts.super_percentile)
@@ -353,11 +351,8 @@ def _policy_used(job: _Job) -> bool:
     return bool(job.opts.mtp_policy) and any(kind not in ("own", "whole") for kind, _ in job.sources.values())
 
 
-UNREACHED = "no scores, a text-only calibration never routes through this stack"
-
-
 def _keep_whole(per_group: list[tuple[CountGroup, Counts]], sources: dict[str, tuple[str, str]]) -> dict[str, Counts]:
-    """Count group name -> its counts when every layer of it is kept whole (`_ranking_sources`)."""
+    """Count group name -> its counts when every layer of it is kept whole (`ranking_sources`)."""
     out = {}
     for g, c in per_group:
         if all(sources[layer.key][0] == "whole" for layer in g.layers):
@@ -368,13 +363,6 @@ def _keep_whole(per_group: list[tuple[CountGroup, Counts]], sources: dict[str, t
 def _whole_groups(job: _Job) -> list[str]:
     """The count groups kept whole, a text-only calibration never reaching them."""
     return [g.name for g, _ in job.per_group if all(job.sources[layer.key][0] == "whole" for layer in g.layers)]
-
-
-def _text_unreached(info: ModelInfo) -> set[str]:
-    """Plan keys of the MoE layers a text-only calibration never reaches (the table's
-    `Calibration.text_only_stacks`: ERNIE-VL's vision experts, Qwen3-Omni's talker)."""
-    stacks = info.arch.calibration_of(info.config.get("model_type")).text_only_stacks
-    return {layer.key for layer in info.layers if not layer.mtp and layer.stack.plan_prefix in stacks}
 
 
 def _provenance(
@@ -534,105 +522,3 @@ def _scores_model_mismatch(model, ckpt, info: ModelInfo, scores: Scores) -> str 
     if ref:
         here["revision"] = ref[1]
     return model_mismatch(here, {k: v for k, v in scores.metadata.items() if k != "num_experts"})
-
-
-def _ranking_sources(info: ModelInfo, scores: Scores, policy: str | None, origin: str) -> dict[str, tuple[str, str]]:
-    """For each MoE layer: ("own", key), ("scores", N), ("same-ids", N) or ("whole", key) (a stack
-    text-only calibration never reaches, with a count of its own: every expert kept); checks the
-    scores fit the model."""
-    E = info.num_experts
-    if len(info.layers_by_config()) == 1 and scores.layer_experts is None and scores.num_experts != E:
-        raise ScoresError(
-            f"holds scores of {scores.num_experts} experts per layer, the model has {E} (scores of another model?)",
-            origin,
-        )
-    model_keys = [layer.key for layer in info.layers]
-    unreached = _text_unreached(info)
-    check_layers(scores.layers, info, origin, unreached)  # the model's MoE layers, every main one
-    scored = set(scores.layers)
-    for key in scores.layers:
-        have, want = scores.experts_of(key), info.layer_by_key[key].num_experts
-        if have != want:
-            raise ScoresError(
-                f"layer {key}: holds scores of {have} experts, the model's layer has {want} (scores "
-                "of another model, or a file without per-layer counts (layer_experts)?)",
-                origin,
-            )
-    unscored = [layer.key for layer in info.layers if layer.key not in scored]
-    out = {k: ("own", k) for k in model_keys if k in scored}
-    # a stack text-only calibration never reaches, with its own config count, is kept whole
-    whole_groups = [
-        path
-        for path, layers in info.layers_by_config().items()
-        if all(layer.key in unreached and layer.key not in scored for layer in layers)
-    ]
-    for path in whole_groups:
-        out.update({layer.key: ("whole", layer.key) for layer in info.layers_by_config()[path]})
-    unscored = [k for k in unscored if k not in out]
-    if not unscored:
-        return out
-    shared = [k for k in unscored if k in unreached]
-    if shared and not policy:
-        stacks = sorted({info.layer_by_key[k].stack.plan_prefix for k in shared})
-        raise PlanError(
-            f"MoE layers {span(shared)} ({', '.join(stacks)} stack) have no scores: a text-only calibration never "
-            "routes through them, and they cannot be kept whole because they share one expert count with the "
-            f"scored layers ({info.arch.name}: transformers and vLLM load one count for both; a prune keeps the "
-            "same number in each). Rank them anyway with mtp_policy (reuse-last, scores-of:N or same-ids-as:N): "
-            "their kept experts then follow text statistics",
-            origin,
-            params=("mtp_policy",),
-        )
-    if not policy:
-        raise PlanError(
-            f"MoE layers {', '.join(unscored)} (MTP) have no scores; choose how to prune them with mtp_policy: "
-            "reuse-last, scores-of:N or same-ids-as:N",
-            origin,
-            params=("mtp_policy",),
-        )
-    name, _, arg = policy.partition(":")
-    if name == "reuse-last" and not arg:
-        for key in unscored:  # the last scored layer of the same count group (the main stack's, for MTP)
-            layer = info.layer_by_key[key]
-            same = [x for x in info.layers if x.key in scored and x.config_path == layer.config_path]
-            last = ([x for x in same if not x.mtp] or same or [x for x in info.layers if x.key in scored])[-1]
-            out[key] = ("scores", last.key)
-    elif name in ("scores-of", "same-ids-as") and arg:
-        if arg not in scored:
-            raise PlanError(
-                f"mtp_policy {policy!r}: layer {arg} has no scores (scored: {span(scores.layers)})",
-                params=("mtp_policy",),
-            )
-        out.update({k: ("scores" if name == "scores-of" else "same-ids", arg) for k in unscored})
-    else:
-        raise PlanError(
-            f"unknown mtp_policy {policy!r} (known: {', '.join(MTP_POLICIES)}, N a scored layer key)",
-            params=("mtp_policy",),
-        )
-    for key, (_, src) in out.items():  # another stack's scores or ids fit only where the counts match
-        layer, other = info.layer_by_key[key], info.layer_by_key[src]
-        if layer.num_experts != other.num_experts or (
-            out[key][0] == "same-ids" and layer.config_path != other.config_path
-        ):
-            raise PlanError(
-                f"mtp_policy {policy!r}: layer {key} ({layer.num_experts} experts) cannot take "
-                f"layer {src}'s {'ids' if out[key][0] == 'same-ids' else 'scores'} "
-                f"({other.num_experts} experts, expert count of {'.'.join(other.config_path) or 'config'})",
-                params=("mtp_policy",),
-            )
-    return out
-
-
-def _check_protect(protect: dict[str, list[int]], info: ModelInfo) -> dict[str, list[int]]:
-    for key, ids in protect.items():
-        if key not in info.layer_by_key:
-            raise PlanError(
-                f"protect: layer {key} is not a MoE layer of the model "
-                f"(MoE layers: {span([layer.key for layer in info.layers])})",
-                params=("protect",),
-            )
-        E = info.layer_by_key[key].num_experts
-        bad = [i for i in ids if not 0 <= i < E]
-        if bad:
-            raise PlanError(f"protect: layer {key}: expert ids {bad[:5]} out of range 0..{E - 1}", params=("protect",))
-    return protect

@@ -111,17 +111,10 @@ def push(
         >>> [f.path_in_repo for f in report.files][:2]
         ['README.md', 'calibration/plan.json']
     """
-    from shardcut.ops.verification import verify
-
     out = Path(out)
     target = _check_target(repo_id, revision, create_pr)
     own = _own_files(out)  # before anything reads OUT: a link leading out of it is refused
-    checked = verify(out)
-    if not checked.ok:
-        raise CheckpointError(f"verify rejects it, nothing uploaded: {checked.problems[0]}", out)
-    plan_path = out / _plan_copy_name()
-    if not plan_path.is_file():
-        raise CheckpointError(f"no {plan_path.name}: not an output of shardcut prune, nothing uploaded", out)
+    plan_path = _checked_plan_path(out)
     plan = Plan.load(plan_path)
     score_file = Path(scores) if scores is not None else None
     scores_meta = _scores_metadata(score_file, plan) if score_file else None
@@ -139,6 +132,38 @@ def push(
     extra_files: list[PushFile] = []
     if eval_report is not None:
         card, extra_files = with_evaluation(card, eval_report, eval_plot)
+    files = _files_to_upload(out, own, card, extra_files, plan_path, score_file, provenance)
+    report = PushReport(target, revision, private, create_pr, dry_run, files, card, base)
+    if dry_run:
+        return report
+    message = f"Expert-pruned {counts_text(info, provenance)} experts per layer with shardcut {__version__}"
+    report.url = _upload(api, target, revision, private, create_pr, files, out, message)
+    return report
+
+
+def _checked_plan_path(out: Path) -> Path:
+    """OUT passes `verify` and holds the plan it was pruned with; its path."""
+    from shardcut.ops.verification import verify
+
+    checked = verify(out)
+    if not checked.ok:
+        raise CheckpointError(f"verify rejects it, nothing uploaded: {checked.problems[0]}", out)
+    plan_path = out / _plan_copy_name()
+    if not plan_path.is_file():
+        raise CheckpointError(f"no {plan_path.name}: not an output of shardcut prune, nothing uploaded", out)
+    return plan_path
+
+
+def _files_to_upload(
+    out: Path,
+    own: list[Path],
+    card: str,
+    extra_files: list[PushFile],
+    plan_path: Path,
+    score_file: Path | None,
+    provenance: dict,
+) -> list[PushFile]:
+    """The card, the evaluation, the calibration files and provenance, then OUT's own files."""
     files = [PushFile(CARD_NAME, len(card.encode()), content=card.encode()), *extra_files]
     files.append(PushFile(PLAN_IN_REPO, plan_path.stat().st_size, source=plan_path))
     if score_file:
@@ -150,10 +175,20 @@ def push(
         rel = path.relative_to(out).as_posix()
         if rel not in taken:
             files.append(PushFile(rel, path.stat().st_size, source=path))
-    report = PushReport(target, revision, private, create_pr, dry_run, files, card, base)
-    if dry_run:
-        return report
+    return files
 
+
+def _upload(
+    api,
+    target: str,
+    revision: str | None,
+    private: bool,
+    create_pr: bool,
+    files: list[PushFile],
+    out: Path,
+    message: str,
+) -> str:
+    """Stage the files, create the repo (and branch), upload them in one commit; the commit's URL."""
     api = api or hub.hub_api()
     if not (getattr(api, "token", None) or hub.current_token()):
         raise HubError(f"no Hugging Face token, nothing uploaded: {hub.LOGIN_HINT}", target)
@@ -168,15 +203,13 @@ def push(
                 folder_path=staging,
                 revision=revision,
                 create_pr=create_pr or None,
-                commit_message=f"Expert-pruned {counts_text(info, provenance)} experts per layer with "
-                f"shardcut {__version__}",
+                commit_message=message,
             )
-    report.url = (
+    return (
         getattr(info_commit, "pr_url", None)
         or getattr(info_commit, "commit_url", None)
         or f"https://huggingface.co/{target}"
     )
-    return report
 
 
 def with_evaluation(card: str, report_path: str | Path, plot: str | Path | None = None) -> tuple[str, list[PushFile]]:

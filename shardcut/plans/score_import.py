@@ -37,6 +37,8 @@ import numpy as np
 from shardcut.format.errors import ScoresError
 from shardcut.format.text import span
 from shardcut.moe.model import ModelInfo
+from shardcut.plans.import_files import plain, read_json, torch_load
+from shardcut.plans.keep_lists import keep_values, looks_like_keep_list, unwrap_keep_list
 from shardcut.plans.layer_names import as_int, in_model_order, layer_key
 from shardcut.plans.scores import FIELDS, GATE_APPLIED, GATE_SOFTMAX, GATE_UNKNOWN, Scores, check_replaceable_scores
 
@@ -51,23 +53,6 @@ OBSERVER_FIELDS = {
     "act_max": "max_activations",
 }
 OBSERVER_TOKENS = "total_tokens"
-KEEP_KEYS = (
-    "keep",
-    "kept",
-    "kept_experts",
-    "retained_experts",
-    "experts_kept_per_layer",
-    "retained_experts_by_layer",
-    "kept_experts_per_layer",
-)
-PRUNED_KEYS = (
-    "pruned",
-    "pruned_experts",
-    "removed_experts",
-    "dropped_experts",
-    "pruned_experts_per_layer",
-    "experts_pruned_per_layer",
-)
 WRAPPER_KEYS = ("scores", "layers", "state", "observations", "results", "data", "saliency_scores")
 NAME_KEYS = ("criterion", "metric", "score_name")
 # Criterion names published files use -> shardcut's (higher = keep in every one of them).
@@ -140,11 +125,34 @@ def import_scores(
         >>> scores, report = import_scores("observations_1024_cosine-seed_42.pt", "Qwen/Qwen3-30B-A3B")
         >>> scores.save("scores.safetensors")
     """
-    from shardcut.format.durable import check_output
-    from shardcut.format.hub import is_local, open_model
+    from shardcut.format.hub import open_model
     from shardcut.moe.model import describe
 
     path = Path(path)
+    _check_request(path, model, fmt, layout, out, overwrite)
+    ckpt = open_model(model)  # headers only: no shard data
+    if out is not None:  # a Hub id resolves to a cache snapshot: never write inside it either
+        from shardcut.format.durable import check_output
+
+        check_output(out, [ckpt.root], overwrite=overwrite, what="score file")
+    info = describe(ckpt)
+    ctx = _Context(info, path, criterion, layer_offset, layout)
+    scores, report = _read(path, fmt, ctx)
+    report.notes = ctx.notes + report.notes
+    _record_origin(scores, report, path, model, ckpt, info)
+    scores.validate(path)
+    if out is not None:
+        scores.save(out)
+    return scores, report
+
+
+def _check_request(
+    path: Path, model: str | Path, fmt: str, layout: str | None, out: str | Path | None, overwrite: bool
+) -> None:
+    """Before anything is read: the output is allowed, the file exists, the options are known."""
+    from shardcut.format.durable import check_output
+    from shardcut.format.hub import is_local
+
     if out is not None:
         check_output(out, [path, model if is_local(model) else None], overwrite=overwrite, what="score file")
         check_replaceable_scores(out)
@@ -154,40 +162,36 @@ def import_scores(
         raise ScoresError(f"unknown import format {fmt!r} (known: {', '.join(FORMATS)})")
     if layout is not None and layout not in LAYOUTS:
         raise ScoresError(f"unknown layout {layout!r} (known: {', '.join(LAYOUTS)})")
-    ckpt = open_model(model)  # headers only: no shard data
-    if out is not None:  # a Hub id resolves to a cache snapshot: never write inside it either
-        check_output(out, [ckpt.root], overwrite=overwrite, what="score file")
-    info = describe(ckpt)
-    ctx = _Context(info, path, criterion, layer_offset, layout)
+
+
+def _read(path: Path, fmt: str, ctx: _Context) -> tuple[Scores, ImportReport]:
+    """The file read by its format: a folder of accumulator checkpoints, a torch file, JSON."""
     if path.is_dir():
-        scores, report = _from_accumulator_dir(ctx)
-    elif fmt in ("reap-observer", "torch") or (
+        return _from_accumulator_dir(ctx)
+    if fmt in ("reap-observer", "torch") or (
         fmt == "auto" and path.suffix.lower() in (".pt", ".pth", ".bin", ".pkl", ".ckpt")
     ):
-        scores, report = _from_object(_plain(_torch_load(path), path), ctx, "torch")
-    else:
-        data = _read_json(path)
-        if fmt == "keep-list" or (fmt == "auto" and _looks_like_keep_list(data, info.num_experts)):
-            scores, report = _from_keep_list(data, path, info, ctx)
-        else:
-            scores, report = _from_object(data, ctx, "llm-compressor" if fmt == "llm-compressor" else "json")
-    report.notes = ctx.notes + report.notes
+        return _from_object(plain(torch_load(path), path), ctx, "torch")
+    data = read_json(path)
+    if fmt == "keep-list" or (fmt == "auto" and looks_like_keep_list(data, ctx.info.num_experts)):
+        return _from_keep_list(data, path, ctx.info, ctx)
+    return _from_object(data, ctx, "llm-compressor" if fmt == "llm-compressor" else "json")
+
+
+def _record_origin(scores: Scores, report: ImportReport, path: Path, model: str | Path, ckpt, info: ModelInfo) -> None:
+    """The metadata naming the model, the imported file and the caveats the import noted."""
+    from shardcut.format.checkpoint import layout_fingerprint
+
     scores.metadata.setdefault("model", str(model))
     scores.metadata.setdefault("architecture", info.arch.name)
     scores.metadata["num_experts"] = str(info.num_experts)
     scores.metadata["top_k"] = str(info.top_k)
     scores.metadata["imported_from"] = f"{report.format}:{path.name}"
-    from shardcut.format.checkpoint import layout_fingerprint
-
     scores.metadata.setdefault("model_fingerprint", layout_fingerprint(ckpt))
     scores.metadata.setdefault("gate_convention", GATE_UNKNOWN)
     caveats = [n for n in report.notes if n.startswith(("gate", "act_max", "layer keys"))]
     if caveats:
         scores.metadata["caveats"] = json.dumps(caveats)
-    scores.validate(path)
-    if out is not None:
-        scores.save(out)
-    return scores, report
 
 
 @dataclass
@@ -198,71 +202,6 @@ class _Context:
     offset: int | None
     layout: str | None
     notes: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------------------------
-# REAP reference observer (.pt)
-
-
-class _Tracker:
-    """Stands in for the REAP reference's `reap.metrics.OnlineStatsTracker` while unpickling with
-    weights_only=True: it receives the tracker's saved fields (tensors, ints, a dtype, a device)
-    and runs no code of the file's."""
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-
-
-def _torch_load(path: Path):
-    import pickle
-
-    import torch
-
-    try:
-        with torch.serialization.safe_globals([(_Tracker, "reap.metrics.OnlineStatsTracker")]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        m = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", text)
-        if m:
-            raise ScoresError(
-                f"refused: the file needs arbitrary unpickling (it references {m.group(1)}, which "
-                "torch.load(weights_only=True) does not allow); shardcut never runs code from a "
-                "data file",
-                path,
-            ) from None
-        detail = next((ln.strip() for ln in text.splitlines() if ln.strip().startswith("Unsupported")), "corrupt")
-        raise ScoresError(f"not a readable torch file (weights-only unpickling failed: {detail[:120]})", path) from None
-    except Exception as exc:  # torch raises RuntimeError, EOFError, zipfile errors... for non-torch files
-        first = str(exc).splitlines()[0][:160] if str(exc) else ""
-        raise ScoresError(f"not a readable torch file ({type(exc).__name__}: {first})", path) from None
-
-
-def _plain(obj: object, path: Path, depth: int = 0) -> object:
-    """Tensors as float64 numpy arrays (NaN refused later, per statistic), trackers as their
-    saved running mean, containers recursively; dict keys kept as they are."""
-    import torch
-
-    if depth > 8:
-        raise ScoresError("nested too deeply to be a score file", path)
-    if torch.is_tensor(obj):
-        arr = obj.detach().to(torch.float64).cpu().numpy()
-        return arr.item() if arr.ndim == 0 else arr
-    if isinstance(obj, _Tracker):
-        mean = getattr(obj, "mean", None)
-        return _plain(mean, path, depth + 1) if mean is not None else None
-    if isinstance(obj, dict):
-        return {k: _plain(v, path, depth + 1) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v, path, depth + 1) for v in obj]
-    return obj
-
-
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise ScoresError(f"not valid JSON ({type(exc).__name__})", path) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -565,7 +504,7 @@ def _from_accumulator_dir(ctx: _Context) -> tuple[Scores, ImportReport]:
         raise ScoresError("folder holds no REAP accumulator checkpoints (block_NNN_metrics.pt)", ctx.path)
     state = {}
     for f in files:
-        entry = _plain(_torch_load(f), f)
+        entry = plain(torch_load(f), f)
         if isinstance(entry, dict) and entry and (m := _BLOCK_FILE.search(f.name)):  # no MoE layer: {}
             state[int(m.group(1))] = entry
     scores, report = _from_object(state, ctx, "torch")
@@ -578,58 +517,13 @@ def _from_accumulator_dir(ctx: _Context) -> tuple[Scores, ImportReport]:
 # Keep-lists
 
 
-def _looks_like_keep_list(data: object, num_experts: int) -> bool:
-    if not isinstance(data, dict):
-        return False
-    if data.get("format") == "shardcut-plan/1" or any(k in data for k in (*KEEP_KEYS, *PRUNED_KEYS)):
-        return True
-    lists = [v for v in data.values() if isinstance(v, list)]
-    return (
-        bool(lists)
-        and len(lists) == len(data)
-        and all(all(type(i) is int for i in v) and len(v) < num_experts for v in lists)
-    )
-
-
 def _from_keep_list(data: object, path: Path, info: ModelInfo, ctx: _Context) -> tuple[Scores, ImportReport]:
-    E = info.num_experts
-    pruned_mode = False
-    if isinstance(data, dict):
-        inner = next((data[k] for k in KEEP_KEYS if k in data), None)
-        if inner is None and (key := next((k for k in PRUNED_KEYS if k in data), None)):
-            inner, pruned_mode = data[key], True
-        data = inner if inner is not None else data
-    if isinstance(data, dict) and data.get("format") == "shardcut-plan/1":
-        data = data.get("keep")
+    data, pruned_mode = unwrap_keep_list(data)
     per_layer = _layer_entries(data, ctx, "the keep-list")
     keys = list(per_layer)
-    values = np.zeros((len(keys), E))
-    sizes = set()
-    for r, key in enumerate(keys):
-        ids = per_layer[key]
-        if not isinstance(ids, list) or not all(type(i) is int for i in ids):
-            raise ScoresError(f"layer {key}: expected a list of expert ids", path)
-        bad = [i for i in ids if not 0 <= i < E]
-        if bad:
-            raise ScoresError(
-                f"layer {key}: expert ids {bad[:5]} out of range 0..{E - 1} (model has {E} experts)", path
-            )
-        if len(set(ids)) != len(ids):
-            raise ScoresError(f"layer {key}: duplicate expert ids", path)
-        values[r, ids] = 1.0
-        if pruned_mode:
-            values[r] = 1.0 - values[r]
-        sizes.add(int(values[r].sum()))
-    notes = [
-        "criterion 'keep' is 1 for a kept expert and 0 for a pruned one; "
-        "plan with criterion keep (no sums: merging is impossible)"
-    ]
-    if len(sizes) == 1:
-        notes.append(f"{sizes.pop()} experts kept per layer in the list")
-    else:
-        notes.append(f"layers keep different counts {sorted(sizes)}; a plan keeps one count everywhere")
+    values, notes = keep_values(per_layer, info.num_experts, pruned_mode, path)
     scores = Scores.from_values(keys, {"keep": values}, {"criterion": "keep"})
-    return scores, ImportReport(path, "keep-list", keys, E, False, "keep", notes)
+    return scores, ImportReport(path, "keep-list", keys, info.num_experts, False, "keep", notes)
 
 
 def _vector(value: object, E: int, what: str, path: Path) -> np.ndarray:
