@@ -7,7 +7,9 @@
 Builds a random Qwen3-MoE checkpoint (saved in the Hub layout, float32 or bf16), writes
 pre-tokenised samples, then runs, each in its own process: (1) the imports alone (baseline
 RSS), (2) `from_pretrained` + a plain forward of every batch (the same batches calibration
-uses; logits of the last position only), (3) `shardcut.ops.calibration.calibrate`. Reports tokens/s
+uses; logits of the last position only; no KV cache, as calibration keeps none), (3)
+`shardcut.ops.calibration.calibrate`. `--threads N` gives both the same torch threads; both report
+process CPU time besides wall time (steadier on a shared machine). Reports tokens/s
 (forward alone, and load + forward, against calibrate end to end) and peak RSS (from wait4)
 against the model's size and against one layer + the activations: the stored hidden states
 plus one batch's working memory, measured as the plain forward's peak above its loaded model.
