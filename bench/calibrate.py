@@ -7,7 +7,9 @@
 Builds a random Qwen3-MoE checkpoint (saved in the Hub layout, float32 or bf16), writes
 pre-tokenised samples, then runs, each in its own process: (1) the imports alone (baseline
 RSS), (2) `from_pretrained` + a plain forward of every batch (the same batches calibration
-uses; logits of the last position only), (3) `shardcut.ops.calibration.calibrate`. Reports tokens/s
+uses; logits of the last position only; no KV cache, as calibration keeps none), (3)
+`shardcut.ops.calibration.calibrate`. `--threads N` gives both the same torch threads; both report
+process CPU time besides wall time (steadier on a shared machine). Reports tokens/s
 (forward alone, and load + forward, against calibrate end to end) and peak RSS (from wait4)
 against the model's size and against one layer + the activations: the stored hidden states
 plus one batch's working memory, measured as the plain forward's peak above its loaded model.
@@ -48,13 +50,15 @@ def status(key):
 
 model_dir, data, batch_tokens, device, dtype, mbps, model_bytes = sys.argv[1:8]
 keep = int(sys.argv[8]) if len(sys.argv) > 8 else 1  # logits of the last position; 0: of every position (bench/eval.py)
+if len(sys.argv) > 9 and int(sys.argv[9]) > 0:  # the same intra-op threads as the calibrate side
+    torch.set_num_threads(int(sys.argv[9]))
 dtype = getattr(torch, dtype)
 samples = [json.loads(line)["input_ids"] for line in open(data)]
 t0 = time.perf_counter()
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 if float(mbps) > 0:  # the simulated disk: the model's bytes take at least bytes / rate to arrive
     time.sleep(max(0.0, t0 + int(model_bytes) / (float(mbps) * 1e6) - time.perf_counter()))
-t1 = time.perf_counter()
+t1, c1 = time.perf_counter(), time.process_time()
 loaded = status("VmRSS:")
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak: measure the forward's own working memory
 with torch.inference_mode():
@@ -65,19 +69,28 @@ with torch.inference_mode():
         for r, j in enumerate(b.samples):
             ids[r, : len(samples[j])] = torch.tensor(samples[j])
             mask[r, : len(samples[j])] = 1
-        model(ids.to(device), attention_mask=mask.to(device) if not bool(mask.all()) else None, logits_to_keep=keep)
+        # use_cache=False: calibration keeps no KV cache either (with one, the plain side pays for filling it)
+        model(
+            ids.to(device),
+            attention_mask=mask.to(device) if not bool(mask.all()) else None,
+            logits_to_keep=keep,
+            use_cache=False,
+        )
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-t2 = time.perf_counter()
-print(json.dumps({"load": t1 - t0, "forward": t2 - t1, "working": status("VmHWM:") - loaded}))
+t2, c2 = time.perf_counter(), time.process_time()
+out = {"load": t1 - t0, "forward": t2 - t1, "forward_cpu": c2 - c1, "working": status("VmHWM:") - loaded}
+print(json.dumps({**out, "threads": torch.get_num_threads()}))
 """
 
 _CALIBRATE = r"""
-import dataclasses, json, sys, threading, time
+import dataclasses, json, sys, threading, time, torch
 import transformers.models.qwen3_moe.modeling_qwen3_moe  # imports are outside the timings of both runs
 from shardcut.ops.calibration import stream
 from shardcut.ops.calibration.runner import calibrate
-model_dir, data, out, batch_tokens, device, dtype, mbps, prefetch = sys.argv[1:9]
+model_dir, data, out, batch_tokens, device, dtype, mbps, prefetch, threads = sys.argv[1:10]
+if int(threads) > 0:
+    torch.set_num_threads(int(threads))
 if float(mbps) > 0:  # the simulated disk: one read at a time, each at least bytes / rate after the last
     rate, lock, free_at = float(mbps) * 1e6, threading.Lock(), [0.0]
     original = stream.TensorReader.read
@@ -91,7 +104,7 @@ if float(mbps) > 0:  # the simulated disk: one read at a time, each at least byt
         return t
 
     stream.TensorReader.read = throttled
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 messages, total = [], {}
 
 def progress(e):
@@ -102,7 +115,8 @@ def progress(e):
 
 calibrate(model_dir, data, out, max_length=1 << 20, batch_tokens=int(batch_tokens), device=device, dtype=dtype,
           prefetch=prefetch == "on", overwrite=True, progress=progress)
-print(json.dumps({"calibrate": time.perf_counter() - t0, "log": messages, "times": total}))
+print(json.dumps({"calibrate": time.perf_counter() - t0, "calibrate_cpu": time.process_time() - c0, "log": messages,
+                  "times": total}))
 """
 
 _IMPORTS = "import torch, transformers.models.qwen3_moe.modeling_qwen3_moe, shardcut.ops.calibration.runner"
@@ -162,6 +176,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=3, help="median of N interleaved runs of each")
     p.add_argument("--read-mbps", type=float, default=0, help="simulate a disk of N MB/s for both sides (0: off)")
     p.add_argument("--prefetch", choices=["on", "off", "both"], default="on", help="calibrate with prefetch on/off")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads of both sides (0: torch's default)")
     p.add_argument("--dir", type=Path, default=None, help="work folder (default: a temporary one)")
     a = p.parse_args()
 
@@ -188,21 +203,28 @@ def main() -> None:
     cal_rss = dict.fromkeys(modes, 0)
     common = [str(a.batch_tokens), a.device, a.dtype, str(a.read_mbps)]
     for _ in range(a.runs):  # interleaved, medians: timings on a shared machine are noisy
-        fwd, rss = run(["-c", _FORWARD, str(model_dir), str(data), *common, str(sizes["total"])])
+        fwd, rss = run(["-c", _FORWARD, str(model_dir), str(data), *common, str(sizes["total"]), "1", str(a.threads)])
         fwds.append(fwd)
         fwd_rss = max(fwd_rss, rss)
-        print(f"run {len(fwds)}: plain forward {fwd['forward']:.1f} s + load {fwd['load']:.1f} s", flush=True)
+        print(
+            f"run {len(fwds)}: plain forward {fwd['forward']:.1f} s (CPU {fwd['forward_cpu']:.1f} s, "
+            f"{fwd['threads']} threads) + load {fwd['load']:.1f} s",
+            flush=True,
+        )
         for m in modes:
-            cal, rss = run(["-c", _CALIBRATE, str(model_dir), str(data), str(out), *common, m])
+            cal, rss = run(["-c", _CALIBRATE, str(model_dir), str(data), str(out), *common, m, str(a.threads)])
             cals[m].append(cal)
             cal_rss[m] = max(cal_rss[m], rss)
             print(
-                f"run {len(fwds)}: calibrate (prefetch {m}) {cal['calibrate']:.1f} s; {_breakdown(cal['times'])}",
+                f"run {len(fwds)}: calibrate (prefetch {m}) {cal['calibrate']:.1f} s "
+                f"(CPU {cal['calibrate_cpu']:.1f} s); "
+                f"{_breakdown(cal['times'])}",
                 flush=True,
             )
     fwd = {
         "forward": statistics.median(f["forward"] for f in fwds),
         "load": statistics.median(f["load"] for f in fwds),
+        "forward_cpu": statistics.median(f["forward_cpu"] for f in fwds),
         "working": max(f["working"] for f in fwds),
     }
     by_mode = {m: sorted(c, key=lambda c: c["calibrate"])[len(c) // 2] for m, c in cals.items()}  # the median run
@@ -219,7 +241,7 @@ def main() -> None:
         (
             "tokens",
             f"{tokens:,} in {a.samples} samples, batches of <= {a.batch_tokens} tokens, device {a.device}, "
-            f"medians of {a.runs} interleaved runs",
+            f"medians of {a.runs} interleaved runs, {fwds[0]['threads']} torch threads",
         ),
         *([("disk", f"simulated at {a.read_mbps:,.0f} MB/s for both sides")] if a.read_mbps else []),
         ("sizes", f"model {mb(sizes['total'])}, one layer {mb(sizes['layer'])}, activations {mb(activations)}"),
@@ -243,6 +265,12 @@ def main() -> None:
                     "  ratio",
                     f"calibrate / forward only = {c['calibrate'] / fwd['forward']:.2f}x; "
                     f"/ load + forward = {c['calibrate'] / (fwd['forward'] + fwd['load']):.2f}x (target <= 1.3x)",
+                ),
+                (
+                    "  CPU time",
+                    f"calibrate {c['calibrate_cpu']:.1f} s / plain forward {fwd['forward_cpu']:.1f} s = "
+                    f"{c['calibrate_cpu'] / fwd['forward_cpu']:.2f}x (process CPU time, all threads; steadier "
+                    "than wall time on a shared machine, but it counts OpenMP spin-waits)",
                 ),
             )
         ),
