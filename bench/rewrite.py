@@ -25,9 +25,11 @@ the baseline when given.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -101,6 +103,25 @@ def files(*folders: Path) -> list[Path]:
     return [p for f in folders for p in f.rglob("*") if p.is_file()]
 
 
+def output_bytes(prune: list[str]) -> int:
+    """The bytes `prune` would write (its --dry-run --json)."""
+    done = subprocess.run([*prune, "-o", os.devnull + ".out", "--dry-run", "--json"], capture_output=True, text=True)
+    if done.returncode:
+        raise SystemExit(done.stderr[-2000:])
+    return int(json.loads(done.stdout)["output_bytes"])
+
+
+def same_bytes_of(src: Path, n: int) -> list[Path]:
+    """Whole shards of `src`, largest first, adding up to about `n` bytes."""
+    shards = sorted(src.glob("*.safetensors"), key=lambda p: p.stat().st_size, reverse=True)
+    out: list[Path] = []
+    for p in shards:
+        if sum(q.stat().st_size for q in out) + p.stat().st_size / 2 > n:
+            break
+        out.append(p)
+    return out
+
+
 def prepare(inputs: list[Path], cold: bool) -> None:
     """Sync, then put `inputs` in the page cache (warm) or drop them from it (cold)."""
     os.sync()
@@ -131,7 +152,19 @@ def bench(size_gb: float, args: argparse.Namespace, workdir: Path) -> dict:
     prune = [*cli, "prune", str(src), "--plan", str(plan)]
     ref, out, copy = workdir / "ref", workdir / "out", workdir / "copy"
     shutil.rmtree(ref, ignore_errors=True)
-    timed([*prune, "-o", str(ref), "--no-verify"])  # what cp copies: the bytes prune writes
+    if args.remove_input:
+        # Bounded disk (a 30 GB input on ~57 GB free): no reference output; cp copies whole input
+        # shards adding up to what prune writes (input + one output at a time on the disk).
+        target = output_bytes(prune)
+        cp_files = same_bytes_of(src, target)
+        print(
+            f"  cp copies {len(cp_files)} input shards, {sum(p.stat().st_size for p in cp_files) / 1e9:.2f} GB; "
+            f"prune writes {target / 1e9:.2f} GB",
+            flush=True,
+        )
+    else:
+        timed([*prune, "-o", str(ref), "--no-verify"])  # what cp copies: the bytes prune writes
+        cp_files = [ref]
 
     base = workdir / "baseline"
     if args.baseline:  # the old library with today's CLI
@@ -154,12 +187,13 @@ def bench(size_gb: float, args: argparse.Namespace, workdir: Path) -> dict:
 
     def run_cp() -> tuple[float, int, float]:
         shutil.rmtree(copy, ignore_errors=True)
-        prepare(files(ref), args.cold)
+        copy.mkdir()
+        prepare(files(*cp_files) if not args.remove_input else cp_files, args.cold)
         t0 = time.perf_counter()
-        _, rss, cpu = timed_usage(["cp", "-r", str(ref), str(copy)])
+        _, rss, cpu = timed_usage(["cp", "-r", *map(str, cp_files), str(copy)])
         os.sync()
         wall = time.perf_counter() - t0
-        shutil.rmtree(copy, ignore_errors=True)
+        shutil.rmtree(copy, ignore_errors=True)  # before the prune runs: the disk holds one copy
         return wall, rss, cpu
 
     def run_verify(baseline: bool = False) -> tuple[float, int, float]:
@@ -181,7 +215,7 @@ def bench(size_gb: float, args: argparse.Namespace, workdir: Path) -> dict:
     if args.baseline:
         steps["prune_baseline"] = lambda: run_prune([], baseline=True)
         steps["noverify_baseline"] = lambda: run_prune(["--no-verify"], baseline=True)
-    if args.verify_source:
+    if args.verify_source and not args.remove_input:  # verify --source needs the reference output
         steps["verify_source"] = run_verify
         if args.baseline:
             steps["verify_source_baseline"] = lambda: run_verify(baseline=True)
@@ -199,7 +233,7 @@ def bench(size_gb: float, args: argparse.Namespace, workdir: Path) -> dict:
                 results[key].append(wall)
                 rss[key].append(peak)
                 cpu[key].append(used)
-        written = du(ref)
+        written = target if args.remove_input else du(ref)
     finally:
         for p in (out, copy, ref, workdir / "hf-cache", base):
             shutil.rmtree(p, ignore_errors=True)

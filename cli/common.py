@@ -12,7 +12,6 @@ from typing import NoReturn
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
 
 from shardcut.format.errors import ShardcutError
 from shardcut.format.text import human_bytes as human_bytes  # the commands' byte formatting
@@ -100,6 +99,9 @@ def byte_progress(description: str, enabled: bool = True):
     if not enabled or not sys.stderr.isatty() and not console.is_terminal:
         yield None
         return
+    # imported here: rich.progress is ~30 ms of start-up that a prune without a terminal never uses
+    from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+
     with Progress(
         "[progress.description]{task.description}",
         BarColumn(),

@@ -167,8 +167,8 @@ def test_read_back_bypasses_the_page_cache(source, tmp_path, monkeypatch):
 
 
 def test_stream_writes_are_read_back_too(source, tmp_path, monkeypatch, chunking):
-    """`prune --stream` writes each shard with `write_followed`: the same follower, so a byte
-    that differs on disk is an error there too, and a clean shard is byte-exact."""
+    """`write_followed` (one shard written with its follower, as `writer.write_shards` does for
+    plain and streamed prunes): a byte that differs on disk is an error, a clean shard is byte-exact."""
     from shardcut.format.checkpoint import open_checkpoint
     from shardcut.format.container import PinnedSources
     from shardcut.moe.model import describe

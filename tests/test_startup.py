@@ -54,3 +54,50 @@ def test_rewrite_commands_never_import_torch(tmp_path: Path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
     assert (tmp_path / "out" / "model.safetensors.index.json").exists()  # the commands really ran
+
+
+# `shardcut CMD` imports only CMD's topic module of the CLI: not the other commands' modules,
+# nor the rich widgets only they (or a terminal) use.
+MAIN = """
+import json, sys
+sys.argv = ["shardcut", *json.loads(sys.argv[1])]
+from shardcut_cli.main import main
+try:
+    main()
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+names = ("shardcut_cli.calibrate_cmd", "shardcut_cli.eval_cmd", "shardcut_cli.hub_cmd", "shardcut_cli.scores_cmd",
+         "rich.markdown", "rich.progress", "huggingface_hub", "torch", "transformers")
+print(json.dumps([m for m in names if m in sys.modules]))
+"""
+
+
+def test_prune_and_verify_import_only_their_command_module(tmp_path: Path):
+    src = write_synthetic_checkpoint(tmp_path / "src", SyntheticSpec(layers=3, experts=8, top_k=2, shards=2))
+    Plan({"1": [0, 2, 4, 6], "2": [1, 3, 5, 7]}).save(tmp_path / "plan.json")
+    out = str(tmp_path / "out")
+    for args in (
+        ["prune", str(src), "-o", out, "--plan", str(tmp_path / "plan.json")],
+        ["verify", out, "--source", str(src)],
+        ["inspect", str(src), "--json"],
+    ):
+        done = subprocess.run([sys.executable, "-c", MAIN, json.dumps(args)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout.strip().splitlines()[-1]) == [], args
+    assert (tmp_path / "out" / "model.safetensors.index.json").exists()
+
+
+def test_command_table_matches_what_the_topic_modules_register():
+    import importlib
+
+    import typer
+
+    from shardcut_cli.main import TOPICS, app
+
+    for module in set(TOPICS.values()):
+        sub = typer.Typer()
+        importlib.import_module(f"shardcut_cli.{module}").register(sub)
+        names = {c.name for c in sub.registered_commands} | {g.name for g in sub.registered_groups}
+        assert names == {c for c, m in TOPICS.items() if m == module}, module
+    every = {c.name for c in app.registered_commands} | {g.name for g in app.registered_groups}
+    assert every == set(TOPICS)

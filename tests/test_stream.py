@@ -203,3 +203,29 @@ def test_transient_download_failures_are_retried_with_backoff():
     with pytest.raises(NotFound):
         with_retries(missing, sleep=slept.append)("b.safetensors", Path("/x"))
     assert calls == ["b.safetensors"]  # a 404 is final: no retry
+
+
+def test_stream_goes_through_the_one_write_loop_and_is_read_back(t, tmp_path, online, monkeypatch):
+    """Streamed shards are written by writer.write_shards with a readback.Follower each, like a
+    plain prune: every source byte is compared, and a byte that reads back different stops it."""
+    from shardcut.format import readback
+
+    compared: list[int] = []
+    run = readback.Follower.run
+    monkeypatch.setattr(readback.Follower, "run", lambda self: compared.append(run(self)) or compared[-1])
+    work = tmp_path / "work"
+    work.mkdir()
+    report = prune_model(REPO, work / "out", Plan.load(t.plan_path), stream=True, download=Downloader(t.source, work))
+    assert len(compared) == len(report.shards) and all(n > 0 for n in compared)
+    assert sum(compared) == sum(t.nbytes for p in (work / "out").glob("*.safetensors") for t in _tensors(p))
+
+    monkeypatch.setattr(readback, "same_bytes", lambda *a: False)  # the disk "returns" other bytes
+    with pytest.raises(ShardcutError, match="differs from its source bytes"):
+        prune_model(REPO, tmp_path / "bad", Plan.load(t.plan_path), stream=True, download=Downloader(t.source, work))
+    assert not (tmp_path / "bad").exists()
+
+
+def _tensors(path: Path):
+    from shardcut.format.container import read_header
+
+    return read_header(path).tensors.values()

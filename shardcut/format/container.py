@@ -47,6 +47,7 @@ DTYPE_BITS: dict[str, int] = {
 }
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 COPY_CHUNK = 64 << 20
+PREFETCH = 64 << 20  # source bytes asked for (POSIX_FADV_WILLNEED) ahead of the copy
 
 
 @dataclass(frozen=True)
@@ -264,7 +265,7 @@ class PinnedSources:
         except OSError as exc:
             raise ShardcutError(f"cannot open ({exc.strerror or exc})", path) from None
         self._fds[path] = fd
-        _fadvise(fd, getattr(os, "POSIX_FADV_SEQUENTIAL", None))
+        _fadvise(fd, _NO_READAHEAD)
         st = os.fstat(fd)
         head = os.pread(fd, shard.data_start, 0)
         again = parse_header_bytes(head, st.st_size, path) if len(head) == shard.data_start else None
@@ -342,7 +343,7 @@ class _SourceFiles:
             return self._pinned.fd(path)
         if path not in self._fds:
             self._fds[path] = os.open(path, os.O_RDONLY)
-            _fadvise(self._fds[path], os.POSIX_FADV_SEQUENTIAL if hasattr(os, "POSIX_FADV_SEQUENTIAL") else None)
+            _fadvise(self._fds[path], _NO_READAHEAD)
         return self._fds[path]
 
     def close(self) -> None:
@@ -352,13 +353,38 @@ class _SourceFiles:
         self._fds.clear()
 
 
-def _fadvise(fd: int, advice: int | None) -> None:
+def _fadvise(fd: int, advice: int | None, offset: int = 0, length: int = 0) -> None:
     # Advice only: a terabyte rewrite should not evict everything else from the page cache.
     if advice is not None and hasattr(os, "posix_fadvise"):
         try:
-            os.posix_fadvise(fd, 0, 0, advice)
+            os.posix_fadvise(fd, offset, length, advice)
         except OSError:
             pass
+
+
+# Sources are read without the kernel's readahead, which would also read the dropped experts
+# between kept ranges (half the input, measured: a 0.9 GB prune writing 0.5 GB read 0.87 GB);
+# `_Prefetch` asks for exactly the ranges the copy needs next instead.
+_NO_READAHEAD = getattr(os, "POSIX_FADV_RANDOM", None)
+_WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
+
+
+class _Prefetch:
+    """Keeps `PREFETCH` bytes of the upcoming source ranges requested (asynchronous readahead
+    of those ranges only), so the copy finds them in the page cache."""
+
+    def __init__(self, files: _SourceFiles, pieces: list[Piece]) -> None:
+        self._files, self._pieces = files, pieces
+        self._next = 0  # first piece not yet requested
+        self._ahead = 0  # bytes requested and not yet copied
+
+    def copied(self, n: int) -> None:
+        self._ahead -= n
+        while self._next < len(self._pieces) and self._ahead < PREFETCH:
+            p = self._pieces[self._next]
+            _fadvise(self._files.fd(p.path), _WILLNEED, p.offset, p.length)
+            self._ahead += p.length
+            self._next += 1
 
 
 _copy_file_range_ok = hasattr(os, "copy_file_range")
@@ -423,10 +449,13 @@ def write_shard(
         pos = len(header)
         if on_written is not None:
             on_written(fd, pos)
+        prefetch = _Prefetch(files, [p for t in tensors for p in t.pieces])
+        prefetch.copied(0)
         for t in tensors:
             for p in t.pieces:
                 _copy_range(files.fd(p.path), fd, p.offset, p.length, on_bytes)
                 pos += p.length
+                prefetch.copied(p.length)
                 if on_written is not None:
                     on_written(fd, pos)
         if sync:

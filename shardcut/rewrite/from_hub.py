@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,7 +32,6 @@ from shardcut.format.container import (
 )
 from shardcut.format.errors import ShardcutError
 from shardcut.format.hub import OTHER_WEIGHTS, RepoRef, cached_file, hub_errors
-from shardcut.format.readback import write_followed
 from shardcut.moe.model import ModelInfo, describe
 from shardcut.plans.plan import Plan, validate_plan
 from shardcut.rewrite.side_files import download_ignore_patterns
@@ -40,11 +39,14 @@ from shardcut.rewrite.writer import (
     Layout,
     Progress,
     PruneReport,
+    ShardJob,
+    byte_counter,
     layout,
     output_names,
     parse_size,
     prune,
     write_checkpoint_files,
+    write_shards,
 )
 
 # download(filename in the repo, folder to put it in) -> path of the downloaded file
@@ -260,36 +262,34 @@ def _stream(
             check_free_space(out.parent, sum(j[4] for j in todo) + max(missing, default=0))
             done = sum(sizes) - sum(j[4] for j in todo)
 
-            def on_bytes(n: int) -> None:
-                nonlocal done
-                done += n
-                if progress:
-                    progress(done, sum(sizes))
+            def shard_jobs() -> Iterator[ShardJob]:
+                nonlocal current
+                for header, name, expect, meta, size in todo:
+                    current = _rel(ckpt, header)
+                    local = cached_file(ref, ref.revision, current)
+                    if local is None:
+                        staging.mkdir(exist_ok=True)
+                        with hub_errors(ref):
+                            src = Path(fetch(current, staging))
+                        report.downloaded.append(current)
+                    else:
+                        src = local
+                    on_disk = read_header(src)
+                    part = layout(_one_shard(ckpt, on_disk), info, plan)
+                    tensors = part.shards[0] if part.shards else []
+                    if _signature(tensors) != _signature(expect) or shard_size(tensors, meta) != size:
+                        raise ShardcutError(
+                            "shard differs from the header read from the Hub (did the repo change?)",
+                            f"{ref}/{current}",
+                        )
+                    # the point of streaming: a downloaded input shard goes before the next comes
+                    release = src.unlink if local is None else None
+                    with PinnedSources([on_disk]) as pinned:  # copy and self-check read one file, unchanged
+                        yield ShardJob(name, tensors, meta, size, pinned, check=pinned.check, release=release)
 
-            for header, name, expect, meta, size in todo:
-                current = _rel(ckpt, header)
-                local = cached_file(ref, ref.revision, current)
-                if local is None:
-                    staging.mkdir(exist_ok=True)
-                    with hub_errors(ref):
-                        src = Path(fetch(current, staging))
-                    report.downloaded.append(current)
-                else:
-                    src = local
-                on_disk = read_header(src)
-                part = layout(_one_shard(ckpt, on_disk), info, plan)
-                tensors = part.shards[0] if part.shards else []
-                if _signature(tensors) != _signature(expect) or shard_size(tensors, meta) != size:
-                    raise ShardcutError(
-                        "shard differs from the header read from the Hub (did the repo change?)", f"{ref}/{current}"
-                    )
-                with PinnedSources([on_disk]) as pinned:  # copy and self-check read one file, unchanged
-                    # read back from the disk and compared while it is written, then fsynced
-                    write_followed(tx.shard_path(name), tensors, meta, on_bytes, sources=pinned, verify=verify)
-                    pinned.check()
-                tx.shard_done(name)
-                if local is None:
-                    src.unlink()  # the point of streaming: the input shard goes before the next comes
+            # one shard at a time (overlap=False): disk = output + one input shard
+            on_bytes = byte_counter(done, sum(sizes), progress)
+            write_shards(tx, shard_jobs(), verify=verify, on_bytes=on_bytes, overlap=False)
             shutil.rmtree(staging, ignore_errors=True)
             write_checkpoint_files(tx.dir, ckpt, info, plan, lay, names)
             tx.commit()

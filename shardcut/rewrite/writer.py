@@ -12,7 +12,7 @@ import copy
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -316,59 +316,113 @@ def _write_pinned(
         todo.append(name)
     check_free_space(tx.out.parent, sum(sz for n, sz in zip(names, sizes, strict=True) if n in todo))
     done = sum(t.nbytes for n, s in zip(names, lay.shards, strict=True) if n not in todo for t in s)
+    jobs = (
+        ShardJob(name, tensors, meta, size, pinned)
+        for name, tensors, meta, size in zip(names, lay.shards, lay.metadata, sizes, strict=True)
+        if name in todo
+    )
+    write_shards(tx, jobs, verify=verify, on_bytes=byte_counter(done, lay.total_size, progress))
+    pinned.check()
+    write_checkpoint_files(tx.dir, ckpt, info, plan, lay, names)  # shards are all renamed by now
+
+
+def byte_counter(done: int, total: int, progress: Progress | None) -> Callable[[int], None]:
+    """The `on_bytes` of a rewrite: bytes copied added to `done` (what a resumed run kept) and
+    reported to `progress(done, total)`."""
 
     def on_bytes(n: int) -> None:
         nonlocal done
         done += n
         if progress:
-            progress(done, lay.total_size)
+            progress(done, total)
 
-    # Each shard is written on this thread while a follower on a second thread trails it chunk
-    # by chunk: it waits for the chunk's write-back, reads it back from the device and compares
-    # it (readback.Follower), then fsyncs and renames the shard. Copy, write-back and read-back
-    # overlap (the kernel does the copy; memcmp and the waits release the GIL), and the writer
-    # waits when it runs more than readback.WINDOW ahead, so dirty pages stay bounded.
+    return on_bytes
+
+
+@dataclass
+class ShardJob:
+    """One output shard to write: its tensors, read only through `sources` (pinned files), and
+    what must happen once it is verified: `check` before it is marked finished (a streamed
+    source still unchanged), `release` after (a streamed source deleted)."""
+
+    name: str
+    tensors: list[OutTensor]
+    metadata: dict[str, str] | None
+    size: int
+    sources: PinnedSources
+    check: Callable[[], None] | None = None
+    release: Callable[[], None] | None = None
+
+
+def write_shards(tx, jobs: Iterable[ShardJob], *, verify: bool, on_bytes, overlap: bool = True) -> None:
+    """The write loop of every prune, plain or streamed: each shard of `jobs` is written into
+    the transaction's folder, flushed, read back from the disk and compared (with `verify`),
+    fsynced and renamed into place (`tx.shard_done`).
+
+    Each shard is written on this thread while a follower on a second thread trails it chunk
+    by chunk: it waits for the chunk's write-back, reads it back from the device and compares
+    it (readback.Follower), then fsyncs and renames the shard. Copy, write-back and read-back
+    overlap (the kernel does the copy; memcmp and the waits release the GIL), and the writer
+    waits when it runs more than readback.WINDOW ahead, so dirty pages stay bounded. With
+    `overlap` the next shard is written while the last one is still verified; without it the
+    next job is not even asked for before the last one is finished (a stream: disk = output +
+    one input shard). A failure in any shard stops every writer and raises here.
+    """
     finisher = ThreadPoolExecutor(1, thread_name_prefix="shardcut-finish")
     followers: list[Follower] = []
     failed: list[BaseException] = []
-    jobs = []
+    futures = []
 
-    def stop_all(job) -> None:  # a difference in shard i stops the writer of shard i+1 at once
-        exc = None if job.cancelled() else job.exception()
+    def stop_all(future) -> None:  # a difference in shard i stops the writer of shard i+1 at once
+        exc = None if future.cancelled() else future.exception()
         if exc is not None:
             failed.append(exc)
             for f in followers:
                 f.cancel(exc)
 
-    def finish(follower: Follower, name: str) -> None:
+    def finish(follower: Follower, job: ShardJob) -> None:
         follower.run()  # flushed, read back, compared, fsynced
-        tx.shard_done(name)  # durable before it is renamed into place
+        if job.check is not None:
+            job.check()
+        tx.shard_done(job.name)  # durable before it is renamed into place
+        if job.release is not None:
+            job.release()
 
+    it = iter(jobs)
     try:
-        for name, tensors, meta, size in zip(names, lay.shards, lay.metadata, sizes, strict=True):
-            if name not in todo:
-                continue
+        for job in it:
             if failed:
                 raise failed[0]
-            header = encode_header(tensors, meta)
-            path = tx.shard_path(name)
-            follower = Follower(path, shard_segments(header, tensors), size, verify=verify, sources=pinned)
+            header = encode_header(job.tensors, job.metadata)
+            path = tx.shard_path(job.name)
+            follower = Follower(path, shard_segments(header, job.tensors), job.size, verify=verify, sources=job.sources)
             followers.append(follower)
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))  # for the follower to open
-            jobs.append(finisher.submit(finish, follower, name))
-            jobs[-1].add_done_callback(stop_all)
+            futures.append(finisher.submit(finish, follower, job))
+            futures[-1].add_done_callback(stop_all)
             try:
-                write_shard(path, tensors, meta, on_bytes, sources=pinned, sync=False, on_written=follower.written)
+                write_shard(
+                    path,
+                    job.tensors,
+                    job.metadata,
+                    on_bytes,
+                    sources=job.sources,
+                    sync=False,
+                    on_written=follower.written,
+                )
             finally:
                 follower.writer_done()
-        for job in jobs:
-            job.result()  # the first failure (a difference, ENOSPC at fsync) raises here
+            if not overlap:
+                futures[-1].result()
+        for future in futures:
+            future.result()  # the first failure (a difference, ENOSPC at fsync) raises here
     finally:
         for f in followers:
             f.writer_done()
         finisher.shutdown(wait=True, cancel_futures=True)
-    pinned.check()
-    write_checkpoint_files(tx.dir, ckpt, info, plan, lay, names)  # shards are all renamed by now
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()  # a generator of jobs releases what it holds (a streamed shard's pins)
 
 
 def pruned_config(ckpt: Checkpoint, info: ModelInfo, plan: Plan) -> tuple[dict, dict | None]:
