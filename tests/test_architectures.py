@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from shardcut.moe.architectures import ARCHITECTURES, Architecture, Calibration, Stack
+from shardcut.moe.architectures import ARCHITECTURES, Architecture, Calibration, DerivedSet, Stack
 from shardcut.plans.keys import is_plan_key
 
 _NAME = re.compile(r"[A-Za-z_][\w]*(?:\.[A-Za-z_\d][\w]*)*")  # a dotted tensor or module path
@@ -25,7 +25,7 @@ def test_names_and_model_types_are_unique():
 
 
 def test_entries_take_named_fields_only():
-    for cls in (Architecture, Stack, Calibration):
+    for cls in (Architecture, Stack, Calibration, DerivedSet):
         assert all(f.kw_only for f in dataclasses.fields(cls)), cls.__name__
     with pytest.raises(TypeError):
         Stack(("model.layers",), "mlp.experts", ("mlp.gate.weight",))  # type: ignore[misc]
@@ -83,6 +83,14 @@ def test_entry_is_consistent(name):
             assert stack_prefix in prefixes and stack_prefix, (stack_prefix, prefixes)
         assert cal.experts_module is None or _NAME.fullmatch(cal.experts_module)
         assert cal.unsupported is None or (cal.unsupported.strip() and "\n" not in cal.unsupported)
+
+    # a derived weight set is a folder of the repository whose layer pattern reads the plan key back
+    assert len({d.folder for d in a.derived_sets}) == len(a.derived_sets)
+    for d in a.derived_sets:
+        assert re.fullmatch(r"\w+", d.folder) and d.weights and re.fullmatch(r"\w+", d.count_key)
+        assert all(w.endswith(".safetensors") and "/" not in w for w in d.weights)
+        assert re.compile(d.layer).groups == 1, d.layer  # the group is the layer index
+        assert d.expert_rows and all(_NAME.fullmatch(r) for r in d.expert_rows) and d.why.strip()
 
 
 def _check_stack(a: Architecture, s: Stack) -> None:

@@ -16,6 +16,7 @@ from shardcut.moe.schema import (  # noqa: F401 (the table's names are imported 
     CALIBRATES,
     Architecture,
     Calibration,
+    DerivedSet,
     MoeRule,
     Stack,
     after_dense_layers,
@@ -248,6 +249,31 @@ ARCHITECTURES: tuple[Architecture, ...] = (
             ),
         ),
         expert_keys=("num_local_experts", "num_experts"),
+        # `original/` (openai/gpt-oss `gpt_oss/torch/model.py` and `weights.py`; transformers'
+        # `convert_gpt_oss_weights_to_hf.py` maps it to the HF names without reordering experts):
+        # `block.{n}.mlp.gate.{weight,bias}` [E,H]/[E], `mlp1_weight.{blocks,scales}`
+        # [E,2I,H/32,16]/[E,2I,H/32], `mlp1_bias` [E,2I], `mlp2_weight.{blocks,scales}`
+        # [E,H,I/32,16]/[E,H,I/32], `mlp2_bias` [E,H].
+        derived_sets=(
+            DerivedSet(
+                folder="original",
+                weights=("model.safetensors",),
+                config="config.json",
+                count_key="num_experts",
+                layer=r"block\.(\d+)\.mlp\.",
+                expert_rows=(
+                    "gate.weight",
+                    "gate.bias",
+                    "mlp1_weight.blocks",
+                    "mlp1_weight.scales",
+                    "mlp1_bias",
+                    "mlp2_weight.blocks",
+                    "mlp2_weight.scales",
+                    "mlp2_bias",
+                ),
+                why="OpenAI's own copy of the weights (all experts): pruned by the same plan",
+            ),
+        ),
     ),
     Architecture(
         name="llama4",

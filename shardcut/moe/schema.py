@@ -211,6 +211,24 @@ CALIBRATES = Calibration()
 
 
 @dataclass(frozen=True, kw_only=True)
+class DerivedSet:
+    """A second copy of the weights under its own names (gpt-oss's `original/`), pruned by the
+    same plan as the main shards. `folder` holds the `weights` files and the `config` whose
+    `count_key` is its expert count. `layer` matches a tensor name's MoE-layer prefix, its group
+    being the plan key; tensors under it ending in one of `expert_rows` hold one dim-0 row block
+    per expert (router rows, fused expert weights, their MXFP4 blocks and scales, biases); all
+    other tensors are copied. `why` is the line the prune report prints for it."""
+
+    folder: str
+    weights: tuple[str, ...]
+    config: str
+    count_key: str
+    layer: str
+    expert_rows: tuple[str, ...]
+    why: str
+
+
+@dataclass(frozen=True, kw_only=True)
 class Architecture:
     """One MoE family.
 
@@ -228,6 +246,8 @@ class Architecture:
     unsupported: why this family cannot be pruned (`describe` refuses it with this reason).
     calibration: how `calibrate` runs it (`Calibration`); `calibration_by_type` overrides it for
         some of `model_types` (model_type -> Calibration).
+    derived_sets: second copies of the weights under other names that prune rewrites by the
+        same plan (`DerivedSet`); any other weight file beside the shards is left out.
     """
 
     name: str
@@ -247,6 +267,7 @@ class Architecture:
     notes: tuple[str, ...] = field(default=())
     calibration: Calibration = CALIBRATES
     calibration_by_type: tuple[tuple[str, Calibration], ...] = ()
+    derived_sets: tuple[DerivedSet, ...] = ()
 
     def calibration_of(self, model_type: str | None) -> Calibration:
         """The calibration facts of one of this entry's model types."""

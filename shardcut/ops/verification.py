@@ -143,7 +143,6 @@ def check_side_files(path: Path, ckpt: Checkpoint, info: ModelInfo, report: Veri
     not list (unpruned weights), a JSON file stating another expert count than the config, a
     derived weight set (gpt-oss `original/`) whose experts or count do not match."""
     from shardcut.rewrite.side_files import (
-        DERIVED_SETS,
         PLAN_COPY_NAME,
         WEIGHT_PATTERNS,
         derived_layout,
@@ -158,7 +157,7 @@ def check_side_files(path: Path, ckpt: Checkpoint, info: ModelInfo, report: Veri
         report.problems.append(str(exc))
         return
     counts = {layer.num_experts for layer in info.layers} or {info.num_experts}
-    derived = {d.folder: d for d in DERIVED_SETS if d.architecture == info.arch.name}
+    derived = {d.folder: d for d in info.arch.derived_sets}
     checked: set[str] = set()
     for rel, _ in files:
         folder, _, inner = rel.partition("/")

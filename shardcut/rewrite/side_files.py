@@ -4,7 +4,7 @@ it like the main shards, or leaves it out (and says why).
 
 A file left in the output unchanged must stay true of the pruned model. So a second copy of
 the weights (gpt-oss's `original/`, OpenAI's own names) is pruned by the same plan where its
-layout is known (`DERIVED_SETS`), and every other weight file, the source's model card, stale
+layout is known (the table's `derived_sets`), and every other weight file, the source's model card, stale
 score or calibration files and an earlier prune's plan are left out. Copies are made safely: a
 symlink that resolves outside MODEL, a FIFO or a device is refused by `stat`, never opened;
 outputs keep their sources' permission bits.
@@ -30,6 +30,7 @@ from shardcut.format.checkpoint import CONFIG_NAME, INDEX_NAME, WEIGHT_PATTERNS,
 from shardcut.format.container import OutTensor, Piece, read_header, slice_expert_axis, write_shard
 from shardcut.format.durable import atomic_write_text, fsync_dir
 from shardcut.format.errors import CheckpointError, ShardcutError
+from shardcut.moe.schema import DerivedSet
 
 COPY, REWRITE, PRUNE, LEAVE = "copy", "rewrite", "prune", "leave"
 PLAN_COPY_NAME = "shardcut-plan.json"
@@ -46,50 +47,6 @@ class Rule:
     action: str
     why: str
 
-
-@dataclass(frozen=True)
-class DerivedSet:
-    """A second copy of the weights under its own names, pruned by the same plan as the main
-    shards. `layer` matches a tensor name's MoE-layer prefix, its group being the plan key;
-    tensors under it ending in one of `expert_rows` hold one dim-0 row block per expert
-    (router rows, fused expert weights, their MXFP4 blocks and scales, biases); all other
-    tensors are copied. `count_key` in the folder's `config` is its expert count."""
-
-    architecture: str
-    folder: str
-    weights: tuple[str, ...]
-    config: str
-    count_key: str
-    layer: str
-    expert_rows: tuple[str, ...]
-    why: str
-
-
-# gpt-oss's `original/` (openai/gpt-oss `gpt_oss/torch/model.py` and `weights.py`; transformers'
-# `convert_gpt_oss_weights_to_hf.py` maps it to the HF names without reordering experts):
-# `block.{n}.mlp.gate.{weight,bias}` [E,H]/[E], `mlp1_weight.{blocks,scales}` [E,2I,H/32,16]/[E,2I,H/32],
-# `mlp1_bias` [E,2I], `mlp2_weight.{blocks,scales}` [E,H,I/32,16]/[E,H,I/32], `mlp2_bias` [E,H].
-DERIVED_SETS: tuple[DerivedSet, ...] = (
-    DerivedSet(
-        "gpt_oss",
-        "original",
-        ("model.safetensors",),
-        "config.json",
-        "num_experts",
-        r"block\.(\d+)\.mlp\.",
-        (
-            "gate.weight",
-            "gate.bias",
-            "mlp1_weight.blocks",
-            "mlp1_weight.scales",
-            "mlp1_bias",
-            "mlp2_weight.blocks",
-            "mlp2_weight.scales",
-            "mlp2_bias",
-        ),
-        "OpenAI's own copy of the weights (all experts): pruned by the same plan",
-    ),
-)
 
 # First match wins. Derived sets of the model's architecture are tried before these.
 SIDE_RULES: tuple[Rule, ...] = (
@@ -139,7 +96,7 @@ def expert_count_keys() -> set[str]:
     """Every spelling of a routed-expert count any supported family uses."""
     from shardcut.moe.architectures import ARCHITECTURES
 
-    return {k for arch in ARCHITECTURES for k in arch.expert_keys} | {d.count_key for d in DERIVED_SETS}
+    return {k for arch in ARCHITECTURES for k in (*arch.expert_keys, *(d.count_key for d in arch.derived_sets))}
 
 
 def walk(root: Path, skip: Set[str] = frozenset(), area: Path | None = None) -> list[tuple[str, os.stat_result]]:
@@ -210,7 +167,7 @@ def side_files(ckpt: Checkpoint, info, plan=None) -> list[SideFile]:
     """
     root = ckpt.root
     files = walk(root, main_files(ckpt))
-    derived = {d.folder: d for d in DERIVED_SETS if d.architecture == info.arch.name}
+    derived = {d.folder: d for d in info.arch.derived_sets}
     set_problems = {
         folder: _derived_problem(root, d, info, plan) for folder, d in derived.items() if (root / d.folder).is_dir()
     }
@@ -252,7 +209,7 @@ def not_downloaded(ckpt: Checkpoint, info, listing: list[str]) -> list[SideFile]
     """The lines for files of a Hub repo (`listing`) that `--stream` did not download, by the
     same rules: what the table leaves out, with its reason."""
     skip = main_files(ckpt)
-    derived = {d.folder: d for d in DERIVED_SETS if d.architecture == info.arch.name}
+    derived = {d.folder: d for d in info.arch.derived_sets}
     out = []
     for rel in sorted(listing):
         if rel in skip or (ckpt.root / rel).exists() or any(part.startswith(".") for part in rel.split("/")):
