@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.progress import (
@@ -17,6 +19,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from shardcut.ops.calibration.options import FLAGS, CalibrateOptions
 from shardcut_cli.common import console, err_console, fail, handle_errors, human_bytes, safe
 from shardcut_cli.options import check_int, check_size
 
@@ -106,14 +109,13 @@ class _Display:
                 )
 
 
-# CalibrateOptions fields -> this command's flags (a message that starts with a field names the flag)
-FLAGS = {
-    "checkpoint_every": "--checkpoint-every",
-    "batch_tokens": "--batch-tokens",
-    "shard": "--shard",
-    "device": "--device",
-    "dtype": "--dtype",
-}
+_FIELDS = {f.name: f for f in fields(CalibrateOptions)}
+
+
+def _opt(name: str) -> Any:
+    """The typer option of CalibrateOptions field `name` (its flag, default and help live there)."""
+    f = _FIELDS[name]
+    return typer.Option(f.default, f.metadata["flag"], help=f.metadata["help"])
 
 
 def _as_flags(message: str) -> str:
@@ -126,14 +128,8 @@ def calibrate_cmd(
     model: str = typer.Argument(..., help="Checkpoint folder or Hub repo id (org/name[@revision])."),
     data: str = typer.Option(..., "--data", help=DATA_HELP),
     out: Path = typer.Option(..., "-o", "--out", help="Score file to write (shardcut-scores/1, safetensors)."),
-    samples: int | None = typer.Option(
-        None, "--samples", help="Samples in all (default: every record; per-source :N counts take precedence)."
-    ),
-    max_length: int = typer.Option(
-        2048,
-        "--max-length",
-        help="Keep the first L tokens of each sample (with --pack: the length of each packed sequence).",
-    ),
+    samples: int | None = _opt("samples"),
+    max_length: int = _opt("max_length"),
     pack: bool = typer.Option(
         False,
         "--pack",
@@ -141,45 +137,18 @@ def calibrate_cmd(
         "as the REAP reference does (a sample that does not fit is cut; :N counts sequences). "
         "Default: one sequence per sample, truncated. The score metadata records which.",
     ),
-    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cuda, cuda:N or cpu."),
-    dtype: str | None = typer.Option(None, "--dtype", help="bfloat16 (default on GPU) or float32 (default on CPU)."),
-    resume: bool = typer.Option(
-        False,
-        "--resume",
-        help="Continue an interrupted run (same data and settings; --max-memory may differ) from its last saved layer.",
-    ),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sample selection."),
-    max_memory: str | None = typer.Option(
-        None,
-        "--max-memory",
-        help="RAM for activations, e.g. 64GB (default: half the available memory); beyond it they spill to disk.",
-    ),
-    shard: str | None = typer.Option(
-        None,
-        "--shard",
-        help="i/N: compute the i-th of N disjoint sample shards (combine the files with `shardcut scores merge`).",
-    ),
-    trust_remote_code: bool = typer.Option(
-        False, "--trust-remote-code", help="Allow the checkpoint's own modeling code (off by default)."
-    ),
-    batch_tokens: int | None = typer.Option(
-        None, "--batch-tokens", help="Token budget of one batch (default 16384 on GPU, 4096 on CPU)."
-    ),
-    work_dir: Path | None = typer.Option(
-        None,
-        "--work-dir",
-        help="Resume state and spilled activations "
-        "(default: OUT.calib next to the output): a new or empty folder, or "
-        "one shardcut made; shardcut removes only its own files.",
-    ),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing score file OUT."),
-    checkpoint_every: int | None = typer.Option(
-        None,
-        "--checkpoint-every",
-        help="Save activations held in RAM "
-        "every N layers, so --resume recomputes at most N (default: "
-        "as often as costs <= 10% of the compute; 0: never).",
-    ),
+    device: str = _opt("device"),
+    dtype: str | None = _opt("dtype"),
+    resume: bool = _opt("resume"),
+    seed: int = _opt("seed"),
+    max_memory: str | None = _opt("max_memory"),
+    shard: str | None = _opt("shard"),
+    trust_remote_code: bool = _opt("trust_remote_code"),
+    batch_tokens: int | None = _opt("batch_tokens"),
+    work_dir: Path | None = _opt("work_dir"),
+    overwrite: bool = _opt("overwrite"),
+    checkpoint_every: int | None = _opt("checkpoint_every"),
+    prefetch: bool = _opt("prefetch"),
     as_json: bool = typer.Option(False, "--json", help="Print a machine-readable summary at the end."),
 ) -> None:
     """Compute REAP saliency statistics of a MoE checkpoint, one decoder layer at a time.
@@ -200,7 +169,6 @@ def calibrate_cmd(
     weights and are never pruned).
     """
     from shardcut.format.errors import ShardcutError
-    from shardcut.ops.calibration.options import CalibrateOptions
     from shardcut.ops.calibration.runner import calibrate
 
     check_int("--samples", samples)
@@ -226,6 +194,7 @@ def calibrate_cmd(
             shard=shard,
             trust_remote_code=trust_remote_code,
             overwrite=overwrite,
+            prefetch=prefetch,
         )
     except ShardcutError as exc:  # the library names its fields; the user typed flags
         fail(_as_flags(str(exc)))

@@ -25,7 +25,7 @@ from shardcut_cli.main import app
 pytest.importorskip("transformers")
 VOCAB = 96
 ROOT = Path(__file__).resolve().parents[1]
-LIBRARY_ONLY = {"prefetch", "pair_chunk"}  # tuning knobs without a flag
+LIBRARY_ONLY = {"pair_chunk"}  # a tuning knob without a flag (it changes the float sums' order)
 
 
 def _data(tmp_path: Path) -> Path:
@@ -42,6 +42,12 @@ def test_options_are_frozen_and_every_field_is_a_flag():
     fields = {f.name for f in dataclasses.fields(CalibrateOptions)} - LIBRARY_ONLY
     named = {"sequences": "pack"}  # the field whose flag has another name
     assert {named.get(f, f) for f in fields} <= params, "a CalibrateOptions field has no calibrate flag"
+    # each flag's default and help are the field's (declared once, in CalibrateOptions)
+    by_name = {f.name: f for f in dataclasses.fields(CalibrateOptions)}
+    for name in fields - {"sequences"}:
+        option = inspect.signature(calibrate_cmd).parameters[name].default
+        assert option.default == by_name[name].default and option.help == by_name[name].metadata["help"], name
+        assert by_name[name].metadata["flag"].partition("/")[0] in option.param_decls[0], name
     # the library call declares no setting of its own: they all come from the dataclass
     sig = inspect.signature(calibrate).parameters
     assert not fields & set(sig) and any(p.kind is p.VAR_KEYWORD for p in sig.values())

@@ -8,7 +8,7 @@ maps fields to its flags). Torch-free, so the CLI builds options without importi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +20,11 @@ if TYPE_CHECKING:
 DEFAULT_MAX_LENGTH = 2048
 DEFAULT_BATCH_TOKENS = {"cpu": 4096, "cuda": 16384}
 DEFAULT_PAIR_CHUNK = 16384  # (token, expert) pairs per experts call: bounds the f_j(x) buffer
+
+
+def _opt(flag: str | None, default: Any, help: str = "") -> Any:
+    """A field with its command-line flag and help (None: no flag), declared once for the CLI."""
+    return field(default=default, metadata={"flag": flag, "help": help})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,22 +54,58 @@ class CalibrateOptions:
     pair_chunk: (token, expert) pairs per experts call; bounds the f_j(x) buffer.
     """
 
-    samples: int | None = None
-    max_length: int = DEFAULT_MAX_LENGTH
-    sequences: str = "truncate"
-    seed: int = 0
-    device: str | torch.device = "auto"
-    dtype: str | torch.dtype | None = None
-    batch_tokens: int | None = None
-    max_memory: int | str | None = None
-    resume: bool = False
-    checkpoint_every: int | None = None
-    work_dir: Path | None = None
-    shard: str | tuple[int, int] | None = None
-    trust_remote_code: bool = False
-    overwrite: bool = False
-    prefetch: bool = True
-    pair_chunk: int = DEFAULT_PAIR_CHUNK
+    samples: int | None = _opt(
+        "--samples", None, "Samples in all (default: every record; per-source :N counts take precedence)."
+    )
+    max_length: int = _opt(
+        "--max-length",
+        DEFAULT_MAX_LENGTH,
+        "Keep the first L tokens of each sample (with --pack: the length of each packed sequence).",
+    )
+    sequences: str = _opt(None, "truncate")  # the CLI's --pack sets "pack"
+    seed: int = _opt("--seed", 0, "Seed of the sample selection.")
+    device: str | torch.device = _opt("--device", "auto", "auto (CUDA when present), cuda, cuda:N or cpu.")
+    dtype: str | torch.dtype | None = _opt("--dtype", None, "bfloat16 (default on GPU) or float32 (default on CPU).")
+    batch_tokens: int | None = _opt(
+        "--batch-tokens", None, "Token budget of one batch (default 16384 on GPU, 4096 on CPU)."
+    )
+    max_memory: int | str | None = _opt(
+        "--max-memory",
+        None,
+        "RAM for activations, e.g. 64GB (default: half the available memory); beyond it they spill to disk.",
+    )
+    resume: bool = _opt(
+        "--resume",
+        False,
+        "Continue an interrupted run (same data and settings; --max-memory may differ) from its last saved layer.",
+    )
+    checkpoint_every: int | None = _opt(
+        "--checkpoint-every",
+        None,
+        "Save activations held in RAM every N layers, so --resume recomputes at most N "
+        "(default: as often as costs <= 10% of the compute; 0: never).",
+    )
+    work_dir: Path | None = _opt(
+        "--work-dir",
+        None,
+        "Resume state and spilled activations (default: OUT.calib next to the output): a new or empty "
+        "folder, or one shardcut made; shardcut removes only its own files.",
+    )
+    shard: str | tuple[int, int] | None = _opt(
+        "--shard",
+        None,
+        "i/N: compute the i-th of N disjoint sample shards (combine the files with `shardcut scores merge`).",
+    )
+    trust_remote_code: bool = _opt(
+        "--trust-remote-code", False, "Allow the checkpoint's own modeling code (off by default)."
+    )
+    overwrite: bool = _opt("--overwrite", False, "Replace an existing score file OUT.")
+    prefetch: bool = _opt(
+        "--prefetch/--no-prefetch",
+        True,
+        "Read layer i+1 while layer i runs, on CUDA and on the CPU (costs one layer's bytes of RAM).",
+    )
+    pair_chunk: int = _opt(None, DEFAULT_PAIR_CHUNK)  # library only: it changes the float sums' order
 
     def __post_init__(self) -> None:
         if self.work_dir is not None and not isinstance(self.work_dir, Path):
@@ -87,6 +128,9 @@ class CalibrateOptions:
             raise ShardcutError(f"unknown calibration option {unknown[0]!r} (known: {', '.join(sorted(known))})")
         base = {f.name: getattr(options, f.name) for f in fields(cls)} if options is not None else {}
         return cls(**{**base, **settings})
+
+
+FLAGS = {f.name: f.metadata["flag"].partition("/")[0] for f in fields(CalibrateOptions) if f.metadata["flag"]}
 
 
 def parse_shard(shard: str | tuple[int, int] | None) -> tuple[int, int] | None:
