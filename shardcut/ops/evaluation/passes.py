@@ -211,26 +211,28 @@ class StreamPass:
         for c in self._sources():
             load_head(c, self.torch_device)
         for batch in self.batches:
-            mask, attention = self._batch_inputs(batch)
             targets = torch.from_numpy(self.targets[batch.start : batch.start + batch.rows]).to(self.torch_device)
-            original = original_tokens(self._logits(0, batch, mask, attention), targets)
+            original = original_tokens(self._logits(0, batch), targets)
             per_stream: list[tuple] = [(None, None, original.loss)]
             for s_idx in range(1, len(self.streams)):  # one variant's logits at a time: 2 x a batch's logits at most
                 if self.diverges[s_idx] >= self.num_layers:  # the original's logits: what variant_tokens gives
                     rows = original.top1.shape[0]
                     per_stream.append((np.zeros(rows), np.ones(rows, dtype=bool), original.loss.copy()))
                     continue
-                per_stream.append(variant_tokens(original, self._logits(s_idx, batch, mask, attention)))
+                per_stream.append(variant_tokens(original, self._logits(s_idx, batch)))
             del original
             ids = np.array([self.sample_ids[j] for j in batch.samples], dtype=np.int64)
             lengths = np.array(batch.lengths)
             self.tally.add_tokens(np.repeat(ids, lengths), np.repeat(ids, lengths - 1), per_stream)
 
-    def _logits(self, s_idx: int, batch, mask, attention) -> torch.Tensor:
+    def _logits(self, s_idx: int, batch) -> torch.Tensor:
         from shardcut.ops.evaluation.layers import logits_of
 
-        hidden = self._hidden(s_idx, batch, mask)
-        return logits_of(self.streams[s_idx].source.skeleton, hidden, attention)[mask]
+        # Final norm, head and logit scaling act on each token alone, so they run on the batch's
+        # real tokens as one row ([1, rows, H]), not on the padded [B, T, H]: no logits of padding.
+        H = self.hidden_size
+        flat = self.store.read(batch.start, batch.start + batch.rows)[:, s_idx * H : (s_idx + 1) * H]
+        return logits_of(self.streams[s_idx].source.skeleton, flat.to(self.torch_device)[None], None)[0]
 
 
 def _add_errors(sums: np.ndarray, outs: list[tuple]) -> None:
