@@ -7,6 +7,6 @@ VENV=${1:-.venv}
 {
     echo "# Exact versions setup.sh and CI install (pip constraints, Python 3.11, Linux x86_64)."
     echo "# Made by scripts/lock.sh from a venv whose whole suite passed; move it with scripts/upgrade.sh."
-    "$VENV/bin/python" -m pip freeze --exclude-editable --all | grep -vE '^(pip|setuptools|wheel)==' | sed 's/+cpu$//'
+    "$VENV/bin/python" -m pip freeze --exclude-editable --all | grep -vE '^wheel==' | sed 's/+cpu$//'
 } > constraints.txt
 echo "wrote constraints.txt ($(grep -vc '^#' constraints.txt) packages)"

@@ -12,13 +12,17 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 LOCK=${LOCK:-constraints.txt}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install --quiet --upgrade "pip>=24"
-"$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
 if [ "$LOCK" = none ]; then  # newest releases of everything but torch, which stays the on-disk CPU build
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip setuptools
+    "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
     "$VENV/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager \
         -c <(echo "torch==2.13.0") -e ".[dev]"
 else
-    "$VENV/bin/python" -m pip install --quiet -c "$LOCK" -e ".[dev]"
+    # pip and the build backend are locked too: without --no-build-isolation pip would build
+    # shardcut with whatever setuptools was released last
+    "$VENV/bin/python" -m pip install --quiet -c "$LOCK" pip setuptools
+    "$VENV/bin/python" -m pip install --quiet -c "$LOCK" "torch==2.13.0"
+    "$VENV/bin/python" -m pip install --quiet --no-build-isolation -c "$LOCK" -e ".[dev]"
 fi
 LLAMA_PIN=requirements/llama-cpp.txt
 LLAMA_VERSION=$(sed -n 's/^llama-cpp-python==\([^ ]*\).*/\1/p' "$LLAMA_PIN")
