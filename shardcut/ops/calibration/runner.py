@@ -50,13 +50,13 @@ from shardcut.ops.calibration.resume import (
     Lock,
     RunState,
     check_work_dir,
-    checkpoint_due,
     fingerprint_of,
     state_dir_for,
 )
 from shardcut.ops.calibration.store import (
     DEFAULT_RAM_FRACTION,
     ActivationStore,
+    StepCheckpoints,
     available_memory,
     checkpoint_interval,
 )
@@ -324,8 +324,7 @@ class Calibrator:
         self._log_start(start, first, resume_file)
         if first > 0:
             self._loader.buffers_to_device()  # rotary frequencies & co; the embedding is not needed any more
-        activations = state.activations
-        since_s, since_steps, write_s = 0.0, 0, None
+        checkpoints = StepCheckpoints(self._store, state.rank_dir, every, state.activations)
         prefetch = ThreadPoolExecutor(1, thread_name_prefix="shardcut-prefetch") if o.prefetch else None
         total = LayerTimes()
         try:
@@ -334,20 +333,10 @@ class Calibrator:
                 record = step >= start
                 t0 = time.perf_counter()
                 pending, times = self._step(step, record, pending, prefetch)
-                since_s += time.perf_counter() - t0
-                since_steps += 1
+                checkpoints.computed(time.perf_counter() - t0)
                 total.add(times)
                 if record:
-                    if self._store.mode == "disk":  # the spill file is durable after every step
-                        activations = {"step": step + 1, "name": self._store.durable_name()}
-                    elif step + 1 < self._steps and self._dist.all_true(
-                        checkpoint_due(since_s, write_s, every, since_steps)
-                    ):
-                        t1 = time.perf_counter()
-                        name = f"hidden.s{step + 1:05d}.bin"
-                        self._store.checkpoint(state.rank_dir / name)
-                        write_s, since_s, since_steps = time.perf_counter() - t1, 0.0, 0
-                        activations = {"step": step + 1, "name": name}
+                    activations = checkpoints.after(step, step + 1 < self._steps, self._dist.all_true)
                     state.save(step + 1, scores, activations, self._created, in_use=self._store.in_use())
                 if self.on_layer is not None:
                     self.on_layer(step, self)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import torch
 
 from shardcut.format.durable import free_space, fsync_dir
 from shardcut.format.errors import OutputError, ShardcutError
+from shardcut.ops.calibration.resume import checkpoint_due
 
 _NUMPY_VIEW = {torch.float32: np.float32, torch.bfloat16: np.uint16, torch.float16: np.uint16}
 DEFAULT_RAM_FRACTION = 0.5  # of the memory the OS reports available, when no --max-memory is given
@@ -217,3 +219,32 @@ def checkpoint_interval(
         info(f"{exc}: no activation checkpoints, a resume will recompute every finished layer")
         return 0
     return every
+
+
+class StepCheckpoints:
+    """After each step, the record of the activations a resume restarts from (the run state
+    saves it): the spill file on disk, durable after every step; in RAM, a checkpoint file
+    written when `checkpoint_due` says so. One rule for calibrate and eval."""
+
+    def __init__(self, store: ActivationStore, folder: Path, every: int | None, activations: dict | None) -> None:
+        self.store, self.folder, self.every, self.activations = store, folder, every, activations
+        self._since_s, self._since_steps = 0.0, 0
+        self._write_s: float | None = None
+
+    def computed(self, seconds: float) -> None:
+        """One more step was computed, in `seconds`."""
+        self._since_s += seconds
+        self._since_steps += 1
+
+    def after(self, step: int, may_write: bool, all_true: Callable[[bool], bool]) -> dict | None:
+        """The record for the state saved after `step` (a resume starts at step + 1);
+        `may_write`: a RAM checkpoint may be written now; `all_true`: every rank agrees."""
+        if self.store.mode == "disk":  # the spill file is durable after every step
+            self.activations = {"step": step + 1, "name": self.store.durable_name()}
+        elif may_write and all_true(checkpoint_due(self._since_s, self._write_s, self.every, self._since_steps)):
+            t0 = time.perf_counter()
+            name = f"hidden.s{step + 1:05d}.bin"
+            self.store.checkpoint(self.folder / name)
+            self._write_s, self._since_s, self._since_steps = time.perf_counter() - t0, 0.0, 0
+            self.activations = {"step": step + 1, "name": name}
+        return self.activations

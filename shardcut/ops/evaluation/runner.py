@@ -43,7 +43,6 @@ from shardcut.ops.calibration.resume import (
     Lock,
     RunState,
     check_work_dir,
-    checkpoint_due,
     fingerprint_of,
     state_dir_for,
     weights_fingerprint,
@@ -60,6 +59,7 @@ from shardcut.ops.calibration.runner import (
 from shardcut.ops.calibration.store import (
     DEFAULT_RAM_FRACTION,
     ActivationStore,
+    StepCheckpoints,
     available_memory,
     checkpoint_interval,
 )
@@ -294,8 +294,7 @@ class Evaluator:
 
     def _steps(self, state: RunState, passes: StreamPass, first: int, start: int, every: int | None) -> None:
         """Steps `first`.. (those before `start` replayed, not recorded), the state saved after each."""
-        activations = state.activations
-        since_s, since_steps, write_s = 0.0, 0, None
+        checkpoints = StepCheckpoints(self.store, state.rank_dir, every, state.activations)
         with torch.inference_mode():
             for step in range(first, self.steps):
                 record = step >= start
@@ -306,17 +305,9 @@ class Evaluator:
                     passes.layer(step - 1, record)
                 else:
                     passes.heads()
-                since_s += time.perf_counter() - t0
-                since_steps += 1
+                checkpoints.computed(time.perf_counter() - t0)
                 if record and step + 1 < self.steps:
-                    if self.store.mode == "disk":  # the spill file is durable after every step
-                        activations = {"step": step + 1, "name": self.store.durable_name()}
-                    elif self.dist.all_true(checkpoint_due(since_s, write_s, every, since_steps)):
-                        t1 = time.perf_counter()
-                        name = f"hidden.s{step + 1:05d}.bin"
-                        self.store.checkpoint(state.rank_dir / name)
-                        write_s, since_s, since_steps = time.perf_counter() - t1, 0.0, 0
-                        activations = {"step": step + 1, "name": name}
+                    activations = checkpoints.after(step, True, self.dist.all_true)
                     state.save(step + 1, self.tally, activations, "", in_use=self.store.in_use())
                 if record:
                     self._emit(
