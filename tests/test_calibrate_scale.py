@@ -4,15 +4,11 @@ releases) and data parallelism under torchrun (gloo on the CPU)."""
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fixtures.calib_fixtures import write_ids_jsonl
+from fixtures.calib_fixtures import run_two_ranks, write_ids_jsonl
 
 from shardcut.ops.calibration.runner import calibrate
 from shardcut.plans.scores import FIELDS, Scores
@@ -104,30 +100,7 @@ def test_torchrun_two_ranks_equal_one_process(families, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
     out = tmp_path / "two.safetensors"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    with socket.socket() as s:  # a free port: other test runs may share this machine
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
-            str(script),
-            str(source),
-            str(data),
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=env,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_ranks(script, str(source), str(data), str(out))
     two = Scores.load(out)
     assert two.metadata["samples"] == "7" and two.metadata["tokens"] == str(sum([3, 17, 40, 9, 64, 25, 33]))
     np.testing.assert_array_equal(two.count, single.count)

@@ -6,14 +6,10 @@ dataclass whose field names the library's messages use and the CLI turns into fl
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from fixtures.calib_fixtures import write_ids_jsonl
+from fixtures.calib_fixtures import run_two_ranks, write_ids_jsonl
 
 from shardcut.format.errors import ShardcutError
 from shardcut.ops.evaluation.runner import evaluate
@@ -135,28 +131,7 @@ def test_torchrun_two_ranks_equal_one_process(families, heldout, tmp_path):
     script = tmp_path / "rank.py"
     script.write_text(_RANK_SCRIPT)
     out = tmp_path / "two.json"
-    with socket.socket() as s:  # a free port: other test runs may share this machine
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    args = [str(built.source), str(heldout), str(tmp_path / "plan.json"), str(out)]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(port),
-            str(script),
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_ranks(script, str(built.source), str(heldout), str(tmp_path / "plan.json"), str(out))
     from shardcut.ops.evaluation.metrics import EvalReport
 
     _same(EvalReport.load(out), single, rtol=1e-6)
