@@ -498,3 +498,55 @@ def test_eval_masks_input_scaling_and_identity_expert_routers(name, evaluated):
     plan, out = report.plans
     assert plan.kl_mean > 1e-4 and plan.kept == 4
     _assert_same_quality(out, plan)
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
+def test_the_moe_block_runs_on_real_tokens_only(families, name):
+    """With the batch's real-token mask, the MoE block of a padded batch runs on the real
+    tokens alone (its experts never see a padding row), and the layer and block outputs at the
+    real tokens are those of the padded call."""
+    import torch
+
+    from shardcut.ops.calibration.stream import LayerCall
+    from shardcut.ops.evaluation.layers import moe_block, run_with_block
+
+    model = families(name).model
+    layer_i = int(min(family(name).runs, key=int))
+    layer = decoder_layers(model)[layer_i]
+    lengths = [5, 9, 2]
+    real = torch.arange(max(lengths))[None, :] < torch.tensor(lengths)[:, None]
+    ids = torch.randint(0, 64, real.shape) * real
+    captured = {}
+
+    def catch(module, args, kwargs):
+        captured["call"] = LayerCall(args[0] if args else kwargs["hidden_states"], args[1:], kwargs)
+
+    hook = layer.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(ids, attention_mask=real.long(), use_cache=False)
+    finally:
+        hook.remove()
+    call = captured["call"]
+    kwargs = {k: v for k, v in call.kwargs.items() if k != "hidden_states"}
+    call = LayerCall(call.hidden, call.args, kwargs)
+    block = moe_block(layer)
+    seen: list[int] = []
+    experts = next(m for n, m in block.named_children() if n == "experts")
+    counter = experts.register_forward_pre_hook(lambda m, a: seen.append(a[0].numel() // a[0].shape[-1]))  # rows
+    try:
+        with torch.no_grad():
+            padded_out, padded_moe = run_with_block(layer, block, call.hidden, call)
+            rows_padded = list(seen)
+            seen.clear()
+            out, moe = run_with_block(layer, block, call.hidden, call, real)
+    finally:
+        counter.remove()
+    assert rows_padded and max(rows_padded) == real.numel()
+    assert seen and max(seen) == int(real.sum()) < real.numel()
+    assert "forward" not in block.__dict__  # the block's own forward is back
+    torch.testing.assert_close(out[real], padded_out[real], rtol=1e-5, atol=1e-6)
+    B, T = real.shape
+    torch.testing.assert_close(
+        moe.reshape(B * T, -1)[real.reshape(-1)], padded_moe.reshape(B * T, -1)[real.reshape(-1)], rtol=1e-5, atol=1e-6
+    )

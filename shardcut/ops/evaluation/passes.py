@@ -170,9 +170,9 @@ class StreamPass:
                         forbid_pruned_experts(layer, {key: s.keep[key]}, E_key, lambda _name: key, zero),
                         refuse_pruned(layer, key, s.keep[key], E_key, calib),
                     ):
-                        out, moe = run_with_block(layer, block, hidden, calls[id(c)])
+                        out, moe = run_with_block(layer, block, hidden, calls[id(c)], mask)
                 else:
-                    out, moe = run_with_block(layer, block, hidden, calls[id(c)])
+                    out, moe = run_with_block(layer, block, hidden, calls[id(c)], mask)
                 flat = mask.reshape(-1)
                 outs.append((out[mask], None if moe is None else moe.reshape(B * T, -1)[flat]))
             if record and len(self.streams) > 1:
