@@ -9,4 +9,7 @@ VENV=${1:-.venv}
     echo "# Made by scripts/lock.sh from a venv whose whole suite passed; move it with scripts/upgrade.sh."
     "$VENV/bin/python" -m pip freeze --exclude-editable --all | grep -vE '^wheel==' | sed 's/+cpu$//'
 } > constraints.txt
+# pyproject.toml's build backend follows the lock (isolated builds use it)
+SETUPTOOLS=$(sed -n 's/^setuptools==//p' constraints.txt)
+sed -i "s/^requires = \[\"setuptools==[^\"]*\"\]/requires = [\"setuptools==$SETUPTOOLS\"]/" pyproject.toml
 echo "wrote constraints.txt ($(grep -vc '^#' constraints.txt) packages)"

@@ -45,3 +45,10 @@ def test_setup_installs_pip_setuptools_and_torch_from_the_lock():
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     assert f'"torch=={pins["torch"]}"' in setup  # the on-disk CPU build, installed before the rest
     assert "--no-build-isolation" in setup  # otherwise the build backend is the newest setuptools
+
+
+def test_the_build_backend_is_the_locked_one_even_in_an_isolated_build():
+    """`pip install .` without setup.sh builds in an isolated environment from build-system.requires:
+    that must name the lock's setuptools exactly, not "the newest"."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["build-system"]["requires"] == [f"setuptools=={_pins()['setuptools']}"]
