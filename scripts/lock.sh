@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Write constraints.txt (pip constraints: exact versions) from a venv whose suite passed.
+# Write the lock, requirements.txt (every package at an exact version; setup.sh uses it as pip
+# constraints), from a venv whose suite passed.
 #   bash scripts/lock.sh [VENV]      # default .venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,8 +9,8 @@ VENV=${1:-.venv}
     echo "# Exact versions setup.sh and CI install (pip constraints, Python 3.11, Linux x86_64)."
     echo "# Made by scripts/lock.sh from a venv whose whole suite passed; move it with scripts/upgrade.sh."
     "$VENV/bin/python" -m pip freeze --exclude-editable --all | grep -vE '^wheel==' | sed 's/+cpu$//'
-} > constraints.txt
+} > requirements.txt
 # pyproject.toml's build backend follows the lock (isolated builds use it)
-SETUPTOOLS=$(sed -n 's/^setuptools==//p' constraints.txt)
+SETUPTOOLS=$(sed -n 's/^setuptools==//p' requirements.txt)
 sed -i "s/^requires = \[\"setuptools==[^\"]*\"\]/requires = [\"setuptools==$SETUPTOOLS\"]/" pyproject.toml
-echo "wrote constraints.txt ($(grep -vc '^#' constraints.txt) packages)"
+echo "wrote requirements.txt ($(grep -vc '^#' requirements.txt) packages)"

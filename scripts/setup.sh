@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv with shardcut and its test/calibration extras, at the exact versions of
-# constraints.txt (pip constraints), so a fresh machine gets what CI tested.
+# requirements.txt (the lock: every package pinned with ==, used as pip constraints), so a fresh
+# machine gets what CI tested.
 # torch is installed first and pinned to 2.13.0, the CPU build this machine keeps on disk;
 # letting pip resolve a plain `torch` would pull a multi-GB CUDA build instead.
 # scripts/upgrade.sh tries the newest releases and rewrites the lock when the suite passes.
@@ -10,9 +11,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-LOCK=${LOCK:-constraints.txt}
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-if [ "$LOCK" = none ]; then  # newest releases of everything but torch, which stays the on-disk CPU build
+if [ "${LOCK:-}" = none ]; then  # scripts/upgrade.sh: newest releases of everything but torch, which stays the on-disk CPU build
     "$VENV/bin/python" -m pip install --quiet --upgrade pip setuptools
     "$VENV/bin/python" -m pip install --quiet "torch==2.13.0"
     "$VENV/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager \
@@ -20,9 +20,9 @@ if [ "$LOCK" = none ]; then  # newest releases of everything but torch, which st
 else
     # pip and the build backend are locked too: without --no-build-isolation pip would build
     # shardcut with whatever setuptools was released last
-    "$VENV/bin/python" -m pip install --quiet -c "$LOCK" pip setuptools
-    "$VENV/bin/python" -m pip install --quiet -c "$LOCK" "torch==2.13.0"
-    "$VENV/bin/python" -m pip install --quiet --no-build-isolation -c "$LOCK" -e ".[dev]"
+    "$VENV/bin/python" -m pip install --quiet -c requirements.txt pip setuptools
+    "$VENV/bin/python" -m pip install --quiet -c requirements.txt "torch==2.13.0"
+    "$VENV/bin/python" -m pip install --quiet --no-build-isolation -c requirements.txt -e ".[dev]"
 fi
 LLAMA_PIN=requirements/llama-cpp.txt
 LLAMA_VERSION=$(sed -n 's/^llama-cpp-python==\([^ ]*\).*/\1/p' "$LLAMA_PIN")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Try the newest releases of every dependency (torch stays at the on-disk 2.13.0 CPU build):
 # install them into a scratch venv, run lint and the whole suite there, and only if all pass
-# rewrite constraints.txt from that venv. Not part of .ci/run: an upgrade is a
+# rewrite requirements.txt from that venv. Not part of .ci/run: an upgrade is a
 # deliberate change, committed with the lock diff and the suite's result.
 #   bash scripts/upgrade.sh            # test the newest releases, update the lock if green
 #   bash scripts/upgrade.sh --check    # test only, leave the lock alone

@@ -1,4 +1,4 @@
-"""The lock (constraints.txt) pins every package the project asks for, the build backend and pip
+"""The lock (requirements.txt) pins every package the project asks for, the build backend and pip
 included, so a fresh machine installs what CI tested rather than whatever was released last."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _name(requirement: str) -> str:
 
 def _pins() -> dict[str, str]:
     pins = {}
-    for line in (ROOT / "constraints.txt").read_text().splitlines():
+    for line in (ROOT / "requirements.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):
             name, sep, version = line.partition("==")
             assert sep and version.strip(), f"not an exact pin: {line!r}"
@@ -36,7 +36,7 @@ def test_every_requirement_of_the_project_is_pinned_exactly():
     for extra in project["project"]["optional-dependencies"].values():
         asked += [r for r in extra if not r.startswith("shardcut")]
     missing = sorted({_name(r) for r in asked} - set(_pins()))
-    assert missing == [], f"add them to constraints.txt (scripts/lock.sh): {missing}"
+    assert missing == [], f"add them to requirements.txt (scripts/lock.sh): {missing}"
 
 
 def test_setup_installs_pip_setuptools_and_torch_from_the_lock():
@@ -45,6 +45,7 @@ def test_setup_installs_pip_setuptools_and_torch_from_the_lock():
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     assert f'"torch=={pins["torch"]}"' in setup  # the on-disk CPU build, installed before the rest
     assert "--no-build-isolation" in setup  # otherwise the build backend is the newest setuptools
+    assert setup.count("-c requirements.txt") == 3  # pip and setuptools, torch, shardcut: each from the lock
 
 
 def test_the_build_backend_is_the_locked_one_even_in_an_isolated_build():
