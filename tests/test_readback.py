@@ -12,13 +12,14 @@ from pathlib import Path
 
 import pytest
 
+import shardcut.format.direct_write as direct_write
 import shardcut.format.readback as readback
 from shardcut.format.errors import ShardcutError
 from shardcut.ops.synthetic import SyntheticSpec, write_synthetic_checkpoint
 from shardcut.ops.verification import verify
 from shardcut.plans.plan import Plan
 from shardcut.rewrite.outdir import partial_dir
-from shardcut.rewrite.writer import prune
+from shardcut.rewrite.writer import prune, write_followed
 
 SPEC = SyntheticSpec(layers=4, experts=8, top_k=2, hidden=64, moe_inter=32, shards=4, vocab=256)
 KEEP = {"1": [0, 2, 3, 7], "2": [1, 2, 5, 6], "3": [0, 1, 4, 5]}
@@ -38,9 +39,15 @@ def chunking(request, monkeypatch):
     return request.param
 
 
-@pytest.fixture(params=["direct", "fallback"])
+@pytest.fixture(params=["direct", "page-cache", "fallback"])
 def io_path(request, monkeypatch):
-    """`fallback`: no O_DIRECT and no sync_file_range (fdatasync, drop, buffered read)."""
+    """`direct`: O_DIRECT writes and read-back (where the filesystem allows them); `page-cache`:
+    writes through the page cache (`SHARDCUT_DIRECT_IO=0`), write-back awaited, O_DIRECT
+    read-back; `fallback`: no O_DIRECT and no sync_file_range (fdatasync, drop, buffered read)."""
+    if request.param == "direct":  # tensors of 512 bytes and up are read with O_DIRECT too, smaller ones are not
+        monkeypatch.setattr(direct_write, "STAGE_MIN", 512)
+    else:
+        monkeypatch.setenv("SHARDCUT_DIRECT_IO", "0")
     if request.param == "fallback":
         monkeypatch.setattr(readback, "_open_direct", lambda path: None)
         monkeypatch.setattr(readback, "_SYNC_FILE_RANGE", None)
@@ -60,19 +67,24 @@ def _expected_byte(follower: readback.Follower, offset: int) -> int:
 
 def _corrupt(monkeypatch, shard_index: int, where: str) -> list[tuple[str, int]]:
     """Flip one written byte of the `shard_index`-th shard (in its header, or its last byte)
-    right after the writer wrote it, as a memory fault would; returns what was flipped."""
+    right after the writer wrote it, as a fault on the way to the disk would (through a
+    descriptor of its own: the writer's may be O_DIRECT); returns what was flipped."""
     real = readback.Follower.written
     seen: list[Path] = []
     flipped: list[tuple[str, int]] = []
 
-    def written(self, fd, pos):
+    def written(self, fd, pos, *staged):
         if self.path not in seen:
             seen.append(self.path)
         target = 20 if where == "header" else self.size - 1
         if not flipped and seen.index(self.path) == shard_index and pos > target:
-            os.pwrite(fd, bytes([_expected_byte(self, target) ^ 0x10]), target)
+            own = os.open(self.path, os.O_WRONLY)
+            try:
+                os.pwrite(own, bytes([_expected_byte(self, target) ^ 0x10]), target)
+            finally:
+                os.close(own)
             flipped.append((self.path.name, target))
-        real(self, fd, pos)
+        real(self, fd, pos, *staged)
 
     monkeypatch.setattr(readback.Follower, "written", written)
     return flipped
@@ -167,7 +179,7 @@ def test_read_back_bypasses_the_page_cache(source, tmp_path, monkeypatch):
 
 
 def test_stream_writes_are_read_back_too(source, tmp_path, monkeypatch, chunking):
-    """`write_followed` (one shard written with its follower, as `writer.write_shards` does for
+    """`writer.write_followed` (one shard written with its follower, as `writer.write_shards` does for
     plain and streamed prunes): a byte that differs on disk is an error, a clean shard is byte-exact."""
     from shardcut.format.checkpoint import open_checkpoint
     from shardcut.format.container import PinnedSources
@@ -178,12 +190,12 @@ def test_stream_writes_are_read_back_too(source, tmp_path, monkeypatch, chunking
     lay = layout(ckpt, describe(ckpt), Plan(KEEP))
     with PinnedSources(ckpt.shards) as pinned:
         clean = tmp_path / "clean.safetensors"
-        size = readback.write_followed(clean, lay.shards[1], lay.metadata[1], sources=pinned)
+        size = write_followed(clean, lay.shards[1], lay.metadata[1], sources=pinned)
         assert clean.stat().st_size == size
         assert readback.compare_written(tmp_path, [lay.shards[1]], [clean.name], pinned) == sum(
             t.nbytes for t in lay.shards[1]
         )
         flipped = _corrupt(monkeypatch, 0, "tensor")
         with pytest.raises(ShardcutError, match="differs from its source bytes"):
-            readback.write_followed(tmp_path / "bad.safetensors", lay.shards[1], lay.metadata[1], sources=pinned)
+            write_followed(tmp_path / "bad.safetensors", lay.shards[1], lay.metadata[1], sources=pinned)
         assert flipped

@@ -330,7 +330,7 @@ def _identity(st: os.stat_result) -> tuple[int, int, int, int]:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-class _SourceFiles:
+class SourceFiles:
     """Keeps one read descriptor per source file open while a shard is written (pinned files
     are used as they are and left open)."""
 
@@ -364,16 +364,16 @@ def _fadvise(fd: int, advice: int | None, offset: int = 0, length: int = 0) -> N
 
 # Sources are read without the kernel's readahead, which would also read the dropped experts
 # between kept ranges (half the input, measured: a 0.9 GB prune writing 0.5 GB read 0.87 GB);
-# `_Prefetch` asks for exactly the ranges the copy needs next instead.
+# `Prefetch` asks for exactly the ranges the copy needs next instead.
 _NO_READAHEAD = getattr(os, "POSIX_FADV_RANDOM", None)
 _WILLNEED = getattr(os, "POSIX_FADV_WILLNEED", None)
 
 
-class _Prefetch:
+class Prefetch:
     """Keeps `PREFETCH` bytes of the upcoming source ranges requested (asynchronous readahead
     of those ranges only), so the copy finds them in the page cache."""
 
-    def __init__(self, files: _SourceFiles, pieces: list[Piece]) -> None:
+    def __init__(self, files: SourceFiles, pieces: list[Piece]) -> None:
         self._files, self._pieces = files, pieces
         self._next = 0  # first piece not yet requested
         self._ahead = 0  # bytes requested and not yet copied
@@ -440,7 +440,7 @@ def write_shard(
         ...             [Piece(Path("in.safetensors"), src.start, src.nbytes)])])
     """
     header = encode_header(tensors, metadata)
-    files = _SourceFiles(sources)
+    files = SourceFiles(sources)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(header)
@@ -449,7 +449,7 @@ def write_shard(
         pos = len(header)
         if on_written is not None:
             on_written(fd, pos)
-        prefetch = _Prefetch(files, [p for t in tensors for p in t.pieces])
+        prefetch = Prefetch(files, [p for t in tensors for p in t.pieces])
         prefetch.copied(0)
         for t in tensors:
             for p in t.pieces:

@@ -1,13 +1,16 @@
 """Shards flushed and read back from the disk while they are written, and compared with their sources.
 
-A shard is written front to back by `container.write_shard` on the caller's thread; a `Follower`
-on a second thread trails it chunk by chunk: it waits for the chunk's write-back to the device to
-complete (`sync_file_range`), reads the chunk back from the device with `O_DIRECT` (never from
-the page cache), compares it with the bytes it must hold (the encoded header, then the source
-ranges, read through the pinned descriptors the copy read), and drops the chunk's pages from
-the page cache. At the end it fsyncs the file (then only metadata and the device's cache are
-left to flush). Both sides wait on the disk and release the GIL (the copy is in-kernel, the
-compare is `memcmp` on reused buffers), so verification costs little time beyond the copy.
+A shard is written front to back, with `O_DIRECT` by `direct_write.write_shard_direct` or
+through the page cache by `container.write_shard`; a `Follower` on a second thread trails it
+chunk by chunk. Behind the page-cache writer it first waits for the chunk's write-back to the
+device to complete (`sync_file_range`); a direct write is on the device when reported. It then
+reads the chunk back from the device with `O_DIRECT` (never from the page cache), compares it
+with the bytes it must hold (the encoded header, then the source ranges, read again through the
+pinned descriptors the copy read: not the writer's buffer, so a fault in that buffer is caught),
+and drops the chunk's pages from the page cache (if it went through it). At the end it fsyncs
+the file (then only metadata and the device's cache are left to flush). Both sides wait on the
+disk and release the GIL (the compare is `memcmp` on reused buffers), so verification costs
+little time beyond the copy.
 
 Where `O_DIRECT` or `sync_file_range` is missing (another OS, a filesystem refusing direct
 I/O) the follower falls back to fdatasync, `POSIX_FADV_DONTNEED` and ordinary reads: pages that
@@ -30,12 +33,13 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from shardcut.format.container import OutTensor, Piece, PinnedSources, encode_header, read_header, write_shard
+from shardcut.format.container import OutTensor, Piece, PinnedSources, read_header
 from shardcut.format.errors import ShardcutError
 
 CHUNK = 32 << 20  # bytes flushed, read back and compared at a time (a multiple of ALIGN)
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffers are multiples of the logical block size
 WINDOW = 512 << 20  # how far the writer may run ahead of what was verified (bounds dirty pages)
+DIRECT_WINDOW = 4 * CHUNK  # the same behind a direct writer (bounds the source bytes it keeps)
 
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4  # SYNC_FILE_RANGE_* of <fcntl.h>
 
@@ -96,7 +100,42 @@ class Buffer:
     def close(self) -> None:
         self._anchor = None
         self.view.release()
-        self.map.close()
+        try:
+            self.map.close()
+        except BufferError:  # a slice is still referenced (by a traceback's frame): freed with it
+            pass
+
+
+_POOL_LOCK = threading.Lock()
+_POOL: list[Buffer] = []  # buffers given back, for the next shard
+POOL_MAX = 16  # enough for a shard's buffers: 3 written, 2 read back, the staged window
+
+
+def take_buffer(size: int) -> Buffer:
+    """A buffer of `size` bytes, reused where one was given back: a fresh mmap per shard would
+    fault in fresh memory for every shard (on a VM, each page from the host)."""
+    with _POOL_LOCK:
+        for i, b in enumerate(_POOL):
+            if len(b.map) == size:
+                return _POOL.pop(i)
+    return Buffer(size)
+
+
+def return_buffer(buf: Buffer) -> None:
+    """Return a buffer of `take_buffer` for reuse (closed if the pool is full)."""
+    with _POOL_LOCK:
+        if len(_POOL) < POOL_MAX:
+            _POOL.append(buf)
+            return
+    buf.close()
+
+
+def release_buffers() -> None:
+    """Close every pooled buffer (the end of a rewrite: the process's memory goes back to what it was)."""
+    with _POOL_LOCK:
+        bufs, _POOL[:] = list(_POOL), []
+    for b in bufs:
+        b.close()
 
 
 def same_bytes(a: Buffer, a_off: int, b: Buffer, b_off: int, n: int) -> bool:
@@ -115,6 +154,17 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> int:
             break
         got += n
     return got
+
+
+@dataclass
+class Staged:
+    """Source bytes the direct writer read with `O_DIRECT` for one chunk, kept for the chunk's
+    compare (the follower gives `buf` back): `spans[a] = (b, at)` says output bytes `[a, b)`
+    were copied from `buf[at : at + b - a]`. Output bytes in no span were read through the page
+    cache and are read again from it for the compare."""
+
+    buf: Buffer | None
+    spans: dict[int, tuple[int, int]]
 
 
 @dataclass(frozen=True)
@@ -153,7 +203,10 @@ class Follower:
     failed), `cancel(exc)` stops both sides, `run()` is the follower's body: it raises
     ShardcutError at the first byte that differs. `verify=False` only fsyncs the finished file
     and drops its pages (as a plain write would); `complete=True` checks a file already written
-    (nothing flushed or dropped).
+    (nothing flushed or dropped); `direct=True` follows a writer using `O_DIRECT`
+    (`direct_write`): what it reports written is on the device already, so there is no
+    write-back to start or wait for and no page to drop, and it hands over with each chunk the
+    source bytes it read (`Staged`), which the read-back is compared with.
     """
 
     def __init__(
@@ -165,6 +218,7 @@ class Follower:
         verify: bool = True,
         sources: PinnedSources | None = None,
         complete: bool = False,
+        direct: bool = False,
         chunk: int | None = None,
     ) -> None:
         self.path = Path(path)
@@ -173,6 +227,7 @@ class Follower:
         self.verify = verify
         self.sources = sources
         self.complete = complete
+        self.direct = direct
         self.chunk = chunk or CHUNK
         self._cond = threading.Condition()
         self._written = size if complete else 0
@@ -180,19 +235,28 @@ class Follower:
         self._checked = 0
         self._kicked = 0
         self._error: BaseException | None = None
+        self._staged: dict[int, Staged] = {}  # chunk start -> what the direct writer read for it
         self.compared = 0
 
     # --- the writer's side -----------------------------------------------------------------
-    def written(self, fd: int, pos: int) -> None:
-        """The writer has written `[0, pos)`: start its write-back, wake the follower, and wait
-        while the writer is more than WINDOW ahead of the follower (so dirty pages stay bounded)."""
-        if self.verify and (pos - self._kicked >= self.chunk or pos >= self.size):
+    def written(self, fd: int, pos: int, staged: Staged | None = None, chunk_start: int = 0) -> None:
+        """The writer has written `[0, pos)` (`staged`: what it read for the chunk starting at
+        `chunk_start`): start its write-back, wake the follower, and wait while the writer is
+        more than the window ahead of the follower (so dirty pages, or staged source bytes, stay
+        bounded: WINDOW, or DIRECT_WINDOW behind a direct writer)."""
+        if self.verify and not self.direct and (pos - self._kicked >= self.chunk or pos >= self.size):
             start_writeback(fd, self._kicked, pos - self._kicked)
             self._kicked = pos
+        window = DIRECT_WINDOW if self.direct else WINDOW
         with self._cond:
+            if staged is not None:
+                if self.verify and self._error is None:
+                    self._staged[chunk_start] = staged
+                elif staged.buf is not None:
+                    return_buffer(staged.buf)
             self._written = pos
             self._cond.notify_all()
-            while self.verify and self._error is None and pos - self._checked > WINDOW:
+            while self.verify and self._error is None and pos - self._checked > window:
                 self._cond.wait(1.0)
             if self._error is not None:
                 raise self._error
@@ -236,7 +300,7 @@ class Follower:
     def _run(self) -> None:
         fd = os.open(self.path, os.O_RDONLY)
         direct = _open_direct(self.path) if self.verify else None
-        bufs = (Buffer(self.chunk), Buffer(self.chunk)) if self.verify else None
+        bufs = (take_buffer(self.chunk), take_buffer(self.chunk)) if self.verify else None
         opened: dict[Path, int] = {}
         try:
             if not self.verify:  # nothing to read back: one fsync once written, as a plain write
@@ -251,10 +315,11 @@ class Follower:
                 hi = min(lo + self.chunk, self.size)
                 if self._wait_written(hi) < hi:
                     raise ShardcutError("the shard's writer stopped before its end", self.path)
-                if not self.complete:
+                flushed = self.complete or self.direct  # on the device already: nothing to wait for or drop
+                if not flushed:
                     wait_writeback(fd, lo, hi - lo)
                 seg_i = self._compare(fd, direct, bufs, opened, lo, hi, seg_i)
-                if not self.complete:
+                if not flushed:
                     _drop(fd, lo, hi - lo)
                 lo = hi
                 self._progress(lo)
@@ -271,10 +336,24 @@ class Follower:
                 os.close(src)
             if bufs is not None:
                 for b in bufs:
-                    b.close()
+                    return_buffer(b)
+            with self._cond:
+                left, self._staged = list(self._staged.values()), {}
+            for st in left:
+                if st.buf is not None:
+                    return_buffer(st.buf)
 
     def _compare(self, fd: int, direct: int | None, bufs, opened: dict[Path, int], lo: int, hi: int, i: int) -> int:
         """Compare output bytes [lo, hi) with segments from index `i`; returns the next index."""
+        with self._cond:
+            staged = self._staged.pop(lo, None)
+        try:
+            return self._compare_chunk(fd, direct, bufs, staged, opened, lo, hi, i)
+        finally:
+            if staged is not None and staged.buf is not None:
+                return_buffer(staged.buf)
+
+    def _compare_chunk(self, fd, direct, bufs, staged: Staged | None, opened, lo: int, hi: int, i: int) -> int:
         segs = self.segments
         if i >= len(segs) or segs[i].start >= hi:
             return i  # nothing to compare here (a header region not checked byte for byte)
@@ -292,13 +371,20 @@ class Follower:
             seg = segs[i]
             a, b = max(seg.start, lo), min(seg.start + seg.length, hi)
             if b > a:
-                if seg.data is not None:
+                span = staged.spans.get(a) if staged is not None else None
+                if span is not None and staged is not None and staged.buf is not None:
+                    if span[0] != b:
+                        raise AssertionError(f"staged span [{a}, {span[0]}) is not the segment's [{a}, {b})")
+                    expect, at = staged.buf, span[1]  # the source bytes as the writer read them
+                elif seg.data is not None:
                     src.view[: b - a] = seg.data[a - seg.start : b - seg.start]
+                    expect, at = src, 0
                 elif seg.piece is not None:
                     src_fd = self._source_fd(seg.piece.path, opened)
                     if _pread_into(src_fd, src.view[: b - a], seg.piece.offset + a - seg.start) < b - a:
                         raise ShardcutError("source ends early (truncated while read?)", seg.piece.path)
-                if not same_bytes(out, a - lo, src, 0, b - a):
+                    expect, at = src, 0
+                if not same_bytes(out, a - lo, expect, at, b - a):
                     what = f"tensor {seg.tensor!r}" if seg.tensor else "the header"
                     raise ShardcutError(f"{what} differs from its source bytes (read back from the disk)", self.path)
                 if seg.piece is not None:
@@ -348,30 +434,3 @@ def compare_written(
             segs += tensor_segments(info.start, [t])
         compared += Follower(path, segs, header.file_size, sources=pinned, complete=True).run()
     return compared
-
-
-def write_followed(
-    path: Path,
-    tensors: list[OutTensor],
-    metadata: dict[str, str] | None = None,
-    on_bytes=None,
-    *,
-    sources: PinnedSources | None = None,
-    verify: bool = True,
-) -> int:
-    """`write_shard` with a follower on a second thread: when it returns, the file is written,
-    read back from the disk and compared (with `verify`), and fsynced. Returns the file size."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    header = encode_header(tensors, metadata)
-    size = len(header) + sum(t.nbytes for t in tensors)
-    follower = Follower(path, shard_segments(header, tensors), size, verify=verify, sources=sources)
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))  # for the follower to open
-    with ThreadPoolExecutor(1, thread_name_prefix="shardcut-follow") as pool:
-        job = pool.submit(follower.run)
-        try:
-            write_shard(path, tensors, metadata, on_bytes, sources=sources, sync=False, on_written=follower.written)
-        finally:
-            follower.writer_done()
-        job.result()
-    return size

@@ -1,7 +1,8 @@
 """The rewriter: a pruned checkpoint from a source checkpoint and a plan, by byte-range copies.
 
 Every output tensor is described as a list of byte ranges of the source shards (`layout`),
-then written with `container.write_shard`. Kept tensors are one range; expert-axis slices of
+then written with `direct_write.write_shard_direct` (or `container.write_shard` where the
+filesystem refuses `O_DIRECT`). Kept tensors are one range; expert-axis slices of
 C-contiguous tensors are one range per kept block. Nothing is ever loaded whole, so memory
 stays flat whatever the checkpoint size.
 """
@@ -29,8 +30,9 @@ from shardcut.format.container import (
     slice_expert_axis,
     write_shard,
 )
+from shardcut.format.direct_write import direct_io_supported, write_shard_direct
 from shardcut.format.errors import ShardcutError
-from shardcut.format.readback import Follower, compare_written, shard_segments
+from shardcut.format.readback import Follower, compare_written, release_buffers, shard_segments
 from shardcut.format.text import parse_size
 from shardcut.moe.model import Copied, ExpertTensor, ModelInfo, describe, experts_by_config, sub_config
 from shardcut.plans.plan import Plan, validate_plan
@@ -359,15 +361,19 @@ def write_shards(tx, jobs: Iterable[ShardJob], *, verify: bool, on_bytes, overla
     the transaction's folder, flushed, read back from the disk and compared (with `verify`),
     fsynced and renamed into place (`tx.shard_done`).
 
-    Each shard is written on this thread while a follower on a second thread trails it chunk
-    by chunk: it waits for the chunk's write-back, reads it back from the device and compares
-    it (readback.Follower), then fsyncs and renames the shard. Copy, write-back and read-back
-    overlap (the kernel does the copy; memcmp and the waits release the GIL), and the writer
-    waits when it runs more than readback.WINDOW ahead, so dirty pages stay bounded. With
+    Each shard is written from this thread while a follower on a second thread trails it chunk
+    by chunk: it reads the chunk back from the device and compares it with the source
+    (readback.Follower), then fsyncs and renames the shard. Where the filesystem allows it the
+    shard is written with `O_DIRECT` from reused buffers (direct_write: no page cache for the
+    output, each chunk on the device when reported); otherwise with `copy_file_range` through
+    the page cache, and the follower waits for each chunk's write-back first. Copy, write and
+    read-back overlap (every wait and memcmp releases the GIL), and the writer waits when it
+    runs more than readback.WINDOW ahead, so memory and dirty pages stay bounded. With
     `overlap` the next shard is written while the last one is still verified; without it the
     next job is not even asked for before the last one is finished (a stream: disk = output +
     one input shard). A failure in any shard stops every writer and raises here.
     """
+    direct = direct_io_supported(tx.dir)  # else through the page cache (tmpfs, some network filesystems)
     finisher = ThreadPoolExecutor(1, thread_name_prefix="shardcut-finish")
     followers: list[Follower] = []
     failed: list[BaseException] = []
@@ -395,21 +401,14 @@ def write_shards(tx, jobs: Iterable[ShardJob], *, verify: bool, on_bytes, overla
                 raise failed[0]
             header = encode_header(job.tensors, job.metadata)
             path = tx.shard_path(job.name)
-            follower = Follower(path, shard_segments(header, job.tensors), job.size, verify=verify, sources=job.sources)
+            segments = shard_segments(header, job.tensors)
+            follower = Follower(path, segments, job.size, verify=verify, sources=job.sources, direct=direct)
             followers.append(follower)
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))  # for the follower to open
             futures.append(finisher.submit(finish, follower, job))
             futures[-1].add_done_callback(stop_all)
             try:
-                write_shard(
-                    path,
-                    job.tensors,
-                    job.metadata,
-                    on_bytes,
-                    sources=job.sources,
-                    sync=False,
-                    on_written=follower.written,
-                )
+                _write_for(follower, job.tensors, job.metadata, on_bytes, job.sources)
             finally:
                 follower.writer_done()
             if not overlap:
@@ -420,9 +419,52 @@ def write_shards(tx, jobs: Iterable[ShardJob], *, verify: bool, on_bytes, overla
         for f in followers:
             f.writer_done()
         finisher.shutdown(wait=True, cancel_futures=True)
+        release_buffers()
         close = getattr(it, "close", None)
         if close is not None:
             close()  # a generator of jobs releases what it holds (a streamed shard's pins)
+
+
+def _write_for(follower: Follower, tensors: list[OutTensor], metadata, on_bytes, sources: PinnedSources) -> None:
+    """Write `follower`'s shard the way it follows: with O_DIRECT, or through the page cache."""
+    if follower.direct:
+        write_shard_direct(follower.path, tensors, metadata, on_bytes, sources=sources, on_written=follower.written)
+    else:
+        write_shard(
+            follower.path, tensors, metadata, on_bytes, sources=sources, sync=False, on_written=follower.written
+        )
+
+
+def write_followed(
+    path: Path,
+    tensors: list[OutTensor],
+    metadata: dict[str, str] | None = None,
+    *,
+    sources: PinnedSources,
+    verify: bool = True,
+) -> int:
+    """One shard written as `write_shards` writes each (with its follower on a second thread):
+    when it returns, the file is written, read back from the disk and compared (with `verify`),
+    and fsynced. Returns the file size.
+
+    Example:
+        >>> with PinnedSources(ckpt.shards) as pinned:
+        ...     write_followed(Path("out.safetensors"), lay.shards[0], lay.metadata[0], sources=pinned)
+    """
+    header = encode_header(tensors, metadata)
+    size = len(header) + sum(t.nbytes for t in tensors)
+    direct = direct_io_supported(Path(path).parent)
+    follower = Follower(path, shard_segments(header, tensors), size, verify=verify, sources=sources, direct=direct)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))  # for the follower to open
+    with ThreadPoolExecutor(1, thread_name_prefix="shardcut-follow") as pool:
+        job = pool.submit(follower.run)
+        try:
+            _write_for(follower, tensors, metadata, None, sources)
+        finally:
+            follower.writer_done()
+        job.result()
+    release_buffers()
+    return size
 
 
 def pruned_config(ckpt: Checkpoint, info: ModelInfo, plan: Plan) -> tuple[dict, dict | None]:
