@@ -45,7 +45,7 @@ def test_same_bytes_as_the_page_cache_writer(direct_dir, monkeypatch, data_len, 
     """Three-block chunks, so headers, tensors and the padded tail land on and across every
     kind of boundary; sources at odd offsets, read with O_DIRECT or through the page cache."""
     monkeypatch.setattr(readback, "CHUNK", 3 * readback.ALIGN)
-    monkeypatch.setattr(direct_write, "STAGE_MIN", stage_min)
+    monkeypatch.setattr(readback, "DIRECT_MIN", stage_min)
     blob = _source_file(direct_dir / "src.bin", os.urandom(data_len + 5000))
     half = data_len // 2
     tensors = [
@@ -98,7 +98,7 @@ def test_a_fault_in_the_buffer_after_the_copy_fails_the_prune(direct_dir, monkey
         real(fd, buf, offset, length, truncate_to, staged, on_written)
 
     monkeypatch.setattr(readback, "CHUNK", 4 * readback.ALIGN)
-    monkeypatch.setattr(direct_write, "STAGE_MIN", 1)  # every source range read with O_DIRECT, kept to compare
+    monkeypatch.setattr(readback, "DIRECT_MIN", 1)  # every source range read with O_DIRECT, kept to compare
     monkeypatch.setattr(direct_write, "_write_chunk", faulty)
     out = direct_dir / "out"
     with pytest.raises(ShardcutError, match="differs from its source bytes"):
@@ -167,3 +167,29 @@ def test_a_filesystem_without_direct_io_takes_the_page_cache_writer(tmp_path, mo
     source = write_synthetic_checkpoint(tmp_path / "model", SPEC)
     report = prune(source, tmp_path / "out", Plan(KEEP))  # neither the writer nor the read-back opens O_DIRECT
     assert report.verified and (tmp_path / "out" / report.shards[0]).is_file()
+
+
+def test_verify_source_reads_the_sources_with_o_direct_too(direct_dir, monkeypatch):
+    """`verify OUT --source MODEL` (and a resumed prune's check of finished shards) reads the
+    source ranges with O_DIRECT (their aligned covers) and still finds one flipped byte."""
+    from shardcut.ops.verification import verify
+
+    source = write_synthetic_checkpoint(direct_dir / "model", SPEC)
+    out = direct_dir / "out"
+    prune(source, out, Plan(KEEP))
+    monkeypatch.setattr(readback, "DIRECT_MIN", 1)
+    monkeypatch.setattr(readback, "CHUNK", 3 * readback.ALIGN)
+    read: list[int] = []
+    real = readback.read_direct
+    monkeypatch.setattr(
+        readback, "read_direct", lambda fd, path, buf, at, off, n: read.append(n) or real(fd, path, buf, at, off, n)
+    )
+    report = verify(out, source=source)
+    assert report.ok and report.compared_bytes == sum(read) > 0
+    shard = out / sorted(p.name for p in out.glob("*.safetensors"))[1]
+    last = max(read_header(shard).tensors.values(), key=lambda t: t.end)
+    data = bytearray(shard.read_bytes())
+    data[last.end - 1] ^= 0x04
+    shard.write_bytes(bytes(data))
+    checked = verify(out, source=source)
+    assert not checked.ok and any(f"tensor {last.name!r} differs from its source bytes" in p for p in checked.problems)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-import shardcut.format.direct_write as direct_write
 import shardcut.format.readback as readback
 from shardcut.format.errors import ShardcutError
 from shardcut.ops.synthetic import SyntheticSpec, write_synthetic_checkpoint
@@ -45,7 +44,7 @@ def io_path(request, monkeypatch):
     writes through the page cache (`SHARDCUT_DIRECT_IO=0`), write-back awaited, O_DIRECT
     read-back; `fallback`: no O_DIRECT and no sync_file_range (fdatasync, drop, buffered read)."""
     if request.param == "direct":  # tensors of 512 bytes and up are read with O_DIRECT too, smaller ones are not
-        monkeypatch.setattr(direct_write, "STAGE_MIN", 512)
+        monkeypatch.setattr(readback, "DIRECT_MIN", 512)
     else:
         monkeypatch.setenv("SHARDCUT_DIRECT_IO", "0")
     if request.param == "fallback":
@@ -154,7 +153,7 @@ def test_read_back_bypasses_the_page_cache(source, tmp_path, monkeypatch):
     never the page cache (on a filesystem that refuses O_DIRECT the fallback above applies)."""
     direct: dict[int, int] = {}  # fd -> its F_GETFL flags
     read_through: dict[int, int] = {}
-    real_open, real_read = readback._open_direct, readback._pread_into
+    real_open, real_read = readback._open_direct, readback.pread_into
 
     def spy_open(path):
         fd = real_open(path)
@@ -168,7 +167,7 @@ def test_read_back_bypasses_the_page_cache(source, tmp_path, monkeypatch):
         return n
 
     monkeypatch.setattr(readback, "_open_direct", spy_open)
-    monkeypatch.setattr(readback, "_pread_into", spy_read)
+    monkeypatch.setattr(readback, "pread_into", spy_read)
     out = tmp_path / "out"
     _prune_in_time(source, out, Plan(KEEP))
     if not direct:

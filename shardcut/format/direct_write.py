@@ -88,7 +88,7 @@ def write_shard_direct(
     size = len(header) + sum(t.nbytes for t in tensors)
     chunk = readback.CHUNK
     files = SourceFiles(sources)
-    direct_sources = _DirectSources(files)
+    direct_sources = readback.DirectSources(files.fd)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_DIRECT, 0o644)
     bufs: list[readback.Buffer] = []
     writes: list[Future] = []
@@ -120,50 +120,15 @@ def write_shard_direct(
     return size
 
 
-STAGE_MIN = 64 << 10  # source ranges at least this long are read with O_DIRECT; shorter ones through the page cache
-
-
-class _DirectSources:
-    """`O_DIRECT` descriptors of the source files, opened on first use: a pinned file is reopened
-    through `/proc/self/fd` (the very inode pinned, whatever its path now names), another by
-    path and checked to be the file `files` has open; None where the filesystem refuses it."""
-
-    def __init__(self, files: SourceFiles) -> None:
-        self._files = files
-        self._fds: dict[Path, int | None] = {}
-
-    def staged(self, piece: Piece) -> bool:
-        """Whether `piece` is read with O_DIRECT (and so kept for the compare)."""
-        return piece.length >= STAGE_MIN and self.fd(piece.path) is not None
-
-    def fd(self, path: Path) -> int | None:
-        if path not in self._fds:
-            self._fds[path] = self._open(path)
-        return self._fds[path]
-
-    def _open(self, path: Path) -> int | None:
-        if not _O_DIRECT:
-            return None
-        pinned = self._files.fd(path)
-        for name in (f"/proc/self/fd/{pinned}", path):
-            try:
-                fd = os.open(name, os.O_RDONLY | _O_DIRECT)
-            except OSError:
-                continue
-            a, b = os.fstat(fd), os.fstat(pinned)
-            if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
-                return fd
-            os.close(fd)
-        return None
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            if fd is not None:
-                os.close(fd)
-        self._fds.clear()
-
-
-def _fill(buf, lo: int, parts, files: SourceFiles, direct_sources: _DirectSources, prefetch: Prefetch, on_bytes):
+def _fill(
+    buf: readback.Buffer,
+    lo: int,
+    parts,
+    files: SourceFiles,
+    direct_sources: readback.DirectSources,
+    prefetch: Prefetch,
+    on_bytes,
+) -> readback.Staged:
     """Assemble output bytes `[lo, lo + chunk)` in `buf` from `parts` (`_chunk_parts`); returns
     the `readback.Staged` of the source bytes read with O_DIRECT on the way."""
     stage: readback.Buffer | None = None
@@ -174,30 +139,22 @@ def _fill(buf, lo: int, parts, files: SourceFiles, direct_sources: _DirectSource
         if data is not None:
             buf.view[a - lo : b - lo] = data[src_off : src_off + n]
             continue
-        dfd = direct_sources.fd(piece.path) if piece.length >= STAGE_MIN else None
-        c0 = src_off - src_off % readback.ALIGN  # the aligned cover of [src_off, src_off + n)
-        c1 = -(-(src_off + n) // readback.ALIGN) * readback.ALIGN
+        dfd = direct_sources.fd(piece.path) if piece.length >= readback.DIRECT_MIN else None
+        c0, c1 = readback.direct_cover(src_off, n)
         if dfd is not None and stage is None:
-            stage = readback.take_buffer(_stage_size(readback.CHUNK))
+            stage = readback.take_buffer(readback.stage_size(readback.CHUNK))
         if dfd is not None and stage is not None and at + c1 - c0 <= len(stage.map):
-            if _pread_full(dfd, stage.view[at : at + c1 - c0], c0) < src_off + n - c0:
-                raise ShardcutError("source ends early (truncated while read?)", piece.path)
-            ctypes.memmove(buf.address + a - lo, stage.address + at + src_off - c0, n)
-            spans[a] = (b, at + src_off - c0)
+            start = readback.read_direct(dfd, piece.path, stage, at, src_off, n)
+            ctypes.memmove(buf.address + a - lo, stage.address + start, n)
+            spans[a] = (b, start)
             at += c1 - c0
         else:  # short, or on a filesystem refusing O_DIRECT: through the page cache (read again to compare)
-            if _pread_full(files.fd(piece.path), buf.view[a - lo : b - lo], src_off) < n:
+            if readback.pread_into(files.fd(piece.path), buf.view[a - lo : b - lo], src_off) < n:
                 raise ShardcutError("source ends early (truncated while read?)", piece.path)
             prefetch.copied(n)
         if on_bytes is not None:
             on_bytes(n)
     return readback.Staged(stage, spans)
-
-
-def _stage_size(chunk: int) -> int:
-    # Each O_DIRECT read covers its range rounded out to ALIGN at both ends; ranges are at least
-    # STAGE_MIN long, so the rounding adds at most 2 * ALIGN per STAGE_MIN (+ a split range).
-    return chunk + chunk // 8 + 4 * readback.ALIGN
 
 
 def _chunk_parts(header: bytes, pieces: list[Piece], size: int, chunk: int):
@@ -243,13 +200,3 @@ def _write_chunk(
         on_written(fd, truncate_to or offset + length, staged, offset)
     elif staged.buf is not None:
         readback.return_buffer(staged.buf)
-
-
-def _pread_full(fd: int, view: memoryview, offset: int) -> int:
-    got = 0
-    while got < len(view):
-        n = os.preadv(fd, [view[got:]], offset + got)
-        if n <= 0:
-            break
-        got += n
-    return got

@@ -145,7 +145,7 @@ def same_bytes(a: Buffer, a_off: int, b: Buffer, b_off: int, n: int) -> bool:
     return bytes(a.view[a_off : a_off + n]) == bytes(b.view[b_off : b_off + n])
 
 
-def _pread_into(fd: int, view: memoryview, offset: int) -> int:
+def pread_into(fd: int, view: memoryview, offset: int) -> int:
     """Fill `view` from `fd` at `offset`; returns the bytes read (fewer only at end of file)."""
     got = 0
     while got < len(view):
@@ -154,6 +154,73 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> int:
             break
         got += n
     return got
+
+
+DIRECT_MIN = 64 << 10  # source ranges at least this long are read with O_DIRECT; shorter ones through the page cache
+
+
+class DirectSources:
+    """`O_DIRECT` descriptors of source files, opened on first use. `buffered(path)` gives the
+    descriptor already open for a file (pinned, or opened by path); it is reopened through
+    `/proc/self/fd` (the very inode open, whatever its path now names), else by path and
+    checked to be the same file. None where the filesystem (or the OS) refuses direct I/O."""
+
+    def __init__(self, buffered) -> None:
+        self._buffered = buffered
+        self._fds: dict[Path, int | None] = {}
+
+    def staged(self, piece: Piece) -> bool:
+        """Whether `piece` is read with O_DIRECT."""
+        return piece.length >= DIRECT_MIN and self.fd(piece.path) is not None
+
+    def fd(self, path: Path) -> int | None:
+        if path not in self._fds:
+            self._fds[path] = self._open(path)
+        return self._fds[path]
+
+    def _open(self, path: Path) -> int | None:
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag:
+            return None
+        known = self._buffered(path)
+        for name in (f"/proc/self/fd/{known}", path):
+            try:
+                fd = os.open(name, os.O_RDONLY | flag)
+            except OSError:
+                continue
+            a, b = os.fstat(fd), os.fstat(known)
+            if (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino):
+                return fd
+            os.close(fd)
+        return None
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            if fd is not None:
+                os.close(fd)
+        self._fds.clear()
+
+
+def stage_size(chunk: int) -> int:
+    """Bytes that hold the O_DIRECT reads of one chunk's source ranges: each read covers its range
+    rounded out to ALIGN at both ends, and ranges read so are at least DIRECT_MIN long, so the
+    rounding adds at most 2 * ALIGN per DIRECT_MIN (+ ranges split at the chunk's ends)."""
+    return chunk + chunk // 8 + 4 * ALIGN
+
+
+def direct_cover(offset: int, n: int) -> tuple[int, int]:
+    """The aligned range an O_DIRECT read of bytes `[offset, offset + n)` must cover."""
+    return offset - offset % ALIGN, -(-(offset + n) // ALIGN) * ALIGN
+
+
+def read_direct(fd: int, path: Path, buf: Buffer, at: int, offset: int, n: int) -> int:
+    """Read bytes `[offset, offset + n)` of `path` (open with O_DIRECT as `fd`) into `buf` from
+    its aligned offset `at` (the whole aligned cover is read); returns where in `buf` they
+    start. Raises ShardcutError if the file ends first."""
+    c0, c1 = direct_cover(offset, n)
+    if pread_into(fd, buf.view[at : at + c1 - c0], c0) < offset + n - c0:
+        raise ShardcutError("source ends early (truncated while read?)", path)
+    return at + offset - c0
 
 
 @dataclass
@@ -236,6 +303,7 @@ class Follower:
         self._kicked = 0
         self._error: BaseException | None = None
         self._staged: dict[int, Staged] = {}  # chunk start -> what the direct writer read for it
+        self._direct_sources: DirectSources | None = None
         self.compared = 0
 
     # --- the writer's side -----------------------------------------------------------------
@@ -300,7 +368,11 @@ class Follower:
     def _run(self) -> None:
         fd = os.open(self.path, os.O_RDONLY)
         direct = _open_direct(self.path) if self.verify else None
-        bufs = (take_buffer(self.chunk), take_buffer(self.chunk)) if self.verify else None
+        # A finished file's sources are read with O_DIRECT too (nothing of them is in the page
+        # cache to reuse); behind a writer they were just read, through the page cache or staged.
+        self._direct_sources = DirectSources(lambda p: self._source_fd(p, opened)) if self.complete else None
+        src_size = stage_size(self.chunk) if self.complete else self.chunk
+        bufs = (take_buffer(self.chunk), take_buffer(src_size)) if self.verify else None
         opened: dict[Path, int] = {}
         try:
             if not self.verify:  # nothing to read back: one fsync once written, as a plain write
@@ -332,6 +404,8 @@ class Follower:
             os.close(fd)
             if direct is not None:
                 os.close(direct)
+            if self._direct_sources is not None:
+                self._direct_sources.close()
             for src in opened.values():
                 os.close(src)
             if bufs is not None:
@@ -360,11 +434,11 @@ class Follower:
         out, src = bufs
         n = hi - lo
         if direct is not None:
-            got = _pread_into(direct, out.view[: -(-n // ALIGN) * ALIGN], lo)
+            got = pread_into(direct, out.view[: -(-n // ALIGN) * ALIGN], lo)
         else:  # written back, so clean: dropped, the read comes from the device
             if not self.complete:
                 _drop(fd, lo, n)
-            got = _pread_into(fd, out.view[:n], lo)
+            got = pread_into(fd, out.view[:n], lo)
         if got < n:
             raise ShardcutError(f"file ends at {lo + got}, expected {self.size} bytes", self.path)
         while i < len(segs) and segs[i].start < hi:
@@ -380,10 +454,15 @@ class Follower:
                     src.view[: b - a] = seg.data[a - seg.start : b - seg.start]
                     expect, at = src, 0
                 elif seg.piece is not None:
-                    src_fd = self._source_fd(seg.piece.path, opened)
-                    if _pread_into(src_fd, src.view[: b - a], seg.piece.offset + a - seg.start) < b - a:
-                        raise ShardcutError("source ends early (truncated while read?)", seg.piece.path)
-                    expect, at = src, 0
+                    path, offset = seg.piece.path, seg.piece.offset + a - seg.start
+                    dfd = self._direct_sources.fd(path) if self._direct_sources and b - a >= DIRECT_MIN else None
+                    c0, c1 = direct_cover(offset, b - a)
+                    if dfd is not None and c1 - c0 <= len(src.map):
+                        expect, at = src, read_direct(dfd, path, src, 0, offset, b - a)
+                    else:
+                        if pread_into(self._source_fd(path, opened), src.view[: b - a], offset) < b - a:
+                            raise ShardcutError("source ends early (truncated while read?)", path)
+                        expect, at = src, 0
                 if not same_bytes(out, a - lo, expect, at, b - a):
                     what = f"tensor {seg.tensor!r}" if seg.tensor else "the header"
                     raise ShardcutError(f"{what} differs from its source bytes (read back from the disk)", self.path)
