@@ -193,3 +193,24 @@ def test_verify_source_reads_the_sources_with_o_direct_too(direct_dir, monkeypat
     shard.write_bytes(bytes(data))
     checked = verify(out, source=source)
     assert not checked.ok and any(f"tensor {last.name!r} differs from its source bytes" in p for p in checked.problems)
+
+
+def test_a_source_refusing_direct_reads_midway_is_read_through_the_page_cache(direct_dir, monkeypatch):
+    """EINVAL from an O_DIRECT source read (a device whose blocks are larger than ALIGN) is not
+    an error: that file is read through the page cache from then on, and compared from it."""
+    import errno
+
+    source = write_synthetic_checkpoint(direct_dir / "model", SPEC)
+    monkeypatch.setattr(readback, "DIRECT_MIN", 1)
+    refused: list[Path] = []
+
+    def einval(fd, path, buf, at, offset, n):
+        refused.append(path)
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(readback, "read_direct", einval)
+    report = prune(source, direct_dir / "out", Plan(KEEP))
+    assert report.verified and refused
+    assert len(refused) == len(set(refused))  # each file tried once, then read through the page cache
+    clean = prune(source, direct_dir / "plain", Plan(KEEP), verify=False)
+    assert all((direct_dir / "out" / n).read_bytes() == (direct_dir / "plain" / n).read_bytes() for n in clean.shards)

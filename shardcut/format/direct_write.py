@@ -139,12 +139,14 @@ def _fill(
         if data is not None:
             buf.view[a - lo : b - lo] = data[src_off : src_off + n]
             continue
-        dfd = direct_sources.fd(piece.path) if piece.length >= readback.DIRECT_MIN else None
         c0, c1 = readback.direct_cover(src_off, n)
-        if dfd is not None and stage is None:
-            stage = readback.take_buffer(readback.stage_size(readback.CHUNK))
-        if dfd is not None and stage is not None and at + c1 - c0 <= len(stage.map):
-            start = readback.read_direct(dfd, piece.path, stage, at, src_off, n)
+        start = None
+        if direct_sources.staged(piece):
+            if stage is None:
+                stage = readback.take_buffer(readback.stage_size(readback.CHUNK))
+            if at + c1 - c0 <= len(stage.map):
+                start = direct_sources.read(piece.path, stage, at, src_off, n)
+        if stage is not None and start is not None:
             ctypes.memmove(buf.address + a - lo, stage.address + start, n)
             spans[a] = (b, start)
             at += c1 - c0

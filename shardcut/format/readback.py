@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import mmap
 import os
 import threading
@@ -193,6 +194,22 @@ class DirectSources:
                 return fd
             os.close(fd)
         return None
+
+    def read(self, path: Path, buf: Buffer, at: int, offset: int, n: int) -> int | None:
+        """`read_direct` of `path`'s bytes `[offset, offset + n)` into `buf` at `at`; returns
+        where they start in `buf`, or None if this file is not read with O_DIRECT (refused
+        at open, or now: EINVAL, e.g. a device whose blocks are larger than ALIGN; remembered)."""
+        fd = self.fd(path)
+        if fd is None:
+            return None
+        try:
+            return read_direct(fd, path, buf, at, offset, n)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            os.close(fd)
+            self._fds[path] = None
+            return None
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -455,14 +472,15 @@ class Follower:
                     expect, at = src, 0
                 elif seg.piece is not None:
                     path, offset = seg.piece.path, seg.piece.offset + a - seg.start
-                    dfd = self._direct_sources.fd(path) if self._direct_sources and b - a >= DIRECT_MIN else None
                     c0, c1 = direct_cover(offset, b - a)
-                    if dfd is not None and c1 - c0 <= len(src.map):
-                        expect, at = src, read_direct(dfd, path, src, 0, offset, b - a)
-                    else:
+                    start = None
+                    if self._direct_sources is not None and b - a >= DIRECT_MIN and c1 - c0 <= len(src.map):
+                        start = self._direct_sources.read(path, src, 0, offset, b - a)
+                    if start is None:
                         if pread_into(self._source_fd(path, opened), src.view[: b - a], offset) < b - a:
                             raise ShardcutError("source ends early (truncated while read?)", path)
-                        expect, at = src, 0
+                        start = 0
+                    expect, at = src, start
                 if not same_bytes(out, a - lo, expect, at, b - a):
                     what = f"tensor {seg.tensor!r}" if seg.tensor else "the header"
                     raise ShardcutError(f"{what} differs from its source bytes (read back from the disk)", self.path)
