@@ -46,6 +46,7 @@ def test_same_bytes_as_the_page_cache_writer(direct_dir, monkeypatch, data_len, 
     kind of boundary; sources at odd offsets, read with O_DIRECT or through the page cache."""
     monkeypatch.setattr(readback, "CHUNK", 3 * readback.ALIGN)
     monkeypatch.setattr(readback, "DIRECT_MIN", stage_min)
+    monkeypatch.setattr(direct_write, "READ_SPLIT", readback.ALIGN)  # every range read in parallel block reads
     blob = _source_file(direct_dir / "src.bin", os.urandom(data_len + 5000))
     half = data_len // 2
     tensors = [

@@ -229,3 +229,30 @@ def _tensors(path: Path):
     from shardcut.format.container import read_header
 
     return read_header(path).tensors.values()
+
+
+def test_a_downloaded_shard_is_read_through_the_page_cache_a_cached_one_directly(t, tmp_path, online, monkeypatch):
+    """A shard just downloaded is in the page cache: the copy and the compare read it from
+    there (an O_DIRECT read would first flush it to the disk and then read it back). A shard
+    already in the HF cache is read with O_DIRECT, as a local prune reads its input."""
+    from shardcut.format import direct_write, readback
+
+    if not direct_write.direct_io_supported(tmp_path):
+        pytest.skip("this filesystem refuses O_DIRECT: every read goes through the page cache")
+    monkeypatch.setattr(readback, "DIRECT_MIN", 1)
+    direct: list[Path] = []
+    real = readback.read_direct
+    monkeypatch.setattr(readback, "read_direct", lambda fd, p, *rest: direct.append(p) or real(fd, p, *rest))
+    work = tmp_path / "work"
+    work.mkdir()
+    report = prune_model(REPO, work / "out", Plan.load(t.plan_path), stream=True, download=Downloader(t.source, work))
+    assert report.downloaded and direct == []
+    assert pruned_digest(work / "out") == pruned_digest(t.pruned)
+
+    cache = tmp_path / "warm-cache"
+    shutil.copytree(t.reference_cache, cache, symlinks=True)
+    use_cache(monkeypatch, cache, offline=False)
+    never = Downloader(t.source, tmp_path, fail_at=1)
+    report = prune_model(REPO, tmp_path / "out2", Plan.load(t.plan_path), stream=True, download=never)
+    assert report.downloaded == [] and direct
+    assert pruned_digest(tmp_path / "out2") == pruned_digest(t.pruned)

@@ -74,13 +74,16 @@ def write_shard_direct(
     *,
     sources: PinnedSources | None = None,
     on_written=None,
+    read_direct: bool = True,
 ) -> int:
     """Write the safetensors file `container.write_shard` writes, with `O_DIRECT` (module doc).
 
     `on_bytes(n)` is called as source bytes are copied; `on_written(fd, pos, staged, lo)`
     after each chunk `[lo, pos)` is on the device, on the writing thread (an exception it
     raises stops the writer); it takes over `staged` (`readback.Staged`: the source bytes the
-    chunk was copied from) and gives its buffer back (`readback.return_buffer`). Raises
+    chunk was copied from) and gives its buffer back (`readback.return_buffer`).
+    `read_direct=False` reads the sources through the page cache (a file just written, such as
+    a download, is still there: an O_DIRECT read would first flush it, then read it back). Raises
     OSError where the filesystem refuses `O_DIRECT` (see `direct_io_supported`). Returns the
     file size.
     """
@@ -88,22 +91,23 @@ def write_shard_direct(
     size = len(header) + sum(t.nbytes for t in tensors)
     chunk = readback.CHUNK
     files = SourceFiles(sources)
-    direct_sources = readback.DirectSources(files.fd)
+    direct_sources = readback.DirectSources(files.fd) if read_direct else None
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_DIRECT, 0o644)
     bufs: list[readback.Buffer] = []
     writes: list[Future] = []
     pool = ThreadPoolExecutor(1, thread_name_prefix="shardcut-direct")
+    readers = ThreadPoolExecutor(READERS, thread_name_prefix="shardcut-read")
     try:
         bufs += [readback.take_buffer(chunk) for _ in range(BUFFERS)]
         pieces = [p for t in tensors for p in t.pieces]
-        prefetch = Prefetch(files, [p for p in pieces if not direct_sources.staged(p)])
+        prefetch = Prefetch(files, [p for p in pieces if not (direct_sources and direct_sources.staged(p))])
         prefetch.copied(0)
         parts = _chunk_parts(header, pieces, size, chunk)
         for k, lo in enumerate(range(0, size, chunk)):
             if k >= BUFFERS:
                 writes[k - BUFFERS].result()  # that buffer is free again (or its write failed)
             buf, hi = bufs[k % BUFFERS], min(lo + chunk, size)
-            staged = _fill(buf, lo, next(parts), files, direct_sources, prefetch, on_bytes)
+            staged = _fill(buf, lo, next(parts), files, direct_sources, readers, prefetch, on_bytes)
             padded = -(-(hi - lo) // readback.ALIGN) * readback.ALIGN
             buf.view[hi - lo : padded] = bytes(padded - (hi - lo))  # the last chunk's tail, cut off after
             last = size if hi == size else 0  # the file is cut to its size after the last write
@@ -111,9 +115,11 @@ def write_shard_direct(
         for w in writes:
             w.result()
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)  # no write may still use a buffer being closed
+        readers.shutdown(wait=True, cancel_futures=True)  # no read or write may still use a buffer
+        pool.shutdown(wait=True, cancel_futures=True)
         os.close(fd)
-        direct_sources.close()
+        if direct_sources is not None:
+            direct_sources.close()
         files.close()
         for b in bufs:
             readback.return_buffer(b)
@@ -125,14 +131,20 @@ def _fill(
     lo: int,
     parts,
     files: SourceFiles,
-    direct_sources: readback.DirectSources,
+    direct_sources: readback.DirectSources | None,
+    readers: ThreadPoolExecutor,
     prefetch: Prefetch,
     on_bytes,
 ) -> readback.Staged:
     """Assemble output bytes `[lo, lo + chunk)` in `buf` from `parts` (`_chunk_parts`); returns
-    the `readback.Staged` of the source bytes read with O_DIRECT on the way."""
+    the `readback.Staged` of the source bytes read with O_DIRECT on the way.
+
+    The O_DIRECT reads of the chunk run on `readers`, READ_SPLIT bytes each (a direct read
+    waits for the device, and a few at once keep it busier), while this thread reads the short
+    ranges through the page cache; then the staged bytes are copied into `buf`."""
     stage: readback.Buffer | None = None
     spans: dict[int, tuple[int, int]] = {}
+    staged: list[tuple[int, int, Piece, int, list[Future]]] = []  # (a, n, piece, source offset, reads)
     at = 0  # next free, aligned offset in the stage buffer
     for a, b, data, src_off, piece in parts:
         n = b - a
@@ -140,23 +152,49 @@ def _fill(
             buf.view[a - lo : b - lo] = data[src_off : src_off + n]
             continue
         c0, c1 = readback.direct_cover(src_off, n)
-        start = None
-        if direct_sources.staged(piece):
+        if direct_sources is not None and direct_sources.staged(piece):
             if stage is None:
                 stage = readback.take_buffer(readback.stage_size(readback.CHUNK))
             if at + c1 - c0 <= len(stage.map):
-                start = direct_sources.read(piece.path, stage, at, src_off, n)
-        if stage is not None and start is not None:
-            ctypes.memmove(buf.address + a - lo, stage.address + start, n)
-            spans[a] = (b, start)
-            at += c1 - c0
-        else:  # short, or on a filesystem refusing O_DIRECT: through the page cache (read again to compare)
-            if readback.pread_into(files.fd(piece.path), buf.view[a - lo : b - lo], src_off) < n:
-                raise ShardcutError("source ends early (truncated while read?)", piece.path)
-            prefetch.copied(n)
+                reads = [
+                    readers.submit(direct_sources.read, piece.path, stage, at + s - s % readback.ALIGN - c0, s, e - s)
+                    for s, e in _split(src_off, src_off + n)
+                ]
+                staged.append((a, n, piece, src_off, reads))
+                at += c1 - c0
+                continue
+        _read_cached(files, piece, buf.view[a - lo : b - lo], src_off, prefetch)
+        if on_bytes is not None:
+            on_bytes(n)
+    for a, n, piece, src_off, reads in staged:
+        starts = [r.result() for r in reads]
+        first = starts[0]
+        if stage is not None and first is not None and None not in starts:
+            ctypes.memmove(buf.address + a - lo, stage.address + first, n)
+            spans[a] = (a + n, first)
+        else:  # the file refused O_DIRECT after all: read through the page cache (and compared from it)
+            _read_cached(files, piece, buf.view[a - lo : a - lo + n], src_off, prefetch)
         if on_bytes is not None:
             on_bytes(n)
     return readback.Staged(stage, spans)
+
+
+READ_SPLIT = 4 << 20  # bytes per O_DIRECT source read (a multiple of ALIGN)
+READERS = 3  # O_DIRECT source reads in flight at once
+
+
+def _split(start: int, end: int) -> list[tuple[int, int]]:
+    """`[start, end)` cut at the multiples of READ_SPLIT inside it (aligned, so the reads' covers
+    are contiguous and never overlap)."""
+    cuts = list(range(start - start % READ_SPLIT + READ_SPLIT, end, READ_SPLIT))
+    points = [start, *cuts, end]
+    return list(zip(points, points[1:], strict=False))
+
+
+def _read_cached(files: SourceFiles, piece: Piece, view: memoryview, offset: int, prefetch: Prefetch) -> None:
+    if readback.pread_into(files.fd(piece.path), view, offset) < len(view):
+        raise ShardcutError("source ends early (truncated while read?)", piece.path)
+    prefetch.copied(len(view))
 
 
 def _chunk_parts(header: bytes, pieces: list[Piece], size: int, chunk: int):

@@ -164,20 +164,24 @@ class DirectSources:
     """`O_DIRECT` descriptors of source files, opened on first use. `buffered(path)` gives the
     descriptor already open for a file (pinned, or opened by path); it is reopened through
     `/proc/self/fd` (the very inode open, whatever its path now names), else by path and
-    checked to be the same file. None where the filesystem (or the OS) refuses direct I/O."""
+    checked to be the same file. None where the filesystem (or the OS) refuses direct I/O.
+    `read` may run on several threads at once."""
 
     def __init__(self, buffered) -> None:
         self._buffered = buffered
+        self._lock = threading.Lock()
         self._fds: dict[Path, int | None] = {}
+        self._refused: list[int] = []  # closed at `close`: a read on another thread may still use one
 
     def staged(self, piece: Piece) -> bool:
         """Whether `piece` is read with O_DIRECT."""
         return piece.length >= DIRECT_MIN and self.fd(piece.path) is not None
 
     def fd(self, path: Path) -> int | None:
-        if path not in self._fds:
-            self._fds[path] = self._open(path)
-        return self._fds[path]
+        with self._lock:
+            if path not in self._fds:
+                self._fds[path] = self._open(path)
+            return self._fds[path]
 
     def _open(self, path: Path) -> int | None:
         flag = getattr(os, "O_DIRECT", 0)
@@ -207,15 +211,19 @@ class DirectSources:
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-            os.close(fd)
-            self._fds[path] = None
+            with self._lock:
+                if self._fds.get(path) == fd:
+                    self._fds[path] = None
+                    self._refused.append(fd)
             return None
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            if fd is not None:
-                os.close(fd)
-        self._fds.clear()
+        with self._lock:
+            fds = [fd for fd in self._fds.values() if fd is not None] + self._refused
+            self._fds.clear()
+            self._refused = []
+        for fd in fds:
+            os.close(fd)
 
 
 def stage_size(chunk: int) -> int:

@@ -285,7 +285,9 @@ def _stream(
                     # the point of streaming: a downloaded input shard goes before the next comes
                     release = src.unlink if local is None else None
                     with PinnedSources([on_disk]) as pinned:  # copy and self-check read one file, unchanged
-                        yield ShardJob(name, tensors, meta, size, pinned, check=pinned.check, release=release)
+                        yield ShardJob(
+                            name, tensors, meta, size, pinned, check=pinned.check, release=release, cached=local is None
+                        )
 
             # one shard at a time (overlap=False): disk = output + one input shard
             on_bytes = byte_counter(done, sum(sizes), progress)

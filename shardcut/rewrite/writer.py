@@ -345,7 +345,8 @@ def byte_counter(done: int, total: int, progress: Progress | None) -> Callable[[
 class ShardJob:
     """One output shard to write: its tensors, read only through `sources` (pinned files), and
     what must happen once it is verified: `check` before it is marked finished (a streamed
-    source still unchanged), `release` after (a streamed source deleted)."""
+    source still unchanged), `release` after (a streamed source deleted). `cached`: the
+    sources are in the page cache (just downloaded), so they are read from it, not with O_DIRECT."""
 
     name: str
     tensors: list[OutTensor]
@@ -354,6 +355,7 @@ class ShardJob:
     sources: PinnedSources
     check: Callable[[], None] | None = None
     release: Callable[[], None] | None = None
+    cached: bool = False  # the sources were just written (a download): read them through the page cache
 
 
 def write_shards(tx, jobs: Iterable[ShardJob], *, verify: bool, on_bytes, overlap: bool = True) -> None:
@@ -408,7 +410,7 @@ def write_shards(tx, jobs: Iterable[ShardJob], *, verify: bool, on_bytes, overla
             futures.append(finisher.submit(finish, follower, job))
             futures[-1].add_done_callback(stop_all)
             try:
-                _write_for(follower, job.tensors, job.metadata, on_bytes, job.sources)
+                _write_for(follower, job.tensors, job.metadata, on_bytes, job.sources, cached=job.cached)
             finally:
                 follower.writer_done()
             if not overlap:
@@ -425,10 +427,20 @@ def write_shards(tx, jobs: Iterable[ShardJob], *, verify: bool, on_bytes, overla
             close()  # a generator of jobs releases what it holds (a streamed shard's pins)
 
 
-def _write_for(follower: Follower, tensors: list[OutTensor], metadata, on_bytes, sources: PinnedSources) -> None:
+def _write_for(
+    follower: Follower, tensors: list[OutTensor], metadata, on_bytes, sources: PinnedSources, cached: bool = False
+) -> None:
     """Write `follower`'s shard the way it follows: with O_DIRECT, or through the page cache."""
     if follower.direct:
-        write_shard_direct(follower.path, tensors, metadata, on_bytes, sources=sources, on_written=follower.written)
+        write_shard_direct(
+            follower.path,
+            tensors,
+            metadata,
+            on_bytes,
+            sources=sources,
+            on_written=follower.written,
+            read_direct=not cached,
+        )
     else:
         write_shard(
             follower.path, tensors, metadata, on_bytes, sources=sources, sync=False, on_written=follower.written
