@@ -19,7 +19,8 @@ cp copies) are read into the page cache (warm, default) or dropped from it with
 checkout: `git archive COMMIT shardcut | tar -x -C DIR`), `--verify-source` times
 `shardcut verify OUT --source MODEL`, `--stream` times `prune --stream` from a local fake Hub
 (tests/fixtures/hub_fixtures.py; each shard "downloaded" by a file copy), each with and without
-the baseline when given.
+the baseline when given. `--dir DIR` keeps the work folder, and an input already in it
+(`DIR/src-<size>gb`) is reused, e.g. a 30 GB input for several runs.
 """
 
 from __future__ import annotations

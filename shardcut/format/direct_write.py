@@ -1,19 +1,22 @@
-"""Shards written with `O_DIRECT` from reused, aligned buffers: the output never enters the page cache.
+"""Shards written with `O_DIRECT` from reused, aligned buffers: neither input nor output goes through the page cache.
 
 A shard is cut into `readback.CHUNK`-sized, aligned chunks. The caller's thread assembles each
-chunk in user memory (the encoded header, then the source ranges, read with `pread` through
-the pinned descriptors) while a second thread writes the chunk before it with one aligned
-`pwrite`; three buffers rotate between them. The last chunk is padded with zeros to the block
-size and the file truncated to its length. When a `pwrite` returns, the chunk is on the device
-(its volatile cache aside: the follower's fsync at the end flushes that), so a
-`readback.Follower(direct=True)` reads it back at once, with no write-back to wait for and no
-page to drop.
+chunk: the encoded header, then the source ranges, read with `O_DIRECT` (their aligned covers,
+READ_SPLIT bytes per read, READERS reads in flight) into a staging buffer and copied from there
+(ranges under `readback.DIRECT_MIN` are read through the page cache). A second thread writes
+the chunk before it with one aligned `pwrite`; three buffers rotate between them. The last
+chunk is padded with zeros to the block size and the file truncated to its length. When a
+`pwrite` returns, the chunk is on the device (its volatile cache aside: the follower's fsync at
+the end flushes that), so a `readback.Follower(direct=True)` reads it back at once, with no
+write-back to wait for and no page to drop, and compares it with the staging buffer it is
+handed (`readback.Staged`): the source bytes as read, not the buffer that was written.
 
-Why: writing through the page cache means a kernel memcpy into freshly allocated folios, then
-write-back, then dropping them. On a VM that hands freed memory back to its host (free page
-reporting) every fresh folio is a host page fault, and a 30 GB prune spent 82-91% of its time
-in the kernel. Measured on this project's VM, 4 GiB from 32 MiB buffers: buffered `pwrite` +
-fsync 14.5-21.4 s (12-18 s of it system time), `O_DIRECT` 3.2-3.7 s (0.3-0.4 s).
+Why: going through the page cache means a kernel memcpy into (or out of) freshly allocated
+folios, write-back, and dropping them again. On a VM that hands freed memory back to its host
+(free page reporting) every fresh folio is a host page fault, and a 30 GB prune spent 82-91% of
+its time in the kernel. Measured on this project's VM, 4 GiB in 32 MiB requests: buffered
+`pwrite` + fsync 14.5-21.4 s (12-18 s of it system time), `O_DIRECT` 3.2-3.7 s (0.3-0.4 s); a
+cold buffered read 11.2-13.6 s (10-12 s), `O_DIRECT` 5.8 s (0.26 s).
 
 Where the filesystem refuses `O_DIRECT` (tmpfs, some network and FUSE filesystems, another
 OS), `direct_io_supported` says no and the caller writes with `container.write_shard`;
@@ -74,7 +77,6 @@ def write_shard_direct(
     *,
     sources: PinnedSources | None = None,
     on_written=None,
-    read_direct: bool = True,
 ) -> int:
     """Write the safetensors file `container.write_shard` writes, with `O_DIRECT` (module doc).
 
@@ -82,8 +84,7 @@ def write_shard_direct(
     after each chunk `[lo, pos)` is on the device, on the writing thread (an exception it
     raises stops the writer); it takes over `staged` (`readback.Staged`: the source bytes the
     chunk was copied from) and gives its buffer back (`readback.return_buffer`).
-    `read_direct=False` reads the sources through the page cache (a file just written, such as
-    a download, is still there: an O_DIRECT read would first flush it, then read it back). Raises
+    Raises
     OSError where the filesystem refuses `O_DIRECT` (see `direct_io_supported`). Returns the
     file size.
     """
@@ -91,7 +92,7 @@ def write_shard_direct(
     size = len(header) + sum(t.nbytes for t in tensors)
     chunk = readback.CHUNK
     files = SourceFiles(sources)
-    direct_sources = readback.DirectSources(files.fd) if read_direct else None
+    direct_sources = readback.DirectSources(files.fd)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_DIRECT, 0o644)
     bufs: list[readback.Buffer] = []
     writes: list[Future] = []
@@ -100,7 +101,7 @@ def write_shard_direct(
     try:
         bufs += [readback.take_buffer(chunk) for _ in range(BUFFERS)]
         pieces = [p for t in tensors for p in t.pieces]
-        prefetch = Prefetch(files, [p for p in pieces if not (direct_sources and direct_sources.staged(p))])
+        prefetch = Prefetch(files, [p for p in pieces if not direct_sources.staged(p)])
         prefetch.copied(0)
         parts = _chunk_parts(header, pieces, size, chunk)
         for k, lo in enumerate(range(0, size, chunk)):
@@ -118,8 +119,7 @@ def write_shard_direct(
         readers.shutdown(wait=True, cancel_futures=True)  # no read or write may still use a buffer
         pool.shutdown(wait=True, cancel_futures=True)
         os.close(fd)
-        if direct_sources is not None:
-            direct_sources.close()
+        direct_sources.close()
         files.close()
         for b in bufs:
             readback.return_buffer(b)
@@ -131,7 +131,7 @@ def _fill(
     lo: int,
     parts,
     files: SourceFiles,
-    direct_sources: readback.DirectSources | None,
+    direct_sources: readback.DirectSources,
     readers: ThreadPoolExecutor,
     prefetch: Prefetch,
     on_bytes,
@@ -152,7 +152,7 @@ def _fill(
             buf.view[a - lo : b - lo] = data[src_off : src_off + n]
             continue
         c0, c1 = readback.direct_cover(src_off, n)
-        if direct_sources is not None and direct_sources.staged(piece):
+        if direct_sources.staged(piece):
             if stage is None:
                 stage = readback.take_buffer(readback.stage_size(readback.CHUNK))
             if at + c1 - c0 <= len(stage.map):
