@@ -5,9 +5,10 @@ through the page cache by `container.write_shard`; a `Follower` on a second thre
 chunk by chunk. Behind the page-cache writer it first waits for the chunk's write-back to the
 device to complete (`sync_file_range`); a direct write is on the device when reported. It then
 reads the chunk back from the device with `O_DIRECT` (never from the page cache), compares it
-with the bytes it must hold (the encoded header, then the source ranges, read again through the
-pinned descriptors the copy read: not the writer's buffer, so a fault in that buffer is caught),
-and drops the chunk's pages from the page cache (if it went through it). At the end it fsyncs
+with the bytes it must hold (the encoded header, then the source ranges: as the direct writer
+read them, in a staging buffer apart from the one it wrote (`Staged`), or read again through
+the pinned descriptors the copy read; never the writer's buffer, so a fault in that buffer is
+caught), and drops the chunk's pages from the page cache (if it went through it). At the end it fsyncs
 the file (then only metadata and the device's cache are left to flush). Both sides wait on the
 disk and release the GIL (the compare is `memcmp` on reused buffers), so verification costs
 little time beyond the copy.
