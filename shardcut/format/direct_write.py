@@ -103,7 +103,7 @@ def write_shard_direct(
         pieces = [p for t in tensors for p in t.pieces]
         prefetch = Prefetch(files, [p for p in pieces if not direct_sources.staged(p)])
         prefetch.copied(0)
-        parts = _chunk_parts(header, pieces, size, chunk)
+        parts = _chunk_parts(readback.shard_segments(header, tensors), size, chunk)
         for k, lo in enumerate(range(0, size, chunk)):
             if k >= BUFFERS:
                 writes[k - BUFFERS].result()  # that buffer is free again (or its write failed)
@@ -197,26 +197,22 @@ def _read_cached(files: SourceFiles, piece: Piece, view: memoryview, offset: int
     prefetch.copied(len(view))
 
 
-def _chunk_parts(header: bytes, pieces: list[Piece], size: int, chunk: int):
-    """For each chunk `[lo, hi)` of the file, in order: the list of its parts `(a, b, data,
-    offset, piece)`, output bytes `[a, b)` being `data[offset:]` (the header) or the source
-    bytes at `offset` of `piece`'s file."""
-    # (start, end, data, offset of `start` in data or in the piece's file, piece)
-    segments: list[tuple[int, int, bytes | None, int, Piece | None]] = [(0, len(header), header, 0, None)]
-    pos = len(header)
-    for p in pieces:
-        if p.length:
-            segments.append((pos, pos + p.length, None, p.offset, p))
-            pos += p.length
+def _chunk_parts(segments: list[readback.Segment], size: int, chunk: int):
+    """For each chunk `[lo, hi)` of the file, in order, the list of its parts `(a, b, data,
+    offset, piece)`: output bytes `[a, b)` are `data[offset:]` (the header) or the source bytes
+    at `offset` of `piece`'s file. `segments`: the file's bytes, as `readback.shard_segments`."""
+    segs = [seg for seg in segments if seg.length]
     i = 0
     for lo in range(0, size, chunk):
         hi = min(lo + chunk, size)
         out = []
-        while i < len(segments):
-            start, end, data, base, piece = segments[i]
-            a, b = max(start, lo), min(end, hi)
+        while i < len(segs):
+            seg = segs[i]
+            end = seg.start + seg.length
+            a, b = max(seg.start, lo), min(end, hi)
             if b > a:
-                out.append((a, b, data, base + a - start, piece))
+                base = seg.piece.offset if seg.piece is not None else 0
+                out.append((a, b, seg.data, base + a - seg.start, seg.piece))
             if end > hi:
                 break  # continues in the next chunk
             i += 1

@@ -41,7 +41,7 @@ from shardcut.format.errors import ShardcutError
 CHUNK = 32 << 20  # bytes flushed, read back and compared at a time (a multiple of ALIGN)
 ALIGN = 4096  # O_DIRECT offsets, lengths and buffers are multiples of the logical block size
 WINDOW = 512 << 20  # how far the writer may run ahead of what was verified (bounds dirty pages)
-DIRECT_WINDOW = 4 * CHUNK  # the same behind a direct writer (bounds the source bytes it keeps)
+DIRECT_WINDOW_CHUNKS = 4  # the same behind a direct writer, in chunks (bounds the source bytes it keeps)
 
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4  # SYNC_FILE_RANGE_* of <fcntl.h>
 
@@ -337,11 +337,11 @@ class Follower:
         """The writer has written `[0, pos)` (`staged`: what it read for the chunk starting at
         `chunk_start`): start its write-back, wake the follower, and wait while the writer is
         more than the window ahead of the follower (so dirty pages, or staged source bytes, stay
-        bounded: WINDOW, or DIRECT_WINDOW behind a direct writer)."""
+        bounded: WINDOW, or DIRECT_WINDOW_CHUNKS chunks behind a direct writer)."""
         if self.verify and not self.direct and (pos - self._kicked >= self.chunk or pos >= self.size):
             start_writeback(fd, self._kicked, pos - self._kicked)
             self._kicked = pos
-        window = DIRECT_WINDOW if self.direct else WINDOW
+        window = DIRECT_WINDOW_CHUNKS * self.chunk if self.direct else WINDOW
         with self._cond:
             if staged is not None:
                 if self.verify and self._error is None:
