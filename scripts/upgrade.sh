@@ -9,7 +9,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv-latest}
 rm -rf "$VENV"
-VENV="$VENV" LOCK=none bash scripts/setup.sh
+python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install --quiet --upgrade pip setuptools
+"$VENV/bin/python" -m pip install --quiet "torch==2.13.0"  # the on-disk CPU build, not the newest
+"$VENV/bin/python" -m pip install --quiet --upgrade --upgrade-strategy eager -c <(echo "torch==2.13.0") -e ".[dev]"
+VENV="$VENV" bash scripts/fetch-llama-cpp.sh
 "$VENV/bin/ruff" check shardcut cli tests bench
 "$VENV/bin/python" -m pytest -p no:cacheprovider
 if [ "${1:-}" != "--check" ]; then

@@ -42,10 +42,15 @@ def test_every_requirement_of_the_project_is_pinned_exactly():
 def test_setup_installs_pip_setuptools_and_torch_from_the_lock():
     pins = _pins()
     assert {"pip", "setuptools", "torch"} <= set(pins)
+    assert pins["torch"] == "2.13.0"  # the on-disk CPU build; a plain `torch` would pull a CUDA build
     setup = (ROOT / "scripts" / "setup.sh").read_text()
-    assert f'"torch=={pins["torch"]}"' in setup  # the on-disk CPU build, installed before the rest
     assert "--no-build-isolation" in setup  # otherwise the build backend is the newest setuptools
-    assert setup.count("-c requirements.txt") == 3  # pip and setuptools, torch, shardcut: each from the lock
+    installs = [line for line in setup.splitlines() if "pip install" in line and not line.lstrip().startswith("#")]
+    assert len(installs) == 3  # pip and setuptools, the lock, shardcut: each bound to the lock
+    assert "-c requirements.txt pip setuptools" in installs[0]
+    assert installs[1].rstrip().endswith("-r requirements.txt")  # every package at its locked version
+    assert "--no-deps" in installs[2]  # shardcut itself resolves nothing beyond the lock
+    assert "--upgrade" not in setup and "LOCK" not in setup  # no path that takes the newest releases
 
 
 def test_the_build_backend_is_the_locked_one_even_in_an_isolated_build():
